@@ -1,0 +1,147 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is written into `.tmp-checkpoint-N` and renamed to `checkpoint-N` only when complete, so
+a crash (even `kill -9`) never leaves a half-written directory that looks valid. It holds the model (or
+the LoRA adapter) in Hugging Face format, the optimizer, the scheduler, every process's RNG states and
+`trainer_state.json` (the global step, which fixes the data position because the data order of each
+epoch is a function of the seed alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from alignkit.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _CKPT.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
+        raise UserError(
+            f"resume_from_checkpoint: {resume_from_checkpoint} is not a complete checkpoint "
+            f"(no {STATE_FILE} in it); use `auto` to pick the newest one"
+        )
+    return resume_from_checkpoint
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    accelerator: Any,
+    model: nn.Module,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    output_dir: str,
+    step: int,
+    extra_state: dict[str, Any],
+    save_total_limit: int | None,
+) -> str:
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
+            json.dump({"global_step": step, **extra_state}, fh, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic on POSIX: the checkpoint appears whole or not at all
+        _prune(output_dir, save_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(output_dir: str, save_total_limit: int | None) -> None:
+    if not save_total_limit:
+        return
+    for path in list_checkpoints(output_dir)[:-save_total_limit]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, path: str) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return the saved trainer state."""
+    unwrapped = accelerator.unwrap_model(model)
+    _load_weights(unwrapped, path)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    rng = os.path.join(path, f"rng_state_{accelerator.process_index}.pth")
+    if os.path.isfile(rng):
+        _set_rng_state(torch.load(rng, weights_only=False))
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+        return
+    from transformers.modeling_utils import load_sharded_checkpoint
+
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        state = load_file(single)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+            raise UserError(
+                f"checkpoint {path} does not fit this model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
+    else:
+        load_sharded_checkpoint(model, path, strict=False)

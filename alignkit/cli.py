@@ -1,0 +1,168 @@
+"""`alignkit` command line. User mistakes print one message and exit with code 2 (`--debug` shows the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from alignkit import __version__
+from alignkit.errors import UserError
+
+EPILOG_TRAIN = """examples:
+  alignkit train configs/sft_tiny.yaml
+  alignkit train configs/sft_tiny.yaml learning_rate=1e-4 max_steps=50 output_dir=out/sft
+  accelerate launch --cpu --num_processes 2 -m alignkit train configs/sft_tiny.yaml
+"""
+EPILOG_TINY = """examples:
+  alignkit tiny models/tiny
+  alignkit tiny models/tiny-wide --hidden-size 128 --layers 3
+"""
+EPILOG_DATA = """examples:
+  alignkit data inspect ../shared/data/llamafactory/dpo_en_demo.json --model models/tiny
+  alignkit data inspect data.jsonl --max-length 512
+"""
+EPILOG_QS = """examples:
+  alignkit quickstart
+  alignkit quickstart --output-dir /tmp/qs
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alignkit",
+        description="Post-training for causal language models: SFT, reward models, PPO, DPO family, KTO, GRPO.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"alignkit {__version__}")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="run the stage a YAML config names",
+        epilog=EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("config", help="YAML file (stage, model_name_or_path, dataset, ...)")
+    t.add_argument("overrides", nargs="*", help="key=value pairs; they win over the file")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    y = sub.add_parser(
+        "tiny",
+        help="write a tiny random Llama model with a real tokenizer",
+        epilog=EPILOG_TINY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    y.add_argument("output_dir")
+    y.add_argument("--vocab-size", type=int, default=512)
+    y.add_argument("--hidden-size", type=int, default=64)
+    y.add_argument("--layers", type=int, default=2)
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", metavar="COMMAND")
+    di = dsub.add_parser(
+        "inspect",
+        help="detect the format and report lengths, truncation, duplicates, balance",
+        epilog=EPILOG_DATA,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    di.add_argument("source", help="a .json/.jsonl/.csv/.parquet file, a folder, or a hub id")
+    di.add_argument("--model", help="tokenizer to count tokens with (default: whitespace words)")
+    di.add_argument("--max-length", type=int, default=1024)
+    di.add_argument("--split", default="train")
+    di.add_argument("--format", default="auto", help="dataset_format (default: detect)")
+    di.add_argument("--json", action="store_true", help="print the report as JSON")
+    di.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    q = sub.add_parser(
+        "quickstart",
+        help="show the methods at work on a task built in place (a few minutes on CPU)",
+        epilog=EPILOG_QS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("--output-dir", default="./alignkit-quickstart")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    return p
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from alignkit.config import load_config
+        from alignkit.loop import train
+        from alignkit.stages import get_stage
+
+        cfg = load_config(args.config, args.overrides)
+        record = train(cfg, get_stage(cfg.stage)(cfg))
+        if record:
+            logging.getLogger("alignkit").info(
+                "done: loss %.4f; model in %s", record.get("loss", float("nan")), cfg.output_dir
+            )
+        return 0
+    if args.command == "tiny":
+        from alignkit.tiny import build_tiny
+
+        build_tiny(args.output_dir, args.vocab_size, args.hidden_size, args.layers, args.seed)
+        print(f"tiny model written to {args.output_dir}")
+        return 0
+    if args.command == "data" and getattr(args, "data_command", None) == "inspect":
+        from alignkit.data.inspect import inspect_data, render_report
+
+        report = inspect_data(
+            args.source,
+            model=args.model,
+            max_length=args.max_length,
+            split=args.split,
+            dataset_format=args.format,
+        )
+        if args.json:
+            import json
+
+            print(json.dumps(report, indent=2))
+        else:
+            print(render_report(report))
+        return 0
+    if args.command == "quickstart":
+        from alignkit.quickstart import run_quickstart
+
+        run_quickstart(args.output_dir, seed=args.seed)
+        return 0
+    _parser().parse_args([args.command or "--help", "--help"] if args.command else ["--help"])
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.INFO, format="[alignkit] %(message)s", stream=sys.stderr)
+    _quiet_libraries()
+    try:
+        code = run(args)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"alignkit: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

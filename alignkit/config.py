@@ -1,0 +1,358 @@
+"""Run configuration: one flat dataclass per stage, read from YAML plus `key=value` overrides.
+
+Keys use the names users of Hugging Face tools already know (TRL, LLaMA-Factory). Everything is
+validated at load time: an unknown key, a wrong type or an impossible value is a `UserError` that
+names the key and, where one is close, suggests the valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Union
+
+import yaml
+
+from alignkit.errors import UserError, did_you_mean
+
+STAGES = ("sft", "rm", "dpo", "kto", "ppo", "grpo")
+FINETUNING_TYPES = ("full", "lora", "qlora", "freeze")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+DATASET_FORMATS = (
+    "auto",
+    "messages",
+    "sharegpt",
+    "alpaca",
+    "prompt_completion",
+    "text",
+    "preference",
+    "sharegpt_preference",
+    "alpaca_preference",
+    "unpaired",
+    "sharegpt_kto",
+    "prompt_only",
+)
+
+
+@dataclass
+class BaseConfig:
+    """Keys every stage shares."""
+
+    stage: str = "sft"
+    model_name_or_path: str = ""
+    output_dir: str = "output"
+    # data
+    dataset: str | list[str] = ""  # a path, a list of paths, or a hub id
+    eval_dataset: str | list[str] | None = None
+    dataset_format: str = "auto"
+    dataset_split: str = "train"
+    max_length: int = 1024
+    max_prompt_length: int | None = None  # None: only max_length applies
+    shuffle: bool = True
+    # model
+    torch_dtype: str = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    finetuning_type: str = "full"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target: str | list[str] = "all-linear"
+    save_merged: bool = False  # lora: also write the merged full model
+    freeze_trainable_layers: int = 2  # freeze: train the last N decoder layers
+    # optimisation
+    learning_rate: float = 5e-5
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    # logging and checkpoints
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int | None = None  # None: only the final model
+    save_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # "auto" or a checkpoint path
+    report_to: str = "none"
+    run_name: str | None = None
+    disable_tqdm: bool = False
+    plot_loss: bool = True
+
+
+@dataclass
+class SFTConfig(BaseConfig):
+    stage: str = "sft"
+    learning_rate: float = 2e-5
+    packing: bool = False  # several rows in one sequence, attention kept apart by position_ids
+    completion_only_loss: bool = True  # loss only on completion/assistant tokens
+
+
+@dataclass
+class RMConfig(BaseConfig):
+    stage: str = "rm"
+    learning_rate: float = 1e-5
+    center_rewards_coefficient: float | None = None  # adds coef * mean((r_c + r_r)^2)
+
+
+CONFIG_CLASSES: dict[str, type[BaseConfig]] = {"sft": SFTConfig, "rm": RMConfig}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "stage": STAGES,
+    "finetuning_type": FINETUNING_TYPES,
+    "report_to": REPORT_TO,
+    "lr_scheduler_type": SCHEDULERS,
+    "dataset_format": DATASET_FORMATS,
+    "torch_dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+_POSITIVE = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "logging_steps",
+    "lora_r",
+)
+_NON_NEGATIVE = (
+    "learning_rate",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "num_train_epochs",
+    "lora_dropout",
+    "beta",
+    "freeze_trainable_layers",
+)
+
+
+def register_stage_config(stage: str, cls: type[BaseConfig]) -> None:
+    """Later stages add their config class here (one line each)."""
+    CONFIG_CLASSES[stage] = cls
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` to the annotated type `tp`, or raise a UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except UserError:
+                continue
+        raise UserError(f"config key `{key}`: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"config key `{key}`: expected a list, got {value!r}")
+        return [_coerce(key, v, inner) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key `{key}`: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"config key `{key}`: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"config key `{key}`: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key `{key}`: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"config key `{key}`: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads `1e-4` as a string
+            except ValueError:
+                pass
+        raise UserError(f"config key `{key}`: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key `{key}`: expected a string, got {value!r}")
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["learning_rate=1e-4", "lora.r=16"]` -> dict. Values are parsed as YAML scalars.
+
+    A dotted key (`lora.r`) addresses the flat key `lora_r`; the config stays flat.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override `{pair}` is not of the form key=value (e.g. learning_rate=1e-4)")
+        key, raw = pair.split("=", 1)
+        key = key.strip().replace(".", "_").replace("-", "_")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    """Allow YAML sections (`lora: {r: 16}`) as a spelling of flat keys (`lora_r: 16`)."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and key not in ("reward_weights",):
+            for sub, v in value.items():
+                flat[f"{key}_{sub}"] = v
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> BaseConfig:
+    """Validate a flat mapping of keys and build the stage's config dataclass."""
+    raw = _flatten(raw)
+    stage = raw.get("stage", "sft")
+    if stage not in CONFIG_CLASSES:
+        raise UserError(
+            f"{source}: `stage: {stage}` is not a stage{did_you_mean(str(stage), STAGES)}; "
+            f"valid stages: {', '.join(CONFIG_CLASSES)}"
+        )
+    cls = CONFIG_CLASSES[stage]
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise UserError(f"{source}: unknown key `{key}` for stage `{stage}`{did_you_mean(key, names)}")
+        values[key] = _coerce(key, value, hints[key])
+    cfg = cls(**values)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: BaseConfig, source: str = "config") -> None:
+    """Impossible values are errors at load time, not surprises at step 300."""
+    for key, choices in _CHOICES.items():
+        value = getattr(cfg, key, None)
+        if value is not None and value not in choices:
+            raise UserError(
+                f"{source}: `{key}: {value}` is not valid{did_you_mean(str(value), choices)}; "
+                f"choose one of: {', '.join(choices)}"
+            )
+    for key in _POSITIVE:
+        if hasattr(cfg, key) and getattr(cfg, key) <= 0:
+            raise UserError(f"{source}: `{key}` must be > 0, got {getattr(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        if hasattr(cfg, key) and getattr(cfg, key) is not None and getattr(cfg, key) < 0:
+            raise UserError(f"{source}: `{key}` must be >= 0, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.warmup_ratio <= 1.0:
+        raise UserError(f"{source}: `warmup_ratio` must be in [0, 1], got {cfg.warmup_ratio}")
+    if not cfg.model_name_or_path:
+        raise UserError(f"{source}: `model_name_or_path` is required (a local directory or a hub id)")
+    if not cfg.dataset:
+        raise UserError(f"{source}: `dataset` is required (a file, a list of files, or a hub id)")
+    if cfg.bf16 and cfg.fp16:
+        raise UserError(f"{source}: `bf16` and `fp16` are both true; choose one")
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
+        raise UserError(
+            f"{source}: `max_prompt_length` ({cfg.max_prompt_length}) must be smaller than "
+            f"`max_length` ({cfg.max_length})"
+        )
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> BaseConfig:
+    """Read YAML (if given), apply `key=value` overrides (they win), validate."""
+    raw: dict[str, Any] = {}
+    source = path or "command line"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"config file {path} does not exist")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                loaded = yaml.safe_load(fh)
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" line {mark.line + 1}" if mark is not None else ""
+                raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping of keys to values at the top level")
+        raw.update(_flatten(loaded))
+    raw.update(parse_overrides(overrides or []))
+    return build_config(raw, source)
+
+
+def config_to_dict(cfg: BaseConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: BaseConfig, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+
+
+def stage_keys(stage: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(CONFIG_CLASSES[stage])]
+
+
+__all__ = [
+    "BaseConfig",
+    "SFTConfig",
+    "RMConfig",
+    "CONFIG_CLASSES",
+    "load_config",
+    "build_config",
+    "save_config",
+    "register_stage_config",
+]

@@ -1,0 +1,432 @@
+"""Raw rows of every known format -> one `Example` type.
+
+This is the only module that knows about Alpaca, ShareGPT, TRL's standard and conversational forms, or
+LLaMA-Factory's KTO tags. Downstream code sees `Example` alone. A field holding a plain string is
+*standard* text (tokenised as is, as TRL does); a field holding a list of messages is *conversational*
+(rendered with the tokenizer's chat template).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignkit.errors import UserError
+
+Messages = list[dict[str, str]]
+Text = str | Messages
+
+SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+PAIR_FORMATS = ("preference", "sharegpt_preference", "alpaca_preference")
+UNPAIRED_FORMATS = ("unpaired", "sharegpt_kto")
+PROMPT_FORMATS = ("prompt_only",)
+
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "observation": "tool",
+    "tool": "tool",
+    "function_call": "assistant",
+}
+
+
+@dataclass
+class Example:
+    """One training row, whatever file format it came from.
+
+    prompt:     the context (standard string or messages); "" / [] when there is none.
+    completion: SFT target or KTO completion; in conversational form, the messages after the prompt
+                (loss falls on the assistant messages among them).
+    chosen / rejected: the pair for preference data (same form as the prompt).
+    label:      KTO desirable (True) / undesirable (False).
+    margin:     optional reward-model margin.
+    extra:      every other column, passed through (e.g. the `answer` a reward function checks).
+    where:      "file line N" for error messages.
+    """
+
+    prompt: Text = ""
+    completion: Text | None = None
+    chosen: Text | None = None
+    rejected: Text | None = None
+    label: bool | None = None
+    margin: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+    @property
+    def kind(self) -> str:
+        if self.chosen is not None:
+            return "pair"
+        if self.label is not None:
+            return "unpaired"
+        if self.completion is not None:
+            return "sft"
+        return "prompt"
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list) or isinstance(self.completion or self.chosen, list)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
+    rows, where = [], []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                    "each line of a .jsonl file must be one JSON object"
+                ) from exc
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            where.append(f"{path} line {lineno}")
+    return rows, where
+
+
+def _read_json(path: str) -> tuple[list[dict], list[str]]:
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # a JSON-lines file named .json
+            return _read_jsonl(path)
+        raise UserError(
+            f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+        ) from exc
+    if isinstance(data, dict):  # {"train": [...]} or a dict of columns
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(data) == 1 and lists:
+            data = lists[0]
+        elif lists and all(isinstance(v, list) and len(v) == len(lists[0]) for v in data.values()):
+            data = [dict(zip(data.keys(), vals)) for vals in zip(*data.values())]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of objects (one per row)")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise UserError(f"{path} row {i + 1}: expected a JSON object, got {type(row).__name__}")
+    return data, [f"{path} row {i + 1}" for i in range(len(data))]
+
+
+def _read_csv(path: str) -> tuple[list[dict], list[str]]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:  # CSV has no booleans: read the usual spellings of a label
+        if isinstance(row.get("label"), str) and row["label"].strip().lower() in ("true", "false"):
+            row["label"] = row["label"].strip().lower() == "true"
+    return rows, [f"{path} line {i + 2}" for i in range(len(rows))]  # line 1 is the header
+
+
+def _read_parquet(path: str) -> tuple[list[dict], list[str]]:
+    import datasets
+
+    ds = datasets.Dataset.from_parquet(path)
+    return ds.to_list(), [f"{path} row {i + 1}" for i in range(len(ds))]
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (
+        len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in parts[1][-6:]
+    )
+
+
+def read_rows(source: str, split: str = "train") -> tuple[list[dict], list[str]]:
+    """Rows of a local file (JSON, JSONL, CSV, Parquet), a local data-set folder or a hub data set."""
+    if os.path.isfile(source):
+        ext = os.path.splitext(source)[1].lower()
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        if ext not in readers:
+            raise UserError(f"{source}: unknown file type `{ext}`; use .json, .jsonl, .csv or .parquet")
+        return readers[ext](source)
+    if os.path.isdir(source) or _looks_like_hub_id(source):
+        return _load_with_datasets(source, split)
+    raise UserError(
+        f"dataset {source} does not exist (give a .json/.jsonl/.csv/.parquet file, a folder, "
+        "or a hub id such as `trl-lib/ultrafeedback_binarized`)"
+    )
+
+
+def _load_with_datasets(source: str, split: str) -> tuple[list[dict], list[str]]:
+    """A hub id or a local folder, through `datasets.load_dataset` (the same call for both)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"dataset {source} (split `{split}`) could not be loaded: {exc}") from exc
+    return ds.to_list(), [f"{source} row {i + 1}" for i in range(len(ds))]
+
+
+# ---------------------------------------------------------------------------------------------- detecting
+def detect_format(row: dict, where: str = "") -> str:
+    """Name the format of a row from its columns."""
+    keys = set(row)
+    if {"chosen", "rejected"} <= keys:
+        if "conversations" in keys:
+            return "sharegpt_preference"
+        if "instruction" in keys:
+            return "alpaca_preference"
+        return "preference"
+    if "conversations" in keys:
+        return "sharegpt_kto" if "kto_tag" in keys else "sharegpt"
+    if "label" in keys and ({"prompt", "completion"} <= keys or "messages" in keys):
+        return "unpaired"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "messages" in keys:
+        msgs = row["messages"]
+        if (
+            isinstance(msgs, list)
+            and msgs
+            and isinstance(msgs[-1], dict)
+            and msgs[-1].get("role") == "assistant"
+        ):
+            return "messages"
+        return "prompt_only"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    if "prompt" in keys:
+        return "prompt_only"
+    raise UserError(
+        f"{where}: cannot tell the data format from the columns {sorted(keys)}. Known forms: "
+        "messages | conversations (ShareGPT) | instruction/input/output (Alpaca) | prompt/completion | text "
+        "| prompt/chosen/rejected | prompt/completion/label | prompt (prompt-only). "
+        "Rename the columns or set `dataset_format`."
+    )
+
+
+# --------------------------------------------------------------------------------------------- converting
+def _need(row: dict, keys: tuple[str, ...], where: str, fmt: str) -> None:
+    missing = [k for k in keys if k not in row or row[k] is None]
+    if missing:
+        raise UserError(
+            f"{where}: missing field `{missing[0]}` needed by the `{fmt}` format "
+            f"(found fields: {', '.join(sorted(row))})"
+        )
+
+
+def _messages(value: Any, where: str, name: str) -> Messages:
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise UserError(f"{where}: field `{name}` must be a list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if "role" not in m or "content" not in m:
+            raise UserError(
+                f"{where}: message {i} of `{name}` needs `role` and `content` (found: {', '.join(sorted(m))})"
+            )
+        out.append({"role": str(m["role"]), "content": "" if m["content"] is None else str(m["content"])})
+    return out
+
+
+def _sharegpt(value: Any, where: str, name: str) -> Messages:
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise UserError(f"{where}: field `{name}` must be a list of {{from, value}} turns")
+    out = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise UserError(f"{where}: turn {i} of `{name}` needs `from` and `value`")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise UserError(
+                f"{where}: turn {i} of `{name}` has unknown speaker `{turn['from']}` "
+                f"(known: {', '.join(SHAREGPT_ROLES)})"
+            )
+        out.append({"role": role, "content": str(turn["value"])})
+    return out
+
+
+def _text_or_messages(value: Any, where: str, name: str) -> Text:
+    if isinstance(value, str):
+        return value
+    return _messages(value, where, name)
+
+
+def _alpaca_prompt(row: dict) -> Messages:
+    msgs: Messages = []
+    if row.get("system"):
+        msgs.append({"role": "system", "content": str(row["system"])})
+    for turn in row.get("history") or []:
+        msgs += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+    query = str(row["instruction"])
+    if row.get("input"):
+        query = f"{query}\n{row['input']}"
+    msgs.append({"role": "user", "content": query})
+    return msgs
+
+
+def _split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """Implicit-prompt pairs hold the whole conversation: their shared beginning is the prompt.
+
+    The split point is TRL's (`extract_prompt`), so that both give the same token ids: the first position
+    where chosen and rejected differ (message by message, or character by character for strings), moved
+    back by one when it follows a space; when one is a prefix of the other, the last shared position.
+    """
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise ValueError("chosen and rejected must both be strings or both be message lists")
+    n = min(len(chosen), len(rejected))
+    idx = n - 1
+    for i in range(n):
+        if chosen[i] != rejected[i]:
+            idx = i - 1 if i > 0 and chosen[i - 1] == " " else i
+            break
+    idx = max(idx, 0)
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _check_completion(value: Text | None, where: str, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        empty = not value.strip()
+    else:
+        empty = not value or all(not m["content"].strip() for m in value if m["role"] == "assistant")
+        if value and not any(m["role"] == "assistant" for m in value):
+            raise UserError(f"{where}: `{name}` has no assistant message to train on")
+    if empty:
+        raise UserError(f"{where}: `{name}` is empty; remove the row or fill it in")
+
+
+def _label(value: Any, where: str, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise UserError(f"{where}: `{key}` must be true or false (a boolean), got {value!r}")
+
+
+_USED = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations", "system"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected", "margin"),
+    "sharegpt_preference": ("conversations", "chosen", "rejected", "system", "margin"),
+    "alpaca_preference": ("instruction", "input", "chosen", "rejected", "system", "history", "margin"),
+    "unpaired": ("prompt", "completion", "messages", "label"),
+    "sharegpt_kto": ("conversations", "kto_tag", "system"),
+    "prompt_only": ("prompt", "messages"),
+}
+
+
+def to_example(row: dict, fmt: str, where: str) -> Example:
+    """Convert one raw row of format `fmt` into an Example, or raise a UserError naming the row."""
+    ex = Example(where=where, extra={k: v for k, v in row.items() if k not in _USED[fmt]})
+    if fmt == "messages":
+        _need(row, ("messages",), where, fmt)
+        ex.prompt, ex.completion = [], _messages(row["messages"], where, "messages")
+    elif fmt == "sharegpt":
+        _need(row, ("conversations",), where, fmt)
+        msgs = _sharegpt(row["conversations"], where, "conversations")
+        system = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+        ex.prompt, ex.completion = [], system + msgs
+    elif fmt == "alpaca":
+        _need(row, ("instruction", "output"), where, fmt)
+        ex.prompt, ex.completion = _alpaca_prompt(row), [{"role": "assistant", "content": str(row["output"])}]
+    elif fmt == "prompt_completion":
+        _need(row, ("prompt", "completion"), where, fmt)
+        ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
+        ex.completion = _text_or_messages(row["completion"], where, "completion")
+    elif fmt == "text":
+        _need(row, ("text",), where, fmt)
+        ex.prompt, ex.completion = "", str(row["text"])
+    elif fmt == "preference":
+        _need(row, ("chosen", "rejected"), where, fmt)
+        chosen = _text_or_messages(row["chosen"], where, "chosen")
+        rejected = _text_or_messages(row["rejected"], where, "rejected")
+        if "prompt" in row and row["prompt"] is not None:
+            ex.prompt, ex.chosen, ex.rejected = (
+                _text_or_messages(row["prompt"], where, "prompt"),
+                chosen,
+                rejected,
+            )
+        else:
+            try:
+                ex.prompt, ex.chosen, ex.rejected = _split_implicit_prompt(chosen, rejected)
+            except ValueError as exc:
+                raise UserError(f"{where}: {exc}") from exc
+    elif fmt == "sharegpt_preference":
+        _need(row, ("conversations", "chosen", "rejected"), where, fmt)
+        system = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+        ex.prompt = system + _sharegpt(row["conversations"], where, "conversations")
+        ex.chosen = _sharegpt(row["chosen"], where, "chosen")
+        ex.rejected = _sharegpt(row["rejected"], where, "rejected")
+    elif fmt == "alpaca_preference":
+        _need(row, ("instruction", "chosen", "rejected"), where, fmt)
+        ex.prompt = _alpaca_prompt(row)
+        ex.chosen = [{"role": "assistant", "content": str(row["chosen"])}]
+        ex.rejected = [{"role": "assistant", "content": str(row["rejected"])}]
+    elif fmt == "unpaired":
+        _need(row, ("label",), where, fmt)
+        ex.label = _label(row["label"], where, "label")
+        if "messages" in row:
+            msgs = _messages(row["messages"], where, "messages")
+            if not msgs or msgs[-1]["role"] != "assistant":
+                raise UserError(f"{where}: `messages` must end with the assistant turn that `label` judges")
+            ex.prompt, ex.completion = msgs[:-1], msgs[-1:]
+        else:
+            _need(row, ("prompt", "completion"), where, fmt)
+            ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
+            ex.completion = _text_or_messages(row["completion"], where, "completion")
+    elif fmt == "sharegpt_kto":
+        _need(row, ("conversations", "kto_tag"), where, fmt)
+        msgs = _sharegpt(row["conversations"], where, "conversations")
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise UserError(
+                f"{where}: `conversations` must end with the assistant turn that `kto_tag` judges"
+            )
+        system = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+        ex.prompt, ex.completion = system + msgs[:-1], msgs[-1:]
+        ex.label = _label(row["kto_tag"], where, "kto_tag")
+    elif fmt == "prompt_only":
+        if "prompt" in row and row["prompt"] is not None:
+            ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
+        else:
+            _need(row, ("messages",), where, fmt)
+            ex.prompt = _messages(row["messages"], where, "messages")
+    else:
+        raise UserError(f"unknown dataset_format `{fmt}`")
+    if "margin" in row and row["margin"] is not None and fmt in PAIR_FORMATS:
+        ex.margin = float(row["margin"])
+    for name in ("completion", "chosen", "rejected"):
+        _check_completion(getattr(ex, name), where, name)
+    return ex
+
+
+def load_examples(
+    sources: str | list[str], dataset_format: str = "auto", split: str = "train"
+) -> list[Example]:
+    """Read every source and convert every row. The format is detected per file from its first row."""
+    if isinstance(sources, str):
+        sources = [sources]
+    examples: list[Example] = []
+    for source in sources:
+        rows, where = read_rows(source, split)
+        if not rows:
+            raise UserError(f"dataset {source} has no rows")
+        fmt = detect_format(rows[0], where[0]) if dataset_format == "auto" else dataset_format
+        examples += [to_example(row, fmt, w) for row, w in zip(rows, where)]
+    return examples
+
+
+def describe_format(source: str, split: str = "train") -> tuple[str, int]:
+    rows, where = read_rows(source, split)
+    if not rows:
+        raise UserError(f"dataset {source} has no rows")
+    return detect_format(rows[0], where[0]), len(rows)

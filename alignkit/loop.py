@@ -1,0 +1,331 @@
+"""The one training loop, shared by every stage.
+
+Built on `accelerate`: the same code runs in one process and under `accelerate launch` / `torchrun`.
+Batching is done here, not by a sampler, so that the update is a function of the *global* batch alone:
+each optimizer step takes G = per_device_batch x processes x accumulation rows of the epoch's order,
+and the loss is the sum of per-item losses over all of them divided by their total count. Hence batch
+1 x accumulation 8 == batch 8 x accumulation 1, and 2 processes x batch 2 == 1 process x batch 4, and the
+data position after a resume is the global step alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+
+from alignkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from alignkit.config import BaseConfig, config_to_dict, save_config
+from alignkit.errors import UserError
+from alignkit.models import save_model
+from alignkit.stages.base import Metrics, Stage
+from alignkit.tracking import MetricsWriter, plot_loss
+
+log = logging.getLogger("alignkit")
+
+
+class TrainingDiverged(UserError):
+    """Loss became NaN or inf."""
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def micro_batches(
+    order: list[int], step_in_epoch: int, bs: int, world: int, accum: int, rank: int
+) -> list[list[int]]:
+    """Row indices of this process's micro-batches for one optimizer step.
+
+    The global batch is order[k*G:(k+1)*G]; micro-batch j of process p is its slice j*world + p. A short
+    last global batch is filled from the start of the order when several processes must stay in step.
+    """
+    size = bs * world * accum
+    rows = order[step_in_epoch * size : (step_in_epoch + 1) * size]
+    if world > 1 and len(rows) < size:
+        rows = rows + order[: size - len(rows)]
+    out = []
+    for j in range(accum):
+        chunk = rows[(j * world + rank) * bs : (j * world + rank + 1) * bs]
+        if chunk:
+            out.append(chunk)
+    return out
+
+
+def _accelerator(cfg: BaseConfig) -> Any:
+    from accelerate import Accelerator
+
+    precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+    return Accelerator(mixed_precision=precision)
+
+
+def _optimizer(stage: Stage, cfg: BaseConfig) -> torch.optim.Optimizer:
+    params = stage.trainable_parameters()
+    if not params:
+        raise UserError("no trainable parameters (check `finetuning_type` and `freeze_trainable_layers`)")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
+    )
+
+
+def _add(acc: dict[str, list[torch.Tensor]], metrics: Metrics) -> None:
+    for name, (total, count) in metrics.items():
+        t = torch.as_tensor(total, dtype=torch.float64).detach().cpu()
+        c = torch.as_tensor(count, dtype=torch.float64).detach().cpu()
+        if name in acc:
+            acc[name][0] += t
+            acc[name][1] += c
+        else:
+            acc[name] = [t, c]
+
+
+def _reduce(accelerator: Any, acc: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Sum (metric sum, count) pairs over processes; return the means."""
+    if not acc:
+        return {}
+    names = sorted(acc)
+    flat = torch.stack([torch.stack(acc[n]) for n in names]).to(accelerator.device)  # (M, 2)
+    flat = accelerator.reduce(flat, reduction="sum").cpu()
+    return {
+        n: (flat[i, 0] / flat[i, 1]).item() if flat[i, 1] > 0 else float("nan") for i, n in enumerate(names)
+    }
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan")
+
+
+def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
+    """Run the stage to the end; return the final metrics record."""
+    accelerator = _accelerator(cfg)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    stage.build()  # every input is checked here, before anything is written to output_dir
+    n_rows = len(stage.train_rows)
+    world, rank, bs, accum = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+    )
+    steps_per_epoch = max(1, math.ceil(n_rows / (bs * world * accum)))
+    total_steps = (
+        cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    )
+    resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+
+    from transformers import get_scheduler
+
+    model = stage.model
+    optimizer = _optimizer(stage, cfg)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if resume_path:
+        state = load_checkpoint(accelerator, model, optimizer, scheduler, resume_path)
+        start_step = state["global_step"]
+        log.info("resumed from %s at step %d", resume_path, start_step)
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    writer = (
+        MetricsWriter(
+            cfg.output_dir,
+            cfg.report_to,
+            cfg.run_name,
+            config_to_dict(cfg),
+            start_step if resume_path else None,
+        )
+        if accelerator.is_main_process
+        else None
+    )
+    log.info(
+        "stage %s: %d rows, %d steps (%d per epoch), global batch %d",
+        stage.name,
+        n_rows,
+        total_steps,
+        steps_per_epoch,
+        bs * world * accum,
+    )
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        disable=cfg.disable_tqdm or not accelerator.is_main_process,
+        desc=f"{stage.name}",
+        dynamic_ncols=True,
+    )
+    window: list[dict[str, float]] = []
+    num_tokens = 0
+    t0 = time.perf_counter()
+    tokens_since_start = 0
+    record: dict[str, Any] = {}
+    model.train()
+    for step in range(start_step, total_steps):
+        epoch, k = divmod(step, steps_per_epoch)
+        order = epoch_order(n_rows, epoch, cfg.seed, cfg.shuffle)
+        batches = [
+            stage.collate([stage.train_rows[i] for i in idx])
+            for idx in micro_batches(order, k, bs, world, accum, rank)
+        ]
+        items = torch.tensor(float(sum(stage.count(b) for b in batches)), device=accelerator.device)
+        total_items = accelerator.reduce(items, reduction="sum").item()
+        if total_items == 0:
+            raise UserError(
+                f"step {step + 1}: the batch has no token to train on; check the data's completions"
+            )
+        acc: dict[str, list[torch.Tensor]] = {}
+        step_tokens = 0
+        for j, batch in enumerate(batches):
+            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
+            sync = j == len(batches) - 1
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
+            with ctx, accelerator.autocast():
+                out = stage.step(model, batch)
+                loss = out.loss_sum * world / total_items  # DDP averages gradients over processes
+            accelerator.backward(loss)
+            _add(
+                acc,
+                {
+                    "loss": (out.loss_sum.detach().float(), torch.tensor(float(stage.count(batch)))),
+                    **out.metrics,
+                },
+            )
+            step_tokens += stage.num_tokens(batch)
+        metrics = _reduce(accelerator, acc)
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingDiverged(
+                f"step {step + 1}: the loss is {metrics['loss']}. Likely causes: a learning rate too high "
+                f"(now {cfg.learning_rate}), fp16 overflow (try bf16 or fp32), or bad rows. The last good checkpoint "
+                f"in {cfg.output_dir} is kept; lower the learning rate and resume."
+            )
+        grad_norm = accelerator.clip_grad_norm_(
+            stage.trainable_parameters(), cfg.max_grad_norm or float("inf")
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_tokens = int(
+            accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum").item()
+        )
+        num_tokens += step_tokens
+        tokens_since_start += step_tokens
+        metrics["grad_norm"] = float(grad_norm)
+        window.append(metrics)
+        elapsed = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            lr=f"{scheduler.get_last_lr()[0]:.2e}",
+            tok_s=f"{tokens_since_start / max(elapsed, 1e-9):.0f}",
+        )
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == total_steps:
+            means = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
+            record = {
+                "step": done,
+                "epoch": round(done / steps_per_epoch, 4),
+                "loss": means.pop("loss"),
+                **means,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "num_tokens": num_tokens,
+            }
+            window = []
+            if done == total_steps:
+                record.update(
+                    train_runtime=round(elapsed, 3),
+                    train_tokens_per_second=round(tokens_since_start / max(elapsed, 1e-9), 2),
+                    peak_memory_mb=round(_peak_memory_mb(accelerator.device), 1),
+                )
+            if cfg.eval_steps and stage.eval_rows and (done % cfg.eval_steps == 0 or done == total_steps):
+                record.update(evaluate(accelerator, stage, model, cfg))
+            if writer:
+                writer.write(record)
+        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+            save_checkpoint(
+                accelerator,
+                model,
+                stage.tokenizer,
+                optimizer,
+                scheduler,
+                cfg.output_dir,
+                done,
+                {"epoch": done / steps_per_epoch},
+                cfg.save_total_limit,
+            )
+    bar.close()
+    _save_final(accelerator, model, stage, cfg)
+    if writer:
+        writer.close()
+        if cfg.plot_loss:
+            plot_loss(cfg.output_dir)
+    return record
+
+
+def evaluate(accelerator: Any, stage: Stage, model: torch.nn.Module, cfg: BaseConfig) -> dict[str, float]:
+    """Average the stage's loss and metrics over the eval rows (sharded over processes)."""
+    rows = stage.eval_rows or []
+    world, rank, bs = accelerator.num_processes, accelerator.process_index, cfg.per_device_eval_batch_size
+    mine = list(range(rank, len(rows), world))
+    acc: dict[str, list[torch.Tensor]] = {}
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(mine), bs):
+            batch = stage.collate([rows[j] for j in mine[i : i + bs]])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                out = stage.step(model, batch)
+            _add(
+                acc, {"loss": (out.loss_sum.float(), torch.tensor(float(stage.count(batch)))), **out.metrics}
+            )
+    model.train()
+    return {f"eval_{k}": v for k, v in _reduce(accelerator, acc).items()}
+
+
+def _save_final(accelerator: Any, model: torch.nn.Module, stage: Stage, cfg: BaseConfig) -> None:
+    """Write the final model next to a temporary copy first, so a crash mid-save loses nothing."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    tmp = os.path.join(cfg.output_dir, ".tmp-final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(accelerator.unwrap_model(model), stage.tokenizer, tmp, merged=cfg.save_merged)
+    for name in os.listdir(tmp):
+        dest = os.path.join(cfg.output_dir, name)
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        os.replace(os.path.join(tmp, name), dest)
+    os.rmdir(tmp)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

@@ -1,0 +1,74 @@
+"""What a stage gives the training loop.
+
+A stage builds what it needs from the config (`build`), turns a list of tokenised rows into a batch
+(`collate`), says over how many items its loss is averaged (`count`), and turns a batch into a summed
+loss plus metrics (`step`). The loop owns everything else: devices, accumulation, clipping, schedules,
+logging, checkpoints, resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.config import BaseConfig
+from alignkit.data.formats import Example, load_examples
+from alignkit.errors import UserError
+
+log = logging.getLogger("alignkit")
+
+# A metric is kept as (sum, count) so that micro-batches and processes combine exactly.
+Metrics = dict[str, tuple[torch.Tensor, torch.Tensor | float]]
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor  # sum of per-item losses in this micro-batch
+    metrics: Metrics
+
+
+class Stage:
+    name = "base"
+    kinds: tuple[str, ...] = ()  # Example kinds this stage trains on
+
+    def __init__(self, cfg: BaseConfig) -> None:
+        self.cfg = cfg
+        self.model: nn.Module
+        self.tokenizer: Any
+        self.train_rows: list[dict] = []
+        self.eval_rows: list[dict] | None = None
+
+    # -- built by the stage
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Number of items the loss is averaged over (tokens for SFT, pairs for a reward model)."""
+        raise NotImplementedError
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        raise NotImplementedError
+
+    # -- shared helpers
+    def load_examples(self, sources: str | list[str]) -> list[Example]:
+        examples = load_examples(sources, self.cfg.dataset_format, self.cfg.dataset_split)
+        wrong = [ex for ex in examples if ex.kind not in self.kinds]
+        if wrong:
+            raise UserError(
+                f"{wrong[0].where}: stage `{self.name}` trains on {' or '.join(self.kinds)} data, but this row is "
+                f"{wrong[0].kind} data; check `dataset` or set `dataset_format`"
+            )
+        return examples
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
