@@ -165,4 +165,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # output piped into `head`
+        code = 0
     sys.exit(code)

@@ -78,6 +78,7 @@ def build_tiny(
     hidden_size: int = 64,
     layers: int = 2,
     seed: int = 0,
+    init_std: float = 0.02,
 ) -> str:
     """Write tokenizer + randomly initialised LlamaForCausalLM (safetensors) to `output_dir`."""
     tokenizer = build_tokenizer(vocab_size, seed)
@@ -94,7 +95,8 @@ def build_tiny(
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
+        initializer_range=init_std,
+        dtype="float32",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

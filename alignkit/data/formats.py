@@ -201,12 +201,12 @@ def detect_format(row: dict, where: str = "") -> str:
         return "prompt_completion"
     if "text" in keys:
         return "text"
-    if "prompt" in keys:
+    if keys & {"prompt", "question", "problem"}:
         return "prompt_only"
     raise UserError(
         f"{where}: cannot tell the data format from the columns {sorted(keys)}. Known forms: "
         "messages | conversations (ShareGPT) | instruction/input/output (Alpaca) | prompt/completion | text "
-        "| prompt/chosen/rejected | prompt/completion/label | prompt (prompt-only). "
+        "| prompt/chosen/rejected | prompt/completion/label | prompt, question or problem (prompt-only). "
         "Rename the columns or set `dataset_format`."
     )
 
@@ -321,7 +321,7 @@ _USED = {
     "alpaca_preference": ("instruction", "input", "chosen", "rejected", "system", "history", "margin"),
     "unpaired": ("prompt", "completion", "messages", "label"),
     "sharegpt_kto": ("conversations", "kto_tag", "system"),
-    "prompt_only": ("prompt", "messages"),
+    "prompt_only": ("prompt", "messages", "question", "problem"),
 }
 
 
@@ -395,8 +395,11 @@ def to_example(row: dict, fmt: str, where: str) -> Example:
         ex.prompt, ex.completion = system + msgs[:-1], msgs[-1:]
         ex.label = _label(row["kto_tag"], where, "kto_tag")
     elif fmt == "prompt_only":
-        if "prompt" in row and row["prompt"] is not None:
+        key = next((k for k in ("prompt", "question", "problem") if row.get(k) is not None), None)
+        if key == "prompt":
             ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
+        elif key is not None:  # GSM8K / MATH style: a question to pose as a user turn
+            ex.prompt = [{"role": "user", "content": str(row[key])}]
         else:
             _need(row, ("messages",), where, fmt)
             ex.prompt = _messages(row["messages"], where, "messages")

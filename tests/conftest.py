@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny models built in the test session (nothing is downloaded) and the shared data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout. CI always has it, so there a missing folder is a failure."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SHARED_DATA} is missing: CI needs shared/ beside the checkout")
+        pytest.skip(f"{SHARED_DATA} not found (the real data sets live beside the checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny Llama with larger-than-usual init, so losses and rewards are far from uniform."""
+    from alignkit.tiny import build_tiny
+
+    return build_tiny(str(tmp_path_factory.mktemp("tiny") / "model"), hidden_size=64, layers=2, init_std=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny backbone with a seeded scalar head, saved once, so both sides of a comparison load the same head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    out = str(tmp_path_factory.mktemp("tiny_rm") / "model")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def run_stage(tmp_path: Path, keys: dict) -> tuple[dict, str]:
+    """Train through the public path (config -> stage -> loop); return the last metrics record and output_dir."""
+    from alignkit.config import build_config
+    from alignkit.loop import train
+    from alignkit.stages import get_stage
+
+    keys = {"output_dir": str(tmp_path / "out"), "disable_tqdm": True, "plot_loss": False, **keys}
+    cfg = build_config(keys)
+    return train(cfg, get_stage(cfg.stage)(cfg)), cfg.output_dir

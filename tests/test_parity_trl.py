@@ -1,0 +1,160 @@
+"""Same model, rows, batch and hyperparameters as TRL 1.16 -> the same token ids and first-step numbers.
+
+TRL is the oracle here only; alignkit never imports it. Both sides run fp32 on CPU, batch in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_stage, write_jsonl
+
+trl = pytest.importorskip("trl")
+
+REL = 1e-4
+
+
+def _trl_common() -> dict:
+    return dict(max_steps=1, logging_steps=1, report_to="none", per_device_train_batch_size=4, bf16=False,
+                use_cpu=True, train_sampling_strategy="sequential", save_strategy="no", seed=42,
+                dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False)
+
+
+def trl_sft(model_dir: str, rows: list[dict], **kw) -> tuple[dict, list]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), **{**_trl_common(), **kw})
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    trainer = SFTTrainer(model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows))
+    prepared = trainer.train_dataset.to_list()
+    trainer.train()
+    return trainer.state.log_history[0], prepared
+
+
+def trl_reward(model_dir: str, rows: list[dict], **kw) -> tuple[dict, list]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(output_dir=tempfile.mkdtemp(), **{**_trl_common(), **kw})
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    trainer = RewardTrainer(model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows))
+    prepared = trainer.train_dataset.to_list()
+    trainer.train()
+    return trainer.state.log_history[0], prepared
+
+
+def assert_close(ours: float, theirs: float, name: str) -> None:
+    assert ours == pytest.approx(theirs, rel=REL, abs=1e-6), f"{name}: alignkit {ours} vs TRL {theirs}"
+
+
+Q = ["What is 12 + 7?", "Name a colour of the sky.", "Say hello in French.", "Count to three."]
+A = ["19", "Blue, on a clear day.", "Bonjour!", "One, two, three."]
+BAD = ["21", "Green.", "Hola!", "One, three, two."]
+
+SFT_CASES = {
+    "standard_prompt_completion": [{"prompt": q, "completion": " " + a} for q, a in zip(Q, A)],
+    "conversational_prompt_completion": [
+        {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+        for q, a in zip(Q, A)
+    ],
+    "text": [{"text": f"{q} {a}"} for q, a in zip(Q, A)],
+}
+
+
+@pytest.mark.parametrize("case", list(SFT_CASES))
+def test_sft_first_step_matches_trl(case: str, tiny_model: str, tmp_path: Path) -> None:
+    rows = SFT_CASES[case]
+    log, prepared = trl_sft(tiny_model, rows)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    ours, _ = run_stage(tmp_path, {"stage": "sft", "model_name_or_path": tiny_model, "dataset": data,
+                                   "max_steps": 1, "logging_steps": 1, "per_device_train_batch_size": 4,
+                                   "shuffle": False, "torch_dtype": "float32"})
+    assert_close(ours["loss"], log["loss"], "loss")
+    assert_close(ours["grad_norm"], log["grad_norm"], "grad_norm")
+    assert_close(ours["mean_token_accuracy"], log["mean_token_accuracy"], "mean_token_accuracy")
+    # and the token ids themselves
+    from alignkit.data.batches import encode_sft
+    from alignkit.data.formats import load_examples
+    from alignkit.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    mine = [encode_sft(ex, tok) for ex in load_examples(data)]
+    assert [m["input_ids"] for m in mine] == [p["input_ids"] for p in prepared]
+
+
+RM_CASES = {
+    "standard": [{"prompt": q, "chosen": " " + a, "rejected": " " + b} for q, a, b in zip(Q, A, BAD)],
+    "conversational": [
+        {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
+         "rejected": [{"role": "assistant", "content": b}]}
+        for q, a, b in zip(Q, A, BAD)
+    ],
+    "implicit_prompt_conversational": [
+        {"chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+         "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": b}]}
+        for q, a, b in zip(Q, A, BAD)
+    ],
+    "standard_with_margin": [{"prompt": q, "chosen": " " + a, "rejected": " " + b, "margin": m}
+                             for q, a, b, m in zip(Q, A, BAD, [0.5, 1.0, 0.0, 2.0])],
+}
+
+
+@pytest.mark.parametrize("case", list(RM_CASES))
+def test_reward_first_step_matches_trl(case: str, tiny_rm: str, tmp_path: Path) -> None:
+    rows = RM_CASES[case]
+    log, prepared = trl_reward(tiny_rm, rows, center_rewards_coefficient=0.01)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    ours, _ = run_stage(tmp_path, {"stage": "rm", "model_name_or_path": tiny_rm, "dataset": data,
+                                   "max_steps": 1, "logging_steps": 1, "per_device_train_batch_size": 4,
+                                   "shuffle": False, "torch_dtype": "float32", "center_rewards_coefficient": 0.01})
+    assert_close(ours["loss"], log["loss"], "loss")
+    assert_close(ours["grad_norm"], log["grad_norm"], "grad_norm")
+    assert_close(ours["accuracy"], log["accuracy"], "accuracy")
+    assert_close(ours["margin"], log["margin"], "margin")
+    assert_close(ours["mean_reward"], log["mean_reward"], "mean_reward")
+    assert 0.0 < ours["loss"] and abs(ours["margin"]) > 1e-3  # a real, non-degenerate comparison
+
+    from alignkit.data.batches import encode_rm_pair
+    from alignkit.data.formats import load_examples
+    from alignkit.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_rm)
+    mine = [encode_rm_pair(ex, tok) for ex in load_examples(data)]
+    assert [m["chosen_ids"] for m in mine] == [p["chosen_ids"] for p in prepared]
+    assert [m["rejected_ids"] for m in mine] == [p["rejected_ids"] for p in prepared]
+
+
+def _sharegpt_to_trl(row: dict) -> dict:
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    prompt = [{"role": roles[t["from"]], "content": t["value"]} for t in row["conversations"]]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}]}
+
+
+def test_reward_token_ids_on_real_sharegpt_file_match_trl(tiny_rm: str, shared_data: Path) -> None:
+    """LLaMA-Factory's ShareGPT preference file, read unchanged, tokenises as TRL tokenises its converted rows."""
+    from alignkit.data.batches import encode_rm_pair
+    from alignkit.data.formats import load_examples
+    from alignkit.models import load_tokenizer
+
+    path = shared_data / "llamafactory" / "dpo_en_demo.json"
+    raw = json.loads(path.read_text())[:12]
+    tok = load_tokenizer(tiny_rm)
+    ours = [encode_rm_pair(ex, tok) for ex in load_examples(str(path))[:12]]
+
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    args = RewardConfig(output_dir=tempfile.mkdtemp(), max_length=None, **{**_trl_common(), "max_steps": 1})
+    trainer = RewardTrainer(model=tiny_rm, args=args, processing_class=tok,
+                            train_dataset=Dataset.from_list([_sharegpt_to_trl(r) for r in raw]))
+    theirs = trainer.train_dataset.to_list()
+    assert [o["chosen_ids"] for o in ours] == [t["chosen_ids"] for t in theirs]
+    assert [o["rejected_ids"] for o in ours] == [t["rejected_ids"] for t in theirs]
