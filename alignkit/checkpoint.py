@@ -131,17 +131,17 @@ def _load_weights(model: nn.Module, path: str) -> None:
 
         set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
         return
-    from transformers.modeling_utils import load_sharded_checkpoint
-
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        state = load_file(single)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
-            raise UserError(
-                f"checkpoint {path} does not fit this model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]})"
-            )
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded: load every shard the index names
+        with open(index, encoding="utf-8") as fh:
+            shards = sorted(set(json.load(fh)["weight_map"].values()))
     else:
-        load_sharded_checkpoint(model, path, strict=False)
+        shards = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(path, shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied output embeddings are not saved separately
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    if unexpected or missing:
+        raise UserError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -64,7 +64,9 @@ def _accelerator(cfg: BaseConfig) -> Any:
     from accelerate import Accelerator
 
     precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
-    return Accelerator(mixed_precision=precision)
+    # Without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join a gloo group
+    # only when accelerate is told it runs on CPU.
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
 def _optimizer(stage: Stage, cfg: BaseConfig) -> torch.optim.Optimizer:
