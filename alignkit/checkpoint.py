@@ -144,4 +144,6 @@ def _load_weights(model: nn.Module, path: str) -> None:
     # tied output embeddings are not saved separately
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
     if unexpected or missing:
-        raise UserError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )

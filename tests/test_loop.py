@@ -19,14 +19,25 @@ from tests.conftest import REPO, run_stage, write_jsonl
 
 
 def _rows(n: int = 16) -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": f"What is {i} + {i + 3}?"}],
-             "completion": [{"role": "assistant", "content": str(2 * i + 3) + " is the answer" * (i % 3)}]}
-            for i in range(n)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} + {i + 3}?"}],
+            "completion": [{"role": "assistant", "content": str(2 * i + 3) + " is the answer" * (i % 3)}],
+        }
+        for i in range(n)
+    ]
 
 
 def _sft(tiny_model: str, data: str, **kw) -> dict:
-    return {"stage": "sft", "model_name_or_path": tiny_model, "dataset": data, "learning_rate": 1e-3,
-            "logging_steps": 1, "torch_dtype": "float32", **kw}
+    return {
+        "stage": "sft",
+        "model_name_or_path": tiny_model,
+        "dataset": data,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "torch_dtype": "float32",
+        **kw,
+    }
 
 
 def _metrics(out: str) -> list[dict]:
@@ -38,8 +49,10 @@ def test_accumulation_equals_large_batch(tiny_model: str, tmp_path: Path) -> Non
     """batch 1 x accumulation 8 == batch 8 x accumulation 1: same losses, same weights (rows differ in length)."""
     data = write_jsonl(tmp_path / "d.jsonl", _rows(16))
     _, a = run_stage(tmp_path / "a", _sft(tiny_model, data, per_device_train_batch_size=8, max_steps=2))
-    _, b = run_stage(tmp_path / "b", _sft(tiny_model, data, per_device_train_batch_size=1,
-                                          gradient_accumulation_steps=8, max_steps=2))
+    _, b = run_stage(
+        tmp_path / "b",
+        _sft(tiny_model, data, per_device_train_batch_size=1, gradient_accumulation_steps=8, max_steps=2),
+    )
     la, lb = _metrics(a), _metrics(b)
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-5)
     assert la[0]["grad_norm"] == pytest.approx(lb[0]["grad_norm"], rel=1e-5)
@@ -72,15 +85,46 @@ def test_two_processes_equal_one(tiny_model: str, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", _rows(16))
     one, _ = run_stage(tmp_path / "one", _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=3))
     cfg = tmp_path / "two.yaml"
-    cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in _sft(
-        tiny_model, data, per_device_train_batch_size=2, max_steps=3, output_dir=str(tmp_path / "two"),
-        disable_tqdm=True, plot_loss=False).items()))
+    cfg.write_text(
+        "\n".join(
+            f"{k}: {json.dumps(v)}"
+            for k, v in _sft(
+                tiny_model,
+                data,
+                per_device_train_batch_size=2,
+                max_steps=3,
+                output_dir=str(tmp_path / "two"),
+                disable_tqdm=True,
+                plot_loss=False,
+            ).items()
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--main_process_port", "29517", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "alignkit",
-         "train", str(cfg)],
-        capture_output=True, text=True, env=env, timeout=500,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            "29517",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "alignkit",
+            "train",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=500,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = _metrics(str(tmp_path / "two"))
@@ -93,15 +137,29 @@ def test_two_processes_equal_one(tiny_model: str, tmp_path: Path) -> None:
 
 def _launch(cfg: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "alignkit", "train", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "alignkit", "train", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_resume_after_kill_is_exact(tiny_model: str, tmp_path: Path) -> None:
     """kill -9 after the step-4 checkpoint; `resume_from_checkpoint: auto` continues with identical losses."""
     data = write_jsonl(tmp_path / "d.jsonl", _rows(24))
-    keys = _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=12, save_steps=4, lr_scheduler_type="cosine",
-                warmup_steps=2, disable_tqdm=True, plot_loss=False)
+    keys = _sft(
+        tiny_model,
+        data,
+        per_device_train_batch_size=4,
+        max_steps=12,
+        save_steps=4,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        disable_tqdm=True,
+        plot_loss=False,
+    )
     full, full_dir = run_stage(tmp_path / "full", keys)
     ref = _metrics(full_dir)
 
@@ -137,8 +195,10 @@ def test_checkpoints_are_pruned_and_loadable(tiny_model: str, tmp_path: Path) ->
     from transformers import AutoModelForCausalLM
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows(16))
-    _, out = run_stage(tmp_path, _sft(tiny_model, data, per_device_train_batch_size=2, max_steps=7, save_steps=2,
-                                      save_total_limit=2))
+    _, out = run_stage(
+        tmp_path,
+        _sft(tiny_model, data, per_device_train_batch_size=2, max_steps=7, save_steps=2, save_total_limit=2),
+    )
     names = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
     assert names == ["checkpoint-4", "checkpoint-6"]
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
@@ -152,8 +212,13 @@ def test_metrics_file_and_final_model(tiny_model: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows(16))
-    _, out = run_stage(tmp_path, {**_sft(tiny_model, data, per_device_train_batch_size=4, max_steps=4,
-                                         logging_steps=2), "plot_loss": True})
+    _, out = run_stage(
+        tmp_path,
+        {
+            **_sft(tiny_model, data, per_device_train_batch_size=4, max_steps=4, logging_steps=2),
+            "plot_loss": True,
+        },
+    )
     records = _metrics(out)
     assert [r["step"] for r in records] == [2, 4]
     for key in ("step", "epoch", "loss", "learning_rate", "grad_norm", "num_tokens", "mean_token_accuracy"):
@@ -174,8 +239,19 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_model: str, tmp_path
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows(16))
     with pytest.raises(TrainingDiverged, match=r"step [34]: the loss is (nan|inf).*learning rate") as info:
-        run_stage(tmp_path, _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=6, save_steps=2,
-                                 learning_rate=1e30, max_grad_norm=0.0, warmup_steps=2))
+        run_stage(
+            tmp_path,
+            _sft(
+                tiny_model,
+                data,
+                per_device_train_batch_size=4,
+                max_steps=6,
+                save_steps=2,
+                learning_rate=1e30,
+                max_grad_norm=0.0,
+                warmup_steps=2,
+            ),
+        )
     assert "checkpoint" in str(info.value)
     assert (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").is_file()
     assert not (tmp_path / "out" / "model.safetensors").exists()
@@ -186,8 +262,19 @@ def test_lora_saves_adapter_loadable_by_peft(tiny_model: str, tmp_path: Path) ->
     from transformers import AutoModelForCausalLM
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
-    _, out = run_stage(tmp_path, _sft(tiny_model, data, finetuning_type="lora", lora_r=4, max_steps=2,
-                                      per_device_train_batch_size=4, learning_rate=1e-2, save_merged=True))
+    _, out = run_stage(
+        tmp_path,
+        _sft(
+            tiny_model,
+            data,
+            finetuning_type="lora",
+            lora_r=4,
+            max_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            save_merged=True,
+        ),
+    )
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
     assert not os.path.isfile(os.path.join(out, "model.safetensors"))
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -196,17 +283,35 @@ def test_lora_saves_adapter_loadable_by_peft(tiny_model: str, tmp_path: Path) ->
     x = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x).logits, merged(x).logits, atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(tiny_model)(x).logits, merged(x).logits)
+        assert not torch.allclose(
+            AutoModelForCausalLM.from_pretrained(tiny_model)(x).logits, merged(x).logits
+        )
 
 
 def test_freeze_trains_only_last_layers(tiny_model: str, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
-    _, out = run_stage(tmp_path, _sft(tiny_model, data, finetuning_type="freeze", freeze_trainable_layers=1,
-                                      max_steps=2, per_device_train_batch_size=4))
-    before, after = load_file(os.path.join(tiny_model, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
-    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    _, out = run_stage(
+        tmp_path,
+        _sft(
+            tiny_model,
+            data,
+            finetuning_type="freeze",
+            freeze_trainable_layers=1,
+            max_steps=2,
+            per_device_train_batch_size=4,
+        ),
+    )
+    before, after = (
+        load_file(os.path.join(tiny_model, "model.safetensors")),
+        load_file(os.path.join(out, "model.safetensors")),
+    )
+    assert torch.equal(
+        before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
+    )
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
-    assert not torch.equal(before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"])
+    assert not torch.equal(
+        before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"]
+    )
 
 
 def test_qlora_on_cpu_is_a_clear_error(tiny_model: str, tmp_path: Path) -> None:

@@ -19,9 +19,20 @@ REL = 1e-4
 
 
 def _trl_common() -> dict:
-    return dict(max_steps=1, logging_steps=1, report_to="none", per_device_train_batch_size=4, bf16=False,
-                use_cpu=True, train_sampling_strategy="sequential", save_strategy="no", seed=42,
-                dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False)
+    return dict(
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        per_device_train_batch_size=4,
+        bf16=False,
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        seed=42,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
 
 
 def trl_sft(model_dir: str, rows: list[dict], **kw) -> tuple[dict, list]:
@@ -31,7 +42,9 @@ def trl_sft(model_dir: str, rows: list[dict], **kw) -> tuple[dict, list]:
 
     args = SFTConfig(output_dir=tempfile.mkdtemp(), **{**_trl_common(), **kw})
     tok = AutoTokenizer.from_pretrained(model_dir)
-    trainer = SFTTrainer(model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows))
+    trainer = SFTTrainer(
+        model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows)
+    )
     prepared = trainer.train_dataset.to_list()
     trainer.train()
     return trainer.state.log_history[0], prepared
@@ -44,7 +57,9 @@ def trl_reward(model_dir: str, rows: list[dict], **kw) -> tuple[dict, list]:
 
     args = RewardConfig(output_dir=tempfile.mkdtemp(), **{**_trl_common(), **kw})
     tok = AutoTokenizer.from_pretrained(model_dir)
-    trainer = RewardTrainer(model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows))
+    trainer = RewardTrainer(
+        model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows)
+    )
     prepared = trainer.train_dataset.to_list()
     trainer.train()
     return trainer.state.log_history[0], prepared
@@ -73,9 +88,19 @@ def test_sft_first_step_matches_trl(case: str, tiny_model: str, tmp_path: Path) 
     rows = SFT_CASES[case]
     log, prepared = trl_sft(tiny_model, rows)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    ours, _ = run_stage(tmp_path, {"stage": "sft", "model_name_or_path": tiny_model, "dataset": data,
-                                   "max_steps": 1, "logging_steps": 1, "per_device_train_batch_size": 4,
-                                   "shuffle": False, "torch_dtype": "float32"})
+    ours, _ = run_stage(
+        tmp_path,
+        {
+            "stage": "sft",
+            "model_name_or_path": tiny_model,
+            "dataset": data,
+            "max_steps": 1,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 4,
+            "shuffle": False,
+            "torch_dtype": "float32",
+        },
+    )
     assert_close(ours["loss"], log["loss"], "loss")
     assert_close(ours["grad_norm"], log["grad_norm"], "grad_norm")
     assert_close(ours["mean_token_accuracy"], log["mean_token_accuracy"], "mean_token_accuracy")
@@ -92,17 +117,24 @@ def test_sft_first_step_matches_trl(case: str, tiny_model: str, tmp_path: Path) 
 RM_CASES = {
     "standard": [{"prompt": q, "chosen": " " + a, "rejected": " " + b} for q, a, b in zip(Q, A, BAD)],
     "conversational": [
-        {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
-         "rejected": [{"role": "assistant", "content": b}]}
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": b}],
+        }
         for q, a, b in zip(Q, A, BAD)
     ],
     "implicit_prompt_conversational": [
-        {"chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-         "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": b}]}
+        {
+            "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": b}],
+        }
         for q, a, b in zip(Q, A, BAD)
     ],
-    "standard_with_margin": [{"prompt": q, "chosen": " " + a, "rejected": " " + b, "margin": m}
-                             for q, a, b, m in zip(Q, A, BAD, [0.5, 1.0, 0.0, 2.0])],
+    "standard_with_margin": [
+        {"prompt": q, "chosen": " " + a, "rejected": " " + b, "margin": m}
+        for q, a, b, m in zip(Q, A, BAD, [0.5, 1.0, 0.0, 2.0])
+    ],
 }
 
 
@@ -111,9 +143,20 @@ def test_reward_first_step_matches_trl(case: str, tiny_rm: str, tmp_path: Path) 
     rows = RM_CASES[case]
     log, prepared = trl_reward(tiny_rm, rows, center_rewards_coefficient=0.01)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    ours, _ = run_stage(tmp_path, {"stage": "rm", "model_name_or_path": tiny_rm, "dataset": data,
-                                   "max_steps": 1, "logging_steps": 1, "per_device_train_batch_size": 4,
-                                   "shuffle": False, "torch_dtype": "float32", "center_rewards_coefficient": 0.01})
+    ours, _ = run_stage(
+        tmp_path,
+        {
+            "stage": "rm",
+            "model_name_or_path": tiny_rm,
+            "dataset": data,
+            "max_steps": 1,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 4,
+            "shuffle": False,
+            "torch_dtype": "float32",
+            "center_rewards_coefficient": 0.01,
+        },
+    )
     assert_close(ours["loss"], log["loss"], "loss")
     assert_close(ours["grad_norm"], log["grad_norm"], "grad_norm")
     assert_close(ours["accuracy"], log["accuracy"], "accuracy")
@@ -134,8 +177,11 @@ def test_reward_first_step_matches_trl(case: str, tiny_rm: str, tmp_path: Path) 
 def _sharegpt_to_trl(row: dict) -> dict:
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
     prompt = [{"role": roles[t["from"]], "content": t["value"]} for t in row["conversations"]]
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
-            "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}]}
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}],
+    }
 
 
 def test_reward_token_ids_on_real_sharegpt_file_match_trl(tiny_rm: str, shared_data: Path) -> None:
@@ -153,8 +199,12 @@ def test_reward_token_ids_on_real_sharegpt_file_match_trl(tiny_rm: str, shared_d
     from trl import RewardConfig, RewardTrainer
 
     args = RewardConfig(output_dir=tempfile.mkdtemp(), max_length=None, **{**_trl_common(), "max_steps": 1})
-    trainer = RewardTrainer(model=tiny_rm, args=args, processing_class=tok,
-                            train_dataset=Dataset.from_list([_sharegpt_to_trl(r) for r in raw]))
+    trainer = RewardTrainer(
+        model=tiny_rm,
+        args=args,
+        processing_class=tok,
+        train_dataset=Dataset.from_list([_sharegpt_to_trl(r) for r in raw]),
+    )
     theirs = trainer.train_dataset.to_list()
     assert [o["chosen_ids"] for o in ours] == [t["chosen_ids"] for t in theirs]
     assert [o["rejected_ids"] for o in ours] == [t["rejected_ids"] for t in theirs]

@@ -137,7 +137,7 @@ def build_sft_rows(
     stats, rows = TruncationStats(), []
     for ex in examples:
         row, truncated = truncate_sft(encode_sft(ex, tokenizer), max_length, max_prompt_length)
-        dropped = 1 not in row["completion_mask"]
+        dropped = 1 not in row["completion_mask"][1:]  # the first token is never a target
         stats.add(truncated, dropped)
         if not dropped:
             rows.append(row)

@@ -175,6 +175,12 @@ def _load_with_datasets(source: str, split: str) -> tuple[list[dict], list[str]]
 def detect_format(row: dict, where: str = "") -> str:
     """Name the format of a row from its columns."""
     keys = set(row)
+    if len(keys & {"chosen", "rejected"}) == 1:
+        have, lack = ("chosen", "rejected") if "chosen" in keys else ("rejected", "chosen")
+        raise UserError(
+            f"{where}: has `{have}` but no `{lack}`; preference rows need both "
+            f"(found fields: {', '.join(sorted(keys))})"
+        )
     if {"chosen", "rejected"} <= keys:
         if "conversations" in keys:
             return "sharegpt_preference"
@@ -401,7 +407,7 @@ def to_example(row: dict, fmt: str, where: str) -> Example:
         elif key is not None:  # GSM8K / MATH style: a question to pose as a user turn
             ex.prompt = [{"role": "user", "content": str(row[key])}]
         else:
-            _need(row, ("messages",), where, fmt)
+            _need(row, ("messages",) if "messages" in row else ("prompt",), where, fmt)
             ex.prompt = _messages(row["messages"], where, "messages")
     else:
         raise UserError(f"unknown dataset_format `{fmt}`")

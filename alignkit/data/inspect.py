@@ -9,7 +9,10 @@ from typing import Any
 from alignkit.data.batches import tokenize_chat
 from alignkit.data.formats import Example, Text, describe_format, load_examples
 
-KTO_RATIO_RANGE = (1.0, 4.0 / 3.0)  # Ethayarajh et al. 2024, sec. 4.2: lambda_D n_D / (lambda_U n_U) in [1, 4/3]
+KTO_RATIO_RANGE = (
+    1.0,
+    4.0 / 3.0,
+)  # Ethayarajh et al. 2024, sec. 4.2: lambda_D n_D / (lambda_U n_U) in [1, 4/3]
 
 
 def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float, str]:
@@ -28,7 +31,11 @@ def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float, str
         w = round(n_undesirable / n_desirable * lo, 4)
         return w, 1.0, f"n_D/n_U = {ratio:.3f} < 1: desirable_weight = n_U/n_D = {w} brings the ratio to 1"
     w = round(n_desirable / (n_undesirable * hi), 4)  # more desirable rows: up-weight the undesirable ones
-    return 1.0, w, f"n_D/n_U = {ratio:.3f} > 4/3: undesirable_weight = 3 n_D / (4 n_U) = {w} brings the ratio to 4/3"
+    return (
+        1.0,
+        w,
+        f"n_D/n_U = {ratio:.3f} > 4/3: undesirable_weight = 3 n_D / (4 n_U) = {w} brings the ratio to 4/3",
+    )
 
 
 def _render(value: Text | None) -> str:
@@ -47,8 +54,14 @@ def _percentiles(values: list[int]) -> dict[str, float]:
     def pick(q: float) -> int:
         return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
-    return {"min": s[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": s[-1],
-            "mean": round(sum(s) / len(s), 1)}
+    return {
+        "min": s[0],
+        "p50": pick(0.5),
+        "p90": pick(0.9),
+        "p99": pick(0.99),
+        "max": s[-1],
+        "mean": round(sum(s) / len(s), 1),
+    }
 
 
 class _Counter:
@@ -70,23 +83,36 @@ class _Counter:
         if isinstance(value, str):
             return len(self.tokenizer(text=value, add_special_tokens=prompt)["input_ids"])
         if prompt:
-            return len(tokenize_chat(self.tokenizer, value, add_generation_prompt=bool(value))) if value else 0
-        return len(self.tokenizer(_render_chat_tail(self.tokenizer, value), add_special_tokens=False)["input_ids"])
+            return (
+                len(tokenize_chat(self.tokenizer, value, add_generation_prompt=bool(value))) if value else 0
+            )
+        return len(
+            self.tokenizer(_render_chat_tail(self.tokenizer, value), add_special_tokens=False)["input_ids"]
+        )
 
 
 def _render_chat_tail(tokenizer: Any, messages: list[dict]) -> str:
     """Completion messages as the template renders them after a prompt."""
     full = tokenizer.apply_chat_template([{"role": "user", "content": "x"}] + messages, tokenize=False)
-    head = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
-    return full[len(head):] if full.startswith(head) else full
+    head = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
+    return full[len(head) :] if full.startswith(head) else full
 
 
-def inspect_examples(examples: list[Example], model: str | None = None, max_length: int = 1024) -> dict[str, Any]:
+def inspect_examples(
+    examples: list[Example], model: str | None = None, max_length: int = 1024
+) -> dict[str, Any]:
     count = _Counter(model)
     kinds = Counter(ex.kind for ex in examples)
     prompts = [count(ex.prompt, prompt=True) for ex in examples]
-    report: dict[str, Any] = {"rows": len(examples), "kinds": dict(kinds), "length_unit": count.unit,
-                              "max_length": max_length, "lengths": {"prompt": _percentiles(prompts)}}
+    report: dict[str, Any] = {
+        "rows": len(examples),
+        "kinds": dict(kinds),
+        "length_unit": count.unit,
+        "max_length": max_length,
+        "lengths": {"prompt": _percentiles(prompts)},
+    }
     prompt_keys = Counter(json.dumps(ex.prompt, sort_keys=True) for ex in examples if ex.prompt)
     report["duplicate_prompts"] = sum(c - 1 for c in prompt_keys.values() if c > 1)
     if any(ex.kind == "pair" for ex in examples):
@@ -103,39 +129,60 @@ def inspect_examples(examples: list[Example], model: str | None = None, max_leng
         if comp:
             report["lengths"]["completion"] = _percentiles(comp)
             report["would_truncate"] = sum(
-                pp + cc > max_length for pp, cc, ex in zip(prompts, comp, examples) if ex.completion is not None)
+                pp + cc > max_length
+                for pp, cc, ex in zip(prompts, comp, examples)
+                if ex.completion is not None
+            )
     if any(ex.kind == "unpaired" for ex in examples):
         n_d = sum(ex.label is True for ex in examples)
         n_u = sum(ex.label is False for ex in examples)
         w_d, w_u, why = kto_weights(n_d, n_u)
-        report["kto"] = {"desirable": n_d, "undesirable": n_u, "desirable_weight": w_d, "undesirable_weight": w_u,
-                         "why": why}
+        report["kto"] = {
+            "desirable": n_d,
+            "undesirable": n_u,
+            "desirable_weight": w_d,
+            "undesirable_weight": w_u,
+            "why": why,
+        }
     return report
 
 
-def inspect_data(source: str, model: str | None = None, max_length: int = 1024, split: str = "train",
-                 dataset_format: str = "auto") -> dict[str, Any]:
+def inspect_data(
+    source: str,
+    model: str | None = None,
+    max_length: int = 1024,
+    split: str = "train",
+    dataset_format: str = "auto",
+) -> dict[str, Any]:
     fmt, _ = describe_format(source, split) if dataset_format == "auto" else (dataset_format, 0)
     examples = load_examples(source, fmt, split)
     return {"source": source, "format": fmt, **inspect_examples(examples, model, max_length)}
 
 
 def render_report(r: dict[str, Any]) -> str:
-    lines = [f"{r['source']}: format `{r['format']}`, {r['rows']} rows ({', '.join(f'{v} {k}' for k, v in r['kinds'].items())})",
-             f"lengths in {r['length_unit']}:"]
+    lines = [
+        f"{r['source']}: format `{r['format']}`, {r['rows']} rows ({', '.join(f'{v} {k}' for k, v in r['kinds'].items())})",
+        f"lengths in {r['length_unit']}:",
+    ]
     for name, p in r["lengths"].items():
         if p:
-            lines.append(f"  {name:<10} min {p['min']:>6}  p50 {p['p50']:>6}  p90 {p['p90']:>6}  p99 {p['p99']:>6}  "
-                         f"max {p['max']:>6}  mean {p['mean']:>8}")
+            lines.append(
+                f"  {name:<10} min {p['min']:>6}  p50 {p['p50']:>6}  p90 {p['p90']:>6}  p99 {p['p99']:>6}  "
+                f"max {p['max']:>6}  mean {p['mean']:>8}"
+            )
     if "would_truncate" in r:
         lines.append(f"rows longer than max_length={r['max_length']}: {r['would_truncate']}")
     lines.append(f"duplicate prompts: {r['duplicate_prompts']}")
     if "chosen_longer_share" in r:
-        lines.append(f"pairs where chosen is longer than rejected: {100 * r['chosen_longer_share']:.1f}% "
-                     "(far from 50% means DPO can learn length instead of quality)")
+        lines.append(
+            f"pairs where chosen is longer than rejected: {100 * r['chosen_longer_share']:.1f}% "
+            "(far from 50% means DPO can learn length instead of quality)"
+        )
         lines.append(f"pairs with chosen identical to rejected: {r['identical_pairs']}")
     if "kto" in r:
         k = r["kto"]
-        lines.append(f"KTO labels: {k['desirable']} desirable, {k['undesirable']} undesirable; recommended "
-                     f"desirable_weight {k['desirable_weight']}, undesirable_weight {k['undesirable_weight']} ({k['why']})")
+        lines.append(
+            f"KTO labels: {k['desirable']} desirable, {k['undesirable']} undesirable; recommended "
+            f"desirable_weight {k['desirable_weight']}, undesirable_weight {k['undesirable_weight']} ({k['why']})"
+        )
     return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""Config validation and the command line: every user mistake is one message and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import main
+from alignkit.config import load_config
+from alignkit.errors import UserError
+from tests.conftest import REPO, write_jsonl
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(info.value.code), out, err
+
+
+def _yaml(path: Path, **keys) -> str:
+    path.write_text("".join(f"{k}: {v}\n" for k, v in keys.items()))
+    return str(path)
+
+
+def test_overrides_win_and_types_are_coerced(tmp_path: Path) -> None:
+    cfg = load_config(
+        _yaml(
+            tmp_path / "c.yaml", stage="sft", model_name_or_path="m", dataset="d.jsonl", learning_rate="1e-4"
+        ),
+        ["learning_rate=3e-5", "lora.r=16", "per_device_train_batch_size=2", "shuffle=false"],
+    )
+    assert cfg.learning_rate == 3e-5 and cfg.lora_r == 16 and cfg.per_device_train_batch_size == 2
+    assert cfg.shuffle is False
+
+
+def test_yaml_sections_are_a_spelling_of_flat_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "stage: sft\nmodel_name_or_path: m\ndataset: d\nfinetuning_type: lora\nlora:\n  r: 4\n  alpha: 8\n"
+    )
+    cfg = load_config(str(path))
+    assert (cfg.lora_r, cfg.lora_alpha) == (4, 8)
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        (
+            "learning_rat=1e-4",
+            r"unknown key `learning_rat` for stage `sft` \(did you mean `learning_rate`\?\)",
+        ),
+        ("learning_rate=-1", r"`learning_rate` must be >= 0"),
+        ("per_device_train_batch_size=two", r"`per_device_train_batch_size`: expected an integer"),
+        ("finetuning_type=lroa", r"`finetuning_type: lroa` is not valid \(did you mean `lora`\?\)"),
+        ("stage=dpoo", r"is not a stage"),
+        ("packing=maybe", r"`packing`: expected true or false"),
+    ],
+)
+def test_bad_config_values_name_the_key(override: str, pattern: str, tmp_path: Path) -> None:
+    path = _yaml(tmp_path / "c.yaml", stage="sft", model_name_or_path="m", dataset="d.jsonl")
+    with pytest.raises(UserError, match=pattern):
+        load_config(path, [override])
+
+
+def test_stage_keys_do_not_leak(tmp_path: Path) -> None:
+    path = _yaml(tmp_path / "c.yaml", stage="rm", model_name_or_path="m", dataset="d.jsonl")
+    with pytest.raises(UserError, match="unknown key `packing` for stage `rm`"):
+        load_config(path, ["packing=true"])
+
+
+def _setup(tmp_path: Path, tiny_model: str, rows: list[dict] | None = None, **keys) -> str:
+    data = write_jsonl(tmp_path / "d.jsonl", rows or [{"prompt": "Q", "completion": "A"}] * 4)
+    base = {
+        "stage": "sft",
+        "model_name_or_path": tiny_model,
+        "dataset": data,
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 1,
+        "disable_tqdm": "true",
+        "plot_loss": "false",
+    }
+    return _yaml(tmp_path / "c.yaml", **{**base, **keys})
+
+
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("missing_file", "dataset .*nope.jsonl does not exist"),
+        ("bad_model", "model path .*no_model does not exist"),
+        ("bad_json", r"d\.jsonl line 2: not valid JSON"),
+        ("empty_completion", r"line 1: `completion` is empty"),
+        ("bad_label", r"line 1: `label` must be true or false"),
+        ("all_truncated", "every row was truncated away"),
+        ("typo_key", r"did you mean `learning_rate`"),
+        ("negative_lr", r"`learning_rate` must be >= 0"),
+        ("wrong_kind", r"stage `rm` trains on pair data"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message(
+    case: str, pattern: str, tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = _setup(tmp_path, tiny_model)
+    extra: list[str] = []
+    if case == "missing_file":
+        extra = [f"dataset={tmp_path / 'nope.jsonl'}"]
+    elif case == "bad_model":
+        extra = [f"model_name_or_path={tmp_path / 'no_model'}"]
+    elif case == "bad_json":
+        (tmp_path / "d.jsonl").write_text('{"prompt": "Q", "completion": "A"}\n{"prompt": \n')
+    elif case == "empty_completion":
+        (tmp_path / "d.jsonl").write_text('{"prompt": "Q", "completion": ""}\n')
+    elif case == "bad_label":
+        (tmp_path / "d.jsonl").write_text('{"prompt": "Q", "completion": "A", "label": "maybe"}\n')
+        extra = ["stage=rm"]
+    elif case == "all_truncated":
+        extra = ["max_length=1"]
+    elif case == "typo_key":
+        extra = ["learning_rat=1"]
+    elif case == "negative_lr":
+        extra = ["learning_rate=-0.1"]
+    elif case == "wrong_kind":
+        extra = ["stage=rm"]
+    code, _, err = _cli(["train", cfg, *extra], capsys)
+    assert code == 2
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("alignkit: error:")]) == 1
+    import re
+
+    assert re.search(pattern, err), err
+
+
+def test_debug_flag_shows_the_traceback(tiny_model: str, tmp_path: Path) -> None:
+    cfg = _setup(tmp_path, tiny_model)
+    with pytest.raises(UserError, match="did you mean"):
+        main(["--debug", "train", cfg, "learning_rat=1"])
+
+
+def test_failed_run_keeps_what_output_dir_had(
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A good run, then a run that fails on its data: the first run's files are untouched."""
+    cfg = _setup(tmp_path, tiny_model)
+    code, _, _ = _cli(["train", cfg], capsys)
+    assert code == 0
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "Q", "completion": "A"}\n{broken\n')
+    code, _, err = _cli(["train", cfg, f"dataset={tmp_path / 'bad.jsonl'}"], capsys)
+    assert code == 2 and "line 2" in err
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_subprocess_exit_code_and_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "data", "inspect", str(tmp_path / "missing.jsonl")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tiny_command_writes_a_loadable_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    code, out, _ = _cli(
+        ["tiny", str(tmp_path / "t"), "--vocab-size", "300", "--hidden-size", "32", "--layers", "1"], capsys
+    )
+    assert code == 0 and "written" in out
+    tok = AutoTokenizer.from_pretrained(tmp_path / "t")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "t")
+    assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 32
+    assert len(tok) == 300 and tok.eos_token == "<|im_end|>"
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(tok("Any text, even ünïcode 123.")["input_ids"]) == "Any text, even ünïcode 123."
+
+
+def test_data_inspect_command(tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture) -> None:
+    rows = [{"prompt": "Q", "completion": "A", "label": i < 1} for i in range(4)]
+    code, out, _ = _cli(
+        ["data", "inspect", write_jsonl(tmp_path / "k.jsonl", rows), "--model", tiny_model], capsys
+    )
+    assert code == 0
+    assert "format `unpaired`, 4 rows" in out and "1 desirable, 3 undesirable" in out
+    assert "desirable_weight 3.0" in out
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = _cli(["--help"], capsys)
+    assert code == 0
+    for cmd in ("train", "tiny", "data", "quickstart"):
+        assert cmd in out
+    code, out, _ = _cli(["train", "--help"], capsys)
+    assert "examples:" in out and "key=value" in out

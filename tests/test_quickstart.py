@@ -1,0 +1,41 @@
+"""The embedded quickstart: SFT learns the task, and the sloppy annotator's error with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignkit.task import Problem, parse_answer, preference_rows, sft_rows, split_problems
+
+
+def test_task_data_is_systematically_wrong_on_carries() -> None:
+    train, held_out = split_problems(0)
+    assert not set(train) & set(held_out) and len(held_out) == 300
+    rows = sft_rows(train, n=2000, carry_error_rate=0.6, seed=0)
+    carry_wrong = no_carry_wrong = carries = 0
+    for row in rows:
+        a, b = map(int, row["messages"][0]["content"][8:-1].split(" + "))
+        p = Problem(a, b)
+        wrong = int(row["messages"][1]["content"]) != p.answer
+        carries += p.carry
+        carry_wrong += wrong and p.carry
+        no_carry_wrong += wrong and not p.carry
+    assert no_carry_wrong == 0
+    assert 0.55 < carry_wrong / carries < 0.65
+    assert Problem(27, 48).wrong() == 65 and Problem(21, 34).wrong() == 65  # forgot / spurious carry
+    pair = preference_rows(train, 1, seed=0)[0]
+    assert pair["chosen"][0]["content"] != pair["rejected"][0]["content"]
+    assert parse_answer(" 75 ") == 75 and parse_answer("none") is None
+
+
+def test_quickstart_sft_learns_the_task_and_its_error(tmp_path: Path) -> None:
+    from alignkit.quickstart import run_quickstart
+
+    report = run_quickstart(str(tmp_path / "qs"), seed=0, methods=("sft",))
+    saved = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert saved["base_accuracy"] == report["base_accuracy"] < 0.05
+    sft = saved["methods"]["sft"]
+    assert sft["accuracy"] > 0.4 and sft["wall_s"] > 0
+    # it learned the annotator's forgotten carry: right without carries, mostly wrong with them
+    assert sft["no_carry_accuracy"] > 0.8 > 0.4 > sft["carry_accuracy"]
+    assert "| sft |" in (tmp_path / "qs" / "report.md").read_text()
