@@ -247,11 +247,10 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
             tok_s=f"{tokens_since_start / max(elapsed, 1e-9):.0f}",
         )
         done = step + 1
+        logged: dict[str, Any] = {}
         if done % cfg.logging_steps == 0 or done == total_steps:
             means = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
-            record = {
-                "step": done,
-                "epoch": round(done / steps_per_epoch, 4),
+            logged = {
                 "loss": means.pop("loss"),
                 **means,
                 "learning_rate": scheduler.get_last_lr()[0],
@@ -259,13 +258,15 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
             }
             window = []
             if done == total_steps:
-                record.update(
+                logged.update(
                     train_runtime=round(elapsed, 3),
                     train_tokens_per_second=round(tokens_since_start / max(elapsed, 1e-9), 2),
                     peak_memory_mb=round(_peak_memory_mb(accelerator.device), 1),
                 )
-            if cfg.eval_steps and stage.eval_rows and (done % cfg.eval_steps == 0 or done == total_steps):
-                record.update(evaluate(accelerator, stage, model, cfg))
+        if cfg.eval_steps and stage.eval_rows and (done % cfg.eval_steps == 0 or done == total_steps):
+            logged.update(evaluate(accelerator, stage, model, cfg))  # every process takes part
+        if logged:
+            record = {"step": done, "epoch": round(done / steps_per_epoch, 4), **logged}
             if writer:
                 writer.write(record)
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:

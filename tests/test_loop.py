@@ -147,13 +147,13 @@ def _launch(cfg: Path) -> subprocess.Popen:
 
 
 def test_resume_after_kill_is_exact(tiny_model: str, tmp_path: Path) -> None:
-    """kill -9 after the step-4 checkpoint; `resume_from_checkpoint: auto` continues with identical losses."""
+    """kill -9 right after the step-4 checkpoint; `resume_from_checkpoint: auto` continues with identical losses."""
     data = write_jsonl(tmp_path / "d.jsonl", _rows(24))
     keys = _sft(
         tiny_model,
         data,
         per_device_train_batch_size=4,
-        max_steps=12,
+        max_steps=60,
         save_steps=4,
         lr_scheduler_type="cosine",
         warmup_steps=2,
@@ -168,22 +168,22 @@ def test_resume_after_kill_is_exact(tiny_model: str, tmp_path: Path) -> None:
     cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in {**keys, "output_dir": str(out)}.items()))
     proc = _launch(cfg)
     deadline = time.time() + 120
-    while not (out / "checkpoint-8").is_dir() and time.time() < deadline:
-        time.sleep(0.05)
+    while not (out / "checkpoint-4").is_dir() and time.time() < deadline:
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoint-4").is_dir()
     assert not (out / "model.safetensors").exists(), "the run was supposed to die before finishing"
     # a half-written checkpoint (as a crash mid-save leaves) must be ignored
-    shutil.copytree(out / "checkpoint-4", out / ".tmp-checkpoint-12")
-    (out / ".tmp-checkpoint-12" / "trainer_state.json").unlink()
+    shutil.copytree(out / "checkpoint-4", out / ".tmp-checkpoint-99")
+    (out / ".tmp-checkpoint-99" / "trainer_state.json").unlink()
 
     cfg.write_text(cfg.read_text() + '\nresume_from_checkpoint: "auto"')
     proc = _launch(cfg)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     resumed = _metrics(str(out))
-    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["step"] for r in resumed] == list(range(1, 61))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in ref], abs=1e-6)
     assert [r["learning_rate"] for r in resumed] == pytest.approx([r["learning_rate"] for r in ref], rel=1e-9)
     wa, wb = load_file(str(out / "model.safetensors")), load_file(os.path.join(full_dir, "model.safetensors"))
@@ -322,3 +322,27 @@ def test_qlora_on_cpu_is_a_clear_error(tiny_model: str, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", _rows(4))
     with pytest.raises(UserError, match="qlora needs a CUDA GPU"):
         run_stage(tmp_path, _sft(tiny_model, data, finetuning_type="qlora", max_steps=1))
+
+
+def test_eval_every_eval_steps_independent_of_logging(tiny_model: str, tmp_path: Path) -> None:
+    rows = _rows(16)
+    data = write_jsonl(tmp_path / "d.jsonl", rows[:12])
+    held = write_jsonl(tmp_path / "e.jsonl", rows[12:])
+    _, out = run_stage(
+        tmp_path,
+        _sft(
+            tiny_model,
+            data,
+            eval_dataset=held,
+            per_device_train_batch_size=4,
+            max_steps=6,
+            logging_steps=4,
+            eval_steps=3,
+        ),
+    )
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [3, 4, 6]
+    assert "eval_loss" in records[0] and "loss" not in records[0]
+    assert "loss" in records[1] and "eval_loss" not in records[1]
+    assert records[2]["eval_loss"] < records[0]["eval_loss"]  # training on the task lowers held-out loss
+    assert 0.0 <= records[2]["eval_mean_token_accuracy"] <= 1.0
