@@ -35,32 +35,25 @@ def _trl_common() -> dict:
     )
 
 
-def trl_sft(model_dir: str, rows: list[dict], **kw) -> tuple[dict, list]:
+def trl_first_step(
+    kind: str, model_dir: str, rows: list[dict], train: bool = True, **kw
+) -> tuple[dict, list]:
+    """Run TRL's `SFTTrainer` or `RewardTrainer` for one step; return its first log and its tokenised rows."""
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), **{**_trl_common(), **kw})
+    config_cls, trainer_cls = {
+        "sft": (trl.SFTConfig, trl.SFTTrainer),
+        "rm": (trl.RewardConfig, trl.RewardTrainer),
+    }[kind]
+    args = config_cls(output_dir=tempfile.mkdtemp(), **{**_trl_common(), **kw})
     tok = AutoTokenizer.from_pretrained(model_dir)
-    trainer = SFTTrainer(
+    trainer = trainer_cls(
         model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows)
     )
     prepared = trainer.train_dataset.to_list()
-    trainer.train()
-    return trainer.state.log_history[0], prepared
-
-
-def trl_reward(model_dir: str, rows: list[dict], **kw) -> tuple[dict, list]:
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
-
-    args = RewardConfig(output_dir=tempfile.mkdtemp(), **{**_trl_common(), **kw})
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    trainer = RewardTrainer(
-        model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows)
-    )
-    prepared = trainer.train_dataset.to_list()
+    if not train:
+        return {}, prepared
     trainer.train()
     return trainer.state.log_history[0], prepared
 
@@ -86,7 +79,7 @@ SFT_CASES = {
 @pytest.mark.parametrize("case", list(SFT_CASES))
 def test_sft_first_step_matches_trl(case: str, tiny_model: str, tmp_path: Path) -> None:
     rows = SFT_CASES[case]
-    log, prepared = trl_sft(tiny_model, rows)
+    log, prepared = trl_first_step("sft", tiny_model, rows)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     ours, _ = run_stage(
         tmp_path,
@@ -141,7 +134,7 @@ RM_CASES = {
 @pytest.mark.parametrize("case", list(RM_CASES))
 def test_reward_first_step_matches_trl(case: str, tiny_rm: str, tmp_path: Path) -> None:
     rows = RM_CASES[case]
-    log, prepared = trl_reward(tiny_rm, rows, center_rewards_coefficient=0.01)
+    log, prepared = trl_first_step("rm", tiny_rm, rows, center_rewards_coefficient=0.01)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     ours, _ = run_stage(
         tmp_path,
@@ -195,16 +188,8 @@ def test_reward_token_ids_on_real_sharegpt_file_match_trl(tiny_rm: str, shared_d
     tok = load_tokenizer(tiny_rm)
     ours = [encode_rm_pair(ex, tok) for ex in load_examples(str(path))[:12]]
 
-    from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
-
-    args = RewardConfig(output_dir=tempfile.mkdtemp(), max_length=None, **{**_trl_common(), "max_steps": 1})
-    trainer = RewardTrainer(
-        model=tiny_rm,
-        args=args,
-        processing_class=tok,
-        train_dataset=Dataset.from_list([_sharegpt_to_trl(r) for r in raw]),
+    _, theirs = trl_first_step(
+        "rm", tiny_rm, [_sharegpt_to_trl(r) for r in raw], train=False, max_length=None
     )
-    theirs = trainer.train_dataset.to_list()
     assert [o["chosen_ids"] for o in ours] == [t["chosen_ids"] for t in theirs]
     assert [o["rejected_ids"] for o in ours] == [t["rejected_ids"] for t in theirs]

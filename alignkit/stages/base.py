@@ -44,6 +44,21 @@ class Stage:
 
     # -- built by the stage
     def build(self) -> None:
+        """Tokenizer, then data (so bad rows fail fast, before a model is loaded), then the model."""
+        from alignkit.models import load_tokenizer
+
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        self.train_rows = self.rows(cfg.dataset)
+        if cfg.eval_dataset:
+            self.eval_rows = self.rows(cfg.eval_dataset)
+        self.model = self.load_model()
+
+    def rows(self, sources: str | list[str]) -> list[dict]:
+        """Read, convert and tokenise one data source into the rows `collate` takes."""
+        raise NotImplementedError
+
+    def load_model(self) -> nn.Module:
         raise NotImplementedError
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from alignkit.data.batches import build_rm_rows, collate_rm
 from alignkit.losses import bradley_terry_loss
-from alignkit.models import load_reward_model, load_tokenizer
+from alignkit.models import load_reward_model
 from alignkit.stages.base import Stage, StepOutput
 
 log = logging.getLogger("alignkit")
@@ -24,15 +24,10 @@ class RewardStage(Stage):
     name = "rm"
     kinds = ("pair",)
 
-    def build(self) -> None:
-        cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-        self.train_rows = self._rows(cfg.dataset)
-        if cfg.eval_dataset:
-            self.eval_rows = self._rows(cfg.eval_dataset)
-        self.model = load_reward_model(cfg)
+    def load_model(self) -> nn.Module:
+        return load_reward_model(self.cfg)
 
-    def _rows(self, sources: str | list[str]) -> list[dict]:
+    def rows(self, sources: str | list[str]) -> list[dict]:
         rows, stats = build_rm_rows(self.load_examples(sources), self.tokenizer, self.cfg.max_length)
         log.info(
             "%s", stats.message().replace("no completion token left", f"longer than {self.cfg.max_length}")

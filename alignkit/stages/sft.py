@@ -9,7 +9,7 @@ from torch import nn
 
 from alignkit.data.batches import IGNORE, build_sft_rows, collate_sft, pack_rows
 from alignkit.losses import token_nll
-from alignkit.models import load_policy, load_tokenizer
+from alignkit.models import load_policy
 from alignkit.stages.base import Stage, StepOutput
 
 log = logging.getLogger("alignkit")
@@ -19,15 +19,10 @@ class SFTStage(Stage):
     name = "sft"
     kinds = ("sft",)
 
-    def build(self) -> None:
-        cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-        self.train_rows = self._rows(cfg.dataset)
-        if cfg.eval_dataset:
-            self.eval_rows = self._rows(cfg.eval_dataset)
-        self.model = load_policy(cfg)
+    def load_model(self) -> nn.Module:
+        return load_policy(self.cfg)
 
-    def _rows(self, sources: str | list[str]) -> list[dict]:
+    def rows(self, sources: str | list[str]) -> list[dict]:
         cfg = self.cfg
         rows, stats = build_sft_rows(
             self.load_examples(sources), self.tokenizer, cfg.max_length, cfg.max_prompt_length
