@@ -55,6 +55,7 @@ class BaseConfig:
     stage: str = "sft"
     model_name_or_path: str = ""
     output_dir: str = "output"
+    overwrite_output_dir: bool = False  # a finished or started run in output_dir is replaced only when true
     # data
     dataset: str | list[str] = ""  # a path, a list of paths, or a hub id
     eval_dataset: str | list[str] | None = None

@@ -63,7 +63,22 @@ def micro_batches(
 def _accelerator(cfg: BaseConfig) -> Any:
     from accelerate import Accelerator
 
+    if (
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+        and "MASTER_PORT" in os.environ
+        and "WORLD_SIZE" not in os.environ
+    ):
+        log.warning(
+            "`accelerate launch --cpu` started a single process (accelerate needs mpirun for several CPU "
+            "processes); for N processes use `torchrun --nproc_per_node N -m alignkit train ...`"
+        )
+
     precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+    from accelerate.state import AcceleratorState
+
+    # Several runs in one Python process (the quickstart, notebooks, tests) may differ in precision; the
+    # process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     # Without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join a gloo group
     # only when accelerate is told it runs on CPU.
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
@@ -134,6 +149,8 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
         cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     )
     resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if not resume_path and not cfg.overwrite_output_dir:
+        _refuse_to_overwrite(cfg.output_dir)
 
     from transformers import get_scheduler
 
@@ -288,6 +305,20 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
         if cfg.plot_loss:
             plot_loss(cfg.output_dir)
     return record
+
+
+def _refuse_to_overwrite(output_dir: str) -> None:
+    """A new run never silently replaces the files of an earlier one."""
+    if not os.path.isdir(output_dir):
+        return
+    marks = ("metrics.jsonl", "config.yaml", "model.safetensors", "adapter_model.safetensors")
+    found = [n for n in os.listdir(output_dir) if n in marks or n.startswith("checkpoint-")]
+    if found:
+        raise UserError(
+            f"output_dir {output_dir} already holds a run ({', '.join(sorted(found)[:3])}); set "
+            "`overwrite_output_dir: true` to replace it, `resume_from_checkpoint: auto` to continue it, "
+            "or choose another output_dir"
+        )
 
 
 def evaluate(accelerator: Any, stage: Stage, model: torch.nn.Module, cfg: BaseConfig) -> dict[str, float]:

@@ -73,6 +73,7 @@ def _train(ctx: Context, name: str, keys: dict[str, Any]) -> str:
         "max_length": 64,
         "plot_loss": True,
         "torch_dtype": "float32",
+        "overwrite_output_dir": True,  # the quickstart owns its folder and re-runs in place
     }
     cfg = build_config({**common, **keys}, source=f"quickstart {name}")
     train(cfg, get_stage(cfg.stage)(cfg))

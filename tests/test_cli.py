@@ -92,6 +92,7 @@ def _setup(tmp_path: Path, tiny_model: str, rows: list[dict] | None = None, **ke
     [
         ("missing_file", "dataset .*nope.jsonl does not exist"),
         ("bad_model", "model path .*no_model does not exist"),
+        ("hub_model_offline", r"could not load nobody-here/no-such-model"),
         ("bad_json", r"d\.jsonl line 2: not valid JSON"),
         ("empty_completion", r"line 1: `completion` is empty"),
         ("bad_label", r"line 1: `label` must be true or false"),
@@ -110,6 +111,8 @@ def test_bad_input_exits_2_with_one_message(
         extra = [f"dataset={tmp_path / 'nope.jsonl'}"]
     elif case == "bad_model":
         extra = [f"model_name_or_path={tmp_path / 'no_model'}"]
+    elif case == "hub_model_offline":  # the hub code path is real; offline, a missing id is a clear error
+        extra = ["model_name_or_path=nobody-here/no-such-model"]
     elif case == "bad_json":
         (tmp_path / "d.jsonl").write_text('{"prompt": "Q", "completion": "A"}\n{"prompt": \n')
     elif case == "empty_completion":
@@ -150,8 +153,12 @@ def test_failed_run_keeps_what_output_dir_had(
     out = tmp_path / "out"
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     (tmp_path / "bad.jsonl").write_text('{"prompt": "Q", "completion": "A"}\n{broken\n')
-    code, _, err = _cli(["train", cfg, f"dataset={tmp_path / 'bad.jsonl'}"], capsys)
+    code, _, err = _cli(
+        ["train", cfg, f"dataset={tmp_path / 'bad.jsonl'}", "overwrite_output_dir=true"], capsys
+    )
     assert code == 2 and "line 2" in err
+    code, _, err = _cli(["train", cfg], capsys)  # a second good run may not replace the first unasked
+    assert code == 2 and "already holds a run" in err and "overwrite_output_dir" in err
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before
 

@@ -346,3 +346,27 @@ def test_eval_every_eval_steps_independent_of_logging(tiny_model: str, tmp_path:
     assert "loss" in records[1] and "eval_loss" not in records[1]
     assert records[2]["eval_loss"] < records[0]["eval_loss"]  # training on the task lowers held-out loss
     assert 0.0 <= records[2]["eval_mean_token_accuracy"] <= 1.0
+
+
+def test_bf16_autocast_on_cpu_runs_close_to_fp32(tiny_model: str, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
+    fp32, _ = run_stage(tmp_path / "a", _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=1))
+    bf16, _ = run_stage(
+        tmp_path / "b", _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=1, bf16=True)
+    )
+    assert bf16["loss"] != fp32["loss"]  # it really ran in bf16
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)
+
+
+def test_tensorboard_reporting_writes_events(tiny_model: str, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
+    _, out = run_stage(
+        tmp_path, _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=2, report_to="tensorboard")
+    )
+    acc = EventAccumulator(os.path.join(out, "runs"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("loss")]
+    assert losses == pytest.approx([r["loss"] for r in _metrics(out)], rel=1e-6)
