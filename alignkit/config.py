@@ -121,7 +121,50 @@ class RMConfig(BaseConfig):
     center_rewards_coefficient: float | None = None  # adds coef * mean((r_c + r_r)^2)
 
 
-CONFIG_CLASSES: dict[str, type[BaseConfig]] = {"sft": SFTConfig, "rm": RMConfig}
+@dataclass
+class DPOConfig(BaseConfig):
+    """The direct preference family: every loss in `alignkit.losses.DPO_LOSSES`, combinable."""
+
+    stage: str = "dpo"
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None  # one per loss_type (MPO-style mixes); default all 1
+    label_smoothing: float = 0.0  # cDPO with `sigmoid`; epsilon of robust / exo_pair / aot
+    reference_free: bool = False  # reference log-probs taken as 0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5  # SimPO target margin (in units of beta)
+    cpo_alpha: float = 1.0  # weight of the NLL term in CPO / SimPO
+    orpo_beta: float = 0.1  # lambda of ORPO's odds-ratio term
+    ref_model_name_or_path: str | None = None  # default: the starting policy
+    precompute_ref_log_probs: bool = False
+    ref_cache_dir: str | None = None  # default: output_dir/ref_logps
+
+
+@dataclass
+class KTOConfig(BaseConfig):
+    """Kahneman-Tversky Optimisation on unpaired good/bad labels (paired data is split automatically)."""
+
+    stage: str = "kto"
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    loss_type: str = "kto"  # kto | apo_zero_unpaired
+    desirable_weight: float | str = 1.0  # lambda_D, or `auto` (from the label counts, KTO paper sec. 4.2)
+    undesirable_weight: float | str = 1.0  # lambda_U, or `auto`
+    allow_single_label: bool = False  # train although every row has the same label
+    ref_model_name_or_path: str | None = None
+    precompute_ref_log_probs: bool = False
+    ref_cache_dir: str | None = None
+
+
+CONFIG_CLASSES: dict[str, type[BaseConfig]] = {
+    "sft": SFTConfig,
+    "rm": RMConfig,
+    "dpo": DPOConfig,
+    "kto": KTOConfig,
+}
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "stage": STAGES,
@@ -130,8 +173,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler_type": SCHEDULERS,
     "dataset_format": DATASET_FORMATS,
     "torch_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
 }
 _POSITIVE = (
+    "beta",
     "per_device_train_batch_size",
     "per_device_eval_batch_size",
     "gradient_accumulation_steps",
@@ -146,7 +191,6 @@ _NON_NEGATIVE = (
     "max_grad_norm",
     "num_train_epochs",
     "lora_dropout",
-    "beta",
     "freeze_trainable_layers",
 )
 
@@ -304,11 +348,53 @@ def validate(cfg: BaseConfig, source: str = "config") -> None:
         raise UserError(f"{source}: `dataset` is required (a file, a list of files, or a hub id)")
     if cfg.bf16 and cfg.fp16:
         raise UserError(f"{source}: `bf16` and `fp16` are both true; choose one")
+    if isinstance(cfg, DPOConfig):
+        _validate_dpo(cfg, source)
+    if isinstance(cfg, KTOConfig):
+        from alignkit.losses import KTO_LOSSES
+
+        if cfg.loss_type not in KTO_LOSSES:
+            raise UserError(
+                f"{source}: `loss_type: {cfg.loss_type}` does not exist for stage kto"
+                f"{did_you_mean(cfg.loss_type, KTO_LOSSES)}; valid: {', '.join(KTO_LOSSES)}"
+            )
+        for key in ("desirable_weight", "undesirable_weight"):
+            value = getattr(cfg, key)
+            if isinstance(value, str) and value != "auto":
+                raise UserError(f"{source}: `{key}` must be a number or `auto`, got {value!r}")
+            if not isinstance(value, str) and value <= 0:
+                raise UserError(f"{source}: `{key}` must be > 0, got {value}")
     if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
         raise UserError(
             f"{source}: `max_prompt_length` ({cfg.max_prompt_length}) must be smaller than "
             f"`max_length` ({cfg.max_length})"
         )
+
+
+def _validate_dpo(cfg: DPOConfig, source: str) -> None:
+    from alignkit.losses import DPO_LOSSES
+
+    types_ = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+    for name in types_:
+        if name not in DPO_LOSSES:
+            raise UserError(
+                f"{source}: `loss_type: {name}` does not exist{did_you_mean(name, DPO_LOSSES)}; "
+                f"valid loss types: {', '.join(DPO_LOSSES)}"
+            )
+        spec = DPO_LOSSES[name]
+        if spec.needs_smoothing and not 0 < cfg.label_smoothing < 0.5:
+            raise UserError(f"{source}: `loss_type: {name}` needs 0 < label_smoothing < 0.5")
+        if cfg.f_divergence_type != "reverse_kl" and not spec.f_divergence:
+            raise UserError(
+                f"{source}: `f_divergence_type: {cfg.f_divergence_type}` does not apply to `{name}`"
+            )
+    if cfg.loss_weights is not None and len(cfg.loss_weights) != len(types_):
+        raise UserError(
+            f"{source}: `loss_weights` has {len(cfg.loss_weights)} values for {len(types_)} loss types"
+        )
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise UserError(f"{source}: `label_smoothing` must be in [0, 0.5), got {cfg.label_smoothing}")
+    cfg.loss_type = types_
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> BaseConfig:

@@ -119,6 +119,18 @@ def _reduce(accelerator: Any, acc: dict[str, list[torch.Tensor]]) -> dict[str, f
     }
 
 
+def _window_means(window: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over the steps of a logging window where it was defined (a batch without
+    undesirable rows has no `rewards/rejected`; such a step is left out of that mean, as TRL does)."""
+    keys = dict.fromkeys(k for w in window for k in w)
+    out = {}
+    for key in keys:
+        values = [w[key] for w in window if key in w and w[key] == w[key]]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -136,6 +148,9 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
+    resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if not resume_path and not cfg.overwrite_output_dir:
+        _refuse_to_overwrite(cfg.output_dir)
     stage.build()  # every input is checked here, before anything is written to output_dir
     n_rows = len(stage.train_rows)
     world, rank, bs, accum = (
@@ -148,9 +163,6 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
     total_steps = (
         cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     )
-    resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-    if not resume_path and not cfg.overwrite_output_dir:
-        _refuse_to_overwrite(cfg.output_dir)
 
     from transformers import get_scheduler
 
@@ -236,7 +248,7 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
                 },
             )
             step_tokens += stage.num_tokens(batch)
-        metrics = _reduce(accelerator, acc)
+        metrics = stage.finalize_metrics(_reduce(accelerator, acc))
         if not math.isfinite(metrics["loss"]):
             raise TrainingDiverged(
                 f"step {step + 1}: the loss is {metrics['loss']}. Likely causes: a learning rate too high "
@@ -246,6 +258,7 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
         grad_norm = accelerator.clip_grad_norm_(
             stage.trainable_parameters(), cfg.max_grad_norm or float("inf")
         )
+        step_lr = scheduler.get_last_lr()[0]  # the rate this update used (logged as TRL logs it)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -260,17 +273,17 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(
             loss=f"{metrics['loss']:.4f}",
-            lr=f"{scheduler.get_last_lr()[0]:.2e}",
+            lr=f"{step_lr:.2e}",
             tok_s=f"{tokens_since_start / max(elapsed, 1e-9):.0f}",
         )
         done = step + 1
         logged: dict[str, Any] = {}
         if done % cfg.logging_steps == 0 or done == total_steps:
-            means = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
+            means = _window_means(window)
             logged = {
                 "loss": means.pop("loss"),
                 **means,
-                "learning_rate": scheduler.get_last_lr()[0],
+                "learning_rate": step_lr,
                 "num_tokens": num_tokens,
             }
             window = []
@@ -338,7 +351,7 @@ def evaluate(accelerator: Any, stage: Stage, model: torch.nn.Module, cfg: BaseCo
                 acc, {"loss": (out.loss_sum.float(), torch.tensor(float(stage.count(batch)))), **out.metrics}
             )
     model.train()
-    return {f"eval_{k}": v for k, v in _reduce(accelerator, acc).items()}
+    return {f"eval_{k}": v for k, v in stage.finalize_metrics(_reduce(accelerator, acc)).items() if v == v}
 
 
 def _save_final(accelerator: Any, model: torch.nn.Module, stage: Stage, cfg: BaseConfig) -> None:

@@ -71,3 +71,20 @@ def run_stage(tmp_path: Path, keys: dict) -> tuple[dict, str]:
     keys = {"output_dir": str(tmp_path / "out"), "disable_tqdm": True, "plot_loss": False, **keys}
     cfg = build_config(keys)
     return train(cfg, get_stage(cfg.stage)(cfg)), cfg.output_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with every weight nudged: a reference that differs from the policy, so log-ratios are not 0."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path_factory.mktemp("tiny_ref") / "model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out

@@ -6,56 +6,16 @@ TRL is the oracle here only; alignkit never imports it. Both sides run fp32 on C
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_stage, write_jsonl
+from tests.trl_oracle import trl_first_step
 
 trl = pytest.importorskip("trl")
 
 REL = 1e-4
-
-
-def _trl_common() -> dict:
-    return dict(
-        max_steps=1,
-        logging_steps=1,
-        report_to="none",
-        per_device_train_batch_size=4,
-        bf16=False,
-        use_cpu=True,
-        train_sampling_strategy="sequential",
-        save_strategy="no",
-        seed=42,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-    )
-
-
-def trl_first_step(
-    kind: str, model_dir: str, rows: list[dict], train: bool = True, **kw
-) -> tuple[dict, list]:
-    """Run TRL's `SFTTrainer` or `RewardTrainer` for one step; return its first log and its tokenised rows."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    config_cls, trainer_cls = {
-        "sft": (trl.SFTConfig, trl.SFTTrainer),
-        "rm": (trl.RewardConfig, trl.RewardTrainer),
-    }[kind]
-    args = config_cls(output_dir=tempfile.mkdtemp(), **{**_trl_common(), **kw})
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    trainer = trainer_cls(
-        model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows)
-    )
-    prepared = trainer.train_dataset.to_list()
-    if not train:
-        return {}, prepared
-    trainer.train()
-    return trainer.state.log_history[0], prepared
 
 
 def assert_close(ours: float, theirs: float, name: str) -> None:

@@ -224,6 +224,147 @@ def collate_rm(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _prompt_ids(tokenizer: Any, prompt: Any, conversational: bool) -> list[int]:
+    if not conversational:
+        return tokenize_text(tokenizer, str(prompt))
+    prompt = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
+    return tokenize_chat(tokenizer, prompt, add_generation_prompt=True)
+
+
+def encode_dpo_pair(ex: Example, tokenizer: Any) -> dict[str, Any]:
+    """TRL's split: the prompt is the longest token prefix that prompt, prompt+chosen and prompt+rejected share.
+
+    Chosen and rejected keep their own ids after it, so the prompt can be run once for both (prefix sharing).
+    """
+    full_c = _full_ids(tokenizer, ex.prompt, ex.chosen)
+    full_r = _full_ids(tokenizer, ex.prompt, ex.rejected)
+    p = _prompt_ids(tokenizer, ex.prompt, not isinstance(ex.chosen, str))
+    n = min(common_prefix_length(p, full_c), common_prefix_length(p, full_r))
+    return {"prompt_ids": p[:n], "chosen_ids": full_c[n:], "rejected_ids": full_r[n:]}
+
+
+def build_pair_rows(
+    examples: list[Example], tokenizer: Any, max_length: int, max_prompt_length: int | None = None
+) -> tuple[list[dict], TruncationStats, int]:
+    """Tokenised pairs; pairs whose chosen equals rejected are skipped (counted), prompts that fill
+    max_length are dropped, `max_prompt_length` keeps the end of the prompt. Returns (rows, stats, identical)."""
+    stats, rows, identical = TruncationStats(), [], 0
+    for ex in examples:
+        if ex.chosen == ex.rejected:
+            identical += 1
+            continue
+        row = encode_dpo_pair(ex, tokenizer)
+        truncated = False
+        if max_prompt_length is not None and len(row["prompt_ids"]) > max_prompt_length:
+            row["prompt_ids"] = row["prompt_ids"][-max_prompt_length:]
+            truncated = True
+        longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        dropped = len(row["prompt_ids"]) >= max_length
+        stats.add(truncated or longest > max_length, dropped)
+        if not dropped:
+            row["where"] = ex.where
+            rows.append(row)
+    if not rows:
+        what = (
+            "every pair has chosen identical to rejected"
+            if identical
+            else f"every prompt fills max_length={max_length}"
+        )
+        raise UserError(f"no usable pairs: {what}; check the data or raise `max_length`")
+    return rows, stats, identical
+
+
+def collate_pairs(rows: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """2B sequences, all prompt+chosen then all prompt+rejected, cut at max_length (the completion's end goes)."""
+    seqs, masks = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for r in rows:
+            ids = (r["prompt_ids"] + r[key])[:max_length]
+            seqs.append(ids)
+            masks.append(([0] * len(r["prompt_ids"]) + [1] * len(r[key]))[:max_length])
+    batch = {
+        "input_ids": pad(seqs, pad_token_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "completion_mask": pad(masks, 0),
+    }
+    if "ref_chosen_logps" in rows[0]:
+        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor(
+            [r["ref_rejected_logps"] for r in rows], dtype=torch.float32
+        )
+    return batch
+
+
+# ------------------------------------------------------------------------------------------ unpaired
+def encode_unpaired(ex: Example, tokenizer: Any) -> dict[str, Any]:
+    """Prompt / completion split at the longest shared token prefix (as for pairs), plus the label."""
+    full = _full_ids(tokenizer, ex.prompt, ex.completion)
+    p = _prompt_ids(tokenizer, ex.prompt, not isinstance(ex.completion, str))
+    n = common_prefix_length(p, full)
+    return {"prompt_ids": p[:n], "completion_ids": full[n:], "label": bool(ex.label)}
+
+
+def assign_kl_partners(rows: list[dict], chunk: int) -> None:
+    """Give every row a mismatched completion for KTO's reference point z0.
+
+    Rows are taken in consecutive chunks of the per-device batch size (as TRL does): row i of a chunk gets
+    row i-1's completion, the chunk's first row its last. A chunk of one row (batch size 1, or a short
+    last chunk) takes the completion of the row before it in the file, or after it for the first row,
+    so that the pair is always mismatched.
+    """
+    n = len(rows)
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(start + chunk, n)))
+        if len(idx) == 1:
+            other = idx[0] - 1 if idx[0] > 0 else (idx[0] + 1) % n
+            rows[idx[0]]["kl_completion_ids"] = rows[other]["completion_ids"]
+            continue
+        for pos, i in enumerate(idx):
+            rows[i]["kl_completion_ids"] = rows[idx[pos - 1]]["completion_ids"]
+
+
+def build_unpaired_rows(
+    examples: list[Example], tokenizer: Any, max_length: int, max_prompt_length: int | None, kl_chunk: int
+) -> tuple[list[dict], TruncationStats]:
+    stats, rows = TruncationStats(), []
+    for ex in examples:
+        row = encode_unpaired(ex, tokenizer)
+        truncated = False
+        if max_prompt_length is not None and len(row["prompt_ids"]) > max_prompt_length:
+            row["prompt_ids"], truncated = row["prompt_ids"][-max_prompt_length:], True
+        dropped = len(row["prompt_ids"]) >= max_length
+        stats.add(truncated or len(row["prompt_ids"]) + len(row["completion_ids"]) > max_length, dropped)
+        if not dropped:
+            rows.append(row)
+    if not rows:
+        raise UserError(f"every row was truncated away: each prompt fills max_length={max_length}")
+    assign_kl_partners(rows, kl_chunk)
+    return rows, stats
+
+
+def _sequences(rows: list[dict], key: str, pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    seqs = [(r["prompt_ids"] + r[key])[:max_length] for r in rows]
+    masks = [([0] * len(r["prompt_ids"]) + [1] * len(r[key]))[:max_length] for r in rows]
+    return {
+        "input_ids": pad(seqs, pad_token_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "completion_mask": pad(masks, 0),
+    }
+
+
+def collate_unpaired(rows: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Main sequences (prompt + completion) and KL sequences (prompt + another row's completion)."""
+    batch = _sequences(rows, "completion_ids", pad_token_id, max_length)
+    batch.update(
+        {f"kl_{k}": v for k, v in _sequences(rows, "kl_completion_ids", pad_token_id, max_length).items()}
+    )
+    batch["label"] = torch.tensor([r["label"] for r in rows], dtype=torch.bool)
+    for key in ("ref_logps", "ref_kl_logps"):
+        if key in rows[0]:
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+    return batch
+
+
 def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
     width = max(len(s) for s in seqs)
     if side == "right":

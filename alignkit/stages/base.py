@@ -74,6 +74,10 @@ class Stage:
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         raise NotImplementedError
 
+    def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics derived from the reduced ones (e.g. a margin of two means); identity by default."""
+        return metrics
+
     # -- shared helpers
     def load_examples(self, sources: str | list[str]) -> list[Example]:
         examples = load_examples(sources, self.cfg.dataset_format, self.cfg.dataset_split)

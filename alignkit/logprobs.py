@@ -1,0 +1,122 @@
+"""Per-token log-probs of the completion tokens, without the full `[B, T, V]` logits. Imports torch only.
+
+The backbone returns hidden states (B, T, H); only the positions that predict a completion token are kept
+(N of them), and the output layer runs over those in chunks of `chunk_size` rows, each under activation
+checkpointing: the forward keeps one (chunk, V) block at a time and the backward recomputes it. With a
+150k vocabulary the logits are the largest tensor of a step; here they never exist whole. Values equal
+the straightforward `log_softmax(lm_head(h))` to float32 rounding, and so do the gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class TokenStats:
+    """Per completion token (flattened over the batch in row order), N entries each."""
+
+    logps: torch.Tensor  # (N,) log p(token | prefix), differentiable
+    mean_logits: torch.Tensor  # (N,) vocab-mean logit (TRL's `logits/*` metrics), detached
+    entropy: torch.Tensor  # (N,) entropy of the next-token distribution, detached
+    is_top1: torch.Tensor  # (N,) the token is the argmax, detached
+    rows: torch.Tensor  # (N,) which batch row each token belongs to
+
+
+def _head_transform(model: nn.Module) -> tuple[nn.Module, float | None, float | None]:
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    return model.get_output_embeddings(), softcap, scale
+
+
+def _chunk_logps(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    scale: float | None,
+) -> tuple[torch.Tensor, ...]:
+    logits = F.linear(hidden, weight, bias).float()  # (c, V)
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logps = logp_all.gather(-1, labels[:, None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        top1 = logits.argmax(-1) == labels
+        mean_logits = logits.mean(-1)
+    return logps, mean_logits, entropy, top1
+
+
+def hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any
+) -> torch.Tensor:
+    """Final (normed) hidden states (B, T, H) from the backbone, without the output layer."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and decoder is not model:
+        return decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        ).last_hidden_state
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        **kwargs,
+    )
+    return out.hidden_states[-1]
+
+
+def completion_token_stats(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    chunk_size: int = 1024,
+) -> TokenStats:
+    """Stats of every token t >= 1 with completion_mask[t] == 1, predicted from position t - 1.
+
+    input_ids, attention_mask, completion_mask: (B, T). Returns flattened (N,) tensors in row order.
+    """
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    target = completion_mask[:, 1:].bool()  # (B, T-1): token t+1 is a completion token
+    h = hidden[:, :-1][target]  # (N, H)
+    labels = input_ids[:, 1:][target]  # (N,)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target)[target]
+    head, softcap, scale = _head_transform(model)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    parts = []
+    for start in range(0, h.shape[0], chunk_size):
+        args = (
+            h[start : start + chunk_size],
+            labels[start : start + chunk_size],
+            weight,
+            bias,
+            softcap,
+            scale,
+        )
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(*args))
+    if not parts:
+        empty = h.new_zeros(0, dtype=torch.float32)
+        return TokenStats(empty, empty, empty, empty.bool(), rows)
+    logps, mean_logits, entropy, top1 = (torch.cat(p) for p in zip(*parts))
+    return TokenStats(logps, mean_logits, entropy, top1, rows)
+
+
+def per_row_sum(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(N,) token values -> (B,) sums per row."""
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)

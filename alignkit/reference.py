@@ -1,0 +1,144 @@
+"""The reference model, done once: a frozen copy, the adapter-disabled base under LoRA, or a disk cache.
+
+`precompute_ref_log_probs: true` runs the reference over the data once and caches the per-row log-probs
+under a key made of everything they depend on (the reference weights' fingerprint, the token ids of
+every row, max_length, dtype). A later run with the same key loads them and never loads the reference
+model; any change to the key recomputes, so a cache made with another model is never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.config import BaseConfig
+
+log = logging.getLogger("alignkit")
+
+
+class Reference:
+    """Computes reference log-probs for a batch with whatever reference the config asks for."""
+
+    def __init__(self, cfg: BaseConfig, policy: nn.Module) -> None:
+        self.cfg = cfg
+        self.path = getattr(cfg, "ref_model_name_or_path", None) or cfg.model_name_or_path
+        self.use_adapter_off = cfg.finetuning_type in ("lora", "qlora") and not getattr(
+            cfg, "ref_model_name_or_path", None
+        )
+        self.model: nn.Module | None = None
+
+    def _load(self) -> nn.Module:
+        from alignkit.models import _from_pretrained, torch_dtype
+
+        from transformers import AutoModelForCausalLM
+
+        model = _from_pretrained(
+            AutoModelForCausalLM,
+            self.path,
+            dtype=torch_dtype(self.cfg),
+            trust_remote_code=self.cfg.trust_remote_code,
+        )
+        return model.eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def active(self, policy: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+        """The module to run as the reference (the policy with its adapter off, or the frozen copy)."""
+        if self.use_adapter_off:
+            unwrapped = getattr(policy, "module", policy)
+            with unwrapped.disable_adapter():
+                yield unwrapped
+            return
+        if self.model is None:
+            self.model = self._load()
+        if next(self.model.parameters()).device != device:
+            self.model.to(device)
+        yield self.model
+
+
+def _fingerprint_model(path: str) -> dict[str, Any]:
+    """Path, config and a content sample of every weight file (size + hash of its first and last MiB)."""
+    info: dict[str, Any] = {"path": os.path.abspath(path) if os.path.exists(path) else path}
+    if not os.path.isdir(path):
+        return info
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name == "config.json":
+            with open(full, encoding="utf-8") as fh:
+                info["config"] = fh.read()
+        elif name.endswith((".safetensors", ".bin")):
+            size = os.path.getsize(full)
+            h = hashlib.sha256()
+            with open(full, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+            info[name] = [size, h.hexdigest()]
+    return info
+
+
+def cache_key(ref_path: str, rows: list[dict], keys: tuple[str, ...], extra: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(_fingerprint_model(ref_path), sort_keys=True).encode())
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    for row in rows:
+        h.update(json.dumps([row[k] for k in keys]).encode())
+    return h.hexdigest()[:32]
+
+
+def precompute(
+    cfg: BaseConfig,
+    reference: Reference,
+    policy: nn.Module,
+    rows: list[dict],
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    logps_fn: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    token_keys: tuple[str, ...],
+    name: str = "train",
+) -> None:
+    """Fill `ref_*` fields of every row, from the cache when its key matches, else by one pass."""
+    extra = {
+        "max_length": cfg.max_length,
+        "dtype": cfg.torch_dtype,
+        "bf16": cfg.bf16,
+        "stage": cfg.stage,
+        "adapter_off": reference.use_adapter_off,
+    }
+    key = cache_key(reference.path, rows, token_keys, extra)
+    folder = getattr(cfg, "ref_cache_dir", None) or os.path.join(cfg.output_dir, "ref_logps")
+    path = os.path.join(folder, f"{name}-{key}.pt")
+    if os.path.isfile(path):
+        cached = torch.load(path, weights_only=True)
+        log.info("reference log-probs: reusing %s (the reference model is not loaded)", path)
+    else:
+        stale = [f for f in os.listdir(folder) if f.startswith(f"{name}-")] if os.path.isdir(folder) else []
+        if stale:
+            log.info("reference log-probs: cache key changed (model, data or settings); recomputing")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if reference.use_adapter_off:
+            policy.to(device)
+        cached: dict[str, list[float]] = {}
+        bs = cfg.per_device_eval_batch_size
+        with torch.no_grad(), reference.active(policy, device) as ref:
+            for i in range(0, len(rows), bs):
+                batch = {k: v.to(device) for k, v in collate(rows[i : i + bs]).items()}
+                for k, v in logps_fn(ref, batch).items():
+                    cached.setdefault(k, []).extend(v.float().cpu().tolist())
+        os.makedirs(folder, exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save({k: torch.tensor(v) for k, v in cached.items()}, tmp)
+        os.replace(tmp, path)
+        reference.model = None  # free it: the run uses the cache from here on
+        log.info("reference log-probs: computed for %d rows, cached in %s", len(rows), path)
+        cached = {k: torch.tensor(v) for k, v in cached.items()}
+    for k, values in cached.items():
+        for row, v in zip(rows, values.tolist()):
+            row[k] = v

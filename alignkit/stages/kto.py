@@ -1,0 +1,214 @@
+"""KTO: unpaired desirable / undesirable labels, loss-averse weighting, the KL reference point z0."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from alignkit.data.batches import build_unpaired_rows, collate_unpaired
+from alignkit.data.formats import Example
+from alignkit.data.inspect import KTO_RATIO_RANGE, kto_weights
+from alignkit.errors import UserError
+from alignkit.logprobs import completion_token_stats, per_row_sum
+from alignkit.losses import KTO_LOSSES
+from alignkit.models import load_policy
+from alignkit.reference import Reference, precompute
+from alignkit.stages.base import Metrics, Stage, StepOutput
+
+log = logging.getLogger("alignkit")
+
+
+def _logps(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    stats = completion_token_stats(
+        model,
+        batch[f"{prefix}input_ids"],
+        batch[f"{prefix}attention_mask"],
+        batch[f"{prefix}completion_mask"],
+    )
+    return per_row_sum(stats.logps, stats.rows, batch[f"{prefix}input_ids"].shape[0])
+
+
+def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"ref_logps": _logps(model, batch), "ref_kl_logps": _logps(model, batch, "kl_")}
+
+
+def unpair(examples: list[Example]) -> list[Example]:
+    """Pairs become two rows each, chosen desirable and rejected undesirable, kept next to each other."""
+    out = []
+    for ex in examples:
+        if ex.kind == "pair":
+            out += [
+                replace(ex, completion=ex.chosen, chosen=None, rejected=None, label=True),
+                replace(ex, completion=ex.rejected, chosen=None, rejected=None, label=False),
+            ]
+        else:
+            out.append(ex)
+    return out
+
+
+def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """z0 is averaged over processes (the mean of per-process means, as TRL)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
+
+
+class KTOStage(Stage):
+    name = "kto"
+    kinds = ("unpaired", "pair")
+
+    @property
+    def spec(self):  # noqa: ANN201
+        return KTO_LOSSES[self.cfg.loss_type]
+
+    def load_model(self) -> nn.Module:
+        return load_policy(self.cfg)
+
+    def build(self) -> None:
+        super().build()
+        self._resolve_weights()
+        self.reference = Reference(self.cfg, self.model)
+        if self.cfg.precompute_ref_log_probs:
+            for name, rows in (("train", self.train_rows), ("eval", self.eval_rows)):
+                if rows:
+                    precompute(
+                        self.cfg,
+                        self.reference,
+                        self.model,
+                        rows,
+                        self.collate,
+                        reference_logps,
+                        ("prompt_ids", "completion_ids", "kl_completion_ids"),
+                        name,
+                    )
+
+    def rows(self, sources: str | list[str]) -> list[dict]:
+        cfg = self.cfg
+        examples = unpair(self.load_examples(sources))
+        rows, stats = build_unpaired_rows(
+            examples, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.per_device_train_batch_size
+        )
+        log.info("%s", stats.message().replace("no completion token left", "prompt fills max_length"))
+        return rows
+
+    def _resolve_weights(self) -> None:
+        cfg = self.cfg
+        n_d = sum(r["label"] for r in self.train_rows)
+        n_u = len(self.train_rows) - n_d
+        if (n_d == 0 or n_u == 0) and not cfg.allow_single_label:
+            which = "desirable" if n_u == 0 else "undesirable"
+            raise UserError(
+                f"every training row is {which} ({len(self.train_rows)} rows): KTO learns from the "
+                "contrast of both labels; add rows of the other label, or set `allow_single_label: true`"
+            )
+        if "auto" in (cfg.desirable_weight, cfg.undesirable_weight):
+            w_d, w_u, why = kto_weights(n_d, n_u)
+            cfg.desirable_weight = w_d if cfg.desirable_weight == "auto" else cfg.desirable_weight
+            cfg.undesirable_weight = w_u if cfg.undesirable_weight == "auto" else cfg.undesirable_weight
+            log.info(
+                "KTO weights: desirable_weight=%s undesirable_weight=%s (%d desirable, %d undesirable; %s)",
+                cfg.desirable_weight,
+                cfg.undesirable_weight,
+                n_d,
+                n_u,
+                why,
+            )
+        if n_d and n_u:
+            ratio = cfg.desirable_weight * n_d / (cfg.undesirable_weight * n_u)
+            lo, hi = KTO_RATIO_RANGE
+            if not lo <= ratio <= hi:
+                w_d, w_u, _ = kto_weights(n_d, n_u)
+                log.warning(
+                    "KTO: desirable_weight*n_D / (undesirable_weight*n_U) = %.3f is outside the paper's "
+                    "recommended [1, 4/3]; for %d/%d rows try desirable_weight=%s, undesirable_weight=%s "
+                    "(or `auto`)",
+                    ratio,
+                    n_d,
+                    n_u,
+                    w_d,
+                    w_u,
+                )
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return collate_unpaired(rows, self.tokenizer.pad_token_id, self.cfg.max_length)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0]
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())  # the KL sequences are not counted (as TRL)
+
+    def _reference(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_logps" in batch:
+            return batch["ref_logps"], batch["ref_kl_logps"]
+        with torch.no_grad(), self.reference.active(model, batch["input_ids"].device) as ref:
+            out = reference_logps(ref, batch) if self.spec.uses_kl else {"ref_logps": _logps(ref, batch)}
+        return out["ref_logps"], out.get("ref_kl_logps", torch.zeros_like(out["ref_logps"]))
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        cfg = self.cfg
+        n = batch["input_ids"].shape[0]
+        stats = completion_token_stats(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
+        logps = per_row_sum(stats.logps, stats.rows, n)
+        ref, ref_kl = self._reference(model, batch)
+        kl = torch.zeros((), device=logps.device)
+        if self.spec.uses_kl:
+            with torch.no_grad():
+                kl_logps = _logps(model, batch, "kl_")
+                kl = _mean_over_processes((kl_logps - ref_kl).mean()).clamp(min=0)
+        logratios = logps - ref.to(logps.dtype)
+        desirable = batch["label"]
+        losses = self.spec.fn(
+            logratios,
+            desirable,
+            kl,
+            beta=cfg.beta,
+            desirable_weight=float(cfg.desirable_weight),
+            undesirable_weight=float(cfg.undesirable_weight),
+        )
+        return StepOutput(
+            loss_sum=losses.sum(), metrics=self._metrics(logps, logratios, desirable, kl, stats)
+        )
+
+    def _metrics(
+        self, logps: torch.Tensor, logratios: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, stats
+    ) -> Metrics:  # noqa: ANN001
+        beta = self.cfg.beta
+        with torch.no_grad():
+            rewards = beta * logratios.detach()
+            token_good = desirable[stats.rows]
+            n_c, n_r = desirable.sum().float(), (~desirable).sum().float()
+            one = torch.tensor(1.0)
+            return {
+                "kl": (kl.detach().float(), one),
+                "entropy": (stats.entropy.sum(), float(stats.entropy.numel())),
+                "logits/chosen": ((stats.mean_logits * token_good).sum(), token_good.sum().float()),
+                "logits/rejected": ((stats.mean_logits * ~token_good).sum(), (~token_good).sum().float()),
+                "rewards/chosen": (rewards[desirable].sum(), n_c),
+                "rewards/rejected": (rewards[~desirable].sum(), n_r),
+                "logps/chosen": (logps.detach()[desirable].sum(), n_c),
+                "logps/rejected": (logps.detach()[~desirable].sum(), n_r),
+                # the sums and counts of older TRL versions, for dashboards built on them
+                "rewards/chosen_sum": (rewards[desirable].sum(), one),
+                "rewards/rejected_sum": (rewards[~desirable].sum(), one),
+                "logps/chosen_sum": (logps.detach()[desirable].sum(), one),
+                "logps/rejected_sum": (logps.detach()[~desirable].sum(), one),
+                "count/chosen": (n_c, one),
+                "count/rejected": (n_r, one),
+            }
+
+    def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        c, r = metrics.get("rewards/chosen", float("nan")), metrics.get("rewards/rejected", float("nan"))
+        if c == c and r == r:  # both groups present
+            metrics["rewards/margins"] = c - r
+        return metrics
