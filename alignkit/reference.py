@@ -36,9 +36,9 @@ class Reference:
         self.model: nn.Module | None = None
 
     def _load(self) -> nn.Module:
-        from alignkit.models import _from_pretrained, torch_dtype
-
         from transformers import AutoModelForCausalLM
+
+        from alignkit.models import _from_pretrained, torch_dtype
 
         model = _from_pretrained(
             AutoModelForCausalLM,
