@@ -307,3 +307,61 @@ def test_identical_pairs_are_skipped_and_counted(tiny_model: str, caplog: pytest
     exs = [Example(prompt="Q", chosen=" a", rejected=" b"), Example(prompt="Q", chosen=" a", rejected=" a")]
     rows, _, identical = build_pair_rows(exs, tok, 64)
     assert len(rows) == 1 and identical == 1
+
+
+class _Stub:
+    """Just the attributes TRL's experimental CPO / ORPO loss methods read."""
+
+    def __init__(self, **kw) -> None:
+        self.__dict__.update(kw)
+        self.accelerator = type("A", (), {"device": torch.device("cpu")})()
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo"])
+def test_reference_free_losses_match_trl_cpo_trainer(loss_type: str) -> None:
+    """Same log-prob tensors into TRL's CPOTrainer.cpo_loss and into ours: the same per-pair losses."""
+    cpo_mod = pytest.importorskip("trl.experimental.cpo")
+    p = _pair(ref_chosen=torch.zeros(2), ref_rejected=torch.zeros(2))
+    beta, gamma, eps = 0.7, 0.4, 0.1
+    if loss_type == "simpo":  # SimPO works on mean token log-probs
+        stub = _Stub(alpha=0.0, beta=beta, loss_type="simpo", simpo_gamma=gamma, label_smoothing=eps)
+        theirs = cpo_mod.CPOTrainer.cpo_loss(stub, p.chosen / p.chosen_len, p.rejected / p.rejected_len)[0]
+        ours = DPO_LOSSES["simpo"].fn(p, beta=beta, simpo_gamma=gamma, label_smoothing=eps)
+    else:  # CPO: sigmoid on summed log-probs, plus cpo_alpha x the chosen NLL (token mean)
+        stub = _Stub(alpha=0.0, beta=beta, loss_type="sigmoid", simpo_gamma=gamma, label_smoothing=eps)
+        theirs = cpo_mod.CPOTrainer.cpo_loss(stub, p.chosen, p.rejected)[0] + 0.5 * (12.0 / 6.0)
+        ours = DPO_LOSSES["cpo"].fn(p, beta=beta, cpo_alpha=0.5, label_smoothing=eps)
+    assert ours.mean().item() == pytest.approx(theirs.mean().item(), rel=1e-6)
+    assert not DPO_LOSSES[loss_type].needs_reference
+
+
+def test_orpo_matches_trl_odds_ratio_term() -> None:
+    orpo_mod = pytest.importorskip("trl.experimental.orpo")
+    # mean token log-probs near 0 and far from it, where log(1 - e^x) needs care
+    p = _pair(chosen=torch.tensor([-0.02, -8.0]), rejected=torch.tensor([-0.9, -3.0]),
+              chosen_len=torch.tensor([1.0, 2.0]), rejected_len=torch.tensor([1.0, 3.0]),
+              ref_chosen=torch.zeros(2), ref_rejected=torch.zeros(2))
+    stub = _Stub(beta=0.25)
+    losses, *_ = orpo_mod.ORPOTrainer.odds_ratio_loss(stub, p.chosen / p.chosen_len, p.rejected / p.rejected_len)
+    ours = DPO_LOSSES["orpo"].fn(p, orpo_beta=0.25)
+    nll = 12.0 / 6.0  # ORPO's SFT term on the chosen completion tokens
+    assert ours.mean().item() == pytest.approx(nll - losses.mean().item(), rel=1e-6)
+    # by hand for pair 0: odds(p) = p / (1 - p) with p = e^-0.02 and e^-0.9
+    pc, pr = math.exp(-0.02), math.exp(-0.9)
+    log_odds = math.log(pc / (1 - pc)) - math.log(pr / (1 - pr))
+    assert ours[0].item() == pytest.approx(5.0 * 2 / 6 - 0.25 * math.log(1 / (1 + math.exp(-log_odds))), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo"])
+def test_reference_free_stage_never_loads_a_reference(loss_type: str, tiny_model: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from alignkit.reference import Reference
+
+    def no_load(self):  # noqa: ANN001, ANN202
+        raise AssertionError("a reference model was loaded for a reference-free loss")
+
+    monkeypatch.setattr(Reference, "_load", no_load)
+    monkeypatch.setattr(Reference, "__init__", no_load)
+    record = _ours(tmp_path, tiny_model, CONV, loss_type=loss_type, learning_rate=1e-3)
+    assert math.isfinite(record["loss"]) and record["logps/chosen"] < 0
+    assert record["rewards/chosen"] == pytest.approx(0.1 * record["logps/chosen"], rel=1e-6)  # beta * logps
