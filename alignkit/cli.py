@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--output-dir", default="./alignkit-quickstart")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--methods", default=None, help="comma-separated subset, e.g. sft,dpo (default: all)")
+    q.add_argument(
+        "--no-controls", action="store_true", help="skip the control runs (SFT on chosen, DPO without NLL)"
+    )
     q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return p
 
@@ -143,9 +147,13 @@ def run(args: argparse.Namespace) -> int:
             print(render_report(report))
         return 0
     if args.command == "quickstart":
-        from alignkit.quickstart import run_quickstart
+        from alignkit.quickstart import METHODS, run_quickstart
 
-        run_quickstart(args.output_dir, seed=args.seed)
+        methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+        unknown = [m for m in methods or () if m not in METHODS]
+        if unknown:
+            raise UserError(f"--methods: unknown method `{unknown[0]}`; choose from {', '.join(METHODS)}")
+        run_quickstart(args.output_dir, seed=args.seed, methods=methods, controls=not args.no_controls)
         return 0
     _parser().parse_args([args.command or "--help", "--help"] if args.command else ["--help"])
     return 2

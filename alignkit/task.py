@@ -71,6 +71,23 @@ def preference_rows(problems: list[Problem], n: int, seed: int) -> list[dict]:
     ]
 
 
+def unpaired_rows(problems: list[Problem], n: int, desirable_share: float, seed: int) -> list[dict]:
+    """KTO rows: a correct answer (desirable) or the typical error (undesirable), at the given share."""
+    rng = random.Random(seed)
+    rows = []
+    for p in rng.choices(problems, k=n):
+        good = rng.random() < desirable_share
+        answer = p.answer if good else p.wrong()
+        rows.append(
+            {
+                "prompt": p.messages(),
+                "completion": [{"role": "assistant", "content": str(answer)}],
+                "label": good,
+            }
+        )
+    return rows
+
+
 def parse_answer(text: str) -> int | None:
     m = re.search(r"-?\d+", text)
     return int(m.group()) if m else None

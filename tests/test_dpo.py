@@ -338,23 +338,33 @@ def test_reference_free_losses_match_trl_cpo_trainer(loss_type: str) -> None:
 def test_orpo_matches_trl_odds_ratio_term() -> None:
     orpo_mod = pytest.importorskip("trl.experimental.orpo")
     # mean token log-probs near 0 and far from it, where log(1 - e^x) needs care
-    p = _pair(chosen=torch.tensor([-0.02, -8.0]), rejected=torch.tensor([-0.9, -3.0]),
-              chosen_len=torch.tensor([1.0, 2.0]), rejected_len=torch.tensor([1.0, 3.0]),
-              ref_chosen=torch.zeros(2), ref_rejected=torch.zeros(2))
+    p = _pair(
+        chosen=torch.tensor([-0.02, -8.0]),
+        rejected=torch.tensor([-0.9, -3.0]),
+        chosen_len=torch.tensor([1.0, 2.0]),
+        rejected_len=torch.tensor([1.0, 3.0]),
+        ref_chosen=torch.zeros(2),
+        ref_rejected=torch.zeros(2),
+    )
     stub = _Stub(beta=0.25)
-    losses, *_ = orpo_mod.ORPOTrainer.odds_ratio_loss(stub, p.chosen / p.chosen_len, p.rejected / p.rejected_len)
+    losses, *_ = orpo_mod.ORPOTrainer.odds_ratio_loss(
+        stub, p.chosen / p.chosen_len, p.rejected / p.rejected_len
+    )
     ours = DPO_LOSSES["orpo"].fn(p, orpo_beta=0.25)
     nll = 12.0 / 6.0  # ORPO's SFT term on the chosen completion tokens
     assert ours.mean().item() == pytest.approx(nll - losses.mean().item(), rel=1e-6)
     # by hand for pair 0: odds(p) = p / (1 - p) with p = e^-0.02 and e^-0.9
     pc, pr = math.exp(-0.02), math.exp(-0.9)
     log_odds = math.log(pc / (1 - pc)) - math.log(pr / (1 - pr))
-    assert ours[0].item() == pytest.approx(5.0 * 2 / 6 - 0.25 * math.log(1 / (1 + math.exp(-log_odds))), rel=1e-5)
+    assert ours[0].item() == pytest.approx(
+        5.0 * 2 / 6 - 0.25 * math.log(1 / (1 + math.exp(-log_odds))), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo"])
-def test_reference_free_stage_never_loads_a_reference(loss_type: str, tiny_model: str, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reference_free_stage_never_loads_a_reference(
+    loss_type: str, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from alignkit.reference import Reference
 
     def no_load(self):  # noqa: ANN001, ANN202
