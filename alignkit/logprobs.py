@@ -61,12 +61,8 @@ def _chunk_logps(
 def hidden_states(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any
 ) -> torch.Tensor:
-    """Final (normed) hidden states (B, T, H) from the backbone, without the output layer."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is not None and decoder is not model:
-        return decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
-        ).last_hidden_state
+    """Final (normed) hidden states (B, T, H), through the model's own forward (so DDP / FSDP wrappers see
+    the call) with the output layer applied to the last position only (`logits_to_keep=1`)."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -94,7 +90,7 @@ def completion_token_stats(
     h = hidden[:, :-1][target]  # (N, H)
     labels = input_ids[:, 1:][target]  # (N,)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target)[target]
-    head, softcap, scale = _head_transform(model)
+    head, softcap, scale = _head_transform(getattr(model, "module", model))  # unwrap DDP for the weight
     weight, bias = head.weight, getattr(head, "bias", None)
     parts = []
     for start in range(0, h.shape[0], chunk_size):

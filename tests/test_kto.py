@@ -196,3 +196,13 @@ def test_kto_on_real_llamafactory_file(shared_data: Path, tiny_model: str, tmp_p
         },
     )
     assert record["loss"] == pytest.approx(0.5, abs=1e-6) and record["kl"] == 0.0
+
+
+def test_kto_precomputed_reference_equals_live(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
+    live = _ours(tmp_path / "a", tiny_model, CONV, ref_model_name_or_path=tiny_ref)
+    cached = _ours(
+        tmp_path / "b", tiny_model, CONV, ref_model_name_or_path=tiny_ref, precompute_ref_log_probs=True
+    )
+    for key in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
+        assert cached[key] == pytest.approx(live[key], rel=1e-5, abs=1e-7), key
+    assert any(p.name.startswith("train-") for p in (tmp_path / "b" / "out" / "ref_logps").iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -76,6 +77,39 @@ def test_shuffle_is_seeded_and_off_keeps_file_order() -> None:
     assert sorted(sum(two, [])) == micro_batches(order, 0, 4, 1, 1, 0)[0]
 
 
+def _launch_two(cfg_keys: dict, tmp_path: Path, port: int) -> list[dict]:
+    """Run `accelerate launch --multi_gpu --num_processes 2` on the config; return its metrics records."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "two.yaml"
+    out = tmp_path / "two"
+    keys = {**cfg_keys, "output_dir": str(out), "disable_tqdm": True, "plot_loss": False}
+    cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in keys.items()))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "alignkit",
+        "train",
+        str(cfg),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _metrics(str(out))
+
+
 def test_two_processes_equal_one(tiny_model: str, tmp_path: Path) -> None:
     """2 processes (gloo) x batch 2 == 1 process x batch 4 (per-step loss within 1e-5).
 
@@ -84,55 +118,43 @@ def test_two_processes_equal_one(tiny_model: str, tmp_path: Path) -> None:
     """
     data = write_jsonl(tmp_path / "d.jsonl", _rows(16))
     one, _ = run_stage(tmp_path / "one", _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=3))
-    cfg = tmp_path / "two.yaml"
-    cfg.write_text(
-        "\n".join(
-            f"{k}: {json.dumps(v)}"
-            for k, v in _sft(
-                tiny_model,
-                data,
-                per_device_train_batch_size=2,
-                max_steps=3,
-                output_dir=str(tmp_path / "two"),
-                disable_tqdm=True,
-                plot_loss=False,
-            ).items()
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            "29517",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "alignkit",
-            "train",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=500,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = _metrics(str(tmp_path / "two"))
+    ours = _launch_two(_sft(tiny_model, data, per_device_train_batch_size=2, max_steps=3), tmp_path, 29517)
     single = _metrics(str(tmp_path / "one" / "out"))
     assert len(ours) == 3 and ours[0]["epoch"] == single[0]["epoch"]  # same global batch: 4 steps an epoch
     assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in single], abs=1e-5)
     assert ours[-1]["num_tokens"] == single[-1]["num_tokens"]
     assert one["loss"] == pytest.approx(single[-1]["loss"])
+
+
+def test_two_processes_dpo_and_kto(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
+    """DPO's per-pair loss splits over processes exactly; KTO runs with z0 averaged over processes."""
+    from tests.test_dpo import CONV
+    from tests.test_kto import CONV as KTO_ROWS
+
+    pairs = write_jsonl(tmp_path / "p.jsonl", CONV * 2)
+    keys = {
+        "stage": "dpo",
+        "model_name_or_path": tiny_model,
+        "ref_model_name_or_path": tiny_ref,
+        "dataset": pairs,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "max_steps": 2,
+        "torch_dtype": "float32",
+    }
+    one, _ = run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
+    two = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path / "dpo", 29518)
+    single = _metrics(str(tmp_path / "one" / "out"))
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in single], abs=1e-5)
+    assert two[0]["rewards/margins"] == pytest.approx(single[0]["rewards/margins"], abs=1e-5)
+
+    unpaired = write_jsonl(tmp_path / "k.jsonl", KTO_ROWS * 2)
+    kto = _launch_two(
+        {**keys, "stage": "kto", "dataset": unpaired, "per_device_train_batch_size": 2},
+        tmp_path / "kto",
+        29519,
+    )
+    assert len(kto) == 2 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in kto)
 
 
 def _launch(cfg: Path) -> subprocess.Popen:
