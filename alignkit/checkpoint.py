@@ -71,7 +71,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     accelerator: Any,
     model: nn.Module,
-    tokenizer: Any,
+    save_fn: Any,
     optimizer: Any,
     scheduler: Any,
     output_dir: str,
@@ -87,8 +87,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_fn(unwrapped, tmp)  # the stage's own format: HF model (or adapter) + tokenizer
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
@@ -110,10 +109,11 @@ def _prune(output_dir: str, save_total_limit: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, path: str) -> dict:
+def load_checkpoint(
+    accelerator: Any, model: nn.Module, load_fn: Any, optimizer: Any, scheduler: Any, path: str
+) -> dict:
     """Restore weights, optimizer, scheduler and RNG; return the saved trainer state."""
-    unwrapped = accelerator.unwrap_model(model)
-    _load_weights(unwrapped, path)
+    load_fn(accelerator.unwrap_model(model), path)
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     rng = os.path.join(path, f"rng_state_{accelerator.process_index}.pth")

@@ -159,11 +159,73 @@ class KTOConfig(BaseConfig):
     ref_cache_dir: str | None = None
 
 
+@dataclass
+class OnlineConfig(BaseConfig):
+    """Keys of the online stages (rollouts, rewards)."""
+
+    learning_rate: float = 1e-6
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_strings: list[str] | None = None
+    rollout_backend: str = "hf"  # hf | vllm
+    reward_funcs: list[str] | None = None  # math_accuracy, exact_match, format, length, or module:function
+    reward_weights: list[float] | None = None  # one per reward function (and a last one for reward_model)
+    reward_model: str | None = None  # a model trained by `stage: rm`, or any sequence-classification model
+    format_pattern: str = r"<think>.*</think>.*"
+    length_target: int = 512  # `length` reward: penalty for characters past this
+    missing_eos_penalty: float | None = None  # subtracted from the reward of truncated completions
+    ref_model_name_or_path: str | None = None
+    per_device_eval_batch_size: int = 64
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    stage: str = "grpo"
+    num_generations: int = 8
+    loss_type: str = "grpo"  # grpo | dr_grpo | dapo | gspo | rloo
+    beta: float = 0.0  # KL to the reference; 0 loads no reference model
+    epsilon: float = 0.2  # clip range (epsilon_low)
+    epsilon_high: float | None = None  # DAPO clip-higher; default: epsilon
+    num_iterations: int = 1  # updates per rollout (importance ratios against the sampling log-probs)
+    dynamic_sampling: bool | None = (
+        None  # DAPO: refill groups whose rewards are all equal; default on for dapo
+    )
+    max_refill_rounds: int = 3
+    overlong_buffer_len: int | None = None  # DAPO soft overlong punishment over the last N tokens
+    overlong_penalty_factor: float = 1.0
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    """RLHF with PPO: actor, critic (value head), frozen reference, reward model and/or verifiable rewards."""
+
+    stage: str = "ppo"
+    value_model_name_or_path: str | None = None  # default: the reward model, else the policy
+    init_kl_coef: float = 0.05
+    target_kl: float | None = None  # adaptive KL controller target; None keeps init_kl_coef fixed
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    reward_clip: float | None = None
+
+
 CONFIG_CLASSES: dict[str, type[BaseConfig]] = {
+    "ppo": PPOConfig,
     "sft": SFTConfig,
     "rm": RMConfig,
     "dpo": DPOConfig,
     "kto": KTOConfig,
+    "grpo": GRPOConfig,
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -176,7 +238,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
 }
 _POSITIVE = (
-    "beta",
     "per_device_train_batch_size",
     "per_device_eval_batch_size",
     "gradient_accumulation_steps",
@@ -348,8 +409,22 @@ def validate(cfg: BaseConfig, source: str = "config") -> None:
         raise UserError(f"{source}: `dataset` is required (a file, a list of files, or a hub id)")
     if cfg.bf16 and cfg.fp16:
         raise UserError(f"{source}: `bf16` and `fp16` are both true; choose one")
+    if isinstance(cfg, (DPOConfig, KTOConfig)) and cfg.beta <= 0:
+        raise UserError(f"{source}: `beta` must be > 0, got {cfg.beta}")
+    if isinstance(cfg, GRPOConfig) and cfg.beta < 0:
+        raise UserError(f"{source}: `beta` must be >= 0, got {cfg.beta}")
     if isinstance(cfg, DPOConfig):
         _validate_dpo(cfg, source)
+    if isinstance(cfg, GRPOConfig):
+        _validate_grpo(cfg, source)
+    if isinstance(cfg, PPOConfig):
+        if not cfg.reward_funcs and not cfg.reward_model:
+            raise UserError(
+                f"{source}: PPO needs a `reward_model` (e.g. one trained with `stage: rm`) and/or "
+                "`reward_funcs`"
+            )
+        if cfg.ppo_epochs < 1 or cfg.num_mini_batches < 1:
+            raise UserError(f"{source}: `ppo_epochs` and `num_mini_batches` must be >= 1")
     if isinstance(cfg, KTOConfig):
         from alignkit.losses import KTO_LOSSES
 
@@ -395,6 +470,34 @@ def _validate_dpo(cfg: DPOConfig, source: str) -> None:
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise UserError(f"{source}: `label_smoothing` must be in [0, 0.5), got {cfg.label_smoothing}")
     cfg.loss_type = types_
+
+
+def _validate_grpo(cfg: GRPOConfig, source: str) -> None:
+    from alignkit.losses import GRPO_LOSS_TYPES
+
+    if cfg.loss_type not in GRPO_LOSS_TYPES:
+        raise UserError(
+            f"{source}: `loss_type: {cfg.loss_type}` does not exist for stage grpo"
+            f"{did_you_mean(cfg.loss_type, GRPO_LOSS_TYPES)}; valid: {', '.join(GRPO_LOSS_TYPES)}"
+        )
+    if cfg.num_generations < 2:
+        raise UserError(
+            f"{source}: `num_generations` must be >= 2 for group-relative advantages "
+            f"(got {cfg.num_generations}); a group of one has no baseline"
+        )
+    if not cfg.reward_funcs and not cfg.reward_model:
+        raise UserError(f"{source}: give `reward_funcs` (e.g. [math_accuracy]) and/or a `reward_model`")
+    n_rewards = len(cfg.reward_funcs or []) + (1 if cfg.reward_model else 0)
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != n_rewards:
+        raise UserError(
+            f"{source}: `reward_weights` has {len(cfg.reward_weights)} values for {n_rewards} rewards"
+        )
+    if cfg.rollout_backend not in ("hf", "vllm"):
+        raise UserError(f"{source}: `rollout_backend` must be hf or vllm, got {cfg.rollout_backend}")
+    if cfg.overlong_buffer_len is not None and not 0 < cfg.overlong_buffer_len <= cfg.max_new_tokens:
+        raise UserError(f"{source}: `overlong_buffer_len` must be in (0, max_new_tokens]")
+    if cfg.num_iterations < 1:
+        raise UserError(f"{source}: `num_iterations` must be >= 1")
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> BaseConfig:

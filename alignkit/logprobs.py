@@ -24,7 +24,7 @@ class TokenStats:
 
     logps: torch.Tensor  # (N,) log p(token | prefix), differentiable
     mean_logits: torch.Tensor  # (N,) vocab-mean logit (TRL's `logits/*` metrics), detached
-    entropy: torch.Tensor  # (N,) entropy of the next-token distribution, detached
+    entropy: torch.Tensor  # (N,) entropy of the next-token distribution (differentiable)
     is_top1: torch.Tensor  # (N,) the token is the argmax, detached
     rows: torch.Tensor  # (N,) which batch row each token belongs to
 
@@ -43,16 +43,19 @@ def _chunk_logps(
     bias: torch.Tensor | None,
     softcap: float | None,
     scale: float | None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
     logits = F.linear(hidden, weight, bias).float()  # (c, V)
+    if temperature != 1.0:  # the distribution an online rollout sampled from
+        logits = logits / temperature
     if scale is not None:
         logits = logits * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     logp_all = torch.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, labels[:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # differentiable: PPO's entropy bonus
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
         top1 = logits.argmax(-1) == labels
         mean_logits = logits.mean(-1)
     return logps, mean_logits, entropy, top1
@@ -80,6 +83,7 @@ def completion_token_stats(
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
     chunk_size: int = 1024,
+    temperature: float = 1.0,
 ) -> TokenStats:
     """Stats of every token t >= 1 with completion_mask[t] == 1, predicted from position t - 1.
 
@@ -101,6 +105,7 @@ def completion_token_stats(
             bias,
             softcap,
             scale,
+            temperature,
         )
         if torch.is_grad_enabled() and h.requires_grad:
             parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False))

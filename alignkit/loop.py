@@ -22,7 +22,6 @@ import torch
 from alignkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alignkit.config import BaseConfig, config_to_dict, save_config
 from alignkit.errors import UserError
-from alignkit.models import save_model
 from alignkit.stages.base import Metrics, Stage
 from alignkit.tracking import MetricsWriter, plot_loss
 
@@ -159,7 +158,11 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
         cfg.per_device_train_batch_size,
         cfg.gradient_accumulation_steps,
     )
-    steps_per_epoch = max(1, math.ceil(n_rows / (bs * world * accum)))
+    # online stages: each global batch of prompts is one rollout, followed by `upr` optimizer steps on it
+    online = getattr(stage, "online", False)
+    upr = stage.updates_per_rollout if online else 1
+    batches_per_epoch = max(1, math.ceil(n_rows / (bs * world * accum)))
+    steps_per_epoch = batches_per_epoch * upr
     total_steps = (
         cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     )
@@ -176,7 +179,7 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
 
     start_step = 0
     if resume_path:
-        state = load_checkpoint(accelerator, model, optimizer, scheduler, resume_path)
+        state = load_checkpoint(accelerator, model, stage.load_weights, optimizer, scheduler, resume_path)
         start_step = state["global_step"]
         log.info("resumed from %s at step %d", resume_path, start_step)
     if accelerator.is_main_process:
@@ -217,13 +220,21 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
     tokens_since_start = 0
     record: dict[str, Any] = {}
     model.train()
+    buffer: list[dict] | None = None
     for step in range(start_step, total_steps):
-        epoch, k = divmod(step, steps_per_epoch)
+        rollout_index, update = divmod(step, upr)
+        epoch, k = divmod(rollout_index, batches_per_epoch)
         order = epoch_order(n_rows, epoch, cfg.seed, cfg.shuffle)
-        batches = [
-            stage.collate([stage.train_rows[i] for i in idx])
-            for idx in micro_batches(order, k, bs, world, accum, rank)
-        ]
+        if online:
+            if update == 0 or buffer is None:  # the rollout phase: sample, score, keep the buffer
+                idx = [i for chunk in micro_batches(order, k, bs, world, accum, rank) for i in chunk]
+                buffer = stage.rollout(model, [stage.train_rows[i] for i in idx], accelerator.device)
+            batches = [stage.collate(chunk) for chunk in stage.update_batches(buffer, update)]
+        else:
+            batches = [
+                stage.collate([stage.train_rows[i] for i in idx])
+                for idx in micro_batches(order, k, bs, world, accum, rank)
+            ]
         items = torch.tensor(float(sum(stage.count(b) for b in batches)), device=accelerator.device)
         total_items = accelerator.reduce(items, reduction="sum").item()
         if total_items == 0:
@@ -299,11 +310,12 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
             record = {"step": done, "epoch": round(done / steps_per_epoch, 4), **logged}
             if writer:
                 writer.write(record)
-        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+        # online stages save at rollout boundaries only, so a resume starts with a fresh rollout
+        if cfg.save_steps and done % cfg.save_steps == 0 and done % upr == 0 and done < total_steps:
             save_checkpoint(
                 accelerator,
                 model,
-                stage.tokenizer,
+                stage.save,
                 optimizer,
                 scheduler,
                 cfg.output_dir,
@@ -361,7 +373,7 @@ def _save_final(accelerator: Any, model: torch.nn.Module, stage: Stage, cfg: Bas
         return
     tmp = os.path.join(cfg.output_dir, ".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(accelerator.unwrap_model(model), stage.tokenizer, tmp, merged=cfg.save_merged)
+    stage.save(accelerator.unwrap_model(model), tmp, merged=cfg.save_merged)
     for name in os.listdir(tmp):
         dest = os.path.join(cfg.output_dir, name)
         if os.path.isdir(dest):

@@ -347,3 +347,90 @@ KTO_LOSSES: dict[str, UnpairedLossSpec] = {
     "kto": UnpairedLossSpec(kto_loss, uses_kl=True),
     "apo_zero_unpaired": UnpairedLossSpec(apo_zero_unpaired_loss, uses_kl=False),
 }
+
+
+# ------------------------------------------------------------------------------------------ online RL
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, estimator: str = "grpo", eps: float = 1e-4
+) -> torch.Tensor:
+    """Advantages relative to each prompt's group of `num_generations` completions; rewards (N,) grouped.
+
+    grpo: (r - mean) / (std + eps) (Shao et al. 2024, DeepSeekMath eq. 3, unbiased std as TRL);
+    dr_grpo: r - mean, no std scaling (Liu et al. 2025, "Understanding R1-Zero-like training");
+    rloo: r minus the mean of the *other* completions (Ahmadian et al. 2024, eq. 6).
+    """
+    r = rewards.view(-1, num_generations)
+    mean = r.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        adv = (r - mean) / (r.std(dim=1, keepdim=True) + eps)
+    elif estimator == "dr_grpo":
+        adv = r - mean
+    elif estimator == "rloo":
+        adv = r - (r.sum(dim=1, keepdim=True) - r) / (num_generations - 1)
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator}")
+    return adv.reshape(-1)
+
+
+def clipped_surrogate(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective as a loss, per element (Schulman et al. 2017, eq. 7), with DAPO's decoupled
+    clip range [1 - eps_low, 1 + eps_high] (Yu et al. 2025, eq. 10). Returns (loss, was_clipped)."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    loss = -torch.min(ratio * advantages, clipped * advantages)
+    was_clipped = (ratio * advantages) > (clipped * advantages)
+    return loss, was_clipped
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate exp(ref - pi) - (ref - pi) - 1 >= 0 (Schulman's k3), as GRPO uses."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def dapo_overlong_penalty(
+    lengths: torch.Tensor, max_new_tokens: int, buffer_len: int, factor: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to L_max - L_cache, then a linear
+    ramp down to -1 at L_max (times `factor`)."""
+    start = max_new_tokens - buffer_len
+    return -factor * torch.clamp((lengths.float() - start) / max(buffer_len, 1), min=0.0, max=1.0)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+
+    rewards, values, mask: (B, T), mask 1 on response tokens (left-aligned). Returns (advantages, returns),
+    0 off the mask.
+    """
+    b, t = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(b, dtype=rewards.dtype, device=rewards.device)
+    for i in reversed(range(t)):
+        next_value = values[:, i + 1] * mask[:, i + 1] if i + 1 < t else torch.zeros_like(last)
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
+        last = (delta + gamma * lam * last * (mask[:, i + 1] if i + 1 < t else 0)) * mask[:, i]
+        adv[:, i] = last
+    return adv, (adv + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance (and zero mean) over the masked elements."""
+    n = mask.sum().clamp(min=1)
+    mean = (values * mask).sum() / n
+    var = (((values - mean) * mask) ** 2).sum() / n
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "gspo", "rloo")

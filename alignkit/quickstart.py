@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,15 @@ from alignkit.data.inspect import kto_weights
 from alignkit.generation import generate
 from alignkit.loop import train
 from alignkit.stages import get_stage
-from alignkit.task import Problem, parse_answer, preference_rows, sft_rows, split_problems, unpaired_rows
+from alignkit.task import (
+    Problem,
+    parse_answer,
+    preference_rows,
+    prompt_rows,
+    sft_rows,
+    split_problems,
+    unpaired_rows,
+)
 from alignkit.tiny import build_tiny
 
 log = logging.getLogger("alignkit")
@@ -68,6 +77,7 @@ def _write_jsonl(path: str, rows: list[dict]) -> str:
 def _train(ctx: Context, name: str, keys: dict[str, Any]) -> str:
     out = os.path.join(ctx.output_dir, name)
     common = {
+        "disable_tqdm": not sys.stderr.isatty(),  # progress bars in an interactive terminal only
         "output_dir": out,
         "seed": ctx.seed,
         "logging_steps": 20,
@@ -168,6 +178,73 @@ def run_orpo(ctx: Context) -> str:
     return _from_sft(ctx, "orpo", _pairs(ctx), {"stage": "dpo", "loss_type": "orpo", "orpo_beta": 0.5})
 
 
+def run_grpo(ctx: Context) -> str:
+    """GRPO with the exact-answer reward: 8 samples per prompt, group-relative advantages, no reference."""
+    return _from_sft(
+        ctx,
+        "grpo",
+        _prompts(ctx),
+        {
+            "stage": "grpo",
+            "reward_funcs": ["exact_match"],
+            "num_generations": 8,
+            "per_device_train_batch_size": 16,
+            "max_new_tokens": 5,
+            "max_steps": 60,
+            "learning_rate": 2e-5,
+            "logging_steps": 10,
+        },
+    )
+
+
+def _prompts(ctx: Context) -> str:
+    path = os.path.join(ctx.output_dir, "data", "prompts.jsonl")
+    if not os.path.isfile(path):
+        _write_jsonl(path, prompt_rows(ctx.train_problems, n=4000, seed=ctx.seed + 3))
+    return path
+
+
+PPO_KEYS = {
+    "stage": "ppo",
+    "per_device_train_batch_size": 64,
+    "max_new_tokens": 5,
+    "max_steps": 80,
+    "ppo_epochs": 4,
+    "num_mini_batches": 2,
+    "init_kl_coef": 0.05,
+    "learning_rate": 2e-5,
+    "logging_steps": 8,
+}
+
+
+def run_ppo(ctx: Context) -> str:
+    """Classic RLHF: a reward model trained on the task's pairs (`stage: rm`), then PPO against it, the critic
+    starting from the reward model, a KL penalty to the SFT model."""
+    if not ctx.sft_model:
+        run_sft(ctx)
+    rm = _train(
+        ctx,
+        "rm",
+        {
+            "stage": "rm",
+            "model_name_or_path": ctx.sft_model,
+            "dataset": _pairs(ctx),
+            "per_device_train_batch_size": 32,
+            "max_steps": 400,
+            "learning_rate": 3e-4,
+            "lr_scheduler_type": "constant_with_warmup",
+            "warmup_steps": 5,
+            "logging_steps": 50,
+        },
+    )
+    return _from_sft(ctx, "ppo", _prompts(ctx), {**PPO_KEYS, "reward_model": rm})
+
+
+def run_ppo_verifiable(ctx: Context) -> str:
+    """The same PPO with the exact-answer reward in place of the reward model."""
+    return _from_sft(ctx, "ppo_verifiable", _prompts(ctx), {**PPO_KEYS, "reward_funcs": ["exact_match"]})
+
+
 def run_sft_on_chosen(ctx: Context) -> str:
     """Control: only the NLL of the chosen answers, same data, steps and rate. What do the preferences add?"""
     return _from_sft(ctx, "sft_on_chosen", _pairs(ctx), {"stage": "dpo", "loss_type": "sft"})
@@ -185,6 +262,9 @@ METHODS: dict[str, Callable[[Context], str]] = {
     "sft": run_sft,
     "dpo": run_dpo,
     "kto": run_kto,
+    "grpo": run_grpo,
+    "ppo": run_ppo,
+    "ppo_verifiable": run_ppo_verifiable,
     "simpo": run_simpo,
     "orpo": run_orpo,
 }
@@ -247,11 +327,17 @@ def run_quickstart(
     return report
 
 
-NOTES = """Every method after SFT starts from the SFT model and trains 100 steps of 32 rows. `dpo` is DPO plus the
-NLL of the chosen answer (RPO) and `simpo` SimPO plus that NLL; `orpo` has its own NLL term; `kto` has
-none. The controls answer "what do the preferences add?": `sft_on_chosen` trains only the NLL of the
-chosen answers, `dpo_without_nll` only the DPO loss. On this task plain DPO lowers the likelihood of
-the chosen answers too and drifts into new off-by-one errors, which the NLL term prevents."""
+NOTES = """Every method after SFT starts from the SFT model. `dpo` is DPO plus the NLL of the chosen answer (RPO)
+and `simpo` SimPO plus that NLL; `orpo` has its own NLL term; `kto` has none. `grpo` samples 8 answers per
+prompt and rewards exact answers. `ppo` is the classic recipe: a reward model trained (`stage: rm`) on the
+task's pairs, then PPO against it; `ppo_verifiable` is the same PPO with the exact-answer reward.
+
+The controls answer "what do the preferences add?": `sft_on_chosen` trains only the NLL of the chosen
+answers, `dpo_without_nll` only the DPO loss. On this task plain DPO lowers the likelihood of the chosen
+answers too and drifts into new off-by-one errors, which the NLL term prevents. The reward model learns the
+annotator's typical error (it ranks the correct answer above it on held-out problems) but not off-by-one
+answers, which the policy then drifts to: PPO raises the reward model's score without raising accuracy,
+while the same PPO with a verifiable reward does. Reward hacking, measured."""
 
 
 def render_table(report: dict[str, Any]) -> str:

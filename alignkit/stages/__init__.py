@@ -11,6 +11,8 @@ _STAGES = {
     "rm": "alignkit.stages.rm:RewardStage",
     "dpo": "alignkit.stages.preference:PreferenceStage",
     "kto": "alignkit.stages.kto:KTOStage",
+    "grpo": "alignkit.stages.grpo:GRPOStage",
+    "ppo": "alignkit.stages.ppo:PPOStage",
 }
 
 

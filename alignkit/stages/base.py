@@ -74,6 +74,18 @@ class Stage:
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         raise NotImplementedError
 
+    def save(self, model: nn.Module, output_dir: str, merged: bool = False) -> None:
+        """Write the (unwrapped) model in Hugging Face format with the tokenizer."""
+        from alignkit.models import save_model
+
+        save_model(model, self.tokenizer, output_dir, merged=merged)
+
+    def load_weights(self, model: nn.Module, path: str) -> None:
+        """Restore the weights `save` wrote (checkpoints)."""
+        from alignkit.checkpoint import _load_weights
+
+        _load_weights(model, path)
+
     def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Metrics derived from the reduced ones (e.g. a margin of two means); identity by default."""
         return metrics

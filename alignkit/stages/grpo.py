@@ -1,0 +1,284 @@
+"""GRPO and its family: Dr. GRPO, DAPO, GSPO, RLOO. Group-relative advantages, no value model.
+
+Each loss type is a choice of advantage estimator and of how per-token losses are aggregated; the pieces
+are pure functions in `alignkit.losses`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+from torch import nn
+
+from alignkit.logprobs import completion_token_stats, per_row_sum
+from alignkit.losses import clipped_surrogate, group_advantages, k3_kl
+from alignkit.models import load_policy
+from alignkit.reference import Reference
+from alignkit.rollout import sequences
+from alignkit.stages.base import Metrics, StepOutput
+from alignkit.stages.online import OnlineStage
+
+log = logging.getLogger("alignkit")
+
+# loss_type -> (advantage estimator, aggregation)
+#   seq_mean: mean over each completion's tokens, then over completions (GRPO, Shao et al. 2024)
+#   max_len:  sum over tokens / max_new_tokens per completion (Dr. GRPO: no length bias)
+#   token:    sum over all tokens / all tokens (DAPO, token-level)
+#   sequence: one importance ratio per completion (GSPO, Zheng et al. 2025)
+RECIPES = {
+    "grpo": ("grpo", "seq_mean"),
+    "dr_grpo": ("dr_grpo", "max_len"),
+    "dapo": ("grpo", "token"),
+    "gspo": ("grpo", "sequence"),
+    "rloo": ("rloo", "seq_mean"),
+}
+
+
+class GRPOStage(OnlineStage):
+    name = "grpo"
+
+    def load_model(self) -> nn.Module:
+        return load_policy(self.cfg)
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.cfg.num_iterations
+
+    @property
+    def dynamic_sampling(self) -> bool:
+        ds = self.cfg.dynamic_sampling
+        return self.cfg.loss_type == "dapo" if ds is None else ds
+
+    def build(self) -> None:
+        super().build()
+        self.build_rewards()
+        self.reference = Reference(self.cfg, self.model) if self.cfg.beta > 0 else None
+        self._refill_rng = random.Random(self.cfg.seed)
+
+    # ---------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(self, model: nn.Module, rows: list[dict], device: torch.device) -> list[dict]:
+        cfg, g = self.cfg, self.cfg.num_generations
+        estimator, _ = RECIPES[cfg.loss_type]
+        samples = self.sample(model, rows, g)
+        total, parts = self.rewards(rows, samples, g, device)
+        kept_rows, kept = list(rows), list(range(len(samples.completion_ids)))
+        zero_std = (total.view(-1, g).std(dim=1) == 0).repeat_interleave(g)
+        self.frac_zero_std = float(zero_std.float().mean())
+        if self.dynamic_sampling:
+            kept_rows, samples, total, parts, zero_std = self._refill(
+                model, rows, samples, total, parts, device
+            )
+            kept = list(range(len(samples.completion_ids)))
+        adv = group_advantages(total, g, estimator)
+        buffer = [
+            {
+                "prompt_ids": samples.prompt_ids[i],
+                "completion_ids": samples.completion_ids[i],
+                "advantage": float(adv[i]),
+                "reward": float(total[i]),
+                "truncated": samples.truncated[i],
+                "zero_std": bool(zero_std[i]),
+                **{f"r/{k}": float(v[i]) for k, v in parts.items()},
+            }
+            for i in kept
+            if samples.completion_ids[i]
+        ]
+        self._attach_logps(model, buffer, device)
+        return buffer
+
+    def _refill(self, model: nn.Module, rows: list[dict], samples, total, parts, device):  # noqa: ANN001, ANN202
+        """DAPO's dynamic sampling: groups whose rewards are all equal teach nothing; replace them with groups
+        of freshly drawn prompts, up to `max_refill_rounds` rounds."""
+        g = self.cfg.num_generations
+        from alignkit.rollout import Samples
+
+        def informative(t: torch.Tensor) -> list[int]:
+            return [i for i, s in enumerate(t.view(-1, g).std(dim=1)) if s > 0]
+
+        good = informative(total)
+        groups = [
+            (
+                rows[i],
+                [samples.prompt_ids[i * g + j] for j in range(g)],
+                samples.completion_ids[i * g : (i + 1) * g],
+                samples.truncated[i * g : (i + 1) * g],
+                samples.texts[i * g : (i + 1) * g],
+                total[i * g : (i + 1) * g],
+                {k: v[i * g : (i + 1) * g] for k, v in parts.items()},
+            )
+            for i in good
+        ]
+        for _ in range(self.cfg.max_refill_rounds):
+            if len(groups) >= len(rows):
+                break
+            extra = self._refill_rng.sample(
+                self.train_rows, min(len(rows) - len(groups), len(self.train_rows))
+            )
+            more = self.sample(model, extra, g)
+            t, p = self.rewards(extra, more, g, device)
+            groups += [
+                (
+                    extra[i],
+                    more.prompt_ids[i * g : (i + 1) * g],
+                    more.completion_ids[i * g : (i + 1) * g],
+                    more.truncated[i * g : (i + 1) * g],
+                    more.texts[i * g : (i + 1) * g],
+                    t[i * g : (i + 1) * g],
+                    {k: v[i * g : (i + 1) * g] for k, v in p.items()},
+                )
+                for i in informative(t)
+            ]
+        if not groups:  # nothing informative at all: keep the original batch (its advantages are zero)
+            return rows, samples, total, parts, torch.ones(len(total), dtype=torch.bool)
+        groups = groups[: len(rows)]
+        flat = Samples(
+            [x for gr in groups for x in gr[1]],
+            [x for gr in groups for x in gr[2]],
+            [x for gr in groups for x in gr[3]],
+            [x for gr in groups for x in gr[4]],
+        )
+        new_total = torch.cat([gr[5] for gr in groups])
+        new_parts = {k: torch.cat([gr[6][k] for gr in groups]) for k in parts}
+        return (
+            [gr[0] for gr in groups],
+            flat,
+            new_total,
+            new_parts,
+            torch.zeros(len(new_total), dtype=torch.bool),
+        )
+
+    def _attach_logps(self, model: nn.Module, buffer: list[dict], device: torch.device) -> None:
+        """Sampling-time log-probs (for importance ratios when a rollout is reused) and reference log-probs."""
+        need_old = self.cfg.num_iterations > 1
+        if not need_old and self.reference is None:
+            return
+        bs = self.cfg.per_device_eval_batch_size
+        for i in range(0, len(buffer), bs):
+            chunk = buffer[i : i + bs]
+            batch = {
+                k: v.to(device)
+                for k, v in sequences(
+                    [s["prompt_ids"] for s in chunk],
+                    [s["completion_ids"] for s in chunk],
+                    self.tokenizer.pad_token_id,
+                ).items()
+            }
+            if need_old:
+                self._store(chunk, "old_logps", self._token_logps(model, batch))
+            if self.reference is not None:
+                with self.reference.active(model, device) as ref:
+                    self._store(chunk, "ref_logps", self._token_logps(ref, batch))
+
+    def _token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        stats = completion_token_stats(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            temperature=self.cfg.temperature,
+        )
+        return stats.logps
+
+    @staticmethod
+    def _store(chunk: list[dict], key: str, flat: torch.Tensor) -> None:
+        values = flat.float().cpu().tolist()
+        pos = 0
+        for s in chunk:
+            n = len(s["completion_ids"]) - (0 if s["prompt_ids"] else 1)
+            s[key], pos = values[pos : pos + n], pos + n
+
+    # ---------------------------------------------------------------- update
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = sequences(
+            [s["prompt_ids"] for s in samples],
+            [s["completion_ids"] for s in samples],
+            self.tokenizer.pad_token_id,
+        )
+        batch["advantages"] = torch.tensor([s["advantage"] for s in samples], dtype=torch.float32)
+        for key in ("old_logps", "ref_logps"):
+            if key in samples[0]:
+                batch[key] = torch.tensor([v for s in samples for v in s[key]], dtype=torch.float32)
+        batch["reward"] = torch.tensor([s["reward"] for s in samples])
+        batch["truncated"] = torch.tensor([float(s["truncated"]) for s in samples])
+        batch["zero_std"] = torch.tensor([float(s["zero_std"]) for s in samples])
+        for key in samples[0]:
+            if key.startswith("r/"):
+                batch[key] = torch.tensor([s[key] for s in samples])
+        return batch
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        if RECIPES[self.cfg.loss_type][1] == "token":
+            return int(batch["completion_mask"][:, 1:].sum())
+        return batch["input_ids"].shape[0]
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        cfg = self.cfg
+        n = batch["input_ids"].shape[0]
+        stats = completion_token_stats(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            temperature=cfg.temperature,
+        )
+        logps, rows = stats.logps, stats.rows
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        adv = batch["advantages"]
+        lengths = per_row_sum(torch.ones_like(logps), rows, n).clamp(min=1)
+        eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        aggregation = RECIPES[cfg.loss_type][1]
+        if aggregation == "sequence":  # GSPO: exp(mean_t log ratio) per completion
+            seq_log_ratio = per_row_sum(logps - old, rows, n) / lengths
+            seq_loss, clipped = clipped_surrogate(
+                seq_log_ratio, torch.zeros_like(seq_log_ratio), adv, cfg.epsilon, eps_high
+            )
+            token_loss = torch.zeros_like(logps)
+            clip_frac = (clipped.float().sum(), float(n))
+        else:
+            token_loss, clipped = clipped_surrogate(logps, old, adv[rows], cfg.epsilon, eps_high)
+            seq_loss = torch.zeros(n, device=logps.device)
+            clip_frac = (clipped.float().sum(), float(logps.numel()))
+        kl = None
+        if "ref_logps" in batch:
+            kl = k3_kl(logps, batch["ref_logps"])
+            token_loss = token_loss + cfg.beta * kl
+        if aggregation in ("seq_mean", "sequence"):
+            loss = (per_row_sum(token_loss, rows, n) / lengths).sum() + seq_loss.sum()
+        elif aggregation == "max_len":
+            loss = per_row_sum(token_loss, rows, n).sum() / cfg.max_new_tokens
+        else:
+            loss = token_loss.sum()
+        return StepOutput(loss_sum=loss, metrics=self._metrics(batch, stats, lengths, clip_frac, kl))
+
+    def _metrics(
+        self, batch: dict[str, torch.Tensor], stats, lengths: torch.Tensor, clip_frac, kl
+    ) -> Metrics:  # noqa: ANN001
+        n = float(batch["input_ids"].shape[0])
+        r = batch["reward"]
+        out: Metrics = {
+            "reward/mean": (r.sum(), n),
+            "_reward_sq": ((r**2).sum(), n),
+            "frac_reward_zero_std": (batch["zero_std"].sum(), n),
+            "clip_ratio": clip_frac,
+            "entropy": (stats.entropy.sum(), float(stats.entropy.numel())),
+            "completion_length": (lengths.detach().sum(), n),
+            "truncated_fraction": (batch["truncated"].sum(), n),
+        }
+        for key in batch:
+            if key.startswith("r/"):
+                out[f"rewards/{key[2:]}/mean"] = (batch[key].sum(), n)
+        if kl is not None:
+            out["kl"] = (kl.detach().sum(), float(kl.numel()))
+        return out
+
+    def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        if "_reward_sq" in metrics:
+            sq = metrics.pop("_reward_sq")
+            metrics["reward/std"] = max(sq - metrics["reward/mean"] ** 2, 0.0) ** 0.5
+        return metrics

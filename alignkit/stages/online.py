@@ -1,0 +1,133 @@
+"""What the online stages (GRPO family, PPO) share: prompts, rollouts, rewards, the update batches.
+
+An online stage has a rollout phase before its steps: the loop hands it the prompts of a global batch
+(`rollout`), the stage samples, scores and turns them into a buffer of samples, and the loop then runs
+`updates_per_rollout` optimizer steps over that buffer (`update_batches`), each the usual accumulate /
+clip / step. Loop and stage stay as they are for the offline stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.data.batches import tokenize_chat, tokenize_text
+from alignkit.data.formats import Example
+from alignkit.errors import UserError
+from alignkit.losses import dapo_overlong_penalty
+from alignkit.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
+from alignkit.rollout import Samples, sample_hf
+from alignkit.stages.base import Stage
+
+log = logging.getLogger("alignkit")
+
+
+def encode_prompt(ex: Example, tokenizer: Any) -> list[int]:
+    if isinstance(ex.prompt, list):
+        return tokenize_chat(tokenizer, ex.prompt, add_generation_prompt=True)
+    return tokenize_text(tokenizer, ex.prompt)
+
+
+class OnlineStage(Stage):
+    kinds = ("prompt", "sft", "pair", "unpaired")  # only the prompt (and the extra columns) is used
+    online = True
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return 1
+
+    def rows(self, sources: str | list[str]) -> list[dict]:
+        rows = []
+        for ex in self.load_examples(sources):
+            ids = encode_prompt(ex, self.tokenizer)
+            if len(ids) + self.cfg.max_new_tokens > self.cfg.max_length:
+                continue
+            rows.append({"prompt_ids": ids, "prompt": ex.prompt, "columns": ex.extra, "where": ex.where})
+        if not rows:
+            raise UserError(
+                f"every prompt is longer than max_length - max_new_tokens "
+                f"({self.cfg.max_length} - {self.cfg.max_new_tokens}); raise `max_length`"
+            )
+        return rows
+
+    def build_rewards(self) -> None:
+        cfg = self.cfg
+        self.reward_funcs = build_reward_funcs(cfg.reward_funcs or [], cfg.format_pattern, cfg.length_target)
+        columns = set(self.train_rows[0]["columns"])
+        check_columns(self.reward_funcs, columns, f"dataset {cfg.dataset}")
+        self.reward_scorer = (
+            RewardModelScorer(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+            if cfg.reward_model
+            else None
+        )
+        n = len(self.reward_funcs) + (1 if self.reward_scorer else 0)
+        self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * n, dtype=torch.float32)
+        self.engine = None
+        if cfg.rollout_backend == "vllm":
+            from alignkit.rollout import VLLMEngine
+
+            self.engine = VLLMEngine(cfg.model_name_or_path, self.tokenizer)
+
+    def sample(self, model: nn.Module, rows: list[dict], num_generations: int) -> Samples:
+        cfg = self.cfg
+        policy = getattr(model, "module", model)
+        prompts = [r["prompt_ids"] for r in rows]
+        if self.engine is not None:
+            self.engine.push_weights(policy)
+            return self.engine.sample(
+                prompts,
+                num_generations,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                cfg.top_p,
+                cfg.top_k,
+                cfg.stop_strings,
+            )
+        return sample_hf(
+            policy,
+            self.tokenizer,
+            prompts,
+            num_generations,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.top_k,
+            cfg.stop_strings,
+        )
+
+    def rewards(
+        self, rows: list[dict], samples: Samples, num_generations: int, device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total reward (N,) and each component (N,), with the truncation penalties applied to the total."""
+        cfg = self.cfg
+        per_row = [r for r in rows for _ in range(num_generations)]
+        prompt_texts = [self.tokenizer.decode(r["prompt_ids"], skip_special_tokens=True) for r in per_row]
+        columns = {k: [r["columns"].get(k) for r in per_row] for k in per_row[0]["columns"]}
+        parts = score(self.reward_funcs, prompt_texts, samples.texts, columns, [r["where"] for r in per_row])
+        if self.reward_scorer is not None:
+            parts["reward_model"] = self.reward_scorer(
+                [r["prompt"] for r in per_row], samples.texts, device
+            ).cpu()
+        stacked = torch.stack(list(parts.values()), dim=1)  # (N, F)
+        total = torch.nansum(stacked * self.reward_weights, dim=1)
+        truncated = torch.tensor(samples.truncated)
+        if cfg.missing_eos_penalty is not None:
+            total = total - cfg.missing_eos_penalty * truncated.float()
+        if getattr(cfg, "overlong_buffer_len", None):
+            lengths = torch.tensor([len(c) for c in samples.completion_ids])
+            overlong = dapo_overlong_penalty(
+                lengths, cfg.max_new_tokens, cfg.overlong_buffer_len, cfg.overlong_penalty_factor
+            )
+            parts["overlong"] = overlong
+            total = total + overlong
+        return total, parts
+
+    def update_batches(self, buffer: list[dict], update: int) -> list[list[dict]]:
+        """The whole buffer in `gradient_accumulation_steps` micro-batches (the same count on every process)."""
+        accum = self.cfg.gradient_accumulation_steps
+        size = -(-len(buffer) // accum)
+        chunks = [buffer[i * size : (i + 1) * size] for i in range(accum)]
+        return [c if c else buffer[:1] for c in chunks]

@@ -1,0 +1,269 @@
+"""PPO-based RLHF (Ouyang et al. 2022; the details of Huang et al. 2024, "The N+ implementation details of
+RLHF with PPO"): actor, critic (a per-token value head), frozen reference, reward model and/or verifiable
+rewards, per-token KL penalty in the reward (fixed or adaptive), GAE, clipped surrogate and value losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.logprobs import completion_token_stats
+from alignkit.losses import clipped_surrogate, gae, whiten
+from alignkit.models import _from_pretrained, apply_finetuning, load_policy, save_model, torch_dtype
+from alignkit.reference import Reference
+from alignkit.rollout import sequences
+from alignkit.stages.base import Metrics, StepOutput
+from alignkit.stages.online import OnlineStage
+
+log = logging.getLogger("alignkit")
+
+
+class PolicyAndValue(nn.Module):
+    """One module for the loop (one optimizer, one DDP wrapper): `head="value"` runs the critic."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module) -> None:
+        super().__init__()
+        self.policy, self.value = policy, value
+        self.config = policy.config
+
+    def forward(self, head: str = "policy", **kwargs: Any) -> Any:
+        return self.value(**kwargs) if head == "value" else self.policy(**kwargs)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.policy.get_output_embeddings()
+
+
+def load_value_model(cfg: Any) -> nn.Module:
+    """A token-classification head (one value per position) on a backbone: by default the reward model's, so
+    the critic starts from the reward model's weights and head, as in InstructGPT."""
+    from transformers import AutoModelForTokenClassification
+
+    path = cfg.value_model_name_or_path or cfg.reward_model or cfg.model_name_or_path
+    model = _from_pretrained(
+        AutoModelForTokenClassification,
+        path,
+        dtype=torch_dtype(cfg),
+        num_labels=1,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return apply_finetuning(model, cfg, task_type="TOKEN_CLS")
+
+
+def _token_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) value of the state before each completion token (the position that predicts it), flattened."""
+    out = model(head="value", input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    values = out.logits.squeeze(-1)[:, :-1].float()  # (B, T-1)
+    return values[batch["completion_mask"][:, 1:].bool()]
+
+
+def _split(flat: torch.Tensor, lengths: list[int]) -> list[list[float]]:
+    return [part.tolist() for part in torch.split(flat.float().cpu(), lengths)]
+
+
+class PPOStage(OnlineStage):
+    name = "ppo"
+
+    def load_model(self) -> nn.Module:
+        return PolicyAndValue(load_policy(self.cfg), load_value_model(self.cfg))
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.cfg.ppo_epochs * self.cfg.num_mini_batches
+
+    def build(self) -> None:
+        super().build()
+        self.build_rewards()
+        self.reference = Reference(self.cfg, self.model.policy)
+        self.kl_coef = self.cfg.init_kl_coef
+        self._shuffle = random.Random(self.cfg.seed)
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self, model: nn.Module, rows: list[dict], device: torch.device) -> list[dict]:
+        cfg = self.cfg
+        unwrapped = getattr(model, "module", model)
+        samples = self.sample(unwrapped.policy, rows, 1)
+        scores, parts = self.rewards(rows, samples, 1, device)
+        if cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if cfg.whiten_rewards:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8) if len(scores) > 1 else scores
+        keep = [i for i, c in enumerate(samples.completion_ids) if c]
+        lengths = [len(samples.completion_ids[i]) for i in keep]
+        batch = {
+            k: v.to(device)
+            for k, v in sequences(
+                [samples.prompt_ids[i] for i in keep],
+                [samples.completion_ids[i] for i in keep],
+                self.tokenizer.pad_token_id,
+            ).items()
+        }
+        old = completion_token_stats(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            temperature=cfg.temperature,
+        ).logps
+        with self.reference.active(unwrapped.policy, device) as ref:
+            ref_logps = completion_token_stats(
+                ref,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                temperature=cfg.temperature,
+            ).logps
+        values = _token_values(model, batch)
+        # per-token rewards: -kl_coef * (log pi - log ref), plus the score on the last token (dense -> (B, T))
+        b, t = len(keep), max(lengths)
+        mask = torch.zeros(b, t, device=device)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        dense = mask.bool()
+        kl_tok = torch.zeros(b, t, device=device)
+        kl_tok[dense] = old - ref_logps
+        v = torch.zeros(b, t, device=device)
+        v[dense] = values
+        token_rewards = -self.kl_coef * kl_tok
+        last = torch.tensor(lengths, device=device) - 1
+        token_rewards[torch.arange(b, device=device), last] += scores[keep].to(device)
+        adv, returns = gae(token_rewards, v, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, mask)
+        seq_kl = (kl_tok * mask).sum(1)
+        self._update_kl_coef(float(seq_kl.mean()), b)
+        self.rollout_stats = {"kl": float(seq_kl.mean()), "kl_coef": self.kl_coef}
+        old_l, ref_l, val_l = _split(old, lengths), _split(ref_logps, lengths), _split(values, lengths)
+        buffer = []
+        for j, i in enumerate(keep):
+            n = lengths[j]
+            buffer.append(
+                {
+                    "prompt_ids": samples.prompt_ids[i],
+                    "completion_ids": samples.completion_ids[i],
+                    "old_logps": old_l[j],
+                    "ref_logps": ref_l[j],
+                    "values": val_l[j],
+                    "advantages": adv[j, :n].tolist(),
+                    "returns": returns[j, :n].tolist(),
+                    "score": float(scores[i]),
+                    "truncated": samples.truncated[i],
+                    **{f"r/{k}": float(p[i]) for k, p in parts.items()},
+                }
+            )
+        return buffer
+
+    def _update_kl_coef(self, kl: float, n: int) -> None:
+        """Adaptive KL controller (Ziegler et al. 2019, sec. 2.2): move toward `target_kl`, error clipped to 20%."""
+        if self.cfg.target_kl is None:
+            return
+        error = max(-0.2, min(0.2, kl / self.cfg.target_kl - 1))
+        self.kl_coef *= 1 + error * n / self.cfg.kl_horizon
+
+    def update_batches(self, buffer: list[dict], update: int) -> list[list[dict]]:
+        """`num_mini_batches` mini-batches per PPO epoch, reshuffled every epoch, each in micro-batches."""
+        nmb = self.cfg.num_mini_batches
+        if update % nmb == 0:
+            self._order = list(range(len(buffer)))
+            self._shuffle.shuffle(self._order)
+        size = -(-len(buffer) // nmb)
+        part = [buffer[i] for i in self._order[(update % nmb) * size : (update % nmb + 1) * size]] or buffer[
+            :1
+        ]
+        return super().update_batches(part, update)
+
+    # ------------------------------------------------------------------ update
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = sequences(
+            [s["prompt_ids"] for s in samples],
+            [s["completion_ids"] for s in samples],
+            self.tokenizer.pad_token_id,
+        )
+        for key in ("old_logps", "ref_logps", "values", "advantages", "returns"):
+            batch[key] = torch.tensor([v for s in samples for v in s[key]], dtype=torch.float32)
+        batch["score"] = torch.tensor([s["score"] for s in samples])
+        batch["truncated"] = torch.tensor([float(s["truncated"]) for s in samples])
+        batch["response_length"] = torch.tensor([float(len(s["completion_ids"])) for s in samples])
+        for key in samples[0]:
+            if key.startswith("r/"):
+                batch[key] = torch.tensor([s[key] for s in samples])
+        return batch
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["completion_mask"][:, 1:].sum())  # token-level averages, as TRL's PPO
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        cfg = self.cfg
+        stats = completion_token_stats(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            temperature=cfg.temperature,
+        )
+        pg, clipped = clipped_surrogate(
+            stats.logps, batch["old_logps"], batch["advantages"], cfg.cliprange, cfg.cliprange
+        )
+        values = _token_values(model, batch)
+        old_v, ret = batch["values"], batch["returns"]
+        v_clipped = old_v + torch.clamp(values - old_v, -cfg.cliprange_value, cfg.cliprange_value)
+        vf = 0.5 * torch.max((values - ret) ** 2, (v_clipped - ret) ** 2)
+        loss = pg + cfg.vf_coef * vf
+        if cfg.entropy_coef:
+            loss = (
+                loss - cfg.entropy_coef * stats.entropy
+            )  # the entropy here carries no gradient: a metric-only
+        n_tok = float(stats.logps.numel())
+        with torch.no_grad():
+            resid = ret - values.detach()
+            n = float(batch["input_ids"].shape[0])
+            metrics: Metrics = {
+                "reward/mean": (batch["score"].sum(), n),
+                "_score_sq": ((batch["score"] ** 2).sum(), n),
+                "policy/clipfrac": (clipped.float().sum(), n_tok),
+                "policy/approxkl": ((0.5 * (stats.logps.detach() - batch["old_logps"]) ** 2).sum(), n_tok),
+                "value/loss": (vf.detach().sum(), n_tok),
+                "_ret": (ret.sum(), n_tok),
+                "_ret_sq": ((ret**2).sum(), n_tok),
+                "_resid": (resid.sum(), n_tok),
+                "_resid_sq": ((resid**2).sum(), n_tok),
+                "entropy": (stats.entropy.sum(), n_tok),
+                "kl": ((batch["old_logps"] - batch["ref_logps"]).sum(), n),
+                "kl_coef": (torch.tensor(self.kl_coef * n), n),
+                "response_length": (batch["response_length"].sum(), n),
+                "truncated_fraction": (batch["truncated"].sum(), n),
+            }
+            for key in batch:
+                if key.startswith("r/"):
+                    metrics[f"rewards/{key[2:]}/mean"] = (batch[key].sum(), n)
+        return StepOutput(loss_sum=loss.sum(), metrics=metrics)
+
+    def finalize_metrics(self, m: dict[str, float]) -> dict[str, float]:
+        if "_score_sq" in m:
+            m["reward/std"] = max(m.pop("_score_sq") - m["reward/mean"] ** 2, 0.0) ** 0.5
+        if "_ret" in m:
+            var_ret = m.pop("_ret_sq") - m.pop("_ret") ** 2
+            var_res = m.pop("_resid_sq") - m.pop("_resid") ** 2
+            m["value/explained_variance"] = 1 - var_res / var_ret if var_ret > 0 else float("nan")
+        return m
+
+    # ------------------------------------------------------------------ saving
+    def save(self, model: nn.Module, output_dir: str, merged: bool = False) -> None:
+        """The policy in HF format at the top, the critic in `value_model/`."""
+        save_model(model.policy, self.tokenizer, output_dir, merged=merged)
+        model.value.save_pretrained(os.path.join(output_dir, "value_model"), safe_serialization=True)
+
+    def load_weights(self, model: nn.Module, path: str) -> None:
+        from alignkit.checkpoint import _load_weights
+
+        _load_weights(model.policy, path)
+        _load_weights(model.value, os.path.join(path, "value_model"))

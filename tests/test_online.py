@@ -1,0 +1,363 @@
+"""Online RL: advantage estimators and losses by hand, rewards (GSM8K's real answers), rollouts, GRPO / PPO runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.errors import UserError
+from alignkit.losses import clipped_surrogate, dapo_overlong_penalty, gae, group_advantages, k3_kl, whiten
+from alignkit.rewards import exact_match, math_accuracy
+from tests.conftest import run_stage, write_jsonl
+
+
+# ----------------------------------------------------------------------------------- pure functions
+def test_group_advantages_by_hand() -> None:
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of 4
+    grpo = group_advantages(r, 4, "grpo")
+    std = math.sqrt(((0.5**2) * 4) / 3)  # unbiased std of [1, 0, 0, 1]
+    assert grpo[:4].tolist() == pytest.approx(
+        [0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 1 + [-0.5 / (std + 1e-4), 0.5 / (std + 1e-4)], rel=1e-5
+    )
+    assert grpo[4:].tolist() == [0.0] * 4  # a group with one reward teaches nothing
+    assert group_advantages(r, 4, "dr_grpo")[:4].tolist() == [0.5, -0.5, -0.5, 0.5]
+    # RLOO: r_i - mean of the other three
+    assert group_advantages(r, 4, "rloo")[:4].tolist() == pytest.approx(
+        [1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3]
+    )
+
+
+def test_clipped_surrogate_and_clip_higher() -> None:
+    logp, old = torch.log(torch.tensor([1.5, 0.5, 1.1])), torch.zeros(3)  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([1.0, -1.0, 1.0])
+    loss, clipped = clipped_surrogate(logp, old, adv, 0.2, 0.2)
+    assert loss.tolist() == pytest.approx([-1.2, 0.8, -1.1], rel=1e-6)  # min(r A, clip(r) A), negated
+    assert clipped.tolist() == [True, True, False]
+    loss_hi, clipped_hi = clipped_surrogate(logp, old, adv, 0.2, 0.6)  # DAPO clip-higher lets 1.5 through
+    assert loss_hi[0].item() == pytest.approx(-1.5) and not clipped_hi[0]
+
+
+def test_k3_kl_overlong_gae_whiten_by_hand() -> None:
+    kl = k3_kl(torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -1.5]))
+    assert kl.tolist() == pytest.approx([0.0, math.exp(0.5) - 0.5 - 1], rel=1e-6)
+    pen = dapo_overlong_penalty(torch.tensor([10, 12, 14, 16]), max_new_tokens=16, buffer_len=4)
+    assert pen.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0])
+    # GAE with gamma=1, lam=1 gives returns-to-go minus the value; mask stops at each row's end
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 2.0, 0.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6], [0.1, 0.3, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert adv[0].tolist() == pytest.approx([1 - 0.2, 1 - 0.4, 1 - 0.6])
+    assert adv[1].tolist() == pytest.approx([2.5 - 0.1, 2.0 - 0.3, 0.0])
+    assert ret[1].tolist() == pytest.approx([2.5, 2.0, 0.0])
+    adv2, _ = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    d2 = 1.0 - 0.6
+    d1 = 0.0 + 0.9 * 0.6 - 0.4
+    assert adv2[0, 1].item() == pytest.approx(d1 + 0.45 * d2)
+    w = whiten(torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    assert w[:3].mean().item() == pytest.approx(0.0, abs=1e-6) and w[3].item() == 0.0
+
+
+# ------------------------------------------------------------------------------------------ rewards
+def test_math_accuracy_on_real_gsm8k_answers(shared_data: Path) -> None:
+    rows = [json.loads(line) for line in open(shared_data / "gsm8k" / "test.jsonl")][:40]
+    finals = [r["answer"].split("####")[-1].strip().replace(",", "") for r in rows]
+    right = [f"The answer is {f}." for f in finals]
+    wrong = [f"The answer is {int(float(f)) + 1}." for f in finals]
+    prompts = [r["question"] for r in rows]
+    answers = [r["answer"] for r in rows]
+    assert math_accuracy(prompts, right, answers) == [1.0] * 40
+    assert math_accuracy(prompts, wrong, answers) == [0.0] * 40
+    # equivalent forms agree
+    assert math_accuracy(["q"] * 3, ["0.5", "\\frac{1}{2}", "1/2"], ["1/2"] * 3) == [1.0, 1.0, 1.0]
+
+
+def test_exact_match() -> None:
+    assert exact_match(
+        ["q"] * 5, ["85", " 85.", "85.0", "1,234", "58"], ["85", "85", "85", "1234", "85"]
+    ) == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_user_reward_function_and_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from alignkit.rewards import build_reward_funcs, check_columns, score
+
+    mod = tmp_path / "my_rewards.py"
+    mod.write_text(
+        "def brevity(prompts, completions, **kw):\n    return [-len(c) / 10 for c in completions]\n\n"
+        "def needs_topic(prompts, completions, topic, **kw):\n    return [1.0 if topic[0] in c else 0.0 "
+        "for c in completions]\n\n"
+        "def broken(prompts, completions, **kw):\n    return [1 / (len(c) - 3) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    funcs = build_reward_funcs(["my_rewards:brevity", "length"], "", 2)
+    out = score(funcs, ["p", "p"], ["abcd", "a"], {}, ["row 1", "row 2"])
+    assert out["my_rewards:brevity"].tolist() == pytest.approx([-0.4, -0.1])
+    assert out["length"].tolist() == pytest.approx([-1.0, 0.0])
+    with pytest.raises(UserError, match=r"reward function `my_rewards:needs_topic` needs the column `topic`"):
+        check_columns(build_reward_funcs(["my_rewards:needs_topic"], "", 1), {"answer"}, "data.jsonl")
+    with pytest.raises(
+        UserError, match=r"`my_rewards:broken` raised ZeroDivisionError.*first failing row: row 2"
+    ):
+        score(
+            build_reward_funcs(["my_rewards:broken"], "", 1),
+            ["p", "p"],
+            ["abcde", "abc"],
+            {},
+            ["row 1", "row 2"],
+        )
+    with pytest.raises(UserError, match=r"`exact_mtch` is not built in \(did you mean `exact_match`\?\)"):
+        build_reward_funcs(["exact_mtch"], "", 1)
+
+
+# ------------------------------------------------------------------------------------------ rollouts
+def test_rollout_groups_truncation_and_eos(tiny_model: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.models import load_tokenizer
+    from alignkit.rollout import sample_hf
+
+    tok = load_tokenizer(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    from alignkit.data.batches import tokenize_chat
+
+    prompts = [
+        tokenize_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in ("hi", "2+2?")
+    ]
+    torch.manual_seed(0)
+    s = sample_hf(model, tok, prompts, num_generations=3, max_new_tokens=4, temperature=1.0)
+    assert len(s.completion_ids) == 6 and s.prompt_ids[0] == s.prompt_ids[2] != s.prompt_ids[3]
+    for ids, trunc in zip(s.completion_ids, s.truncated):
+        assert len(ids) <= 4
+        assert trunc == (tok.eos_token_id not in ids)  # a random model rarely stops: truncation is flagged
+    assert any(s.truncated)
+
+
+def test_vllm_backend_absent_is_a_clear_error(tiny_model: str, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    if "vllm" in sys.modules or __import__("importlib").util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "answer": "1"}] * 4)
+    with pytest.raises(UserError, match="rollout_backend: vllm needs vLLM"):
+        run_stage(
+            tmp_path,
+            {
+                "stage": "grpo",
+                "model_name_or_path": tiny_model,
+                "dataset": data,
+                "reward_funcs": ["exact_match"],
+                "rollout_backend": "vllm",
+                "max_steps": 1,
+            },
+        )
+
+
+# ------------------------------------------------------------------------------------------ stages
+PROMPTS = [
+    {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
+    for a, b in [(12, 7), (30, 41), (5, 5), (66, 21), (13, 13), (40, 2), (9, 90), (11, 22)]
+]
+
+
+@pytest.mark.parametrize(
+    "loss_type,extra",
+    [
+        ("grpo", {}),
+        ("dr_grpo", {}),
+        ("dapo", {"epsilon_high": 0.28, "overlong_buffer_len": 2}),
+        ("gspo", {"num_iterations": 2}),
+        ("rloo", {"beta": 0.05}),
+    ],
+)
+def test_grpo_family_trains_and_logs(loss_type: str, extra: dict, tiny_model: str, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    keys = {
+        "stage": "grpo",
+        "model_name_or_path": tiny_model,
+        "dataset": data,
+        "loss_type": loss_type,
+        "reward_funcs": ["exact_match", "length"],
+        "reward_weights": [1.0, 0.1],
+        "length_target": 2,
+        "num_generations": 4,
+        "per_device_train_batch_size": 2,
+        "max_new_tokens": 4,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "torch_dtype": "float32",
+        **extra,
+    }
+    record, out = run_stage(tmp_path, keys)
+    records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    assert len(records) == 2
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "rewards/exact_match/mean",
+        "rewards/length/mean",
+        "frac_reward_zero_std",
+        "clip_ratio",
+        "entropy",
+        "completion_length",
+        "truncated_fraction",
+    ):
+        assert key in record, key
+    assert record["rewards/length/mean"] <= 0.0 and 0 < record["completion_length"] <= 4
+    assert ("kl" in record) == ("beta" in extra)
+    if loss_type == "dapo":
+        assert "rewards/overlong/mean" in record
+    if loss_type == "gspo":  # the second update of a rollout reuses it with importance ratios
+        assert records[1]["step"] == 2
+
+
+def test_grpo_learns_a_verifiable_reward(tiny_model: str, tmp_path: Path) -> None:
+    """A reward for completions that stop at once: GRPO raises it within a few steps."""
+    mod = tmp_path / "stop_reward.py"
+    mod.write_text(
+        "def short(prompts, completions, **kw):\n    return [1.0 if len(c) <= 1 else 0.0 for c in completions]\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        data = write_jsonl(tmp_path / "p.jsonl", PROMPTS * 4)
+        keys = {
+            "stage": "grpo",
+            "model_name_or_path": tiny_model,
+            "dataset": data,
+            "reward_funcs": ["stop_reward:short"],
+            "num_generations": 8,
+            "per_device_train_batch_size": 4,
+            "max_new_tokens": 3,
+            "max_steps": 12,
+            "logging_steps": 1,
+            "learning_rate": 3e-3,
+            "torch_dtype": "float32",
+            "temperature": 1.0,
+        }
+        _, out = run_stage(tmp_path, keys)
+    finally:
+        sys.path.remove(str(tmp_path))
+    records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    first = sum(r["reward/mean"] for r in records[:3]) / 3
+    last = sum(r["reward/mean"] for r in records[-3:]) / 3
+    assert last > first + 0.2, (first, last)
+
+
+def test_grpo_bad_inputs(tiny_model: str, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q"}])
+    base = {"stage": "grpo", "model_name_or_path": tiny_model, "dataset": data, "max_steps": 1}
+    with pytest.raises(UserError, match="`num_generations` must be >= 2"):
+        run_stage(tmp_path / "a", {**base, "reward_funcs": ["exact_match"], "num_generations": 1})
+    with pytest.raises(UserError, match="reward function `exact_match` needs the column `answer`"):
+        run_stage(tmp_path / "b", {**base, "reward_funcs": ["exact_match"]})
+    with pytest.raises(UserError, match="give `reward_funcs`"):
+        run_stage(tmp_path / "c", base)
+
+
+def test_gsm8k_prompts_flow_into_grpo(shared_data: Path, tiny_model: str, tmp_path: Path) -> None:
+    """The real GSM8K file as prompt-only data: questions become prompts, `answer` reaches math_accuracy."""
+    record, _ = run_stage(
+        tmp_path,
+        {
+            "stage": "grpo",
+            "model_name_or_path": tiny_model,
+            "dataset": str(shared_data / "gsm8k" / "test.jsonl"),
+            "max_length": 512,
+            "reward_funcs": ["math_accuracy"],
+            "num_generations": 2,
+            "per_device_train_batch_size": 2,
+            "max_new_tokens": 3,
+            "max_steps": 1,
+            "torch_dtype": "float32",
+        },
+    )
+    assert record["rewards/math_accuracy/mean"] == 0.0  # a random tiny model does not solve GSM8K
+    assert record["truncated_fraction"] > 0.5 and record["frac_reward_zero_std"] == 1.0
+
+
+def test_ppo_trains_logs_saves_critic_and_resumes(tiny_model: str, tiny_rm: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    keys = {
+        "stage": "ppo",
+        "model_name_or_path": tiny_model,
+        "dataset": data,
+        "reward_model": tiny_rm,
+        "per_device_train_batch_size": 4,
+        "max_new_tokens": 4,
+        "ppo_epochs": 2,
+        "num_mini_batches": 2,
+        "max_steps": 8,
+        "save_steps": 4,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "target_kl": 0.1,
+        "torch_dtype": "float32",
+        "missing_eos_penalty": 1.0,
+    }
+    record, out = run_stage(tmp_path, keys)
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "kl",
+        "entropy",
+        "policy/clipfrac",
+        "policy/approxkl",
+        "value/loss",
+        "value/explained_variance",
+        "response_length",
+        "truncated_fraction",
+        "kl_coef",
+    ):
+        assert key in record, key
+    records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    assert records[-1]["kl_coef"] != records[0]["kl_coef"]  # the adaptive controller moved
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    critic = AutoModelForTokenClassification.from_pretrained(Path(out) / "value_model")
+    assert critic.config.num_labels == 1
+    assert (Path(out) / "checkpoint-4" / "value_model" / "model.safetensors").is_file()
+    # resume from the step-4 checkpoint (a rollout boundary): runs to the end with the critic restored
+    import shutil
+
+    shutil.rmtree(Path(out) / "model.safetensors", ignore_errors=True)
+    record2, _ = run_stage(tmp_path, {**keys, "resume_from_checkpoint": "auto"})
+    again = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    assert [r["step"] for r in again] == list(range(1, 9))
+    assert math.isfinite(record2["loss"])
+
+
+def test_ppo_needs_a_reward(tiny_model: str, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    with pytest.raises(UserError, match="PPO needs a `reward_model`"):
+        run_stage(tmp_path, {"stage": "ppo", "model_name_or_path": tiny_model, "dataset": data})
+
+
+def test_reward_model_scores_with_its_own_tokenizer(tiny_model: str, tiny_rm: str, tmp_path: Path) -> None:
+    """A reward model whose tokenizer differs from the policy's reads text re-tokenised with its own."""
+    from alignkit.rewards import RewardModelScorer
+    from alignkit.tiny import build_tokenizer
+
+    other = tmp_path / "rm_other_tok"
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm)
+    tok = build_tokenizer(vocab_size=300, seed=3)  # another vocabulary: ids differ from the policy's
+    model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    scorer = RewardModelScorer(str(other))
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    got = scorer([prompt], ["4"], torch.device("cpu"))
+    ids = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "4"}], return_dict=True)[
+        "input_ids"
+    ]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0, 0]
+    assert got[0].item() == pytest.approx(expected.item(), rel=1e-5)
