@@ -142,3 +142,16 @@ def precompute(
     for k, values in cached.items():
         for row, v in zip(rows, values.tolist()):
             row[k] = v
+
+
+def precompute_splits(
+    stage: Any,
+    logps_fn: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    token_keys: tuple[str, ...],
+) -> None:
+    """`precompute` for the train rows and, when there are some, the eval rows of a stage."""
+    for name, rows in (("train", stage.train_rows), ("eval", stage.eval_rows)):
+        if rows:
+            precompute(
+                stage.cfg, stage.reference, stage.model, rows, stage.collate, logps_fn, token_keys, name
+            )

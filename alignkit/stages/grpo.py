@@ -12,11 +12,10 @@ import random
 import torch
 from torch import nn
 
-from alignkit.logprobs import completion_token_stats, per_row_sum
+from alignkit.logprobs import per_row_sum
 from alignkit.losses import clipped_surrogate, group_advantages, k3_kl
 from alignkit.models import load_policy
 from alignkit.reference import Reference
-from alignkit.rollout import sequences
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
 
@@ -158,14 +157,7 @@ class GRPOStage(OnlineStage):
         bs = self.cfg.per_device_eval_batch_size
         for i in range(0, len(buffer), bs):
             chunk = buffer[i : i + bs]
-            batch = {
-                k: v.to(device)
-                for k, v in sequences(
-                    [s["prompt_ids"] for s in chunk],
-                    [s["completion_ids"] for s in chunk],
-                    self.tokenizer.pad_token_id,
-                ).items()
-            }
+            batch = self.sequence_batch(chunk, device)
             if need_old:
                 self._store(chunk, "old_logps", self._token_logps(model, batch))
             if self.reference is not None:
@@ -173,14 +165,7 @@ class GRPOStage(OnlineStage):
                     self._store(chunk, "ref_logps", self._token_logps(ref, batch))
 
     def _token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        stats = completion_token_stats(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["completion_mask"],
-            temperature=self.cfg.temperature,
-        )
-        return stats.logps
+        return self.token_stats(model, batch).logps
 
     @staticmethod
     def _store(chunk: list[dict], key: str, flat: torch.Tensor) -> None:
@@ -192,11 +177,7 @@ class GRPOStage(OnlineStage):
 
     # ---------------------------------------------------------------- update
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = sequences(
-            [s["prompt_ids"] for s in samples],
-            [s["completion_ids"] for s in samples],
-            self.tokenizer.pad_token_id,
-        )
+        batch = self.sequence_batch(samples)
         batch["advantages"] = torch.tensor([s["advantage"] for s in samples], dtype=torch.float32)
         for key in ("old_logps", "ref_logps"):
             if key in samples[0]:
@@ -220,13 +201,7 @@ class GRPOStage(OnlineStage):
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.cfg
         n = batch["input_ids"].shape[0]
-        stats = completion_token_stats(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["completion_mask"],
-            temperature=cfg.temperature,
-        )
+        stats = self.token_stats(model, batch)
         logps, rows = stats.logps, stats.rows
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         adv = batch["advantages"]

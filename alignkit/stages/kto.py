@@ -16,7 +16,7 @@ from alignkit.errors import UserError
 from alignkit.logprobs import completion_token_stats, per_row_sum
 from alignkit.losses import KTO_LOSSES
 from alignkit.models import load_policy
-from alignkit.reference import Reference, precompute
+from alignkit.reference import Reference, precompute_splits
 from alignkit.stages.base import Metrics, Stage, StepOutput
 
 log = logging.getLogger("alignkit")
@@ -75,18 +75,7 @@ class KTOStage(Stage):
         self._resolve_weights()
         self.reference = Reference(self.cfg, self.model)
         if self.cfg.precompute_ref_log_probs:
-            for name, rows in (("train", self.train_rows), ("eval", self.eval_rows)):
-                if rows:
-                    precompute(
-                        self.cfg,
-                        self.reference,
-                        self.model,
-                        rows,
-                        self.collate,
-                        reference_logps,
-                        ("prompt_ids", "completion_ids", "kl_completion_ids"),
-                        name,
-                    )
+            precompute_splits(self, reference_logps, ("prompt_ids", "completion_ids", "kl_completion_ids"))
 
     def rows(self, sources: str | list[str]) -> list[dict]:
         cfg = self.cfg
@@ -122,7 +111,7 @@ class KTOStage(Stage):
         if n_d and n_u:
             ratio = cfg.desirable_weight * n_d / (cfg.undesirable_weight * n_u)
             lo, hi = KTO_RATIO_RANGE
-            if not lo <= ratio <= hi:
+            if not lo - 1e-3 <= ratio <= hi + 1e-3:  # weights are rounded to 4 decimals
                 w_d, w_u, _ = kto_weights(n_d, n_u)
                 log.warning(
                     "KTO: desirable_weight*n_D / (undesirable_weight*n_U) = %.3f is outside the paper's "

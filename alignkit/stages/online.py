@@ -17,9 +17,10 @@ from torch import nn
 from alignkit.data.batches import tokenize_chat, tokenize_text
 from alignkit.data.formats import Example
 from alignkit.errors import UserError
+from alignkit.logprobs import TokenStats, completion_token_stats
 from alignkit.losses import dapo_overlong_penalty
 from alignkit.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
-from alignkit.rollout import Samples, sample_hf
+from alignkit.rollout import Samples, sample_hf, sequences
 from alignkit.stages.base import Stage
 
 log = logging.getLogger("alignkit")
@@ -124,6 +125,27 @@ class OnlineStage(Stage):
             parts["overlong"] = overlong
             total = total + overlong
         return total, parts
+
+    def token_stats(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenStats:
+        """Completion-token stats under the sampling temperature (the distribution the rollout drew from)."""
+        return completion_token_stats(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            temperature=self.cfg.temperature,
+        )
+
+    def sequence_batch(
+        self, samples: list[dict], device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
+        """prompt + completion rows of buffer samples, padded, with their completion mask."""
+        batch = sequences(
+            [s["prompt_ids"] for s in samples],
+            [s["completion_ids"] for s in samples],
+            self.tokenizer.pad_token_id,
+        )
+        return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
     def update_batches(self, buffer: list[dict], update: int) -> list[list[dict]]:
         """The whole buffer in `gradient_accumulation_steps` micro-batches (the same count on every process)."""

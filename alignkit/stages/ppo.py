@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.logprobs import completion_token_stats
 from alignkit.losses import clipped_surrogate, gae, whiten
 from alignkit.models import _from_pretrained, apply_finetuning, load_policy, save_model, torch_dtype
 from alignkit.reference import Reference
@@ -104,21 +103,9 @@ class PPOStage(OnlineStage):
                 self.tokenizer.pad_token_id,
             ).items()
         }
-        old = completion_token_stats(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["completion_mask"],
-            temperature=cfg.temperature,
-        ).logps
+        old = self.token_stats(model, batch).logps
         with self.reference.active(unwrapped.policy, device) as ref:
-            ref_logps = completion_token_stats(
-                ref,
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["completion_mask"],
-                temperature=cfg.temperature,
-            ).logps
+            ref_logps = self.token_stats(ref, batch).logps
         values = _token_values(model, batch)
         # per-token rewards: -kl_coef * (log pi - log ref), plus the score on the last token (dense -> (B, T))
         b, t = len(keep), max(lengths)
@@ -180,11 +167,7 @@ class PPOStage(OnlineStage):
 
     # ------------------------------------------------------------------ update
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = sequences(
-            [s["prompt_ids"] for s in samples],
-            [s["completion_ids"] for s in samples],
-            self.tokenizer.pad_token_id,
-        )
+        batch = self.sequence_batch(samples)
         for key in ("old_logps", "ref_logps", "values", "advantages", "returns"):
             batch[key] = torch.tensor([v for s in samples for v in s[key]], dtype=torch.float32)
         batch["score"] = torch.tensor([s["score"] for s in samples])
@@ -203,13 +186,7 @@ class PPOStage(OnlineStage):
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.cfg
-        stats = completion_token_stats(
-            model,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["completion_mask"],
-            temperature=cfg.temperature,
-        )
+        stats = self.token_stats(model, batch)
         pg, clipped = clipped_surrogate(
             stats.logps, batch["old_logps"], batch["advantages"], cfg.cliprange, cfg.cliprange
         )

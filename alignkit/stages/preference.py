@@ -16,7 +16,7 @@ from alignkit.errors import UserError
 from alignkit.logprobs import completion_token_stats, per_row_sum
 from alignkit.losses import DPO_LOSSES, PairLogps
 from alignkit.models import load_policy
-from alignkit.reference import Reference, precompute
+from alignkit.reference import Reference, precompute_splits
 from alignkit.stages.base import Metrics, Stage, StepOutput
 
 log = logging.getLogger("alignkit")
@@ -52,18 +52,7 @@ class PreferenceStage(Stage):
         super().build()
         self.reference = Reference(self.cfg, self.model) if self.needs_reference else None
         if self.reference is not None and self.cfg.precompute_ref_log_probs:
-            for name, rows in (("train", self.train_rows), ("eval", self.eval_rows)):
-                if rows:
-                    precompute(
-                        self.cfg,
-                        self.reference,
-                        self.model,
-                        rows,
-                        self.collate,
-                        sequence_logps,
-                        ("prompt_ids", "chosen_ids", "rejected_ids"),
-                        name,
-                    )
+            precompute_splits(self, sequence_logps, ("prompt_ids", "chosen_ids", "rejected_ids"))
 
     def rows(self, sources: str | list[str]) -> list[dict]:
         examples = self.load_examples(sources)
