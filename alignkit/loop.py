@@ -304,7 +304,10 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
                     train_tokens_per_second=round(tokens_since_start / max(elapsed, 1e-9), 2),
                     peak_memory_mb=round(_peak_memory_mb(accelerator.device), 1),
                 )
-        if cfg.eval_steps and stage.eval_rows and (done % cfg.eval_steps == 0 or done == total_steps):
+        evaluating = (
+            cfg.eval_steps and stage.eval_rows and not online
+        )  # online stages: evaluate with rollouts
+        if evaluating and (done % cfg.eval_steps == 0 or done == total_steps):
             logged.update(evaluate(accelerator, stage, model, cfg))  # every process takes part
         if logged:
             record = {"step": done, "epoch": round(done / steps_per_epoch, 4), **logged}

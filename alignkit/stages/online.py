@@ -41,12 +41,19 @@ class OnlineStage(Stage):
         return 1
 
     def rows(self, sources: str | list[str]) -> list[dict]:
-        rows = []
+        rows, too_long = [], 0
         for ex in self.load_examples(sources):
             ids = encode_prompt(ex, self.tokenizer)
             if len(ids) + self.cfg.max_new_tokens > self.cfg.max_length:
+                too_long += 1
                 continue
             rows.append({"prompt_ids": ids, "prompt": ex.prompt, "columns": ex.extra, "where": ex.where})
+        if too_long:
+            log.warning(
+                "%d prompts dropped: prompt + max_new_tokens is longer than max_length=%d",
+                too_long,
+                self.cfg.max_length,
+            )
         if not rows:
             raise UserError(
                 f"every prompt is longer than max_length - max_new_tokens "
