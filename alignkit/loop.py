@@ -10,6 +10,7 @@ data position after a resume is the global step alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -246,7 +247,7 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
         for j, batch in enumerate(batches):
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             sync = j == len(batches) - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 out = stage.step(model, batch)
                 loss = out.loss_sum * world / total_items  # DDP averages gradients over processes
@@ -383,11 +384,3 @@ def _save_final(accelerator: Any, model: torch.nn.Module, stage: Stage, cfg: Bas
             shutil.rmtree(dest)
         os.replace(os.path.join(tmp, name), dest)
     os.rmdir(tmp)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

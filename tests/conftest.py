@@ -88,3 +88,23 @@ def tiny_ref(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
     return out
+
+
+def first_step(tmp_path: Path, stage: str, model: str, rows: list[dict], **keys) -> dict:
+    """One optimizer step of `stage` on `rows` (batch 4 in file order, fp32, logged): the record TRL is compared with."""
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    record, _ = run_stage(
+        tmp_path,
+        {
+            "stage": stage,
+            "model_name_or_path": model,
+            "dataset": data,
+            "max_steps": 1,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 4,
+            "shuffle": False,
+            "torch_dtype": "float32",
+            **keys,
+        },
+    )
+    return record

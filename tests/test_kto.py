@@ -11,7 +11,7 @@ import torch
 
 from alignkit.errors import UserError
 from alignkit.losses import KTO_LOSSES, kto_loss
-from tests.conftest import run_stage, write_jsonl
+from tests.conftest import first_step, run_stage, write_jsonl
 
 Q = ["What is 12 + 7?", "Name a colour of the sky.", "Say hello in French.", "Count to three.", "Spell cat."]
 A = ["19", "Blue, on a clear day.", "Bonjour!", "One, two, three.", "C, A, T."]
@@ -39,22 +39,7 @@ METRICS = (
 
 
 def _ours(tmp_path: Path, model: str, rows: list[dict], **keys) -> dict:
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    record, _ = run_stage(
-        tmp_path,
-        {
-            "stage": "kto",
-            "model_name_or_path": model,
-            "dataset": data,
-            "max_steps": 1,
-            "logging_steps": 1,
-            "per_device_train_batch_size": 4,
-            "shuffle": False,
-            "torch_dtype": "float32",
-            **keys,
-        },
-    )
-    return record
+    return first_step(tmp_path, "kto", model, rows, **keys)
 
 
 @pytest.mark.parametrize(

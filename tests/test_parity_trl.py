@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_stage, write_jsonl
+from tests.conftest import first_step
 from tests.trl_oracle import trl_first_step
 
 trl = pytest.importorskip("trl")
@@ -40,20 +40,8 @@ SFT_CASES = {
 def test_sft_first_step_matches_trl(case: str, tiny_model: str, tmp_path: Path) -> None:
     rows = SFT_CASES[case]
     log, prepared = trl_first_step("sft", tiny_model, rows)
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    ours, _ = run_stage(
-        tmp_path,
-        {
-            "stage": "sft",
-            "model_name_or_path": tiny_model,
-            "dataset": data,
-            "max_steps": 1,
-            "logging_steps": 1,
-            "per_device_train_batch_size": 4,
-            "shuffle": False,
-            "torch_dtype": "float32",
-        },
-    )
+    ours = first_step(tmp_path, "sft", tiny_model, rows)
+    data = str(tmp_path / "d.jsonl")
     assert_close(ours["loss"], log["loss"], "loss")
     assert_close(ours["grad_norm"], log["grad_norm"], "grad_norm")
     assert_close(ours["mean_token_accuracy"], log["mean_token_accuracy"], "mean_token_accuracy")
@@ -95,21 +83,8 @@ RM_CASES = {
 def test_reward_first_step_matches_trl(case: str, tiny_rm: str, tmp_path: Path) -> None:
     rows = RM_CASES[case]
     log, prepared = trl_first_step("rm", tiny_rm, rows, center_rewards_coefficient=0.01)
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    ours, _ = run_stage(
-        tmp_path,
-        {
-            "stage": "rm",
-            "model_name_or_path": tiny_rm,
-            "dataset": data,
-            "max_steps": 1,
-            "logging_steps": 1,
-            "per_device_train_batch_size": 4,
-            "shuffle": False,
-            "torch_dtype": "float32",
-            "center_rewards_coefficient": 0.01,
-        },
-    )
+    ours = first_step(tmp_path, "rm", tiny_rm, rows, center_rewards_coefficient=0.01)
+    data = str(tmp_path / "d.jsonl")
     assert_close(ours["loss"], log["loss"], "loss")
     assert_close(ours["grad_norm"], log["grad_norm"], "grad_norm")
     assert_close(ours["accuracy"], log["accuracy"], "accuracy")
