@@ -13,7 +13,7 @@ import torch
 from alignkit.errors import UserError
 from alignkit.losses import clipped_surrogate, dapo_overlong_penalty, gae, group_advantages, k3_kl, whiten
 from alignkit.rewards import exact_match, math_accuracy
-from tests.conftest import run_stage, write_jsonl
+from tests.conftest import first_step, run_stage, write_jsonl
 
 
 # ----------------------------------------------------------------------------------- pure functions
@@ -361,3 +361,26 @@ def test_reward_model_scores_with_its_own_tokenizer(tiny_model: str, tiny_rm: st
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0, 0]
     assert got[0].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ppo_whitening_keeps_the_logged_reward_raw_and_the_entropy_bonus_enters_the_loss(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`whiten_rewards` changes what the policy is trained on, not what `reward/mean` reports; an entropy bonus
+    moves the first step's loss by exactly -entropy_coef * entropy (same seed, same rollout)."""
+    (tmp_path / "offset_rewards.py").write_text(
+        "def five(prompts, completions, **kw):\n    return [5.0 + len(c) % 2 for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    keys = {
+        "reward_funcs": ["offset_rewards:five"],
+        "whiten_rewards": True,
+        "max_new_tokens": 4,
+        "ppo_epochs": 1,
+        "num_mini_batches": 1,
+    }
+    base = first_step(tmp_path / "plain", "ppo", tiny_model, PROMPTS[:4], **keys)
+    assert 5.0 <= base["reward/mean"] <= 6.0  # whitened, it would be 0
+    bonus = first_step(tmp_path / "bonus", "ppo", tiny_model, PROMPTS[:4], entropy_coef=0.5, **keys)
+    assert bonus["entropy"] == pytest.approx(base["entropy"], abs=1e-6) and base["entropy"] > 0.1
+    assert bonus["loss"] == pytest.approx(base["loss"] - 0.5 * base["entropy"], abs=1e-5)

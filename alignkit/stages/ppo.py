@@ -88,7 +88,8 @@ class PPOStage(OnlineStage):
         cfg = self.cfg
         unwrapped = getattr(model, "module", model)
         samples = self.sample(unwrapped.policy, rows, 1)
-        scores, parts = self.rewards(rows, samples, 1, device)
+        raw, parts = self.rewards(rows, samples, 1, device)
+        scores = raw  # what the policy is trained on; `reward/mean` logs the raw score
         if cfg.reward_clip is not None:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         if cfg.whiten_rewards:
@@ -139,7 +140,7 @@ class PPOStage(OnlineStage):
                     "values": val_l[j],
                     "advantages": adv[j, :n].tolist(),
                     "returns": returns[j, :n].tolist(),
-                    "score": float(scores[i]),
+                    "score": float(raw[i]),
                     "truncated": samples.truncated[i],
                     **{f"r/{k}": float(p[i]) for k, p in parts.items()},
                 }
@@ -195,10 +196,8 @@ class PPOStage(OnlineStage):
         v_clipped = old_v + torch.clamp(values - old_v, -cfg.cliprange_value, cfg.cliprange_value)
         vf = 0.5 * torch.max((values - ret) ** 2, (v_clipped - ret) ** 2)
         loss = pg + cfg.vf_coef * vf
-        if cfg.entropy_coef:
-            loss = (
-                loss - cfg.entropy_coef * stats.entropy
-            )  # the entropy here carries no gradient: a metric-only
+        if cfg.entropy_coef:  # entropy bonus: the entropy is differentiable
+            loss = loss - cfg.entropy_coef * stats.entropy
         n_tok = float(stats.logps.numel())
         with torch.no_grad():
             resid = ret - values.detach()
