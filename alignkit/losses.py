@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from alignkit.logprobs import per_row_sum
+
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Next-token negative log-likelihood per position.
@@ -388,6 +390,15 @@ def clipped_surrogate(
     return loss, was_clipped
 
 
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float
+) -> torch.Tensor:
+    """PPO's clipped value loss, per element: 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip kept within
+    `cliprange_value` of the rollout's value (Ziegler et al. 2019; Huang et al. 2024, detail 9)."""
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    return 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+
+
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || ref) estimate exp(ref - pi) - (ref - pi) - 1 >= 0 (Schulman's k3), as GRPO uses."""
     d = ref_logps - logps
@@ -433,4 +444,61 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) ->
     return out * mask
 
 
-GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "gspo", "rloo")
+# loss_type -> (advantage estimator for `group_advantages`, aggregation for `grpo_policy_loss`)
+#   seq_mean: mean over each completion's tokens, then over completions (GRPO, Shao et al. 2024, eq. 3)
+#   max_len:  sum over tokens / max_new_tokens per completion (Dr. GRPO, Liu et al. 2025: no length bias)
+#   token:    sum over all tokens / all tokens (DAPO, Yu et al. 2025, eq. 8)
+#   sequence: one importance ratio per completion, exp(mean_t log ratio) (GSPO, Zheng et al. 2025, eq. 7)
+GRPO_RECIPES: dict[str, tuple[str, str]] = {
+    "grpo": ("grpo", "seq_mean"),
+    "dr_grpo": ("dr_grpo", "max_len"),
+    "dapo": ("grpo", "token"),
+    "gspo": ("grpo", "sequence"),
+    "rloo": ("rloo", "seq_mean"),
+}
+GRPO_LOSS_TYPES = tuple(GRPO_RECIPES)
+
+
+def grpo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    rows: torch.Tensor,
+    aggregation: str,
+    epsilon_low: float,
+    epsilon_high: float,
+    max_new_tokens: int,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The GRPO family's clipped policy loss, summed over completions (or tokens, for `token`).
+
+    logps, old_logps, ref_logps: (N,) completion-token log-probs, flattened; rows: (N,) completion index of
+    each token; advantages: (B,) one per completion. The caller divides by the number of completions (or of
+    tokens, for `token`) summed over the whole global batch. With `ref_logps`, beta * k3 KL is added per token.
+    Returns (loss sum, was_clipped per token or per completion, per-token KL or None).
+    """
+    n = advantages.shape[0]
+    lengths = per_row_sum(torch.ones_like(logps), rows, n).clamp(min=1)
+    if aggregation == "sequence":
+        seq_log_ratio = per_row_sum(logps - old_logps, rows, n) / lengths
+        seq_loss, clipped = clipped_surrogate(
+            seq_log_ratio, torch.zeros_like(seq_log_ratio), advantages, epsilon_low, epsilon_high
+        )
+        token_loss = torch.zeros_like(logps)
+    else:
+        token_loss, clipped = clipped_surrogate(logps, old_logps, advantages[rows], epsilon_low, epsilon_high)
+        seq_loss = torch.zeros(n, dtype=logps.dtype, device=logps.device)
+    kl = None
+    if ref_logps is not None:
+        kl = k3_kl(logps, ref_logps)
+        token_loss = token_loss + beta * kl
+    if aggregation in ("seq_mean", "sequence"):
+        loss = (per_row_sum(token_loss, rows, n) / lengths).sum() + seq_loss.sum()
+    elif aggregation == "max_len":
+        loss = token_loss.sum() / max_new_tokens
+    elif aggregation == "token":
+        loss = token_loss.sum()
+    else:
+        raise ValueError(f"unknown aggregation {aggregation}")
+    return loss, clipped, kl

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from alignkit.errors import UserError
-from alignkit.losses import clipped_surrogate, dapo_overlong_penalty, gae, group_advantages, k3_kl, whiten
+from alignkit.losses import (
+    clipped_surrogate,
+    clipped_value_loss,
+    dapo_overlong_penalty,
+    gae,
+    group_advantages,
+    grpo_policy_loss,
+    k3_kl,
+    whiten,
+)
 from alignkit.rewards import exact_match, math_accuracy
 from tests.conftest import first_step, run_stage, write_jsonl
 
@@ -40,6 +49,49 @@ def test_clipped_surrogate_and_clip_higher() -> None:
     assert clipped.tolist() == [True, True, False]
     loss_hi, clipped_hi = clipped_surrogate(logp, old, adv, 0.2, 0.6)  # DAPO clip-higher lets 1.5 through
     assert loss_hi[0].item() == pytest.approx(-1.5) and not clipped_hi[0]
+
+
+def test_grpo_family_aggregations_by_hand() -> None:
+    """Two completions of 2 and 3 tokens, token ratios [1.5, 0.9] and [1.0, 1.3, 0.7], advantages 1 and -2,
+    clip range 0.2. Per-token clipped losses: [-1.2, -0.9] and [2.0, 2.6, 1.6] (the pessimistic term for A < 0)."""
+    ratios = [1.5, 0.9, 1.0, 1.3, 0.7]
+    logps = torch.log(torch.tensor(ratios))
+    old = torch.zeros(5)
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    adv = torch.tensor([1.0, -2.0])
+
+    def loss(aggregation: str, **kw: object) -> tuple[float, list[bool]]:
+        out, clipped, _ = grpo_policy_loss(logps, old, adv, rows, aggregation, 0.2, 0.2, 4, **kw)
+        return out.item(), clipped.tolist()
+
+    seq_mean, clipped = loss("seq_mean")  # GRPO: per-completion token mean, summed over completions
+    assert seq_mean == pytest.approx((-1.2 - 0.9) / 2 + (2.0 + 2.6 + 1.6) / 3, rel=1e-6)
+    assert clipped == [True, False, False, False, True]
+    assert loss("max_len")[0] == pytest.approx((-2.1 + 6.2) / 4, rel=1e-6)  # Dr. GRPO: / max_new_tokens
+    assert loss("token")[0] == pytest.approx(-2.1 + 6.2, rel=1e-6)  # DAPO: token sum (the loop divides)
+    # GSPO: one ratio per completion, the geometric mean of its token ratios, clipped as a whole
+    s0, s1 = math.sqrt(1.5 * 0.9), (1.0 * 1.3 * 0.7) ** (1 / 3)
+    gspo, seq_clipped = loss("sequence")
+    assert gspo == pytest.approx(-s0 * 1.0 + s1 * 2.0, rel=1e-6) and seq_clipped == [False, False]
+    # beta * k3 KL per token, added before aggregation; with ref = old, k3 = 1/r + log r - 1
+    k3 = sum(1 / r + math.log(r) - 1 for r in ratios)
+    with_kl, _ = loss("token", ref_logps=old, beta=0.1)
+    assert with_kl == pytest.approx(4.1 + 0.1 * k3, rel=1e-6)
+    # the gradient flows through the policy log-probs: d/dlogp of -r*A at an unclipped token is -r*A
+    lp = logps.clone().requires_grad_(True)
+    grpo_policy_loss(lp, old, adv, rows, "token", 0.2, 0.2, 4)[0].backward()
+    assert lp.grad.tolist() == pytest.approx([0.0, -0.9, 2.0, 2.6, 0.0], abs=1e-6)
+
+
+def test_clipped_value_loss_by_hand() -> None:
+    values, old, ret = (
+        torch.tensor([1.0, 0.5, 2.0]),
+        torch.tensor([0.5, 0.5, 1.0]),
+        torch.tensor([2.0, 0.0, 1.5]),
+    )
+    vf = clipped_value_loss(values, old, ret, 0.2)
+    # clipped values 0.7, 0.5, 1.2; the larger of the two squared errors, halved
+    assert vf.tolist() == pytest.approx([0.5 * 1.3**2, 0.5 * 0.5**2, 0.5 * 0.5**2], rel=1e-6)
 
 
 def test_k3_kl_overlong_gae_whiten_by_hand() -> None:

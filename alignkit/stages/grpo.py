@@ -13,26 +13,13 @@ import torch
 from torch import nn
 
 from alignkit.logprobs import per_row_sum
-from alignkit.losses import clipped_surrogate, group_advantages, k3_kl
+from alignkit.losses import GRPO_RECIPES, group_advantages, grpo_policy_loss
 from alignkit.models import load_policy
 from alignkit.reference import Reference
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
 
 log = logging.getLogger("alignkit")
-
-# loss_type -> (advantage estimator, aggregation)
-#   seq_mean: mean over each completion's tokens, then over completions (GRPO, Shao et al. 2024)
-#   max_len:  sum over tokens / max_new_tokens per completion (Dr. GRPO: no length bias)
-#   token:    sum over all tokens / all tokens (DAPO, token-level)
-#   sequence: one importance ratio per completion (GSPO, Zheng et al. 2025)
-RECIPES = {
-    "grpo": ("grpo", "seq_mean"),
-    "dr_grpo": ("dr_grpo", "max_len"),
-    "dapo": ("grpo", "token"),
-    "gspo": ("grpo", "sequence"),
-    "rloo": ("rloo", "seq_mean"),
-}
 
 
 class GRPOStage(OnlineStage):
@@ -60,7 +47,7 @@ class GRPOStage(OnlineStage):
     @torch.no_grad()
     def rollout(self, model: nn.Module, rows: list[dict], device: torch.device) -> list[dict]:
         cfg, g = self.cfg, self.cfg.num_generations
-        estimator, _ = RECIPES[cfg.loss_type]
+        estimator, _ = GRPO_RECIPES[cfg.loss_type]
         samples = self.sample(model, rows, g)
         total, parts = self.rewards(rows, samples, g, device)
         kept_rows, kept = list(rows), list(range(len(samples.completion_ids)))
@@ -191,7 +178,7 @@ class GRPOStage(OnlineStage):
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        if RECIPES[self.cfg.loss_type][1] == "token":
+        if GRPO_RECIPES[self.cfg.loss_type][1] == "token":
             return int(batch["completion_mask"][:, 1:].sum())
         return batch["input_ids"].shape[0]
 
@@ -204,31 +191,21 @@ class GRPOStage(OnlineStage):
         stats = self.token_stats(model, batch)
         logps, rows = stats.logps, stats.rows
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
-        adv = batch["advantages"]
         lengths = per_row_sum(torch.ones_like(logps), rows, n).clamp(min=1)
         eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-        aggregation = RECIPES[cfg.loss_type][1]
-        if aggregation == "sequence":  # GSPO: exp(mean_t log ratio) per completion
-            seq_log_ratio = per_row_sum(logps - old, rows, n) / lengths
-            seq_loss, clipped = clipped_surrogate(
-                seq_log_ratio, torch.zeros_like(seq_log_ratio), adv, cfg.epsilon, eps_high
-            )
-            token_loss = torch.zeros_like(logps)
-            clip_frac = (clipped.float().sum(), float(n))
-        else:
-            token_loss, clipped = clipped_surrogate(logps, old, adv[rows], cfg.epsilon, eps_high)
-            seq_loss = torch.zeros(n, device=logps.device)
-            clip_frac = (clipped.float().sum(), float(logps.numel()))
-        kl = None
-        if "ref_logps" in batch:
-            kl = k3_kl(logps, batch["ref_logps"])
-            token_loss = token_loss + cfg.beta * kl
-        if aggregation in ("seq_mean", "sequence"):
-            loss = (per_row_sum(token_loss, rows, n) / lengths).sum() + seq_loss.sum()
-        elif aggregation == "max_len":
-            loss = per_row_sum(token_loss, rows, n).sum() / cfg.max_new_tokens
-        else:
-            loss = token_loss.sum()
+        loss, clipped, kl = grpo_policy_loss(
+            logps,
+            old,
+            batch["advantages"],
+            rows,
+            GRPO_RECIPES[cfg.loss_type][1],
+            cfg.epsilon,
+            eps_high,
+            cfg.max_new_tokens,
+            batch.get("ref_logps"),
+            cfg.beta,
+        )
+        clip_frac = (clipped.float().sum(), float(clipped.numel()))
         return StepOutput(loss_sum=loss, metrics=self._metrics(batch, stats, lengths, clip_frac, kl))
 
     def _metrics(

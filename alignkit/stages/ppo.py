@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.losses import clipped_surrogate, gae, whiten
+from alignkit.losses import clipped_surrogate, clipped_value_loss, gae, whiten
 from alignkit.models import _from_pretrained, apply_finetuning, load_policy, save_model, torch_dtype
 from alignkit.reference import Reference
 from alignkit.rollout import sequences
@@ -192,9 +192,8 @@ class PPOStage(OnlineStage):
             stats.logps, batch["old_logps"], batch["advantages"], cfg.cliprange, cfg.cliprange
         )
         values = _token_values(model, batch)
-        old_v, ret = batch["values"], batch["returns"]
-        v_clipped = old_v + torch.clamp(values - old_v, -cfg.cliprange_value, cfg.cliprange_value)
-        vf = 0.5 * torch.max((values - ret) ** 2, (v_clipped - ret) ** 2)
+        ret = batch["returns"]
+        vf = clipped_value_loss(values, batch["values"], ret, cfg.cliprange_value)
         loss = pg + cfg.vf_coef * vf
         if cfg.entropy_coef:  # entropy bonus: the entropy is differentiable
             loss = loss - cfg.entropy_coef * stats.entropy
