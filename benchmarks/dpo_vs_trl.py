@@ -13,38 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "llamafactory" / "dpo_en_demo.json"
+from harness import SHARED, compare, parser, peak_mb
 
-
-def build(model_dir: str, vocab: int, hidden: int, layers: int) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from alignkit.tiny import build_tiny
-
-    build_tiny(model_dir, hidden_size=hidden, layers=layers)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.resize_token_embeddings(vocab)
-    model.save_pretrained(model_dir)
+DATA = SHARED / "llamafactory" / "dpo_en_demo.json"
 
 
-def _peak_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_alignkit(model_dir: str, steps: int, out: str) -> dict:
+def run_alignkit(model_dir: str, args: argparse.Namespace, out: str) -> dict:
     from alignkit.config import build_config
     from alignkit.loop import train
     from alignkit.stages import get_stage
@@ -56,8 +33,8 @@ def run_alignkit(model_dir: str, steps: int, out: str) -> dict:
             "dataset": str(DATA),
             "max_length": 256,
             "per_device_train_batch_size": 4,
-            "max_steps": steps,
-            "logging_steps": steps,
+            "max_steps": args.steps,
+            "logging_steps": args.steps,
             "output_dir": out,
             "disable_tqdm": True,
             "plot_loss": False,
@@ -67,10 +44,10 @@ def run_alignkit(model_dir: str, steps: int, out: str) -> dict:
         }
     )
     record = train(cfg, get_stage("dpo")(cfg))
-    return {"train_s": record["train_runtime"], "peak_mb": _peak_mb(), "loss": record["loss"]}
+    return {"train_s": record["train_runtime"], "peak_mb": peak_mb(), "loss": record["loss"]}
 
 
-def run_trl(model_dir: str, steps: int, out: str) -> dict:
+def run_trl(model_dir: str, args: argparse.Namespace, out: str) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -86,10 +63,10 @@ def run_trl(model_dir: str, steps: int, out: str) -> dict:
         }
         for r in raw
     ]
-    args = DPOConfig(
+    cfg = DPOConfig(
         output_dir=out,
-        max_steps=steps,
-        logging_steps=steps,
+        max_steps=args.steps,
+        logging_steps=args.steps,
         report_to="none",
         per_device_train_batch_size=4,
         bf16=False,
@@ -102,55 +79,27 @@ def run_trl(model_dir: str, steps: int, out: str) -> dict:
     )
     tok = AutoTokenizer.from_pretrained(model_dir)
     trainer = DPOTrainer(
-        model=model_dir, args=args, processing_class=tok, train_dataset=Dataset.from_list(rows)
+        model=model_dir, args=cfg, processing_class=tok, train_dataset=Dataset.from_list(rows)
     )
     t = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t
-    return {"train_s": train_s, "peak_mb": _peak_mb(), "loss": trainer.state.log_history[0]["loss"]}
+    return {"train_s": train_s, "peak_mb": peak_mb(), "loss": trainer.state.log_history[0]["loss"]}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--run", choices=["alignkit", "trl"])
-    p.add_argument("--model")
-    args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.run:
-        out = tempfile.mkdtemp()
-        result = (run_alignkit if args.run == "alignkit" else run_trl)(args.model, args.steps, out)
-        print("RESULT " + json.dumps(result))
-        return
-    model_dir = tempfile.mkdtemp() + "/model"
-    build(model_dir, args.vocab, args.hidden, args.layers)
-    results = {}
-    for side in ("alignkit", "trl"):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
-        proc = subprocess.run(
-            [sys.executable, __file__, "--run", side, "--model", model_dir, "--steps", str(args.steps)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(line[0][7:])
-    a, t = results["alignkit"], results["trl"]
+    args = parser(steps=10).parse_args()
+    results = compare(__file__, sys.argv[1:], args, {"alignkit": run_alignkit, "trl": run_trl})
     print(
         f"DPO, {args.steps} steps of 4 pairs, max_length 256, vocab {args.vocab}, hidden {args.hidden}, "
         f"{args.layers} layers"
     )
     print(f"{'':10} {'train s':>9} {'peak MB':>9} {'loss':>9}")
-    for side, r in results.items():
+    for side in ("alignkit", "trl"):
+        r = results[side]
         print(f"{side:10} {r['train_s']:9.2f} {r['peak_mb']:9.0f} {r['loss']:9.4f}")
-    print(
-        f"alignkit / TRL: time {a['train_s'] / t['train_s']:.2f}x, peak memory {a['peak_mb'] / t['peak_mb']:.2f}x"
-    )
+    ratio = results["ratio"]
+    print(f"alignkit / TRL: time {ratio['time']:.2f}x, peak memory {ratio['peak_memory']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_vs_trl import REPO, _peak_mb, build  # noqa: E402
+from harness import SHARED, compare, parser, peak_mb
 
-DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+DATA = SHARED / "gsm8k" / "train.jsonl"
 
 
 def run_alignkit(model_dir: str, args: argparse.Namespace, out: str) -> dict:
@@ -59,7 +54,7 @@ def run_alignkit(model_dir: str, args: argparse.Namespace, out: str) -> dict:
     record = train(cfg, get_stage("grpo")(cfg))
     return {
         "train_s": record["train_runtime"],
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_mb(),
         "completion_length": record["completion_length"],
     }
 
@@ -108,55 +103,31 @@ def run_trl(model_dir: str, args: argparse.Namespace, out: str) -> dict:
     logged = trainer.state.log_history[0]
     return {
         "train_s": train_s,
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_mb(),
         "completion_length": logged.get("completions/mean_length", float("nan")),
     }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=5)
+    p = parser(steps=5)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--run", choices=["alignkit", "trl"])
-    p.add_argument("--model")
     args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.run:
-        result = (run_alignkit if args.run == "alignkit" else run_trl)(args.model, args, tempfile.mkdtemp())
-        print("RESULT " + json.dumps(result))
-        return
-    model_dir = tempfile.mkdtemp() + "/model"
-    build(model_dir, args.vocab, args.hidden, args.layers)
-    results = {}
-    for side in ("alignkit", "trl"):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
-        cmd = [sys.executable, __file__, "--run", side, "--model", model_dir]
-        for key in ("steps", "prompts", "generations", "max_new_tokens"):
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(line[0][7:])
-    a, t = results["alignkit"], results["trl"]
+    results = compare(__file__, sys.argv[1:], args, {"alignkit": run_alignkit, "trl": run_trl})
     print(
         f"GRPO, {args.steps} steps of {args.prompts} prompts x {args.generations} completions, "
         f"max_new_tokens {args.max_new_tokens}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers"
     )
     print(f"{'':10} {'train s':>9} {'s/step':>9} {'peak MB':>9} {'mean len':>9}")
-    for side, r in results.items():
+    for side in ("alignkit", "trl"):
+        r = results[side]
         print(
             f"{side:10} {r['train_s']:9.2f} {r['train_s'] / args.steps:9.2f} {r['peak_mb']:9.0f} "
             f"{r['completion_length']:9.1f}"
         )
-    print(
-        f"alignkit / TRL: time {a['train_s'] / t['train_s']:.2f}x, peak memory {a['peak_mb'] / t['peak_mb']:.2f}x"
-    )
+    ratio = results["ratio"]
+    print(f"alignkit / TRL: time {ratio['time']:.2f}x, peak memory {ratio['peak_memory']:.2f}x")
 
 
 if __name__ == "__main__":
