@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.config import build_config
@@ -47,6 +47,7 @@ class Context:
     base_model: str
     sft_model: str = ""
     annotator_rm: str = ""  # the reward model's first pass, kept for the control that stops there
+    data: dict[str, str] = field(default_factory=dict)  # data files written by this run, by name
 
 
 def accuracy(model_dir: str, problems: list[Problem]) -> dict[str, float]:
@@ -131,11 +132,16 @@ def _from_sft(ctx: Context, name: str, data: str, keys: dict[str, Any]) -> str:
     return _train(ctx, name, {**common, **keys})
 
 
+def _data(ctx: Context, name: str, make: Callable[[], list[dict]]) -> str:
+    """A data file of this run, written once per run (a re-run in the same folder, with another seed, rewrites
+    it rather than reusing the last run's)."""
+    if name not in ctx.data:
+        ctx.data[name] = _write_jsonl(os.path.join(ctx.output_dir, "data", f"{name}.jsonl"), make())
+    return ctx.data[name]
+
+
 def _pairs(ctx: Context) -> str:
-    path = os.path.join(ctx.output_dir, "data", "pairs.jsonl")
-    if not os.path.isfile(path):
-        _write_jsonl(path, preference_rows(ctx.train_problems, n=3200, seed=ctx.seed + 1))
-    return path
+    return _data(ctx, "pairs", lambda: preference_rows(ctx.train_problems, n=3200, seed=ctx.seed + 1))
 
 
 def run_dpo(ctx: Context) -> str:
@@ -200,10 +206,7 @@ def run_grpo(ctx: Context) -> str:
 
 
 def _prompts(ctx: Context) -> str:
-    path = os.path.join(ctx.output_dir, "data", "prompts.jsonl")
-    if not os.path.isfile(path):
-        _write_jsonl(path, prompt_rows(ctx.train_problems, n=4000, seed=ctx.seed + 3))
-    return path
+    return _data(ctx, "prompts", lambda: prompt_rows(ctx.train_problems, n=4000, seed=ctx.seed + 3))
 
 
 PPO_KEYS = {
@@ -251,10 +254,7 @@ def train_reward_model(ctx: Context) -> str:
     """The reward model PPO uses: the annotator's pairs first, then wider pairs (nearby wrong answers on either
     side, from `reward_model_rows`) that break the shortcut. The first pass is what makes the second learnable:
     from the SFT model directly, the wide pairs stay at chance for 800 steps."""
-    wide = _write_jsonl(
-        os.path.join(ctx.output_dir, "data", "rm_pairs.jsonl"),
-        reward_model_rows(ctx.train_problems, n=25600, seed=ctx.seed + 4),
-    )
+    wide = _data(ctx, "rm_pairs", lambda: reward_model_rows(ctx.train_problems, n=25600, seed=ctx.seed + 4))
     keys = {
         "model_name_or_path": train_annotator_rm(ctx),
         "dataset": wide,

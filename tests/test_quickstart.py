@@ -28,6 +28,18 @@ def test_task_data_is_systematically_wrong_on_carries() -> None:
     assert parse_answer(" 75 ") == 75 and parse_answer("none") is None
 
 
+def test_quickstart_rewrites_its_data_when_rerun_with_another_seed(tmp_path: Path) -> None:
+    from alignkit.quickstart import Context, _pairs
+
+    train, held_out = split_problems(0)
+    first = Context(str(tmp_path), 0, train, held_out, base_model="unused")
+    path = _pairs(first)
+    text = Path(path).read_text()
+    assert _pairs(first) == path and Path(path).read_text() == text  # written once per run
+    _pairs(Context(str(tmp_path), 1, train, held_out, base_model="unused"))
+    assert Path(path).read_text() != text  # a new run with another seed does not reuse it
+
+
 def test_quickstart_every_method_lifts_the_sft_model(tmp_path: Path) -> None:
     """The whole quickstart (about 4 minutes on 2 cores): SFT learns the task and the annotator's error; every
     preference method started from it lifts held-out accuracy; the controls are reported beside them."""
