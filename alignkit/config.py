@@ -186,6 +186,9 @@ class GRPOConfig(OnlineConfig):
     num_generations: int = 8
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo | gspo | rloo
     beta: float = 0.0  # KL to the reference; 0 loads no reference model
+    use_bias_correction_kl: bool = (
+        True  # weight the k3 KL by the importance ratio (DeepSeek-V3.2; TRL's default)
+    )
     epsilon: float = 0.2  # clip range (epsilon_low)
     epsilon_high: float | None = None  # DAPO clip-higher; default: epsilon
     num_iterations: int = 1  # updates per rollout (importance ratios against the sampling log-probs)

@@ -470,13 +470,16 @@ def grpo_policy_loss(
     max_new_tokens: int,
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
+    kl_bias_correction: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The GRPO family's clipped policy loss, summed over completions (or tokens, for `token`).
 
     logps, old_logps, ref_logps: (N,) completion-token log-probs, flattened; rows: (N,) completion index of
     each token; advantages: (B,) one per completion. The caller divides by the number of completions (or of
-    tokens, for `token`) summed over the whole global batch. With `ref_logps`, beta * k3 KL is added per token.
-    Returns (loss sum, was_clipped per token or per completion, per-token KL or None).
+    tokens, for `token`) summed over the whole global batch. With `ref_logps`, beta * k3 KL is added per token,
+    weighted by the importance ratio when `kl_bias_correction` (DeepSeek-V3.2, eq. 7: the unbiased gradient
+    of the reverse KL when samples come from the old policy; TRL's `use_bias_correction_kl`, on by default).
+    Returns (loss sum, was_clipped per token or per completion, per-token k3 KL or None).
     """
     n = advantages.shape[0]
     lengths = per_row_sum(torch.ones_like(logps), rows, n).clamp(min=1)
@@ -486,13 +489,15 @@ def grpo_policy_loss(
             seq_log_ratio, torch.zeros_like(seq_log_ratio), advantages, epsilon_low, epsilon_high
         )
         token_loss = torch.zeros_like(logps)
+        ratio = torch.exp(seq_log_ratio)[rows]
     else:
         token_loss, clipped = clipped_surrogate(logps, old_logps, advantages[rows], epsilon_low, epsilon_high)
         seq_loss = torch.zeros(n, dtype=logps.dtype, device=logps.device)
+        ratio = torch.exp(logps - old_logps)
     kl = None
     if ref_logps is not None:
         kl = k3_kl(logps, ref_logps)
-        token_loss = token_loss + beta * kl
+        token_loss = token_loss + beta * (kl * ratio if kl_bias_correction else kl)
     if aggregation in ("seq_mean", "sequence"):
         loss = (per_row_sum(token_loss, rows, n) / lengths).sum() + seq_loss.sum()
     elif aggregation == "max_len":

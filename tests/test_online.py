@@ -73,10 +73,13 @@ def test_grpo_family_aggregations_by_hand() -> None:
     s0, s1 = math.sqrt(1.5 * 0.9), (1.0 * 1.3 * 0.7) ** (1 / 3)
     gspo, seq_clipped = loss("sequence")
     assert gspo == pytest.approx(-s0 * 1.0 + s1 * 2.0, rel=1e-6) and seq_clipped == [False, False]
-    # beta * k3 KL per token, added before aggregation; with ref = old, k3 = 1/r + log r - 1
-    k3 = sum(1 / r + math.log(r) - 1 for r in ratios)
+    # beta * k3 KL per token, added before aggregation; with ref = old, k3 = 1/r + log r - 1; by default
+    # weighted by the (unclipped) ratio r (DeepSeek-V3.2's bias correction), else not
+    k3 = [1 / r + math.log(r) - 1 for r in ratios]
     with_kl, _ = loss("token", ref_logps=old, beta=0.1)
-    assert with_kl == pytest.approx(4.1 + 0.1 * k3, rel=1e-6)
+    assert with_kl == pytest.approx(4.1 + 0.1 * sum(r * k for r, k in zip(ratios, k3)), rel=1e-6)
+    plain_kl, _ = loss("token", ref_logps=old, beta=0.1, kl_bias_correction=False)
+    assert plain_kl == pytest.approx(4.1 + 0.1 * sum(k3), rel=1e-6)
     # the gradient flows through the policy log-probs: d/dlogp of -r*A at an unclipped token is -r*A
     lp = logps.clone().requires_grad_(True)
     grpo_policy_loss(lp, old, adv, rows, "token", 0.2, 0.2, 4)[0].backward()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import first_step
-from tests.trl_oracle import trl_first_step
+from tests.conftest import first_step, write_jsonl
+from tests.trl_oracle import trl_first_step, trl_grpo_loss
 
 trl = pytest.importorskip("trl")
 
@@ -128,3 +128,98 @@ def test_reward_token_ids_on_real_sharegpt_file_match_trl(tiny_rm: str, shared_d
     )
     assert [o["chosen_ids"] for o in ours] == [t["chosen_ids"] for t in theirs]
     assert [o["rejected_ids"] for o in ours] == [t["rejected_ids"] for t in theirs]
+
+
+@pytest.mark.parametrize(
+    "loss_type,trl_config",
+    [
+        ("grpo", {"loss_type": "grpo"}),
+        ("grpo", {"loss_type": "grpo", "use_bias_correction_kl": False}),
+        ("dr_grpo", {"loss_type": "dr_grpo"}),
+        ("dapo", {"loss_type": "dapo", "epsilon_high": 0.28}),
+        ("gspo", {"loss_type": "grpo", "importance_sampling_level": "sequence"}),
+    ],
+)
+def test_grpo_family_loss_matches_trl(
+    loss_type: str, trl_config: dict, tiny_model: str, tmp_path: Path
+) -> None:
+    """The same completions, advantages and sampling / reference log-probs through alignkit's GRPO stage
+    (`collate` -> `step`, divided by `count`) and TRL's `GRPOTrainer._compute_loss`, with beta 0.04 (KL with
+    and without the importance-ratio bias correction). The
+    sampling log-probs are the model's own, perturbed, so ratios straddle the clip range."""
+    import torch
+
+    from alignkit.config import build_config
+    from alignkit.logprobs import completion_token_stats
+    from alignkit.rollout import sequences
+    from alignkit.stages import get_stage
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 500, (6,), generator=g).tolist() for _ in range(4)]
+    completions = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (3, 5, 2, 4)]
+    advantages = [0.7, -1.3, 1.1, -0.4]
+    epsilon_high = trl_config.get("epsilon_high", 0.2)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 1 + 1?"}])
+    cfg = build_config(
+        {
+            "stage": "grpo",
+            "model_name_or_path": tiny_model,
+            "dataset": data,
+            "output_dir": str(tmp_path / "out"),
+            "loss_type": loss_type,
+            "reward_funcs": ["length"],
+            "beta": 0.04,
+            "epsilon_high": epsilon_high,
+            "use_bias_correction_kl": trl_config.get("use_bias_correction_kl", True),
+            "max_new_tokens": 5,
+            "torch_dtype": "float32",
+        }
+    )
+    stage = get_stage("grpo")(cfg)
+    stage.build()
+    model = stage.model
+    seq = sequences(prompts, completions, stage.tokenizer.pad_token_id)
+    with torch.no_grad():
+        true = completion_token_stats(
+            model, seq["input_ids"], seq["attention_mask"], seq["completion_mask"]
+        ).logps
+    old = (true + 0.3 * torch.randn(true.shape, generator=g)).tolist()
+    ref = (true + 0.5 * torch.randn(true.shape, generator=g)).tolist()
+    old_rows, ref_rows, pos = [], [], 0
+    for c in completions:
+        old_rows.append(old[pos : pos + len(c)])
+        ref_rows.append(ref[pos : pos + len(c)])
+        pos += len(c)
+    samples = [
+        {
+            "prompt_ids": p,
+            "completion_ids": c,
+            "advantage": a,
+            "reward": 0.0,
+            "truncated": False,
+            "zero_std": False,
+            "old_logps": o,
+            "ref_logps": r,
+        }
+        for p, c, a, o, r in zip(prompts, completions, advantages, old_rows, ref_rows)
+    ]
+    batch = stage.collate(samples)
+    model.train()
+    with torch.no_grad():
+        out = stage.step(model, batch)
+    ours = float(out.loss_sum) / stage.count(batch)
+    assert float(out.metrics["clip_ratio"][0]) > 0  # the clip range is exercised
+    theirs = trl_grpo_loss(
+        tiny_model,
+        prompts,
+        completions,
+        advantages,
+        old_rows,
+        ref_rows,
+        stage.tokenizer.pad_token_id,
+        beta=0.04,
+        epsilon=0.2,
+        max_completion_length=5,
+        **trl_config,
+    )
+    assert_close(ours, theirs, f"{loss_type} loss")

@@ -62,3 +62,62 @@ def trl_first_step(
         return {}, prepared
     trainer.train()
     return trainer.state.log_history[0], prepared
+
+
+def trl_grpo_loss(
+    model_dir: str,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    advantages: list[float],
+    old_logps: list[list[float]],
+    ref_logps: list[list[float]],
+    pad_id: int,
+    **config: object,
+) -> float:
+    """TRL's GRPO loss (`GRPOTrainer._compute_loss`) on given prompts (all the same length), right-padded
+    completions, advantages and sampling / reference log-probs; one process, no accumulation."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    def no_reward(completions: list, **_: object) -> list[float]:
+        return [0.0] * len(completions)
+
+    args = trl.GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=len(prompt_ids),
+        num_generations=2,
+        temperature=1.0,
+        disable_tqdm=True,
+        **config,
+    )
+    trainer = trl.GRPOTrainer(
+        model=model_dir,
+        reward_funcs=no_reward,
+        args=args,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        train_dataset=Dataset.from_list([{"prompt": "unused"}] * len(prompt_ids)),
+    )
+    width = max(len(c) for c in completion_ids)
+
+    def right_pad(rows: list[list], value: float) -> torch.Tensor:
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+    mask = right_pad([[1] * len(c) for c in completion_ids], 0)
+    inputs = {
+        "prompt_ids": torch.tensor(prompt_ids),
+        "prompt_mask": torch.ones(len(prompt_ids), len(prompt_ids[0]), dtype=torch.long),
+        "completion_ids": right_pad(completion_ids, pad_id),
+        "completion_mask": mask,
+        "advantages": torch.tensor(advantages),
+        "old_per_token_logps": right_pad(old_logps, 0.0).float(),
+        "ref_per_token_logps": right_pad(ref_logps, 0.0).float(),
+        "num_items_in_batch": mask.sum(),
+    }
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    with torch.no_grad():
+        return float(trainer._compute_loss(trainer.model, inputs))

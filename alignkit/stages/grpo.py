@@ -204,6 +204,7 @@ class GRPOStage(OnlineStage):
             cfg.max_new_tokens,
             batch.get("ref_logps"),
             cfg.beta,
+            cfg.use_bias_correction_kl,
         )
         clip_frac = (clipped.float().sum(), float(clipped.numel()))
         return StepOutput(loss_sum=loss, metrics=self._metrics(batch, stats, lengths, clip_frac, kl))
