@@ -449,12 +449,14 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) ->
 #   max_len:  sum over tokens / max_new_tokens per completion (Dr. GRPO, Liu et al. 2025: no length bias)
 #   token:    sum over all tokens / all tokens (DAPO, Yu et al. 2025, eq. 8)
 #   sequence: one importance ratio per completion, exp(mean_t log ratio) (GSPO, Zheng et al. 2025, eq. 7)
+#   sequence_sum: the whole completion's probability ratio, exp(sum_t log ratio), clipped, mean over
+#             completions; the KL goes into the reward, not the loss (RLOO, Ahmadian et al. 2024; TRL's RLOOTrainer)
 GRPO_RECIPES: dict[str, tuple[str, str]] = {
     "grpo": ("grpo", "seq_mean"),
     "dr_grpo": ("dr_grpo", "max_len"),
     "dapo": ("grpo", "token"),
     "gspo": ("grpo", "sequence"),
-    "rloo": ("rloo", "seq_mean"),
+    "rloo": ("rloo", "sequence_sum"),
 }
 GRPO_LOSS_TYPES = tuple(GRPO_RECIPES)
 
@@ -483,8 +485,12 @@ def grpo_policy_loss(
     """
     n = advantages.shape[0]
     lengths = per_row_sum(torch.ones_like(logps), rows, n).clamp(min=1)
-    if aggregation == "sequence":
-        seq_log_ratio = per_row_sum(logps - old_logps, rows, n) / lengths
+    if aggregation == "sequence_sum" and ref_logps is not None:
+        raise ValueError("sequence_sum (RLOO) takes its KL penalty in the reward, not in the loss")
+    if aggregation in ("sequence", "sequence_sum"):
+        seq_log_ratio = per_row_sum(logps - old_logps, rows, n)
+        if aggregation == "sequence":
+            seq_log_ratio = seq_log_ratio / lengths
         seq_loss, clipped = clipped_surrogate(
             seq_log_ratio, torch.zeros_like(seq_log_ratio), advantages, epsilon_low, epsilon_high
         )
@@ -498,7 +504,7 @@ def grpo_policy_loss(
     if ref_logps is not None:
         kl = k3_kl(logps, ref_logps)
         token_loss = token_loss + beta * (kl * ratio if kl_bias_correction else kl)
-    if aggregation in ("seq_mean", "sequence"):
+    if aggregation in ("seq_mean", "sequence", "sequence_sum"):
         loss = (per_row_sum(token_loss, rows, n) / lengths).sum() + seq_loss.sum()
     elif aggregation == "max_len":
         loss = token_loss.sum() / max_new_tokens

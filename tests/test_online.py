@@ -73,6 +73,11 @@ def test_grpo_family_aggregations_by_hand() -> None:
     s0, s1 = math.sqrt(1.5 * 0.9), (1.0 * 1.3 * 0.7) ** (1 / 3)
     gspo, seq_clipped = loss("sequence")
     assert gspo == pytest.approx(-s0 * 1.0 + s1 * 2.0, rel=1e-6) and seq_clipped == [False, False]
+    # RLOO: the whole completion's ratio, 1.35 (clipped to 1.2, A > 0) and 0.91; the KL is in the reward
+    rloo, seq_clipped = loss("sequence_sum")
+    assert rloo == pytest.approx(-1.2 * 1.0 + 0.91 * 2.0, rel=1e-6) and seq_clipped == [True, False]
+    with pytest.raises(ValueError, match="KL penalty in the reward"):
+        loss("sequence_sum", ref_logps=old, beta=0.1)
     # beta * k3 KL per token, added before aggregation; with ref = old, k3 = 1/r + log r - 1; by default
     # weighted by the (unclipped) ratio r (DeepSeek-V3.2's bias correction), else not
     k3 = [1 / r + math.log(r) - 1 for r in ratios]
@@ -439,3 +444,56 @@ def test_ppo_whitening_keeps_the_logged_reward_raw_and_the_entropy_bonus_enters_
     bonus = first_step(tmp_path / "bonus", "ppo", tiny_model, PROMPTS[:4], entropy_coef=0.5, **keys)
     assert bonus["entropy"] == pytest.approx(base["entropy"], abs=1e-6) and base["entropy"] > 0.1
     assert bonus["loss"] == pytest.approx(base["loss"] - 0.5 * base["entropy"], abs=1e-5)
+
+
+def test_rloo_penalises_the_sequence_kl_in_the_reward_before_the_baseline(
+    tiny_model: str, tiny_ref: str, tmp_path: Path
+) -> None:
+    """RLOO (Ahmadian et al. 2024; TRL's RLOOTrainer): r_i - beta * sum_t (log pi - log ref), then the
+    leave-one-out baseline; the loss gets no KL term."""
+    from alignkit.config import build_config
+    from alignkit.stages import get_stage
+
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    cfg = build_config(
+        {
+            "stage": "grpo",
+            "model_name_or_path": tiny_model,
+            "ref_model_name_or_path": tiny_ref,
+            "dataset": data,
+            "output_dir": str(tmp_path / "out"),
+            "loss_type": "rloo",
+            "beta": 0.5,
+            "reward_funcs": ["length"],
+            "length_target": 2,
+            "num_generations": 4,
+            "max_new_tokens": 4,
+            "torch_dtype": "float32",
+        }
+    )
+    stage = get_stage("grpo")(cfg)
+    stage.build()
+    torch.manual_seed(0)
+    buffer = stage.rollout(stage.model, stage.train_rows[:2], torch.device("cpu"))
+    assert len(buffer) == 8 and all("ref_logps" not in s for s in buffer)
+    assert all(
+        s["kl"] == pytest.approx(sum(s["old_logps"]) - sum(_ref_logps(stage, s)), abs=1e-4) for s in buffer
+    )
+    assert any(abs(s["kl"]) > 0.1 for s in buffer)  # the reference differs from the policy
+    for group in (buffer[:4], buffer[4:]):
+        penalised = [s["reward"] - 0.5 * s["kl"] for s in group]
+        for i, s in enumerate(group):
+            others = [p for j, p in enumerate(penalised) if j != i]
+            assert s["advantage"] == pytest.approx(penalised[i] - sum(others) / 3, abs=1e-4)
+    batch = stage.collate(buffer)
+    assert "ref_logps" not in batch and stage.count(batch) == 8
+    assert stage.step(stage.model, batch).metrics["kl"][0].item() == pytest.approx(
+        sum(s["kl"] for s in buffer), abs=1e-3
+    )
+
+
+def _ref_logps(stage, sample: dict) -> list[float]:  # noqa: ANN001
+    """The reference's completion log-probs for one sample, computed afresh."""
+    batch = stage.sequence_batch([sample])
+    with torch.no_grad(), stage.reference.active(stage.model, torch.device("cpu")) as ref:
+        return stage.token_stats(ref, batch).logps.tolist()

@@ -138,6 +138,7 @@ def test_reward_token_ids_on_real_sharegpt_file_match_trl(tiny_rm: str, shared_d
         ("dr_grpo", {"loss_type": "dr_grpo"}),
         ("dapo", {"loss_type": "dapo", "epsilon_high": 0.28}),
         ("gspo", {"loss_type": "grpo", "importance_sampling_level": "sequence"}),
+        ("rloo", {}),
     ],
 )
 def test_grpo_family_loss_matches_trl(
@@ -199,7 +200,7 @@ def test_grpo_family_loss_matches_trl(
             "truncated": False,
             "zero_std": False,
             "old_logps": o,
-            "ref_logps": r,
+            **({} if loss_type == "rloo" else {"ref_logps": r}),  # RLOO's KL is in its reward, not its loss
         }
         for p, c, a, o, r in zip(prompts, completions, advantages, old_rows, ref_rows)
     ]
@@ -210,6 +211,7 @@ def test_grpo_family_loss_matches_trl(
     ours = float(out.loss_sum) / stage.count(batch)
     assert float(out.metrics["clip_ratio"][0]) > 0  # the clip range is exercised
     theirs = trl_grpo_loss(
+        "rloo" if loss_type == "rloo" else "grpo",
         tiny_model,
         prompts,
         completions,

@@ -65,6 +65,7 @@ def trl_first_step(
 
 
 def trl_grpo_loss(
+    trainer_name: str,
     model_dir: str,
     prompt_ids: list[list[int]],
     completion_ids: list[list[int]],
@@ -74,8 +75,8 @@ def trl_grpo_loss(
     pad_id: int,
     **config: object,
 ) -> float:
-    """TRL's GRPO loss (`GRPOTrainer._compute_loss`) on given prompts (all the same length), right-padded
-    completions, advantages and sampling / reference log-probs; one process, no accumulation."""
+    """TRL's loss (`GRPOTrainer` or `RLOOTrainer` `._compute_loss`) on given prompts (all the same length),
+    right-padded completions, advantages and sampling / reference log-probs; one process, no accumulation."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -83,7 +84,11 @@ def trl_grpo_loss(
     def no_reward(completions: list, **_: object) -> list[float]:
         return [0.0] * len(completions)
 
-    args = trl.GRPOConfig(
+    config_cls, trainer_cls = {
+        "grpo": (trl.GRPOConfig, trl.GRPOTrainer),
+        "rloo": (trl.RLOOConfig, trl.RLOOTrainer),
+    }[trainer_name]
+    args = config_cls(
         output_dir=tempfile.mkdtemp(),
         report_to="none",
         use_cpu=True,
@@ -94,7 +99,7 @@ def trl_grpo_loss(
         disable_tqdm=True,
         **config,
     )
-    trainer = trl.GRPOTrainer(
+    trainer = trainer_cls(
         model=model_dir,
         reward_funcs=no_reward,
         args=args,
@@ -116,6 +121,7 @@ def trl_grpo_loss(
         "old_per_token_logps": right_pad(old_logps, 0.0).float(),
         "ref_per_token_logps": right_pad(ref_logps, 0.0).float(),
         "num_items_in_batch": mask.sum(),
+        "old_logps": torch.tensor([sum(r) for r in old_logps]),  # RLOO's: per sequence
     }
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1

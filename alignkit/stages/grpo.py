@@ -33,6 +33,11 @@ class GRPOStage(OnlineStage):
         return self.cfg.num_iterations
 
     @property
+    def kl_in_reward(self) -> bool:
+        """RLOO penalises the KL in the reward (per sequence), the rest of the family in the loss (per token)."""
+        return self.cfg.loss_type == "rloo" and self.cfg.beta > 0
+
+    @property
     def dynamic_sampling(self) -> bool:
         ds = self.cfg.dynamic_sampling
         return self.cfg.loss_type == "dapo" if ds is None else ds
@@ -58,21 +63,28 @@ class GRPOStage(OnlineStage):
                 model, rows, samples, total, parts, device
             )
             kept = list(range(len(samples.completion_ids)))
-        adv = group_advantages(total, g, estimator)
+        index = [i for i in kept if samples.completion_ids[i]]
         buffer = [
             {
                 "prompt_ids": samples.prompt_ids[i],
                 "completion_ids": samples.completion_ids[i],
-                "advantage": float(adv[i]),
                 "reward": float(total[i]),
                 "truncated": samples.truncated[i],
                 "zero_std": bool(zero_std[i]),
                 **{f"r/{k}": float(v[i]) for k, v in parts.items()},
             }
-            for i in kept
-            if samples.completion_ids[i]
+            for i in index
         ]
         self._attach_logps(model, buffer, device)
+        if self.kl_in_reward:  # RLOO: reward - beta * sum_t (log pi - log ref), before the baseline
+            seq_kl = torch.zeros_like(total)
+            for i, s in zip(index, buffer):
+                s["kl"] = sum(o - r for o, r in zip(s["old_logps"], s.pop("ref_logps")))
+                seq_kl[i] = s["kl"]
+            total = total - cfg.beta * seq_kl
+        adv = group_advantages(total, g, estimator)
+        for i, s in zip(index, buffer):
+            s["advantage"] = float(adv[i])
         return buffer
 
     def _refill(self, model: nn.Module, rows: list[dict], samples, total, parts, device):  # noqa: ANN001, ANN202
@@ -138,7 +150,7 @@ class GRPOStage(OnlineStage):
 
     def _attach_logps(self, model: nn.Module, buffer: list[dict], device: torch.device) -> None:
         """Sampling-time log-probs (for importance ratios when a rollout is reused) and reference log-probs."""
-        need_old = self.cfg.num_iterations > 1
+        need_old = self.cfg.num_iterations > 1 or self.kl_in_reward
         if not need_old and self.reference is None:
             return
         bs = self.cfg.per_device_eval_batch_size
@@ -172,6 +184,8 @@ class GRPOStage(OnlineStage):
         batch["reward"] = torch.tensor([s["reward"] for s in samples])
         batch["truncated"] = torch.tensor([float(s["truncated"]) for s in samples])
         batch["zero_std"] = torch.tensor([float(s["zero_std"]) for s in samples])
+        if "kl" in samples[0]:
+            batch["kl"] = torch.tensor([s["kl"] for s in samples])
         for key in samples[0]:
             if key.startswith("r/"):
                 batch[key] = torch.tensor([s[key] for s in samples])
@@ -228,6 +242,8 @@ class GRPOStage(OnlineStage):
                 out[f"rewards/{key[2:]}/mean"] = (batch[key].sum(), n)
         if kl is not None:
             out["kl"] = (kl.detach().sum(), float(kl.numel()))
+        elif "kl" in batch:  # RLOO: the sequence KL its reward was penalised with
+            out["kl"] = (batch["kl"].sum(), n)
         return out
 
     def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
