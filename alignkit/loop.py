@@ -230,13 +230,20 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
             if update == 0 or buffer is None:  # the rollout phase: sample, score, keep the buffer
                 idx = [i for chunk in micro_batches(order, k, bs, world, accum, rank) for i in chunk]
                 buffer = stage.rollout(model, [stage.train_rows[i] for i in idx], accelerator.device)
-            batches = [stage.collate(chunk) for chunk in stage.update_batches(buffer, update)]
+            chunks = stage.update_batches(buffer, update)
+            # an empty micro-batch (a small buffer on this process) runs a sample at weight 0, so that every
+            # process makes the same number of backward passes
+            weights = [1.0 if chunk else 0.0 for chunk in chunks]
+            batches = [stage.collate(chunk or buffer[:1]) for chunk in chunks]
         else:
             batches = [
                 stage.collate([stage.train_rows[i] for i in idx])
                 for idx in micro_batches(order, k, bs, world, accum, rank)
             ]
-        items = torch.tensor(float(sum(stage.count(b) for b in batches)), device=accelerator.device)
+            weights = [1.0] * len(batches)
+        items = torch.tensor(
+            float(sum(stage.count(b) for b, w in zip(batches, weights) if w)), device=accelerator.device
+        )
         total_items = accelerator.reduce(items, reduction="sum").item()
         if total_items == 0:
             raise UserError(
@@ -250,8 +257,10 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 out = stage.step(model, batch)
-                loss = out.loss_sum * world / total_items  # DDP averages gradients over processes
+                loss = out.loss_sum * (weights[j] * world / total_items)  # DDP averages over processes
             accelerator.backward(loss)
+            if not weights[j]:
+                continue
             _add(
                 acc,
                 {

@@ -497,3 +497,38 @@ def _ref_logps(stage, sample: dict) -> list[float]:  # noqa: ANN001
     batch = stage.sequence_batch([sample])
     with torch.no_grad(), stage.reference.active(stage.model, torch.device("cpu")) as ref:
         return stage.token_stats(ref, batch).logps.tolist()
+
+
+def test_empty_micro_batches_are_zero_weight_fillers(tiny_model: str, tiny_rm: str, tmp_path: Path) -> None:
+    """PPO with 4 prompts, 2 mini-batches and 4 accumulation steps leaves 2 of the 4 micro-batches empty. They
+    run at weight 0: the step equals the same rollout split into 2 micro-batches (loss, metrics, weights)."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    common = {
+        "stage": "ppo",
+        "model_name_or_path": tiny_model,
+        "dataset": data,
+        "reward_model": tiny_rm,
+        "max_new_tokens": 4,
+        "ppo_epochs": 1,
+        "num_mini_batches": 2,
+        "max_steps": 1,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "torch_dtype": "float32",
+        "shuffle": False,
+    }
+    fillers, out_a = run_stage(
+        tmp_path / "a", {**common, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}
+    )
+    plain, out_b = run_stage(
+        tmp_path / "b", {**common, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    )
+    for key in ("loss", "reward/mean", "value/loss", "policy/clipfrac", "response_length"):
+        assert fillers[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+    a, b = (
+        load_file(str(Path(out_a) / "model.safetensors")),
+        load_file(str(Path(out_b) / "model.safetensors")),
+    )
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

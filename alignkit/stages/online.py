@@ -155,8 +155,8 @@ class OnlineStage(Stage):
         return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
     def update_batches(self, buffer: list[dict], update: int) -> list[list[dict]]:
-        """The whole buffer in `gradient_accumulation_steps` micro-batches (the same count on every process)."""
+        """The whole buffer in `gradient_accumulation_steps` micro-batches (the same count on every process, so
+        some may be empty when a process's buffer is small: the loop runs those as zero-weight fillers)."""
         accum = self.cfg.gradient_accumulation_steps
-        size = -(-len(buffer) // accum)
-        chunks = [buffer[i * size : (i + 1) * size] for i in range(accum)]
-        return [c if c else buffer[:1] for c in chunks]
+        size = max(-(-len(buffer) // accum), 1)
+        return [buffer[i * size : (i + 1) * size] for i in range(accum)]

@@ -161,9 +161,7 @@ class PPOStage(OnlineStage):
             self._order = list(range(len(buffer)))
             self._shuffle.shuffle(self._order)
         size = -(-len(buffer) // nmb)
-        part = [buffer[i] for i in self._order[(update % nmb) * size : (update % nmb + 1) * size]] or buffer[
-            :1
-        ]
+        part = [buffer[i] for i in self._order[(update % nmb) * size : (update % nmb + 1) * size]]
         return super().update_batches(part, update)
 
     # ------------------------------------------------------------------ update
