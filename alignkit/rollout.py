@@ -24,6 +24,47 @@ class Samples:
     completion_ids: list[list[int]]  # (N,) sampled tokens, ending with EOS unless truncated
     truncated: list[bool]  # no EOS (nor stop string) within max_new_tokens
     texts: list[str]  # decoded completions, special tokens removed
+    logprobs: list[list[float]] | None = None  # (N,) per completion token, under the sampling distribution
+
+    def select(self, index: list[int]) -> Samples:
+        def pick(xs: list | None) -> list | None:
+            return None if xs is None else [xs[i] for i in index]
+
+        return Samples(*(pick(getattr(self, f)) for f in _FIELDS))
+
+    @staticmethod
+    def concat(parts: list[Samples]) -> Samples:
+        def join(field: str) -> list | None:
+            lists = [getattr(p, field) for p in parts]
+            return None if any(x is None for x in lists) else [x for xs in lists for x in xs]
+
+        return Samples(*(join(f) for f in _FIELDS))
+
+
+_FIELDS = ("prompt_ids", "completion_ids", "truncated", "texts", "logprobs")
+
+
+class SampledLogprobs:
+    """A logits processor, last in the chain, that records the log-prob of each sampled token under the
+    distribution it was drawn from (after temperature, top-k and top-p). It keeps one step's log-softmax and
+    reads the sampled token from `input_ids` at the next call; `finish` reads the last one."""
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> list[list[float]]:
+        """(N, T) log-probs of the T generated tokens, as lists."""
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
+        self.previous = None
+        return torch.stack(self.steps, dim=1).tolist() if self.steps else []
 
 
 @torch.no_grad()
@@ -43,11 +84,30 @@ def sample_hf(
     model.eval()
     ids = pad(prompt_ids, tokenizer.pad_token_id, side="left").to(device)
     mask = pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    # the warpers in transformers' own order, then the recorder; generate's built-in ones are switched off
+    recorder = SampledLogprobs()
+    processors = LogitsProcessorList()
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    processors.append(recorder)
     kwargs: dict[str, Any] = {
         "do_sample": True,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k or None,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": None,
+        "logits_processor": processors,
         "max_new_tokens": max_new_tokens,
         "num_return_sequences": num_generations,
         "pad_token_id": tokenizer.pad_token_id,
@@ -59,9 +119,10 @@ def sample_hf(
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     finally:
         model.train(was_training)
-    new = out[:, ids.shape[1] :].tolist()
-    completions, truncated = [], []
-    for seq in new:
+    generated = out[:, ids.shape[1] :]
+    step_logprobs = recorder.finish(generated[:, -1]) if generated.shape[1] else [[] for _ in generated]
+    completions, truncated, logprobs = [], [], []
+    for seq, lp in zip(generated.tolist(), step_logprobs):
         if tokenizer.eos_token_id in seq:
             seq = seq[: seq.index(tokenizer.eos_token_id) + 1]
             truncated.append(False)
@@ -70,9 +131,10 @@ def sample_hf(
             text = tokenizer.decode(seq)
             truncated.append(not (stop_strings and any(text.endswith(s) for s in stop_strings)))
         completions.append(seq)
+        logprobs.append(lp[: len(seq)])
     prompts = [p for p in prompt_ids for _ in range(num_generations)]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return Samples(prompts, completions, truncated, texts)
+    return Samples(prompts, completions, truncated, texts, logprobs)
 
 
 class VLLMEngine:
@@ -114,19 +176,22 @@ class VLLMEngine:
             top_k=top_k or -1,
             max_tokens=max_new_tokens,
             stop=stop_strings or None,
+            logprobs=0,  # the sampled token's own log-prob (vLLM's `logprobs_mode` decides raw or processed)
         )
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-        completions, truncated = [], []
+        completions, truncated, logprobs = [], [], []
         for out in outputs:
             for c in out.outputs:
                 completions.append(list(c.token_ids))
                 truncated.append(c.finish_reason == "length")
+                logprobs.append([step[t].logprob for t, step in zip(c.token_ids, c.logprobs or [])])
         prompts = [p for p in prompt_ids for _ in range(num_generations)]
         return Samples(
             prompts,
             completions,
             truncated,
             self.tokenizer.batch_decode(completions, skip_special_tokens=True),
+            logprobs,
         )
 
 

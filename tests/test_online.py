@@ -198,6 +198,81 @@ def test_rollout_groups_truncation_and_eos(tiny_model: str) -> None:
     assert any(s.truncated)
 
 
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (0.7, 5)])
+def test_rollout_returns_the_sampling_log_probs(tiny_model: str, temperature: float, top_k: int) -> None:
+    """Each sampled token's log-prob under the distribution it was drawn from: the forward pass's log-softmax of
+    logits / temperature, renormalised over the top-k when top_k is set."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.data.batches import tokenize_chat
+    from alignkit.models import load_tokenizer
+    from alignkit.rollout import sample_hf, sequences
+
+    tok = load_tokenizer(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    prompts = [
+        tokenize_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in ("hi", "2+2?")
+    ]
+    torch.manual_seed(0)
+    s = sample_hf(model, tok, prompts, 3, max_new_tokens=5, temperature=temperature, top_k=top_k)
+    assert [len(lp) for lp in s.logprobs] == [len(c) for c in s.completion_ids]
+    batch = sequences(s.prompt_ids, s.completion_ids, tok.pad_token_id)
+    with torch.no_grad():
+        logits = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits / temperature
+        )
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)
+    for i, (p, c) in enumerate(zip(s.prompt_ids, s.completion_ids)):
+        expected = [logp[i, len(p) - 1 + t, tok_id].item() for t, tok_id in enumerate(c)]
+        assert s.logprobs[i] == pytest.approx(expected, abs=1e-4)
+
+
+def test_dapo_dynamic_sampling_replaces_groups_with_one_reward(
+    tiny_model: str, tmp_path: Path, monkeypatch
+) -> None:  # noqa: ANN001
+    """A prompt whose completions all get the same reward teaches nothing: dynamic sampling drops its group and
+    refills the batch with informative groups of other prompts."""
+    from alignkit.config import build_config
+    from alignkit.stages import get_stage
+
+    (tmp_path / "flat_rewards.py").write_text(
+        "def flat_for_12(prompts, completions, **kw):\n"
+        "    return [1.0 if '12 + 7' in p else float(len(c)) for p, c in zip(prompts, completions)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = build_config(
+        {
+            "stage": "grpo",
+            "model_name_or_path": tiny_model,
+            "dataset": write_jsonl(tmp_path / "p.jsonl", PROMPTS),
+            "output_dir": str(tmp_path / "out"),
+            "loss_type": "dapo",
+            "reward_funcs": ["flat_rewards:flat_for_12"],
+            "num_generations": 4,
+            "max_new_tokens": 6,
+            "temperature": 1.5,
+            "torch_dtype": "float32",
+        }
+    )
+    stage = get_stage("grpo")(cfg)
+    stage.build()
+    assert stage.dynamic_sampling  # on by default for dapo
+    torch.manual_seed(0)
+    rows = stage.train_rows[:3]  # the first is "What is 12 + 7?"
+    buffer = stage.rollout(stage.model, rows, torch.device("cpu"))
+    assert stage.frac_zero_std >= 1 / 3  # the 12 + 7 group, at least, was flat
+    assert len(buffer) == 3 * 4
+    twelve = rows[0]["prompt_ids"]
+    assert all(s["prompt_ids"] != twelve for s in buffer)
+    for g in range(3):
+        group = buffer[g * 4 : (g + 1) * 4]
+        assert len({s["reward"] for s in group}) > 1 and not any(s["zero_std"] for s in group)
+
+
 def test_vllm_backend_absent_is_a_clear_error(tiny_model: str, tmp_path: Path) -> None:
     pytest.importorskip("torch")
     if "vllm" in sys.modules or __import__("importlib").util.find_spec("vllm") is not None:

@@ -16,6 +16,7 @@ from alignkit.logprobs import per_row_sum
 from alignkit.losses import GRPO_RECIPES, group_advantages, grpo_policy_loss
 from alignkit.models import load_policy
 from alignkit.reference import Reference
+from alignkit.rollout import Samples
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
 
@@ -91,61 +92,30 @@ class GRPOStage(OnlineStage):
         """DAPO's dynamic sampling: groups whose rewards are all equal teach nothing; replace them with groups
         of freshly drawn prompts, up to `max_refill_rounds` rounds."""
         g = self.cfg.num_generations
-        from alignkit.rollout import Samples
 
-        def informative(t: torch.Tensor) -> list[int]:
-            return [i for i, s in enumerate(t.view(-1, g).std(dim=1)) if s > 0]
+        def informative(batch_rows: list[dict], s: Samples, t: torch.Tensor, p: dict) -> tuple:  # noqa: ANN001
+            keep = [i for i, sd in enumerate(t.view(-1, g).std(dim=1)) if sd > 0]
+            idx = [i * g + j for i in keep for j in range(g)]
+            return [batch_rows[i] for i in keep], s.select(idx), t[idx], {k: v[idx] for k, v in p.items()}
 
-        good = informative(total)
-        groups = [
-            (
-                rows[i],
-                [samples.prompt_ids[i * g + j] for j in range(g)],
-                samples.completion_ids[i * g : (i + 1) * g],
-                samples.truncated[i * g : (i + 1) * g],
-                samples.texts[i * g : (i + 1) * g],
-                total[i * g : (i + 1) * g],
-                {k: v[i * g : (i + 1) * g] for k, v in parts.items()},
-            )
-            for i in good
-        ]
+        pieces = [informative(rows, samples, total, parts)]
         for _ in range(self.cfg.max_refill_rounds):
-            if len(groups) >= len(rows):
+            have = sum(len(pc[0]) for pc in pieces)
+            if have >= len(rows):
                 break
-            extra = self._refill_rng.sample(
-                self.train_rows, min(len(rows) - len(groups), len(self.train_rows))
-            )
+            extra = self._refill_rng.sample(self.train_rows, min(len(rows) - have, len(self.train_rows)))
             more = self.sample(model, extra, g)
-            t, p = self.rewards(extra, more, g, device)
-            groups += [
-                (
-                    extra[i],
-                    more.prompt_ids[i * g : (i + 1) * g],
-                    more.completion_ids[i * g : (i + 1) * g],
-                    more.truncated[i * g : (i + 1) * g],
-                    more.texts[i * g : (i + 1) * g],
-                    t[i * g : (i + 1) * g],
-                    {k: v[i * g : (i + 1) * g] for k, v in p.items()},
-                )
-                for i in informative(t)
-            ]
-        if not groups:  # nothing informative at all: keep the original batch (its advantages are zero)
+            pieces.append(informative(extra, more, *self.rewards(extra, more, g, device)))
+        kept_rows = [r for pc in pieces for r in pc[0]][: len(rows)]
+        if not kept_rows:  # nothing informative at all: keep the original batch (its advantages are zero)
             return rows, samples, total, parts, torch.ones(len(total), dtype=torch.bool)
-        groups = groups[: len(rows)]
-        flat = Samples(
-            [x for gr in groups for x in gr[1]],
-            [x for gr in groups for x in gr[2]],
-            [x for gr in groups for x in gr[3]],
-            [x for gr in groups for x in gr[4]],
-        )
-        new_total = torch.cat([gr[5] for gr in groups])
-        new_parts = {k: torch.cat([gr[6][k] for gr in groups]) for k in parts}
+        n = len(kept_rows) * g
         return (
-            [gr[0] for gr in groups],
-            flat,
-            new_total,
-            new_parts,
-            torch.zeros(len(new_total), dtype=torch.bool),
+            kept_rows,
+            Samples.concat([pc[1] for pc in pieces]).select(list(range(n))),
+            torch.cat([pc[2] for pc in pieces])[:n],
+            {k: torch.cat([pc[3][k] for pc in pieces])[:n] for k in parts},
+            torch.zeros(n, dtype=torch.bool),
         )
 
     def _attach_logps(self, model: nn.Module, buffer: list[dict], device: torch.device) -> None:
