@@ -315,16 +315,12 @@ def validate(cfg: BaseConfig, source: str = "config") -> None:
         raise UserError(f"{source}: `beta` must be >= 0, got {cfg.beta}")
     if isinstance(cfg, DPOConfig):
         _validate_dpo(cfg, source)
+    if isinstance(cfg, OnlineConfig):
+        _validate_online(cfg, source)
     if isinstance(cfg, GRPOConfig):
         _validate_grpo(cfg, source)
     if isinstance(cfg, PPOConfig):
-        if not cfg.reward_funcs and not cfg.reward_model:
-            raise UserError(
-                f"{source}: PPO needs a `reward_model` (e.g. one trained with `stage: rm`) and/or "
-                "`reward_funcs`"
-            )
-        if cfg.ppo_epochs < 1 or cfg.num_mini_batches < 1:
-            raise UserError(f"{source}: `ppo_epochs` and `num_mini_batches` must be >= 1")
+        _validate_ppo(cfg, source)
     if isinstance(cfg, KTOConfig):
         from alignkit.losses import KTO_LOSSES
 
@@ -385,19 +381,63 @@ def _validate_grpo(cfg: GRPOConfig, source: str) -> None:
             f"{source}: `num_generations` must be >= 2 for group-relative advantages "
             f"(got {cfg.num_generations}); a group of one has no baseline"
         )
-    if not cfg.reward_funcs and not cfg.reward_model:
-        raise UserError(f"{source}: give `reward_funcs` (e.g. [math_accuracy]) and/or a `reward_model`")
-    n_rewards = len(cfg.reward_funcs or []) + (1 if cfg.reward_model else 0)
-    if cfg.reward_weights is not None and len(cfg.reward_weights) != n_rewards:
-        raise UserError(
-            f"{source}: `reward_weights` has {len(cfg.reward_weights)} values for {n_rewards} rewards"
-        )
-    if cfg.rollout_backend not in ("hf", "vllm"):
-        raise UserError(f"{source}: `rollout_backend` must be hf or vllm, got {cfg.rollout_backend}")
     if cfg.overlong_buffer_len is not None and not 0 < cfg.overlong_buffer_len <= cfg.max_new_tokens:
         raise UserError(f"{source}: `overlong_buffer_len` must be in (0, max_new_tokens]")
     if cfg.num_iterations < 1:
         raise UserError(f"{source}: `num_iterations` must be >= 1")
+    if cfg.epsilon < 0 or (cfg.epsilon_high is not None and cfg.epsilon_high < 0):
+        raise UserError(f"{source}: `epsilon` and `epsilon_high` must be >= 0")
+    if cfg.max_refill_rounds < 0:
+        raise UserError(f"{source}: `max_refill_rounds` must be >= 0, got {cfg.max_refill_rounds}")
+
+
+def _validate_online(cfg: OnlineConfig, source: str) -> None:
+    """What GRPO and PPO share: rewards, the rollout backend, the sampling distribution."""
+    if not cfg.reward_funcs and not cfg.reward_model:
+        raise UserError(
+            f"{source}: give `reward_funcs` (e.g. [math_accuracy]) and/or a `reward_model` "
+            "(e.g. one trained with `stage: rm`)"
+        )
+    n_rewards = len(cfg.reward_funcs or []) + (1 if cfg.reward_model else 0)
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != n_rewards:
+        raise UserError(
+            f"{source}: `reward_weights` has {len(cfg.reward_weights)} values for {n_rewards} rewards "
+            "(one per reward function, then one for the reward model)"
+        )
+    if cfg.rollout_backend not in ("hf", "vllm"):
+        raise UserError(
+            f"{source}: `rollout_backend: {cfg.rollout_backend}` is not valid"
+            f"{did_you_mean(cfg.rollout_backend, ('hf', 'vllm'))}; choose hf or vllm"
+        )
+    if cfg.temperature <= 0:
+        raise UserError(f"{source}: `temperature` must be > 0 for sampling, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"{source}: `top_p` must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0 or cfg.max_new_tokens < 1:
+        raise UserError(f"{source}: `top_k` must be >= 0 and `max_new_tokens` >= 1")
+    if cfg.stop_strings is not None and not all(cfg.stop_strings):
+        raise UserError(f"{source}: `stop_strings` must not contain an empty string")
+
+
+def _validate_ppo(cfg: PPOConfig, source: str) -> None:
+    if cfg.ppo_epochs < 1 or cfg.num_mini_batches < 1:
+        raise UserError(f"{source}: `ppo_epochs` and `num_mini_batches` must be >= 1")
+    if cfg.target_kl is not None and cfg.target_kl <= 0:
+        raise UserError(f"{source}: `target_kl` must be > 0 (or left out for a fixed coefficient)")
+    if cfg.kl_horizon < 1:
+        raise UserError(f"{source}: `kl_horizon` must be >= 1, got {cfg.kl_horizon}")
+    if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
+        raise UserError(f"{source}: `gamma` and `lam` must be in [0, 1], got {cfg.gamma} and {cfg.lam}")
+    for key in ("init_kl_coef", "cliprange", "cliprange_value", "vf_coef", "entropy_coef"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{source}: `{key}` must be >= 0, got {getattr(cfg, key)}")
+    if cfg.reward_clip is not None and cfg.reward_clip <= 0:
+        raise UserError(f"{source}: `reward_clip` must be > 0, got {cfg.reward_clip}")
+    if cfg.num_mini_batches > cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps:
+        raise UserError(
+            f"{source}: `num_mini_batches` ({cfg.num_mini_batches}) is larger than the rollout batch "
+            f"({cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} prompts per process)"
+        )
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> BaseConfig:

@@ -46,12 +46,12 @@ def _chunk_logps(
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
     logits = F.linear(hidden, weight, bias).float()  # (c, V)
-    if temperature != 1.0:  # the distribution an online rollout sampled from
-        logits = logits / temperature
     if scale is not None:
         logits = logits * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:  # the distribution an online rollout sampled from: the model's logits / T
+        logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, labels[:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)  # differentiable: PPO's entropy bonus

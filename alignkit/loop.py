@@ -182,6 +182,7 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
     if resume_path:
         state = load_checkpoint(accelerator, model, stage.load_weights, optimizer, scheduler, resume_path)
         start_step = state["global_step"]
+        stage.load_state_dict(state.get("stage", {}))
         log.info("resumed from %s at step %d", resume_path, start_step)
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -333,7 +334,7 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
                 scheduler,
                 cfg.output_dir,
                 done,
-                {"epoch": done / steps_per_epoch},
+                {"epoch": done / steps_per_epoch, "stage": stage.state_dict()},
                 cfg.save_total_limit,
             )
     bar.close()

@@ -135,6 +135,8 @@ def apply_finetuning(model: nn.Module, cfg: BaseConfig, task_type: str) -> nn.Mo
             target_modules=target
             if isinstance(target, list)
             else ("all-linear" if target == "all" else target),
+            # a scalar head (reward model, critic) is trained in full (peft's modules_to_save), never adapted
+            exclude_modules=["score", "classifier"] if task_type != "CAUSAL_LM" else None,
         )
         try:
             model = get_peft_model(model, lora)

@@ -101,18 +101,29 @@ def sample_hf(
     if top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p))
     processors.append(recorder)
-    kwargs: dict[str, Any] = {
-        "do_sample": True,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "min_p": None,
-        "logits_processor": processors,
-        "max_new_tokens": max_new_tokens,
-        "num_return_sequences": num_generations,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    from transformers import GenerationConfig
+
+    # every setting that shapes the distribution is given: generate fills the ones left unset (None) from the
+    # model's own generation_config (repetition_penalty, no_repeat_ngram_size, ...), which would sample from
+    # another distribution than the policy's
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_generations,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    kwargs: dict[str, Any] = {"generation_config": config, "logits_processor": processors}
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     try:
@@ -123,18 +134,29 @@ def sample_hf(
     step_logprobs = recorder.finish(generated[:, -1]) if generated.shape[1] else [[] for _ in generated]
     completions, truncated, logprobs = [], [], []
     for seq, lp in zip(generated.tolist(), step_logprobs):
-        if tokenizer.eos_token_id in seq:
-            seq = seq[: seq.index(tokenizer.eos_token_id) + 1]
-            truncated.append(False)
-        else:
-            seq = [t for t in seq if t != tokenizer.pad_token_id]
-            text = tokenizer.decode(seq)
-            truncated.append(not (stop_strings and any(text.endswith(s) for s in stop_strings)))
+        seq, cut_short = cut_completion(seq, tokenizer, stop_strings)
         completions.append(seq)
+        truncated.append(cut_short)
         logprobs.append(lp[: len(seq)])
     prompts = [p for p in prompt_ids for _ in range(num_generations)]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Samples(prompts, completions, truncated, texts, logprobs)
+
+
+def cut_completion(seq: list[int], tokenizer: Any, stop_strings: list[str] | None) -> tuple[list[int], bool]:
+    """A generated row cut where sampling stopped, and whether it was truncated (neither EOS nor a stop string
+    ended it). The first stop string wins over a later EOS: a row stopped by a string is padded, and the pad
+    token is often the EOS token, which the model never sampled there. The string may end inside the last
+    token, as transformers' stop criterion allows."""
+    eos = tokenizer.eos_token_id
+    end = seq.index(eos) if eos in seq else len(seq)
+    if stop_strings:
+        for t in range(1, end + 1):
+            if any(s in tokenizer.decode(seq[:t]) for s in stop_strings):
+                return seq[:t], False
+    if eos in seq:
+        return seq[: end + 1], False
+    return [t for t in seq if t != tokenizer.pad_token_id], True
 
 
 class VLLMEngine:

@@ -210,6 +210,7 @@ def test_rollout_returns_the_sampling_log_probs(tiny_model: str, temperature: fl
 
     tok = load_tokenizer(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.generation_config.repetition_penalty = 3.0  # a model's own sampling settings must not leak in
     prompts = [
         tokenize_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)
         for q in ("hi", "2+2?")
@@ -270,7 +271,11 @@ def test_dapo_dynamic_sampling_replaces_groups_with_one_reward(
     assert all(s["prompt_ids"] != twelve for s in buffer)
     for g in range(3):
         group = buffer[g * 4 : (g + 1) * 4]
-        assert len({s["reward"] for s in group}) > 1 and not any(s["zero_std"] for s in group)
+        assert len({s["reward"] for s in group}) > 1
+    # frac_reward_zero_std reports the batch as sampled, before the refill (as TRL)
+    batch = stage.collate(buffer)
+    logged = stage.step(stage.model, batch).metrics["frac_reward_zero_std"]
+    assert float(logged[0] / logged[1]) == pytest.approx(stage.frac_zero_std) and stage.frac_zero_std > 0
 
 
 def test_vllm_backend_absent_is_a_clear_error(tiny_model: str, tmp_path: Path) -> None:
@@ -394,6 +399,36 @@ def test_grpo_bad_inputs(tiny_model: str, tmp_path: Path) -> None:
         run_stage(tmp_path / "c", base)
 
 
+@pytest.mark.parametrize(
+    "stage,keys,message",
+    [
+        ("ppo", {"reward_weights": [1.0, 2.0, 3.0]}, r"`reward_weights` has 3 values for 1 rewards"),
+        ("ppo", {"rollout_backend": "vlm"}, r"`rollout_backend: vlm` is not valid \(did you mean `vllm`\?\)"),
+        ("grpo", {"temperature": 0.0}, r"`temperature` must be > 0"),
+        ("grpo", {"top_p": 0.0}, r"`top_p` must be in \(0, 1\]"),
+        ("grpo", {"max_new_tokens": 0}, r"`max_new_tokens` >= 1"),
+        ("grpo", {"epsilon": -0.1}, r"`epsilon` and `epsilon_high` must be >= 0"),
+        ("grpo", {"stop_strings": [""]}, r"`stop_strings` must not contain an empty string"),
+        ("ppo", {"target_kl": 0.0}, r"`target_kl` must be > 0"),
+        ("ppo", {"lam": 1.5}, r"`gamma` and `lam` must be in \[0, 1\]"),
+        ("ppo", {"cliprange_value": -1.0}, r"`cliprange_value` must be >= 0"),
+        ("ppo", {"num_mini_batches": 16}, r"`num_mini_batches` \(16\) is larger than the rollout batch"),
+    ],
+)
+def test_online_config_errors(stage: str, keys: dict, message: str, tiny_model: str, tmp_path: Path) -> None:
+    from alignkit.config import build_config
+
+    base = {
+        "stage": stage,
+        "model_name_or_path": tiny_model,
+        "dataset": "d.jsonl",
+        "reward_funcs": ["exact_match"],
+        "per_device_train_batch_size": 8,
+    }
+    with pytest.raises(UserError, match=message):
+        build_config({**base, **keys})
+
+
 def test_gsm8k_prompts_flow_into_grpo(shared_data: Path, tiny_model: str, tmp_path: Path) -> None:
     """The real GSM8K file as prompt-only data: questions become prompts, `answer` reaches math_accuracy."""
     record, _ = run_stage(
@@ -465,11 +500,18 @@ def test_ppo_trains_logs_saves_critic_and_resumes(tiny_model: str, tiny_rm: str,
     again = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     assert [r["step"] for r in again] == list(range(1, 9))
     assert math.isfinite(record2["loss"])
+    # the resumed run is the run it continues: the adaptive KL coefficient (saved with the checkpoint), the
+    # mini-batch shuffle and the sampling pick up where they stopped
+    state = json.loads((Path(out) / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["stage"]["kl_coef"] != keys.get("init_kl_coef", 0.05)
+    for before, after in zip(records[4:], again[4:]):
+        assert after["kl_coef"] == pytest.approx(before["kl_coef"], rel=1e-9)
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-4, abs=1e-6)
 
 
 def test_ppo_needs_a_reward(tiny_model: str, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    with pytest.raises(UserError, match="PPO needs a `reward_model`"):
+    with pytest.raises(UserError, match="give `reward_funcs`.*and/or a `reward_model`"):
         run_stage(tmp_path, {"stage": "ppo", "model_name_or_path": tiny_model, "dataset": data})
 
 
@@ -496,6 +538,60 @@ def test_reward_model_scores_with_its_own_tokenizer(tiny_model: str, tiny_rm: st
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids])).logits[0, 0]
     assert got[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    # PPO with it: the critic, which reads the policy's ids, starts from the policy instead
+    from transformers import AutoModelForTokenClassification
+
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    keys = {
+        "stage": "ppo",
+        "model_name_or_path": tiny_model,
+        "dataset": data,
+        "reward_model": str(other),
+        "per_device_train_batch_size": 4,
+        "max_new_tokens": 3,
+        "max_steps": 1,
+        "torch_dtype": "float32",
+    }
+    _, out = run_stage(tmp_path / "ppo", keys)
+    critic = AutoModelForTokenClassification.from_pretrained(Path(out) / "value_model")
+    assert critic.config.vocab_size == load_tokenizer_vocab(tiny_model)
+    with pytest.raises(UserError, match="value_model_name_or_path: .* has another tokenizer than the policy"):
+        run_stage(tmp_path / "ppo2", {**keys, "value_model_name_or_path": str(other)})
+
+
+def load_tokenizer_vocab(path: str) -> int:
+    from alignkit.models import load_tokenizer
+
+    return len(load_tokenizer(path))
+
+
+def test_ppo_with_lora_trains_the_adapters_and_the_critic_head(
+    tiny_model: str, tiny_rm: str, tmp_path: Path
+) -> None:
+    """LoRA on actor and critic (the scalar head trained in full, never adapted); the reference is the base with
+    the adapter off."""
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    record, out = run_stage(
+        tmp_path,
+        {
+            "stage": "ppo",
+            "model_name_or_path": tiny_model,
+            "dataset": data,
+            "reward_model": tiny_rm,
+            "finetuning_type": "lora",
+            "per_device_train_batch_size": 4,
+            "max_new_tokens": 3,
+            "ppo_epochs": 1,  # a fresh rollout every step: the third sees the adapter's updates
+            "max_steps": 3,
+            "logging_steps": 1,
+            "learning_rate": 1e-2,
+            "torch_dtype": "float32",
+        },
+    )
+    assert math.isfinite(record["loss"]) and record["kl"] != 0.0  # the adapter moved the policy off the base
+    assert (Path(out) / "adapter_config.json").is_file() or (
+        Path(out) / "adapter_model.safetensors"
+    ).is_file()
 
 
 def test_ppo_whitening_keeps_the_logged_reward_raw_and_the_entropy_bonus_enters_the_loss(
@@ -607,3 +703,74 @@ def test_empty_micro_batches_are_zero_weight_fillers(tiny_model: str, tiny_rm: s
         load_file(str(Path(out_b) / "model.safetensors")),
     )
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_sampling_temperature_divides_the_soft_capped_logits() -> None:
+    """Gemma-2 caps its logits (tanh(l / cap) * cap) before sampling divides them by the temperature."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from alignkit.logprobs import completion_token_stats
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        final_logit_softcapping=3.0,
+        initializer_range=0.5,
+    )
+    model = Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 10))
+    mask, completion = torch.ones_like(ids), torch.zeros_like(ids)
+    completion[:, 5:] = 1
+    with torch.no_grad():
+        got = completion_token_stats(model, ids, mask, completion, temperature=0.5).logps
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float() / 0.5, -1)
+    assert got.tolist() == pytest.approx(
+        logp[0, 4:9].gather(-1, ids[0, 5:10, None]).squeeze(-1).tolist(), abs=1e-5
+    )
+
+
+def test_online_stages_switch_dropout_off(tiny_model: str, tiny_rm: str, tmp_path: Path) -> None:
+    """Rollout log-probs and the first update's must be the same function: no dropout (LoRA's included)."""
+    from alignkit.config import build_config
+    from alignkit.stages import get_stage
+
+    cfg = build_config(
+        {
+            "stage": "ppo",
+            "model_name_or_path": tiny_model,
+            "dataset": write_jsonl(tmp_path / "p.jsonl", PROMPTS),
+            "output_dir": str(tmp_path / "out"),
+            "reward_model": tiny_rm,
+            "finetuning_type": "lora",
+            "lora_dropout": 0.1,
+        }
+    )
+    stage = get_stage("ppo")(cfg)
+    stage.build()
+    dropouts = [m for m in stage.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)
+
+
+def test_completions_are_cut_where_sampling_stopped(tiny_model: str) -> None:
+    from alignkit.models import load_tokenizer
+    from alignkit.rollout import cut_completion
+
+    tok = load_tokenizer(tiny_model)
+    eos = tok.eos_token_id
+    words = [
+        i for i in range(len(tok)) if len(tok.decode([i]).strip()) >= 3 and tok.decode([i]).strip().isalpha()
+    ]
+    b = words[0]
+    stop = tok.decode([b]).strip()[:2]  # a stop string inside token b: b overhangs it
+    a = next(w for w in words if stop not in tok.decode([w]) and stop not in tok.decode([w, w]))
+    assert cut_completion([a, b, eos, eos], tok, None) == ([a, b, eos], False)  # EOS kept, padding dropped
+    assert cut_completion([a, b, a, b], tok, None) == ([a, b, a, b], True)  # ran out of tokens
+    # cut after b, not truncated, and no pad/EOS appended
+    assert cut_completion([a, b, eos, eos], tok, [stop]) == ([a, b], False)
+    assert cut_completion([a, b, a, a], tok, [stop]) == ([a, b], False)

@@ -90,6 +90,14 @@ class Stage:
         """Metrics derived from the reduced ones (e.g. a margin of two means); identity by default."""
         return metrics
 
+    def state_dict(self) -> dict[str, Any]:
+        """The stage's own training state beyond the weights (e.g. PPO's adaptive KL coefficient), saved in
+        each checkpoint's trainer_state.json (JSON values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, on resume."""
+
     # -- shared helpers
     def load_examples(self, sources: str | list[str]) -> list[Example]:
         examples = load_examples(sources, self.cfg.dataset_format, self.cfg.dataset_split)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,13 @@ class GRPOStage(OnlineStage):
         self.reference = Reference(self.cfg, self.model) if self.cfg.beta > 0 else None
         self._refill_rng = random.Random(self.cfg.seed)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"refill_rng": self.rng_state(self._refill_rng)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "refill_rng" in state:
+            self.set_rng_state(self._refill_rng, state["refill_rng"])
+
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
     def rollout(self, model: nn.Module, rows: list[dict], device: torch.device) -> list[dict]:
@@ -57,13 +65,13 @@ class GRPOStage(OnlineStage):
         samples = self.sample(model, rows, g)
         total, parts = self.rewards(rows, samples, g, device)
         kept_rows, kept = list(rows), list(range(len(samples.completion_ids)))
-        zero_std = (total.view(-1, g).std(dim=1) == 0).repeat_interleave(g)
-        self.frac_zero_std = float(zero_std.float().mean())
+        zero_std = (total.view(-1, g).std(dim=1) == 0).repeat_interleave(g).float()
+        self.frac_zero_std = float(zero_std.mean())
         if self.dynamic_sampling:
-            kept_rows, samples, total, parts, zero_std = self._refill(
-                model, rows, samples, total, parts, device
-            )
+            kept_rows, samples, total, parts, _ = self._refill(model, rows, samples, total, parts, device)
             kept = list(range(len(samples.completion_ids)))
+            # the batch as sampled, before the refill: each sample carries the share, whose mean is logged
+            zero_std = torch.full((len(kept),), self.frac_zero_std)
         index = [i for i in kept if samples.completion_ids[i]]
         buffer = [
             {
@@ -71,7 +79,7 @@ class GRPOStage(OnlineStage):
                 "completion_ids": samples.completion_ids[i],
                 "reward": float(total[i]),
                 "truncated": samples.truncated[i],
-                "zero_std": bool(zero_std[i]),
+                "zero_std": float(zero_std[i]),
                 **{f"r/{k}": float(v[i]) for k, v in parts.items()},
             }
             for i in index

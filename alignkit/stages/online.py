@@ -9,6 +9,7 @@ clip / step. Loop and stage stay as they are for the offline stages.
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import torch
@@ -60,6 +61,23 @@ class OnlineStage(Stage):
                 f"({self.cfg.max_length} - {self.cfg.max_new_tokens}); raise `max_length`"
             )
         return rows
+
+    def build(self) -> None:
+        super().build()
+        # no dropout in RL (as TRL): the log-probs scored at rollout time and those of the first update must
+        # be the same function, or the ratio is not 1 before any step (LoRA dropout, GPT-2-style models)
+        for module in self.model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+
+    @staticmethod
+    def rng_state(rng: random.Random) -> list:
+        version, internal, gauss = rng.getstate()
+        return [version, list(internal), gauss]
+
+    @staticmethod
+    def set_rng_state(rng: random.Random, state: list) -> None:
+        rng.setstate((state[0], tuple(state[1]), state[2]))
 
     def build_rewards(self) -> None:
         cfg = self.cfg

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.errors import UserError
 from alignkit.losses import clipped_surrogate, clipped_value_loss, gae, whiten
 from alignkit.models import _from_pretrained, apply_finetuning, load_policy, save_model, torch_dtype
 from alignkit.reference import Reference
@@ -38,12 +39,29 @@ class PolicyAndValue(nn.Module):
         return self.policy.get_output_embeddings()
 
 
-def load_value_model(cfg: Any) -> nn.Module:
+def load_value_model(cfg: Any, tokenizer: Any) -> nn.Module:
     """A token-classification head (one value per position) on a backbone: by default the reward model's, so
-    the critic starts from the reward model's weights and head, as in InstructGPT."""
+    the critic starts from the reward model's weights and head, as in InstructGPT. The critic reads the
+    policy's token ids, so a reward model with another vocabulary cannot be its backbone: the policy is."""
     from transformers import AutoModelForTokenClassification
 
+    from alignkit.models import load_tokenizer
+
     path = cfg.value_model_name_or_path or cfg.reward_model or cfg.model_name_or_path
+    if path != cfg.model_name_or_path:
+        if load_tokenizer(path, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+            if cfg.value_model_name_or_path:
+                raise UserError(
+                    f"value_model_name_or_path: {path} has another tokenizer than the policy "
+                    f"({cfg.model_name_or_path}); the critic reads the policy's tokens. Use a model with the "
+                    "policy's tokenizer, or leave the key out"
+                )
+            log.warning(
+                "the reward model %s has another tokenizer than the policy: the critic starts from the policy "
+                "instead (the reward model still scores text re-tokenised with its own)",
+                path,
+            )
+            path = cfg.model_name_or_path
     model = _from_pretrained(
         AutoModelForTokenClassification,
         path,
@@ -69,7 +87,7 @@ class PPOStage(OnlineStage):
     name = "ppo"
 
     def load_model(self) -> nn.Module:
-        return PolicyAndValue(load_policy(self.cfg), load_value_model(self.cfg))
+        return PolicyAndValue(load_policy(self.cfg), load_value_model(self.cfg, self.tokenizer))
 
     @property
     def updates_per_rollout(self) -> int:
@@ -125,8 +143,7 @@ class PPOStage(OnlineStage):
         if cfg.whiten_advantages:
             adv = whiten(adv, mask)
         seq_kl = (kl_tok * mask).sum(1)
-        self._update_kl_coef(float(seq_kl.mean()), b)
-        self.rollout_stats = {"kl": float(seq_kl.mean()), "kl_coef": self.kl_coef}
+        self._update_kl_coef(seq_kl)
         old_l, ref_l, val_l = _split(old, lengths), _split(ref_logps, lengths), _split(values, lengths)
         buffer = []
         for j, i in enumerate(keep):
@@ -147,12 +164,25 @@ class PPOStage(OnlineStage):
             )
         return buffer
 
-    def _update_kl_coef(self, kl: float, n: int) -> None:
-        """Adaptive KL controller (Ziegler et al. 2019, sec. 2.2): move toward `target_kl`, error clipped to 20%."""
+    def _update_kl_coef(self, seq_kl: torch.Tensor) -> None:
+        """Adaptive KL controller (Ziegler et al. 2019, sec. 2.2): move toward `target_kl`, error clipped to 20%,
+        from the KL of the whole global batch, so that every process keeps the same coefficient."""
         if self.cfg.target_kl is None:
             return
+        total = torch.stack([seq_kl.sum(), torch.tensor(float(len(seq_kl)), device=seq_kl.device)]).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        kl, n = float(total[0] / total[1].clamp(min=1)), float(total[1])
         error = max(-0.2, min(0.2, kl / self.cfg.target_kl - 1))
         self.kl_coef *= 1 + error * n / self.cfg.kl_horizon
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_coef, "shuffle_rng": self.rng_state(self._shuffle)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "kl_coef" in state:
+            self.kl_coef = state["kl_coef"]
+            self.set_rng_state(self._shuffle, state["shuffle_rng"])
 
     def update_batches(self, buffer: list[dict], update: int) -> list[list[dict]]:
         """`num_mini_batches` mini-batches per PPO epoch, reshuffled every epoch, each in micro-batches."""
