@@ -26,7 +26,6 @@ from alignkit.task import (
     parse_answer,
     preference_rows,
     prompt_rows,
-    reward_model_rows,
     sft_rows,
     split_problems,
     unpaired_rows,
@@ -46,7 +45,7 @@ class Context:
     eval_problems: list[Problem]
     base_model: str
     sft_model: str = ""
-    annotator_rm: str = ""  # the reward model's first pass, kept for the control that stops there
+    reward_model: str = ""
     data: dict[str, str] = field(default_factory=dict)  # data files written by this run, by name
 
 
@@ -217,51 +216,30 @@ PPO_KEYS = {
     "ppo_epochs": 4,
     "num_mini_batches": 2,
     "whiten_rewards": True,  # the reward model's scale (margins of 5-10) would otherwise swamp the KL term
-    "init_kl_coef": 0.2,
+    "init_kl_coef": 0.5,
     "learning_rate": 2e-5,
     "logging_steps": 16,
 }
 
 
-def _rm(ctx: Context, name: str, keys: dict[str, Any]) -> str:
-    common = {
-        "stage": "rm",
-        "per_device_train_batch_size": 32,
-        "lr_scheduler_type": "constant_with_warmup",
-        "warmup_steps": 5,
-        "logging_steps": 50,
-    }
-    return _train(ctx, name, {**common, **keys})
-
-
-def train_annotator_rm(ctx: Context) -> str:
-    """A reward model (`stage: rm`) on the annotator's pairs, whose only error is the carry. Alone they teach a
-    shortcut ("with a carry, bigger is better"), which PPO exploits: see the `ppo_annotator_rm` control."""
-    if not ctx.annotator_rm:
+def train_reward_model(ctx: Context) -> str:
+    """A reward model (`stage: rm`) on the task's pairs, once per run (PPO and its control share it)."""
+    if not ctx.reward_model:
         if not ctx.sft_model:
             run_sft(ctx)
         keys = {
+            "stage": "rm",
             "model_name_or_path": ctx.sft_model,
             "dataset": _pairs(ctx),
+            "per_device_train_batch_size": 32,
             "max_steps": 400,
             "learning_rate": 3e-4,
+            "lr_scheduler_type": "constant_with_warmup",
+            "warmup_steps": 5,
+            "logging_steps": 50,
         }
-        ctx.annotator_rm = _rm(ctx, "rm_annotator", keys)
-    return ctx.annotator_rm
-
-
-def train_reward_model(ctx: Context) -> str:
-    """The reward model PPO uses: the annotator's pairs first, then wider pairs (nearby wrong answers on either
-    side, from `reward_model_rows`) that break the shortcut. The first pass is what makes the second learnable:
-    from the SFT model directly, the wide pairs stay at chance for 800 steps."""
-    wide = _data(ctx, "rm_pairs", lambda: reward_model_rows(ctx.train_problems, n=25600, seed=ctx.seed + 4))
-    keys = {
-        "model_name_or_path": train_annotator_rm(ctx),
-        "dataset": wide,
-        "max_steps": 800,
-        "learning_rate": 1e-4,
-    }
-    return _rm(ctx, "rm", keys)
+        ctx.reward_model = _train(ctx, "rm", keys)
+    return ctx.reward_model
 
 
 def run_ppo(ctx: Context) -> str:
@@ -270,11 +248,10 @@ def run_ppo(ctx: Context) -> str:
     return _from_sft(ctx, "ppo", _prompts(ctx), {**PPO_KEYS, "reward_model": train_reward_model(ctx)})
 
 
-def run_ppo_annotator_rm(ctx: Context) -> str:
-    """Control: the same PPO against the first-pass reward model only."""
-    return _from_sft(
-        ctx, "ppo_annotator_rm", _prompts(ctx), {**PPO_KEYS, "reward_model": train_annotator_rm(ctx)}
-    )
+def run_ppo_weak_kl(ctx: Context) -> str:
+    """Control: the same PPO with a tenth of the KL penalty."""
+    keys = {**PPO_KEYS, "reward_model": train_reward_model(ctx), "init_kl_coef": 0.05}
+    return _from_sft(ctx, "ppo_weak_kl", _prompts(ctx), keys)
 
 
 def run_ppo_verifiable(ctx: Context) -> str:
@@ -308,7 +285,7 @@ METHODS: dict[str, Callable[[Context], str]] = {
 CONTROLS: dict[str, Callable[[Context], str]] = {
     "sft_on_chosen": run_sft_on_chosen,
     "dpo_without_nll": run_dpo_without_nll,
-    "ppo_annotator_rm": run_ppo_annotator_rm,
+    "ppo_weak_kl": run_ppo_weak_kl,
 }
 
 
@@ -372,11 +349,11 @@ task's pairs, then PPO against it; `ppo_verifiable` is the same PPO with the exa
 
 The controls answer "what does each ingredient add?": `sft_on_chosen` trains only the NLL of the chosen
 answers, `dpo_without_nll` only the DPO loss. On this task plain DPO lowers the likelihood of the chosen
-answers too and drifts into new off-by-one errors, which the NLL term prevents. `ppo_annotator_rm` runs the
-same PPO against a reward model trained on the annotator's pairs alone: their only error is the forgotten
-carry, so that model learns a shortcut ("with a carry, bigger is better") and PPO follows it into off-by-one
-answers: its score rises while accuracy falls. Reward hacking, measured. The `ppo` reward model continues
-from it on wider pairs (nearby wrong answers on either side), which removes the shortcut."""
+answers too and drifts into new off-by-one errors, which the NLL term prevents. The reward model, trained on
+pairs whose only error is the forgotten carry, learns a shortcut ("with a carry, bigger is better") and does
+not check the last digit. `ppo_weak_kl` runs the same PPO with a tenth of the KL penalty: it follows the
+shortcut into off-by-one answers, and the reward model's score rises while accuracy falls. Reward hacking,
+measured; the KL penalty to the SFT model is what keeps `ppo` where the reward model is right."""
 
 
 def render_table(report: dict[str, Any]) -> str:

@@ -71,27 +71,6 @@ def preference_rows(problems: list[Problem], n: int, seed: int) -> list[dict]:
     ]
 
 
-def reward_model_rows(problems: list[Problem], n: int, seed: int) -> list[dict]:
-    """Pairs for a reward model: half with the typical error as rejected, half with a nearby wrong answer
-    (off by 1, 2, 9, 10, 11 or 20 either way), so the reward model also judges answers the policy may drift to."""
-    rng = random.Random(seed)
-    rows = []
-    for i, p in enumerate(rng.choices(problems, k=n)):
-        wrong = (
-            p.wrong()
-            if i % 2 == 0
-            else p.answer + rng.choice([-20, -11, -10, -9, -2, -1, 1, 2, 9, 10, 11, 20])
-        )
-        rows.append(
-            {
-                "prompt": p.messages(),
-                "chosen": [{"role": "assistant", "content": str(p.answer)}],
-                "rejected": [{"role": "assistant", "content": str(wrong)}],
-            }
-        )
-    return rows
-
-
 def unpaired_rows(problems: list[Problem], n: int, desirable_share: float, seed: int) -> list[dict]:
     """KTO rows: a correct answer (desirable) or the typical error (undesirable), at the given share."""
     rng = random.Random(seed)

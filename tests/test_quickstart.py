@@ -41,7 +41,7 @@ def test_quickstart_rewrites_its_data_when_rerun_with_another_seed(tmp_path: Pat
 
 
 def test_quickstart_every_method_lifts_the_sft_model(tmp_path: Path) -> None:
-    """The whole quickstart (about 4 minutes on 2 cores): SFT learns the task and the annotator's error; every
+    """The whole quickstart (about 3 minutes on 2 cores): SFT learns the task and the annotator's error; every
     preference method started from it lifts held-out accuracy; the controls are reported beside them."""
     from alignkit.quickstart import run_quickstart
 
@@ -54,23 +54,22 @@ def test_quickstart_every_method_lifts_the_sft_model(tmp_path: Path) -> None:
     assert sft["no_carry_accuracy"] > 0.8 > 0.4 > sft["carry_accuracy"]
     lifted = ("dpo", "kto", "simpo", "orpo", "grpo", "ppo", "ppo_verifiable")
     lifts = {m: saved["methods"][m]["accuracy"] - sft["accuracy"] for m in lifted}
-    # measured on this machine: dpo +0.23, kto +0.10, simpo +0.19, orpo +0.24, grpo +0.17, ppo +0.18,
-    # ppo_verifiable +0.20
+    # measured on this machine: dpo +0.23, kto +0.10, simpo +0.19, orpo +0.24, grpo +0.17, ppo +0.16,
+    # ppo_verifiable +0.14
     assert min(v for m, v in lifts.items() if m != "kto") > 0.10, lifts
     assert lifts["kto"] > 0.05, lifts
     for m in lifted:  # the carry error is what gets fixed
         assert saved["methods"][m]["carry_accuracy"] > sft["carry_accuracy"] + 0.2
-    rm_first = [json.loads(line) for line in open(tmp_path / "qs" / "rm_annotator" / "metrics.jsonl")]
-    rm_wide = [json.loads(line) for line in open(tmp_path / "qs" / "rm" / "metrics.jsonl")]
-    assert rm_first[-1]["accuracy"] > 0.95 and rm_wide[-1]["accuracy"] > 0.85  # each fits its pairs
-    # PPO against the first-pass reward model raises that model's score while accuracy falls: reward hacking
-    hacked = [json.loads(line) for line in open(tmp_path / "qs" / "ppo_annotator_rm" / "metrics.jsonl")]
+    rm_log = [json.loads(line) for line in open(tmp_path / "qs" / "rm" / "metrics.jsonl")]
+    assert rm_log[-1]["accuracy"] > 0.95  # the reward model fits its pairs
+    controls = saved["controls"]
+    assert set(controls) == {"sft_on_chosen", "dpo_without_nll", "ppo_weak_kl"}
+    assert controls["dpo_without_nll"]["accuracy"] < sft["accuracy"]  # plain DPO drifts on this task
+    # with a weak KL penalty PPO raises the reward model's score while accuracy falls: reward hacking
+    hacked = [json.loads(line) for line in open(tmp_path / "qs" / "ppo_weak_kl" / "metrics.jsonl")]
     early = sum(r["reward/mean"] for r in hacked[:3]) / 3
     late = sum(r["reward/mean"] for r in hacked[-3:]) / 3
-    assert late > early, (early, late)
-    controls = saved["controls"]
-    assert set(controls) == {"sft_on_chosen", "dpo_without_nll", "ppo_annotator_rm"}
-    assert controls["dpo_without_nll"]["accuracy"] < sft["accuracy"]  # plain DPO drifts on this task
-    assert controls["ppo_annotator_rm"]["accuracy"] < sft["accuracy"]
+    assert late > early + 0.3, (early, late)
+    assert controls["ppo_weak_kl"]["accuracy"] < sft["accuracy"]
     md = (tmp_path / "qs" / "report.md").read_text()
     assert "| kto |" in md and "control: sft_on_chosen" in md
