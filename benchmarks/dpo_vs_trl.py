@@ -16,34 +16,20 @@ import json
 import sys
 import time
 
-from harness import SHARED, compare, parser, peak_mb
+from harness import SHARED, compare, parser, peak_mb, train_alignkit
 
 DATA = SHARED / "llamafactory" / "dpo_en_demo.json"
 
 
 def run_alignkit(model_dir: str, args: argparse.Namespace, out: str) -> dict:
-    from alignkit.config import build_config
-    from alignkit.loop import train
-    from alignkit.stages import get_stage
-
-    cfg = build_config(
-        {
-            "stage": "dpo",
-            "model_name_or_path": model_dir,
-            "dataset": str(DATA),
-            "max_length": 256,
-            "per_device_train_batch_size": 4,
-            "max_steps": args.steps,
-            "logging_steps": args.steps,
-            "output_dir": out,
-            "disable_tqdm": True,
-            "plot_loss": False,
-            "torch_dtype": "float32",
-            "shuffle": False,
-            "overwrite_output_dir": True,
-        }
-    )
-    record = train(cfg, get_stage("dpo")(cfg))
+    keys = {
+        "stage": "dpo",
+        "model_name_or_path": model_dir,
+        "dataset": str(DATA),
+        "max_length": 256,
+        "per_device_train_batch_size": 4,
+    }
+    record = train_alignkit(keys, args.steps, out)
     return {"train_s": record["train_runtime"], "peak_mb": peak_mb(), "loss": record["loss"]}
 
 

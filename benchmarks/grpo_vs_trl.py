@@ -19,39 +19,25 @@ import json
 import sys
 import time
 
-from harness import SHARED, compare, parser, peak_mb
+from harness import SHARED, compare, parser, peak_mb, train_alignkit
 
 DATA = SHARED / "gsm8k" / "train.jsonl"
 
 
 def run_alignkit(model_dir: str, args: argparse.Namespace, out: str) -> dict:
-    from alignkit.config import build_config
-    from alignkit.loop import train
-    from alignkit.stages import get_stage
-
-    cfg = build_config(
-        {
-            "stage": "grpo",
-            "model_name_or_path": model_dir,
-            "dataset": str(DATA),
-            "reward_funcs": ["math_accuracy"],
-            "num_generations": args.generations,
-            "per_device_train_batch_size": args.prompts,
-            "max_new_tokens": args.max_new_tokens,
-            "max_length": 1024,  # no GSM8K prompt is dropped (TRL does not truncate prompts)
-            "loss_type": "grpo",
-            "max_steps": args.steps,
-            "logging_steps": args.steps,
-            "learning_rate": 1e-6,
-            "output_dir": out,
-            "disable_tqdm": True,
-            "plot_loss": False,
-            "torch_dtype": "float32",
-            "shuffle": False,
-            "overwrite_output_dir": True,
-        }
-    )
-    record = train(cfg, get_stage("grpo")(cfg))
+    keys = {
+        "stage": "grpo",
+        "model_name_or_path": model_dir,
+        "dataset": str(DATA),
+        "reward_funcs": ["math_accuracy"],
+        "num_generations": args.generations,
+        "per_device_train_batch_size": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "max_length": 1024,  # no GSM8K prompt is dropped (TRL does not truncate prompts)
+        "loss_type": "grpo",
+        "learning_rate": 1e-6,
+    }
+    record = train_alignkit(keys, args.steps, out)
     return {
         "train_s": record["train_runtime"],
         "peak_mb": peak_mb(),

@@ -38,6 +38,27 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def train_alignkit(keys: dict, steps: int, out: str) -> dict:
+    """One alignkit run through the public path (config -> stage -> loop), fp32, data in file order, `steps`
+    steps logged once; returns the last metrics record."""
+    from alignkit.config import build_config
+    from alignkit.loop import train
+    from alignkit.stages import get_stage
+
+    common = {
+        "max_steps": steps,
+        "logging_steps": steps,
+        "output_dir": out,
+        "disable_tqdm": True,
+        "plot_loss": False,
+        "torch_dtype": "float32",
+        "shuffle": False,
+        "overwrite_output_dir": True,
+    }
+    cfg = build_config({**common, **keys})
+    return train(cfg, get_stage(cfg.stage)(cfg))
+
+
 def parser(steps: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=steps)
