@@ -397,6 +397,9 @@ def test_grpo_bad_inputs(tiny_model: str, tmp_path: Path) -> None:
         run_stage(tmp_path / "b", {**base, "reward_funcs": ["exact_match"]})
     with pytest.raises(UserError, match="give `reward_funcs`"):
         run_stage(tmp_path / "c", base)
+    empty = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Q"}, {"prompt": ""}])
+    with pytest.raises(UserError, match=r"e.jsonl line 2: the prompt is empty"):
+        run_stage(tmp_path / "d", {**base, "dataset": empty, "reward_funcs": ["length"]})
 
 
 @pytest.mark.parametrize(
