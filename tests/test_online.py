@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from alignkit.errors import UserError
-from alignkit.losses import (
+from alignkit.rewards import exact_match, math_accuracy
+from alignkit.rl_losses import (
     clipped_surrogate,
     clipped_value_loss,
     dapo_overlong_penalty,
@@ -21,7 +22,6 @@ from alignkit.losses import (
     k3_kl,
     whiten,
 )
-from alignkit.rewards import exact_match, math_accuracy
 from tests.conftest import first_step, run_stage, write_jsonl
 
 

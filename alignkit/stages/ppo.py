@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
-from alignkit.losses import clipped_surrogate, clipped_value_loss, gae, whiten
 from alignkit.models import _from_pretrained, apply_finetuning, load_policy, save_model, torch_dtype
 from alignkit.reference import Reference
+from alignkit.rl_losses import clipped_surrogate, clipped_value_loss, gae, whiten
 from alignkit.rollout import sequences
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
