@@ -102,22 +102,8 @@ class OnlineStage(Stage):
     def sample(self, model: nn.Module, rows: list[dict], num_generations: int) -> Samples:
         cfg = self.cfg
         policy = getattr(model, "module", model)
-        prompts = [r["prompt_ids"] for r in rows]
-        if self.engine is not None:
-            self.engine.push_weights(policy)
-            return self.engine.sample(
-                prompts,
-                num_generations,
-                cfg.max_new_tokens,
-                cfg.temperature,
-                cfg.top_p,
-                cfg.top_k,
-                cfg.stop_strings,
-            )
-        return sample_hf(
-            policy,
-            self.tokenizer,
-            prompts,
+        args = (
+            [r["prompt_ids"] for r in rows],
             num_generations,
             cfg.max_new_tokens,
             cfg.temperature,
@@ -125,6 +111,10 @@ class OnlineStage(Stage):
             cfg.top_k,
             cfg.stop_strings,
         )
+        if self.engine is not None:
+            self.engine.push_weights(policy)
+            return self.engine.sample(*args)
+        return sample_hf(policy, self.tokenizer, *args)
 
     def rewards(
         self, rows: list[dict], samples: Samples, num_generations: int, device: torch.device
