@@ -6,6 +6,7 @@ a clear message when asked for, never an import error at start-up.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,24 +160,36 @@ def cut_completion(seq: list[int], tokenizer: Any, stop_strings: list[str] | Non
     return [t for t in seq if t != tokenizer.pad_token_id], True
 
 
+# the first vLLM whose `processed_logprobs` are taken after every logits processor, top-k and top-p included
+# (vllm-project/vllm#22387); earlier ones return them before top-k and top-p
+MIN_VLLM = "0.10.2"
+
+
 class VLLMEngine:
     """vLLM sampling with the policy's weights pushed in after each update (GPU machines)."""
 
     def __init__(self, model_path: str, tokenizer: Any, gpu_memory_utilization: float = 0.3) -> None:
         try:
-            from vllm import LLM
+            import vllm
         except ImportError as exc:
             raise UserError(
                 "rollout_backend: vllm needs vLLM, which is not installed (pip install vllm; it needs "
                 "a CUDA GPU); or use rollout_backend: hf"
             ) from exc
+        _check_vllm_version(getattr(vllm, "__version__", MIN_VLLM))
         self.tokenizer = tokenizer
-        self.llm = LLM(
-            model=model_path, gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True
+        self.llm = vllm.LLM(
+            model=model_path,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=True,
+            # each sampled token's log-prob under the distribution it was drawn from (after temperature, top-k,
+            # top-p), as `sample_hf` records it: the default `raw_logprobs` are the unshaped model's, which
+            # would bias the first importance ratio whenever those settings shape the distribution
+            logprobs_mode="processed_logprobs",
         )
 
     def push_weights(self, model: nn.Module) -> None:
-        state = [(k, v) for k, v in model.state_dict().items()]
+        state = vllm_weights(model)
         self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(state))
 
     def sample(
@@ -198,7 +211,7 @@ class VLLMEngine:
             top_k=top_k or -1,
             max_tokens=max_new_tokens,
             stop=stop_strings or None,
-            logprobs=0,  # the sampled token's own log-prob (vLLM's `logprobs_mode` decides raw or processed)
+            logprobs=0,  # the sampled token's own log-prob (processed: see `logprobs_mode` above)
         )
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         completions, truncated, logprobs = [], [], []
@@ -215,6 +228,70 @@ class VLLMEngine:
             self.tokenizer.batch_decode(completions, skip_special_tokens=True),
             logprobs,
         )
+
+
+def _check_vllm_version(version: str) -> None:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        too_old = Version(version) < Version(MIN_VLLM)
+    except InvalidVersion:  # a local build with an odd version string: let vLLM itself judge
+        return
+    if too_old:
+        raise UserError(
+            f"vLLM {version} is too old for rollout_backend: vllm: it needs {MIN_VLLM} or newer, whose "
+            "`logprobs_mode: processed_logprobs` gives the sampling distribution's log-probs (pip install -U "
+            "vllm); or use rollout_backend: hf"
+        )
+
+
+@torch.no_grad()
+def vllm_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs for vLLM's `load_weights`, which knows only the base model's state-dict names.
+
+    A full model's state dict as it is. Under LoRA, peft names a weight `base_model.model.<name>` (with
+    `.base_layer` inside an adapted module, `.modules_to_save.<adapter>` for a module trained in full) and adds
+    the adapter's factors: the pairs are the base names with the adapter merged in, W + scaling * B A (peft's
+    own `get_delta_weight`), on new tensors, so the training model keeps its adapter and its base weights bit
+    for bit (an in-place merge and unmerge would round them in bf16).
+    """
+    from alignkit.models import is_peft
+
+    state = model.state_dict()
+    if not is_peft(model):
+        return list(state.items())
+    deltas = _lora_deltas(model)
+    pairs = []
+    for key, value in state.items():
+        # skipped: the adapter's factors, and the frozen copy peft keeps of a module trained in full
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        if key in deltas:
+            if not value.is_floating_point():
+                raise UserError(
+                    "rollout_backend: vllm cannot take 4-bit (qlora) weights; use finetuning_type: lora, "
+                    "or rollout_backend: hf"
+                )
+            value = value + deltas[key].to(value.dtype)
+        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        pairs.append((re.sub(r"\.modules_to_save\.[^.]+\.", ".", name), value))
+    return pairs
+
+
+def _lora_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state-dict key of each adapted base weight -> its active adapters' scaling * B A, in the weight's shape."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or module.merged or module.disable_adapters:
+            continue  # a merged adapter is in the base weight already
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A or adapter in module.lora_embedding_A:
+                key = f"{name}.base_layer.weight"
+                delta = module.get_delta_weight(adapter)
+                deltas[key] = deltas[key] + delta if key in deltas else delta
+    return deltas
 
 
 def sequences(
