@@ -1,9 +1,12 @@
 """The reference model, done once: a frozen copy, the adapter-disabled base under LoRA, or a disk cache.
 
 `precompute_ref_log_probs: true` runs the reference over the data once and caches the per-row log-probs
-under a key made of everything they depend on (the reference weights' fingerprint, the token ids of
-every row, max_length, dtype). A later run with the same key loads them and never loads the reference
-model; any change to the key recomputes, so a cache made with another model is never reused.
+under a key made of everything they depend on (the sha256 of every byte of the reference weights, the
+token ids of every row, max_length, dtype). A later run with the same key loads them and never loads the
+reference model; any change to the key recomputes, so a cache made with another model is never reused.
+Each weight file is hashed once and its hash remembered by (path, size, mtime) in the user's cache
+(`$ALIGNKIT_CACHE_DIR`, `$XDG_CACHE_HOME/alignkit` or `~/.cache/alignkit`), so a 15 GB model is not
+reread every run; a copy that keeps the old size and mtime (`cp -p`, `rsync -t`) is not noticed.
 """
 
 from __future__ import annotations
@@ -63,8 +66,67 @@ class Reference:
         yield self.model
 
 
+_HASH_CHUNK = 8 << 20  # bytes read at a time: a 15 GB file is streamed, never held in memory
+
+
+def _user_cache_dir() -> str:
+    """`$ALIGNKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/alignkit`, else `~/.cache/alignkit`."""
+    if os.environ.get("ALIGNKIT_CACHE_DIR"):
+        return os.environ["ALIGNKIT_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "alignkit")
+
+
+def _hash_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_index(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            index = json.load(fh)
+        return index if isinstance(index, dict) else {}
+    except (OSError, ValueError):  # none yet, or a torn / foreign file: rehashing is always correct
+        return {}
+
+
+def _save_index(path: str, index: dict[str, Any]) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"  # one temporary per process; the rename is atomic
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(index, fh)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home costs a rehash next run, not the run
+        log.warning("could not remember weight hashes in %s: %s", path, exc)
+
+
+def content_hash(path: str) -> str:
+    """sha256 of the whole file, remembered in the user's cache by (absolute path, size, mtime_ns).
+
+    Index shape: {abs_path: [size, mtime_ns, sha256]}. A file whose size and mtime are unchanged is not read
+    again; any write to it moves its mtime, so it is rehashed.
+    """
+    full = os.path.abspath(path)
+    stat = os.stat(full)
+    index_path = os.path.join(_user_cache_dir(), "weight_hashes.json")
+    index = _load_index(index_path)
+    entry = index.get(full)
+    if isinstance(entry, list) and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+        return entry[2]
+    digest = _hash_file(full)
+    index = _load_index(index_path)  # re-read: another run may have added files meanwhile
+    index[full] = [stat.st_size, stat.st_mtime_ns, digest]
+    _save_index(index_path, index)
+    return digest
+
+
 def _fingerprint_model(path: str) -> dict[str, Any]:
-    """Path, config and a content sample of every weight file (size + hash of its first and last MiB)."""
+    """Path, config and the full-content hash of every weight file (a change anywhere in them counts)."""
     info: dict[str, Any] = {"path": os.path.abspath(path) if os.path.exists(path) else path}
     if not os.path.isdir(path):
         return info
@@ -74,14 +136,7 @@ def _fingerprint_model(path: str) -> dict[str, Any]:
             with open(full, encoding="utf-8") as fh:
                 info["config"] = fh.read()
         elif name.endswith((".safetensors", ".bin")):
-            size = os.path.getsize(full)
-            h = hashlib.sha256()
-            with open(full, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    h.update(fh.read())
-            info[name] = [size, h.hexdigest()]
+            info[name] = [os.path.getsize(full), content_hash(full)]
     return info
 
 

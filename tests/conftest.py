@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,19 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """alignkit's user cache (remembered weight hashes) in a session folder: tests never write the real home."""
+    folder = tmp_path_factory.mktemp("user_cache")
+    before = os.environ.get("ALIGNKIT_CACHE_DIR")
+    os.environ["ALIGNKIT_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("ALIGNKIT_CACHE_DIR", None)
+    else:
+        os.environ["ALIGNKIT_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -265,6 +265,84 @@ def test_precomputed_reference_is_cached_reused_and_keyed(
     assert third["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def _rewrite_middle_tensor(weights: Path) -> str:
+    """Negate, in place, a tensor whose bytes lie wholly between the file's first and last MiB; the file stays
+    a valid safetensors file of the same size. Returns the tensor's name."""
+    raw = weights.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    mib = 1 << 20
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] != "F32":
+            continue
+        start, end = (8 + header_len + off for off in info["data_offsets"])
+        if start > mib and end < len(raw) - mib:
+            values = torch.frombuffer(bytearray(raw[start:end]), dtype=torch.float32)
+            with open(weights, "r+b") as fh:
+                fh.seek(start)
+                fh.write((-values).numpy().tobytes())
+            return name
+    raise AssertionError(f"no tensor sits in the middle of {weights}")
+
+
+def test_reference_cache_sees_a_change_in_the_middle_of_a_weight_file(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache key covers every byte of the weights: a middle layer changed -> recomputed, new log-probs."""
+    from alignkit.tiny import build_tiny
+
+    monkeypatch.setenv("ALIGNKIT_CACHE_DIR", str(tmp_path / "user_cache"))
+    ref = build_tiny(str(tmp_path / "ref"), hidden_size=128, layers=3, init_std=0.2)
+    weights = Path(ref) / "model.safetensors"
+    assert weights.stat().st_size > 3 << 20  # a middle that is neither the first nor the last MiB
+    cache = tmp_path / "cache"
+    common = {"ref_model_name_or_path": ref, "precompute_ref_log_probs": True, "ref_cache_dir": str(cache)}
+    first = _ours(tmp_path / "a", tiny_model, CONV, **common)
+    (old_file,) = os.listdir(cache)
+    size, mtime = weights.stat().st_size, weights.stat().st_mtime_ns
+    _rewrite_middle_tensor(weights)
+    assert weights.stat().st_size == size and weights.stat().st_mtime_ns != mtime
+
+    second = _ours(tmp_path / "b", tiny_model, CONV, **common)
+    assert len(os.listdir(cache)) == 2, "the old reference log-probs were reused after the weights changed"
+    (new_file,) = set(os.listdir(cache)) - {old_file}
+    old, new = torch.load(cache / old_file), torch.load(cache / new_file)
+    assert not torch.allclose(old["ref_chosen_logps"], new["ref_chosen_logps"])
+    live = _ours(tmp_path / "live", tiny_model, CONV, ref_model_name_or_path=ref)  # the changed model, live
+    assert second["loss"] == pytest.approx(live["loss"], rel=1e-6)
+    assert second["loss"] != pytest.approx(first["loss"], rel=1e-3)
+
+
+def test_weight_hash_is_remembered_by_path_size_and_mtime(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 15 GB model is hashed once: an unchanged file is not read again; a touched one is."""
+    import builtins
+
+    from alignkit import reference
+
+    user_cache = tmp_path / "user_cache"
+    monkeypatch.setenv("ALIGNKIT_CACHE_DIR", str(user_cache))
+    weights = os.path.join(tiny_model, "model.safetensors")
+    reads: list[str] = []
+
+    def counting_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if os.path.abspath(str(file)) == weights and "r" in mode:
+            reads.append(mode)
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "open", counting_open, raising=False)
+    first = reference.cache_key(tiny_model, [], (), {})
+    assert len(reads) == 1
+    assert reference.cache_key(tiny_model, [], (), {}) == first
+    assert len(reads) == 1, "an unchanged weight file was read again"
+    assert os.listdir(user_cache)  # remembered under the env's folder, never the real home
+    stat = os.stat(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # same bytes, new mtime
+    assert reference.cache_key(tiny_model, [], (), {}) == first
+    assert len(reads) == 2  # rehashed (and the same content gives the same key)
+
+
 def test_dpo_bad_inputs(tiny_model: str, tmp_path: Path) -> None:
     sft_rows = [{"prompt": "Q", "completion": "A"}]
     with pytest.raises(UserError, match=r"line 1: stage `dpo` trains on pair data.*need pairs"):
