@@ -18,18 +18,10 @@ from typing import Any
 
 from alignkit.config import build_config
 from alignkit.data.inspect import kto_weights
-from alignkit.generation import generate
 from alignkit.loop import train
+from alignkit.quickstart_report import accuracy, reward_model_diagnosis, reward_trend, write_report
 from alignkit.stages import get_stage
-from alignkit.task import (
-    Problem,
-    parse_answer,
-    preference_rows,
-    prompt_rows,
-    sft_rows,
-    split_problems,
-    unpaired_rows,
-)
+from alignkit.task import Split, preference_rows, prompt_rows, sft_rows, split_problems, unpaired_rows
 from alignkit.tiny import build_tiny
 
 log = logging.getLogger("alignkit")
@@ -41,32 +33,11 @@ TINY = {"vocab_size": 512, "hidden_size": 128, "layers": 3}
 class Context:
     output_dir: str
     seed: int
-    train_problems: list[Problem]
-    eval_problems: list[Problem]
+    split: Split
     base_model: str
     sft_model: str = ""
     reward_model: str = ""
     data: dict[str, str] = field(default_factory=dict)  # data files written by this run, by name
-
-
-def accuracy(model_dir: str, problems: list[Problem]) -> dict[str, float]:
-    """Greedy exact-match accuracy on held-out problems, overall and split by carry."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    outs = generate(model, tok, [p.messages() for p in problems], max_new_tokens=5, batch_size=150)
-    right = [parse_answer(o) == p.answer for o, p in zip(outs, problems)]
-
-    def share(sel: list[bool]) -> float:
-        picked = [r for r, s in zip(right, sel) if s]
-        return round(sum(picked) / max(len(picked), 1), 4)
-
-    return {
-        "accuracy": share([True] * len(problems)),
-        "carry_accuracy": share([p.carry for p in problems]),
-        "no_carry_accuracy": share([not p.carry for p in problems]),
-    }
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> str:
@@ -96,7 +67,7 @@ def _train(ctx: Context, name: str, keys: dict[str, Any]) -> str:
 def run_sft(ctx: Context) -> str:
     data = _write_jsonl(
         os.path.join(ctx.output_dir, "data", "sft.jsonl"),
-        sft_rows(ctx.train_problems, n=6000, carry_error_rate=0.6, seed=ctx.seed),
+        sft_rows(ctx.split.train, n=6000, carry_error_rate=0.6, seed=ctx.seed),
     )
     ctx.sft_model = _train(
         ctx,
@@ -140,7 +111,7 @@ def _data(ctx: Context, name: str, make: Callable[[], list[dict]]) -> str:
 
 
 def _pairs(ctx: Context) -> str:
-    return _data(ctx, "pairs", lambda: preference_rows(ctx.train_problems, n=3200, seed=ctx.seed + 1))
+    return _data(ctx, "pairs", lambda: preference_rows(ctx.split.train, n=3200, seed=ctx.seed + 1))
 
 
 def run_dpo(ctx: Context) -> str:
@@ -155,7 +126,7 @@ def run_dpo(ctx: Context) -> str:
 
 def run_kto(ctx: Context) -> str:
     """KTO on an imbalanced unpaired set (1 desirable : 4 undesirable), weighted to the top of the paper's range."""
-    rows = unpaired_rows(ctx.train_problems, n=3200, desirable_share=0.2, seed=ctx.seed + 2)
+    rows = unpaired_rows(ctx.split.train, n=3200, desirable_share=0.2, seed=ctx.seed + 2)
     data = _write_jsonl(os.path.join(ctx.output_dir, "data", "kto.jsonl"), rows)
     n_d = sum(r["label"] for r in rows)
     w_d, w_u, why = kto_weights(n_d, len(rows) - n_d, target=4 / 3)
@@ -205,7 +176,7 @@ def run_grpo(ctx: Context) -> str:
 
 
 def _prompts(ctx: Context) -> str:
-    return _data(ctx, "prompts", lambda: prompt_rows(ctx.train_problems, n=4000, seed=ctx.seed + 3))
+    return _data(ctx, "prompts", lambda: prompt_rows(ctx.split.train, n=4000, seed=ctx.seed + 3))
 
 
 PPO_KEYS = {
@@ -289,17 +260,16 @@ CONTROLS: dict[str, Callable[[Context], str]] = {
 }
 
 
-def _run(
-    ctx: Context, name: str, runner: Callable[[Context], str], eval_problems: list[Problem]
-) -> dict[str, Any]:
+def _run(ctx: Context, name: str, runner: Callable[[Context], str]) -> dict[str, Any]:
+    """Train one method, then measure it: the test set (reported) and the validation set (recipes chosen)."""
     t = time.perf_counter()
     model_dir = runner(ctx)
-    result = {
-        **accuracy(model_dir, eval_problems),
-        "wall_s": round(time.perf_counter() - t, 1),
-        "model_dir": model_dir,
-    }
-    log.info("%s: held-out accuracy %.3f (%.1f s)", name, result["accuracy"], result["wall_s"])
+    wall = round(time.perf_counter() - t, 1)
+    result = {**accuracy(model_dir, ctx.split.test), "validation": accuracy(model_dir, ctx.split.validation)}
+    result.update(wall_s=wall, model_dir=model_dir)
+    if name.startswith("ppo") or name == "grpo":
+        result.update(reward_trend(model_dir))
+    log.info("%s: test accuracy %.3f (%.1f s)", name, result["accuracy"], wall)
     return result
 
 
@@ -312,62 +282,24 @@ def run_quickstart(
     """Train each method (SFT first; the others start from it), evaluate, write report.md / report.json."""
     t0 = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
-    train_problems, eval_problems = split_problems(seed)
+    split = split_problems(seed)
     base = build_tiny(os.path.join(output_dir, "base"), seed=seed, **TINY)
-    ctx = Context(output_dir, seed, train_problems, eval_problems, base)
+    ctx = Context(output_dir, seed, split, base)
     report: dict[str, Any] = {
         "task": "two-digit addition; SFT data forgets 60% of carries",
-        "eval_problems": len(eval_problems),
+        "seed": seed,
+        "test_problems": len(split.test),
+        "validation_problems": len(split.validation),
+        "base_accuracy": accuracy(base, split.test)["accuracy"],
     }
-    report["base_accuracy"] = accuracy(base, eval_problems)["accuracy"]
     names = methods or tuple(METHODS)
     if "sft" not in names:
         names = ("sft", *names)
-    report["methods"] = {name: _run(ctx, name, METHODS[name], eval_problems) for name in names}
-    report["controls"] = (
-        {name: _run(ctx, name, runner, eval_problems) for name, runner in CONTROLS.items()}
-        if controls and len(names) > 1
-        else {}
-    )
+    report["methods"] = {name: _run(ctx, name, METHODS[name]) for name in names}
+    run_controls = controls and len(names) > 1
+    report["controls"] = {n: _run(ctx, n, r) for n, r in CONTROLS.items()} if run_controls else {}
+    if ctx.reward_model:
+        report["reward_model"] = reward_model_diagnosis(ctx.reward_model, _pairs(ctx), split.test)
     report["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2)
-    table = render_table(report)
-    with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(
-            f"# alignkit quickstart\n\nTask: {report['task']}; {len(eval_problems)} held-out problems, greedy "
-            f"decoding, exact match. Total {report['total_wall_s']:.0f} s.\n\n{table}\n\n{NOTES}\n"
-        )
-    print(table)
+    print(write_report(output_dir, report))
     return report
-
-
-NOTES = """Every method after SFT starts from the SFT model. `dpo` is DPO plus the NLL of the chosen answer (RPO)
-and `simpo` SimPO plus that NLL; `orpo` has its own NLL term; `kto` has none. `grpo` samples 8 answers per
-prompt and rewards exact answers. `ppo` is the classic recipe: a reward model trained (`stage: rm`) on the
-task's pairs, then PPO against it; `ppo_verifiable` is the same PPO with the exact-answer reward.
-
-The controls answer "what does each ingredient add?": `sft_on_chosen` trains only the NLL of the chosen
-answers, `dpo_without_nll` only the DPO loss. On this task plain DPO lowers the likelihood of the chosen
-answers too and drifts into new off-by-one errors, which the NLL term prevents. The reward model, trained on
-pairs whose only error is the forgotten carry, learns a shortcut ("with a carry, bigger is better") and does
-not check the last digit. `ppo_weak_kl` runs the same PPO with a tenth of the KL penalty: it follows the
-shortcut into off-by-one answers, and the reward model's score rises while accuracy falls. Reward hacking,
-measured; the KL penalty to the SFT model is what keeps `ppo` where the reward model is right."""
-
-
-def render_table(report: dict[str, Any]) -> str:
-    lines = [
-        "| model | accuracy | carry | no carry | wall s |",
-        "|---|---|---|---|---|",
-        f"| base (random init) | {report['base_accuracy']:.3f} | | | |",
-    ]
-    rows = list(report["methods"].items()) + [
-        (f"control: {k}", v) for k, v in report.get("controls", {}).items()
-    ]
-    for name, r in rows:
-        lines.append(
-            f"| {name} | {r['accuracy']:.3f} | {r['carry_accuracy']:.3f} | {r['no_carry_accuracy']:.3f} "
-            f"| {r['wall_s']:.1f} |"
-        )
-    return "\n".join(lines)

@@ -41,11 +41,33 @@ class Problem:
         return tens * 10 + ones if self.carry else (tens + 1) * 10 + ones
 
 
-def split_problems(seed: int = 0, n_eval: int = 300) -> tuple[list[Problem], list[Problem]]:
-    """All 8100 two-digit pairs, shuffled; the first `n_eval` are held out."""
-    every = [Problem(a, b) for a in range(10, 100) for b in range(10, 100)]
-    random.Random(seed).shuffle(every)
-    return every[n_eval:], every[:n_eval]
+@dataclass(frozen=True)
+class Split:
+    """Training problems, a validation set that recipes are chosen on, and an untouched test set."""
+
+    train: list[Problem]
+    validation: list[Problem]
+    test: list[Problem]
+
+
+def split_problems(seed: int = 0, n_validation: int = 300, n_test: int = 300) -> Split:
+    """Split the 8100 two-digit problems on *unordered* pairs: a + b and b + a are one problem to a model
+    that has learned addition, so both orders go to the same side. The test and validation sets hold one
+    order (chosen at random) of distinct pairs; the training pool holds every order of the other pairs."""
+    rng = random.Random(seed)
+    pairs = sorted({(min(a, b), max(a, b)) for a in range(10, 100) for b in range(10, 100)})
+    rng.shuffle(pairs)
+
+    def one_order(pair: tuple[int, int]) -> Problem:
+        a, b = pair if rng.random() < 0.5 else pair[::-1]
+        return Problem(a, b)
+
+    test = [one_order(p) for p in pairs[:n_test]]
+    validation = [one_order(p) for p in pairs[n_test : n_test + n_validation]]
+    train = [Problem(a, b) for a, b in pairs[n_test + n_validation :]]
+    train += [Problem(b, a) for a, b in pairs[n_test + n_validation :] if a != b]
+    rng.shuffle(train)
+    return Split(train, validation, test)
 
 
 def sft_rows(problems: list[Problem], n: int, carry_error_rate: float, seed: int) -> list[dict]:

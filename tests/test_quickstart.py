@@ -8,9 +8,26 @@ from pathlib import Path
 from alignkit.task import Problem, parse_answer, preference_rows, sft_rows, split_problems
 
 
+def test_split_keeps_both_orders_of_a_problem_on_one_side() -> None:
+    """a + b and b + a are one problem: neither order of a test or validation pair is in training."""
+    split = split_problems(0)
+    assert len(split.test) == len(split.validation) == 300
+
+    def unordered(problems: list[Problem]) -> set[frozenset[int]]:
+        return {frozenset((p.a, p.b)) for p in problems}
+
+    train = unordered(split.train)
+    assert not train & unordered(split.test)
+    assert not train & unordered(split.validation)
+    assert not unordered(split.test) & unordered(split.validation)
+    assert len(unordered(split.test)) == 300  # distinct pairs, no a + b and b + a both in test
+    assert len(split.train) + sum(2 - (p.a == p.b) for p in split.test + split.validation) == 8100
+    assert 0.35 < sum(p.carry for p in split.test) / 300 < 0.55  # carry share as in the whole task
+    assert split_problems(0) == split and split_problems(1).test != split.test
+
+
 def test_task_data_is_systematically_wrong_on_carries() -> None:
-    train, held_out = split_problems(0)
-    assert not set(train) & set(held_out) and len(held_out) == 300
+    train = split_problems(0).train
     rows = sft_rows(train, n=2000, carry_error_rate=0.6, seed=0)
     carry_wrong = no_carry_wrong = carries = 0
     for row in rows:
@@ -31,12 +48,12 @@ def test_task_data_is_systematically_wrong_on_carries() -> None:
 def test_quickstart_rewrites_its_data_when_rerun_with_another_seed(tmp_path: Path) -> None:
     from alignkit.quickstart import Context, _pairs
 
-    train, held_out = split_problems(0)
-    first = Context(str(tmp_path), 0, train, held_out, base_model="unused")
+    split = split_problems(0)
+    first = Context(str(tmp_path), 0, split, base_model="unused")
     path = _pairs(first)
     text = Path(path).read_text()
     assert _pairs(first) == path and Path(path).read_text() == text  # written once per run
-    _pairs(Context(str(tmp_path), 1, train, held_out, base_model="unused"))
+    _pairs(Context(str(tmp_path), 1, split, base_model="unused"))
     assert Path(path).read_text() != text  # a new run with another seed does not reuse it
 
 
