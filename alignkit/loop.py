@@ -230,7 +230,10 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
         if online:
             if update == 0 or buffer is None:  # the rollout phase: sample, score, keep the buffer
                 idx = [i for chunk in micro_batches(order, k, bs, world, accum, rank) for i in chunk]
-                buffer = stage.rollout(model, [stage.train_rows[i] for i in idx], accelerator.device)
+                # under the steps' autocast: the log-probs a rollout stores are then the function the update
+                # computes (PPO's first ratio is 1), and the prepared model's float32 outputs meet a bf16 head
+                with accelerator.autocast():
+                    buffer = stage.rollout(model, [stage.train_rows[i] for i in idx], accelerator.device)
             chunks = stage.update_batches(buffer, update)
             # an empty micro-batch (a small buffer on this process) runs a sample at weight 0, so that every
             # process makes the same number of backward passes
