@@ -356,6 +356,92 @@ def test_grpo_family_trains_and_logs(loss_type: str, extra: dict, tiny_model: st
         assert records[1]["step"] == 2
 
 
+# each loss type's aggregation, written out here (not read from GRPO_RECIPES) so a wrong registry entry fails
+AGGREGATIONS = {
+    "grpo": "seq_mean",
+    "dr_grpo": "max_len",
+    "dapo": "token",
+    "gspo": "sequence",
+    "rloo": "sequence_sum",
+}
+
+
+@pytest.mark.parametrize("loss_type", list(AGGREGATIONS))
+def test_grpo_family_loss_on_a_fixed_rollout_is_the_pure_functions(
+    loss_type: str, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fixed rollout (2 prompts x 2 completions of 1-4 tokens, advantages, sampling-time and reference
+    log-probs): the loss the loop logs is `grpo_policy_loss` (checked by hand above) of this type's aggregation
+    on the policy's log-probs, computed here by a plain forward pass at the sampling temperature, divided by the
+    completions (tokens, for DAPO); and it is no other type's value."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.data.batches import tokenize_chat
+    from alignkit.models import load_tokenizer
+    from alignkit.stages.grpo import GRPOStage
+
+    tok, model = load_tokenizer(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
+    prompts = [tokenize_chat(tok, r["prompt"], add_generation_prompt=True) for r in PROMPTS[:2]]
+    prompt_ids = [prompts[0], prompts[0], prompts[1], prompts[1]]
+    completions = [[11, 12], [13, 14, 15], [16], [17, 18, 19, 20]]
+    logps = []  # (10,) the policy's log-prob of each completion token at temperature 0.7, row by row
+    with torch.no_grad():
+        for p, c in zip(prompt_ids, completions):
+            logits = model(input_ids=torch.tensor([p + c])).logits[0] / 0.7
+            logps += [torch.log_softmax(logits[len(p) - 1 + t], -1)[c_t] for t, c_t in enumerate(c)]
+    logps = torch.stack(logps)
+    rows = torch.tensor([i for i, c in enumerate(completions) for _ in c])
+    old = logps - torch.log(torch.tensor([1.5, 0.9, 1.0, 1.3, 0.7, 1.1, 0.85, 1.25, 0.95, 1.05]))  # ratios
+    ref = logps + torch.tensor([0.3, -0.2, 0.1, 0.0, -0.4, 0.25, 0.05, -0.1, 0.2, -0.3])
+    adv = torch.tensor([1.0, -2.0, 0.5, -0.5])
+    beta = 0.0 if loss_type == "rloo" else 0.1  # RLOO's KL goes into the reward, before the advantages
+    buffer = [
+        {
+            "prompt_ids": p,
+            "completion_ids": c,
+            "advantage": float(adv[i]),
+            "old_logps": old[rows == i].tolist(),
+            **({"ref_logps": ref[rows == i].tolist()} if beta else {}),
+            "reward": 0.0,
+            "truncated": False,
+            "zero_std": 0.0,
+        }
+        for i, (p, c) in enumerate(zip(prompt_ids, completions))
+    ]
+    monkeypatch.setattr(GRPOStage, "rollout", lambda self, model, rows, device: [dict(s) for s in buffer])
+    record, _ = run_stage(
+        tmp_path,
+        {
+            "stage": "grpo",
+            "model_name_or_path": tiny_model,
+            "dataset": write_jsonl(tmp_path / "p.jsonl", PROMPTS),
+            "loss_type": loss_type,
+            "reward_funcs": ["exact_match"],
+            "num_generations": 2,
+            "per_device_train_batch_size": 2,
+            "max_new_tokens": 4,
+            "temperature": 0.7,
+            "beta": beta,
+            "epsilon_high": 0.28,  # clip-higher, as DAPO (the 1.25 ratio is inside it, 1.3 outside)
+            "max_steps": 1,
+            "logging_steps": 1,
+            "torch_dtype": "float32",
+        },
+    )
+
+    def expected(aggregation: str) -> float:
+        kl_ref = ref if beta and aggregation != "sequence_sum" else None
+        loss, _, _ = grpo_policy_loss(logps, old, adv, rows, aggregation, 0.2, 0.28, 4, kl_ref, beta)
+        return loss.item() / (10 if aggregation == "token" else 4)
+
+    assert record["loss"] == pytest.approx(expected(AGGREGATIONS[loss_type]), rel=1e-5, abs=1e-6)
+    for other in AGGREGATIONS.values():
+        if other != AGGREGATIONS[loss_type]:
+            assert abs(record["loss"] - expected(other)) > 1e-3, other
+    if beta:
+        assert record["kl"] == pytest.approx(k3_kl(logps, ref).mean().item(), rel=1e-5)
+
+
 def test_grpo_learns_a_verifiable_reward(tiny_model: str, tmp_path: Path) -> None:
     """A reward for completions that stop at once: GRPO raises it within a few steps."""
     mod = tmp_path / "stop_reward.py"
