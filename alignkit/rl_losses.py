@@ -1,5 +1,6 @@
 """The online-RL pieces as pure functions over tensors: group advantages, clipped surrogate and value losses, KL
-estimators, GAE, whitening, DAPO's overlong penalty, and the GRPO family's policy loss with its registry.
+estimators, PPO's per-token rewards, GAE, whitening, DAPO's overlong penalty, and the GRPO family's policy loss
+with its registry.
 """
 
 from __future__ import annotations
@@ -71,6 +72,51 @@ def dapo_overlong_penalty(
     return -factor * torch.clamp((lengths.float() - start) / max(buffer_len, 1), min=0.0, max=1.0)
 
 
+def pad_right(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """(N,) values of rows of `lengths` tokens, concatenated -> (B, max length), left-aligned, 0 after each row."""
+    mask = (
+        torch.arange(max(lengths, default=0), device=flat.device)[None, :]
+        < torch.tensor(lengths, device=flat.device)[:, None]
+    )
+    out = flat.new_zeros(mask.shape)
+    out[mask] = flat
+    return out
+
+
+def ppo_token_rewards(
+    scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-RLHF's per-token rewards (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2): the KL penalty
+    -kl_coef * (log pi - log ref) on every completion token, plus the sequence's score on its last token.
+
+    scores: (B,); logps, ref_logps (the rollout policy's and the reference's), mask: (B, T), completion tokens
+    left-aligned, mask 1 on them, every row at least one token. Returns (rewards, per-token KL log pi - log ref),
+    both (B, T) and 0 off the mask.
+    """
+    kl = (logps - ref_logps) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long() - 1  # (B,) position of each completion's last token
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def ppo_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    whiten_advantages: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and value targets of a PPO rollout, all (B, T): GAE over the per-token rewards, returns =
+    advantages + values (before whitening: the critic learns the unwhitened return), then the advantages
+    whitened over the batch's completion tokens (as TRL's PPO trainers)."""
+    adv, returns = gae(rewards, values, mask, gamma, lam)
+    if whiten_advantages:
+        adv = whiten(adv, mask)
+    return adv, returns
+
+
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,10 +137,13 @@ def gae(
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance (and zero mean) over the masked elements."""
-    n = mask.sum().clamp(min=1)
-    mean = (values * mask).sum() / n
-    var = (((values - mean) * mask) ** 2).sum() / n
+    """Normalise to unit variance (and zero mean) over the masked elements of the whole batch, 0 off the mask.
+
+    The variance is the unbiased one, as TRL's `masked_whiten` (and `whiten_rewards`, which uses `Tensor.std`).
+    """
+    n = mask.sum()
+    mean = (values * mask).sum() / n.clamp(min=1)
+    var = (((values - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
     out = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

@@ -16,7 +16,13 @@ from torch import nn
 from alignkit.errors import UserError
 from alignkit.models import _from_pretrained, apply_finetuning, load_policy, save_model, torch_dtype
 from alignkit.reference import Reference
-from alignkit.rl_losses import clipped_surrogate, clipped_value_loss, gae, whiten
+from alignkit.rl_losses import (
+    clipped_surrogate,
+    clipped_value_loss,
+    pad_right,
+    ppo_advantages,
+    ppo_token_rewards,
+)
 from alignkit.rollout import sequences
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
@@ -126,24 +132,19 @@ class PPOStage(OnlineStage):
         with self.reference.active(unwrapped.policy, device) as ref:
             ref_logps = self.token_stats(ref, batch).logps
         values = _token_values(model, batch)
-        # per-token rewards: -kl_coef * (log pi - log ref), plus the score on the last token (dense -> (B, T))
-        b, t = len(keep), max(lengths)
-        mask = torch.zeros(b, t, device=device)
-        for i, n in enumerate(lengths):
-            mask[i, :n] = 1
-        dense = mask.bool()
-        kl_tok = torch.zeros(b, t, device=device)
-        kl_tok[dense] = old - ref_logps
-        v = torch.zeros(b, t, device=device)
-        v[dense] = values
-        token_rewards = -self.kl_coef * kl_tok
-        last = torch.tensor(lengths, device=device) - 1
-        token_rewards[torch.arange(b, device=device), last] += scores[keep].to(device)
-        adv, returns = gae(token_rewards, v, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = whiten(adv, mask)
-        seq_kl = (kl_tok * mask).sum(1)
-        self._update_kl_coef(seq_kl)
+        # the flat (N,) per-token tensors, left-aligned per completion: (B, T) with T the longest completion
+        mask = pad_right(torch.ones_like(old), lengths)
+        token_rewards, kl_tok = ppo_token_rewards(
+            scores[keep].to(device),
+            pad_right(old, lengths),
+            pad_right(ref_logps, lengths),
+            mask,
+            self.kl_coef,
+        )
+        adv, returns = ppo_advantages(
+            token_rewards, pad_right(values, lengths), mask, cfg.gamma, cfg.lam, cfg.whiten_advantages
+        )
+        self._update_kl_coef(kl_tok.sum(1))
         old_l, ref_l, val_l = _split(old, lengths), _split(ref_logps, lengths), _split(values, lengths)
         buffer = []
         for j, i in enumerate(keep):
