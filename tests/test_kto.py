@@ -132,6 +132,57 @@ def test_kto_runs_at_any_batch_size_without_nan(
         assert any("rewards/rejected" not in r for r in records)
 
 
+# 8 rows in which rows 1 and 3 of each 4 share a completion: their KL partners (the previous row's completion
+# inside chunks of the per-device batch, see assign_kl_partners) are then the same at batch 4 and at batch 2,
+# so 1 process x batch 4 and 2 processes x batch 2 see the same KL sequences
+Z0_ROWS = [
+    dict(CONV[i % 5], completion=[{"role": "assistant", "content": a}], label=lab)
+    for i, (a, lab) in enumerate(
+        zip(
+            ["19", "Blue.", "Bonjour!", "Blue.", "C, A, T.", "Four.", "An apple.", "Four."],
+            [True, False, True, True, False, True, False, False],
+        )
+    )
+]
+
+
+def test_two_processes_average_z0_as_one_process_over_the_global_batch(
+    tiny_model: str, tiny_ref: str, tmp_path: Path
+) -> None:
+    """z0 (logged `kl`) and the loss of 2 processes x batch 2 equal 1 process x batch 4 on the same global
+    batches, at a z0 well above the clamp at 0 (the nudged reference). A z0 from each process's own rows would
+    not: 1 process x batch 2 x accumulation 2 computes exactly that (one z0 per micro-batch of 2), and its loss
+    differs here (each half's rows are scored against their own half's z0), so the test tells the two apart."""
+    from tests.test_loop import _launch_two
+
+    keys = {
+        "stage": "kto",
+        "model_name_or_path": tiny_model,
+        "ref_model_name_or_path": tiny_ref,
+        "dataset": write_jsonl(tmp_path / "k.jsonl", Z0_ROWS),
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "max_steps": 2,
+        "shuffle": False,
+        "torch_dtype": "float32",
+    }
+
+    def records(out: Path) -> list[dict]:
+        return [json.loads(line) for line in open(out / "out" / "metrics.jsonl")]
+
+    run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
+    run_stage(
+        tmp_path / "local", {**keys, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    )
+    one, local = records(tmp_path / "one"), records(tmp_path / "local")
+    two = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path / "two", 29521)
+    assert len(one) == len(two) == 2
+    assert all(r["kl"] > 0.3 for r in one)  # not clamped: an error in z0 shows in the loss
+    for name in ("kl", "loss", "rewards/chosen", "rewards/rejected"):
+        assert [r[name] for r in two] == pytest.approx([r[name] for r in one], rel=1e-5, abs=1e-5), name
+    assert abs(local[0]["loss"] - one[0]["loss"]) > 1e-3
+
+
 def test_single_label_data_is_an_error_unless_allowed(tiny_model: str, tmp_path: Path) -> None:
     rows = [dict(r, label=True) for r in CONV]
     with pytest.raises(UserError, match=r"every training row is desirable.*allow_single_label"):
