@@ -14,7 +14,9 @@ from alignkit.errors import UserError
 EPILOG_TRAIN = """examples:
   alignkit train configs/sft_tiny.yaml
   alignkit train configs/sft_tiny.yaml learning_rate=1e-4 max_steps=50 output_dir=out/sft
-  accelerate launch --cpu --num_processes 2 -m alignkit train configs/sft_tiny.yaml
+  torchrun --nproc_per_node 2 -m alignkit train configs/sft_tiny.yaml    # 2 processes, CPU or GPU
+  accelerate launch --multi_gpu --num_processes 2 -m alignkit train configs/sft_tiny.yaml
+  (not `accelerate launch --cpu --num_processes 2`: without --mpirun_hostfile it starts one process)
 """
 EPILOG_TINY = """examples:
   alignkit tiny models/tiny

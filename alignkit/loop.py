@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -60,18 +61,32 @@ def micro_batches(
     return out
 
 
+def single_process_launch_hint(env: Mapping[str, str]) -> str | None:
+    """What to run instead when `accelerate launch --cpu --num_processes N` started one process; else None.
+
+    Without `--mpirun_hostfile`, accelerate's CPU launcher runs the script once, with ACCELERATE_USE_CPU=True
+    and MASTER_ADDR / MASTER_PORT (set only when N > 1) but no world size: neither torchrun's WORLD_SIZE nor
+    mpirun's PMI_SIZE / OMPI_COMM_WORLD_SIZE / MV2_COMM_WORLD_SIZE.
+    """
+    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if env.get("ACCELERATE_USE_CPU", "").lower() != "true" or "MASTER_PORT" not in env:
+        return None
+    if any(key in env for key in sizes):
+        return None
+    return (
+        "`accelerate launch --cpu --num_processes N` started a single process (its CPU launcher starts N "
+        "only through mpirun, with --mpirun_hostfile); for N processes run "
+        "`torchrun --nproc_per_node N -m alignkit train CONFIG` or "
+        "`accelerate launch --multi_gpu --num_processes N -m alignkit train CONFIG` (both work without a GPU)"
+    )
+
+
 def _accelerator(cfg: BaseConfig) -> Any:
     from accelerate import Accelerator
 
-    if (
-        os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
-        and "MASTER_PORT" in os.environ
-        and "WORLD_SIZE" not in os.environ
-    ):
-        log.warning(
-            "`accelerate launch --cpu` started a single process (accelerate needs mpirun for several CPU "
-            "processes); for N processes use `torchrun --nproc_per_node N -m alignkit train ...`"
-        )
+    hint = single_process_launch_hint(os.environ)
+    if hint:
+        log.warning(hint)
 
     precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
     from accelerate.state import AcceleratorState

@@ -210,3 +210,62 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
         assert cmd in out
     code, out, _ = _cli(["train", "--help"], capsys)
     assert "examples:" in out and "key=value" in out
+
+
+# --------------------------------------------------------------------------- launching several processes
+def test_train_help_shows_a_launch_that_starts_two_processes(capsys: pytest.CaptureFixture) -> None:
+    """`accelerate launch --cpu --num_processes 2` starts one process (without an MPI host file)."""
+    code, out, _ = _cli(["train", "--help"], capsys)
+    assert code == 0
+    assert "torchrun --nproc_per_node 2 -m alignkit train" in out
+    assert not [line for line in out.splitlines() if line.strip().startswith("accelerate launch --cpu")]
+
+
+# What `accelerate launch --cpu --num_processes 2 script.py` put in the one process it started (accelerate
+# 1.15, read from the process; no WORLD_SIZE, no RANK).
+ACCELERATE_CPU_2 = {
+    "ACCELERATE_USE_CPU": "True",
+    "ACCELERATE_MIXED_PRECISION": "no",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+@pytest.mark.parametrize(
+    "env,fires",
+    [
+        (ACCELERATE_CPU_2, True),
+        ({"ACCELERATE_USE_CPU": "True", "OMP_NUM_THREADS": "1"}, False),  # --cpu, one process asked
+        ({**ACCELERATE_CPU_2, "WORLD_SIZE": "2", "RANK": "0"}, False),  # torchrun
+        ({**ACCELERATE_CPU_2, "PMI_SIZE": "2", "PMI_RANK": "0"}, False),  # --mpirun_hostfile (Intel MPI)
+        ({**ACCELERATE_CPU_2, "OMPI_COMM_WORLD_SIZE": "2"}, False),  # --mpirun_hostfile (Open MPI)
+        ({}, False),
+    ],
+)
+def test_single_process_cpu_launch_is_detected(env: dict[str, str], fires: bool) -> None:
+    from alignkit.loop import single_process_launch_hint
+
+    hint = single_process_launch_hint(env)
+    if fires:
+        assert "single process" in hint
+        assert "torchrun --nproc_per_node N -m alignkit train" in hint
+        assert "accelerate launch --multi_gpu --num_processes N" in hint
+    else:
+        assert hint is None
+
+
+def test_accelerator_warns_on_a_single_process_cpu_launch(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    from alignkit.loop import _accelerator
+
+    for key, value in ACCELERATE_CPU_2.items():
+        monkeypatch.setenv(key, value)
+    for key in ("WORLD_SIZE", "RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = load_config(_yaml(tmp_path / "c.yaml", stage="sft", model_name_or_path="m", dataset="d.jsonl"))
+    with caplog.at_level("WARNING", logger="alignkit"):
+        accelerator = _accelerator(cfg)
+    assert accelerator.num_processes == 1
+    assert [r.getMessage() for r in caplog.records if "torchrun --nproc_per_node N" in r.getMessage()]
