@@ -107,7 +107,8 @@ def _quiet_libraries() -> None:
         import datasets
 
         datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+        # its readers log a failure and then raise it: the raised error is reported once, below
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     except ImportError:  # pragma: no cover
         pass
 

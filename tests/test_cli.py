@@ -269,3 +269,82 @@ def test_accelerator_warns_on_a_single_process_cpu_launch(
         accelerator = _accelerator(cfg)
     assert accelerator.num_processes == 1
     assert [r.getMessage() for r in caplog.records if "torchrun --nproc_per_node N" in r.getMessage()]
+
+
+# ------------------------------------------------------------------------- files that are not UTF-8
+def _latin1_source(tmp_path: Path, kind: str) -> tuple[str, str]:
+    """A data source whose third line holds a Latin-1 byte (0xe9, 'é'); returns (source, file named)."""
+    good, bad = b'{"prompt": "Q", "completion": "A"}', b'{"prompt": "caf\xe9?", "completion": "A"}'
+    if kind == "jsonl":
+        path, data = tmp_path / "latin1.jsonl", b"\n".join([good, good, bad, good]) + b"\n"
+    elif kind == "json":
+        path, data = tmp_path / "latin1.json", b"[\n" + b",\n".join([good, bad, good]) + b"\n]\n"
+    elif kind == "csv":
+        path, data = tmp_path / "latin1.csv", b"prompt,completion\nQ,A\ncaf\xe9?,A\nQ,A\n"
+    else:  # a folder read through `datasets`
+        (tmp_path / "folder").mkdir()
+        write_jsonl(tmp_path / "folder" / "a.jsonl", [{"prompt": "Q", "completion": "A"}] * 3)
+        path, data = tmp_path / "folder" / "b.jsonl", b"\n".join([good, good, bad]) + b"\n"
+        path.write_bytes(data)
+        return str(tmp_path / "folder"), str(path)
+    path.write_bytes(data)
+    return str(path), str(path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "folder"])
+@pytest.mark.parametrize("command", ["inspect", "train"])
+def test_non_utf8_data_names_the_file_and_line(
+    kind: str, command: str, tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source, named = _latin1_source(tmp_path, kind)
+    if command == "inspect":
+        code, _, err = _cli(["data", "inspect", source], capsys)
+    else:
+        code, _, err = _cli(["train", _setup(tmp_path, tiny_model), f"dataset={source}"], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert f"{named} line 3: not UTF-8" in err, err
+    assert "iconv -f latin1 -t utf-8" in err
+
+
+def test_non_utf8_csv_in_a_folder_is_one_line_in_a_subprocess(tmp_path: Path) -> None:
+    """`datasets` logs its reader's failure before raising it; the user sees alignkit's line alone."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.csv").write_bytes(b"prompt,completion\nQ,A\ncaf\xe9?,A\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "data", "inspect", str(tmp_path / "folder")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"alignkit: error: {tmp_path / 'folder' / 'a.csv'} line 3: not UTF-8 (byte 0xe9 at column 4); "
+        f"re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {tmp_path / 'folder' / 'a.csv'} > "
+        f"{tmp_path / 'folder' / 'a.csv'}.utf8 && mv {tmp_path / 'folder' / 'a.csv'}.utf8 "
+        f"{tmp_path / 'folder' / 'a.csv'}` if it is Latin-1"
+    ]
+
+
+# ------------------------------------------------------------- a folder whose files have other columns
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+@pytest.mark.parametrize("command", ["inspect", "train"])
+def test_folder_with_different_columns_names_both_files(
+    ext: str, command: str, tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    if ext == "jsonl":
+        write_jsonl(folder / "a.jsonl", [{"prompt": "Q", "completion": "A"}] * 2)
+        write_jsonl(folder / "b.jsonl", [{"instruction": "Q", "output": "A"}] * 2)
+    else:
+        (folder / "a.csv").write_text("prompt,completion\nQ,A\n")
+        (folder / "b.csv").write_text("instruction,output\nQ,A\n")
+    if command == "inspect":
+        code, _, err = _cli(["data", "inspect", str(folder)], capsys)
+    else:
+        code, _, err = _cli(["train", _setup(tmp_path, tiny_model), f"dataset={folder}"], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert f"{folder / f'a.{ext}'} has columns completion, prompt" in err, err
+    assert f"{folder / f'b.{ext}'} has columns instruction, output" in err, err

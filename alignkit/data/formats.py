@@ -8,12 +8,10 @@ LLaMA-Factory's KTO tags. Downstream code sees `Example` alone. A field holding 
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignkit.data.files import read_rows
 from alignkit.errors import UserError
 
 Messages = list[dict[str, str]]
@@ -73,102 +71,6 @@ class Example:
     @property
     def conversational(self) -> bool:
         return isinstance(self.prompt, list) or isinstance(self.completion or self.chosen, list)
-
-
-# ----------------------------------------------------------------------------------------------- reading
-def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
-    rows, where = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                    "each line of a .jsonl file must be one JSON object"
-                ) from exc
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            where.append(f"{path} line {lineno}")
-    return rows, where
-
-
-def _read_json(path: str) -> tuple[list[dict], list[str]]:
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # a JSON-lines file named .json
-            return _read_jsonl(path)
-        raise UserError(
-            f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
-        ) from exc
-    if isinstance(data, dict):  # {"train": [...]} or a dict of columns
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(data) == 1 and lists:
-            data = lists[0]
-        elif lists and all(isinstance(v, list) and len(v) == len(lists[0]) for v in data.values()):
-            data = [dict(zip(data.keys(), vals)) for vals in zip(*data.values())]
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of objects (one per row)")
-    for i, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise UserError(f"{path} row {i + 1}: expected a JSON object, got {type(row).__name__}")
-    return data, [f"{path} row {i + 1}" for i in range(len(data))]
-
-
-def _read_csv(path: str) -> tuple[list[dict], list[str]]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:  # CSV has no booleans: read the usual spellings of a label
-        if isinstance(row.get("label"), str) and row["label"].strip().lower() in ("true", "false"):
-            row["label"] = row["label"].strip().lower() == "true"
-    return rows, [f"{path} line {i + 2}" for i in range(len(rows))]  # line 1 is the header
-
-
-def _read_parquet(path: str) -> tuple[list[dict], list[str]]:
-    import datasets
-
-    ds = datasets.Dataset.from_parquet(path)
-    return ds.to_list(), [f"{path} row {i + 1}" for i in range(len(ds))]
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return (
-        len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in parts[1][-6:]
-    )
-
-
-def read_rows(source: str, split: str = "train") -> tuple[list[dict], list[str]]:
-    """Rows of a local file (JSON, JSONL, CSV, Parquet), a local data-set folder or a hub data set."""
-    if os.path.isfile(source):
-        ext = os.path.splitext(source)[1].lower()
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        if ext not in readers:
-            raise UserError(f"{source}: unknown file type `{ext}`; use .json, .jsonl, .csv or .parquet")
-        return readers[ext](source)
-    if os.path.isdir(source) or _looks_like_hub_id(source):
-        return _load_with_datasets(source, split)
-    raise UserError(
-        f"dataset {source} does not exist (give a .json/.jsonl/.csv/.parquet file, a folder, "
-        "or a hub id such as `trl-lib/ultrafeedback_binarized`)"
-    )
-
-
-def _load_with_datasets(source: str, split: str) -> tuple[list[dict], list[str]]:
-    """A hub id or a local folder, through `datasets.load_dataset` (the same call for both)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(f"dataset {source} (split `{split}`) could not be loaded: {exc}") from exc
-    return ds.to_list(), [f"{source} row {i + 1}" for i in range(len(ds))]
 
 
 # ---------------------------------------------------------------------------------------------- detecting

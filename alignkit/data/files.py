@@ -1,0 +1,186 @@
+"""Data files -> raw rows (dicts), each with where it came from ("file line N") for error messages.
+
+JSON, JSON lines and CSV are read as bytes and decoded here, so that a file saved in another encoding is
+named with the line of its first bad byte. A folder or a hub id goes through `datasets`; when that fails
+on a local folder, the folder's files are read one by one to name the file at fault (not UTF-8, not valid
+JSON, or columns that differ from the first file's).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable
+
+from alignkit.errors import UserError
+
+
+def decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
+    """`data` as text, or a UserError naming the line (counted from `first_line`) of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + data.count(b"\n", 0, exc.start)
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1  # in bytes
+        # the fixed copy ends in .utf8 until it replaces the file: `datasets` reads every data file of a folder
+        fix = f"iconv -f latin1 -t utf-8 {path} > {path}.utf8 && mv {path}.utf8 {path}"
+        raise UserError(
+            f"{path} line {line}: not UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); re-save the "
+            f"file as UTF-8, e.g. `{fix}` if it is Latin-1"
+        ) from exc
+
+
+def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
+    rows, where = [], []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = decode_utf8(raw, path, lineno)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                    "each line of a .jsonl file must be one JSON object"
+                ) from exc
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            where.append(f"{path} line {lineno}")
+    return rows, where
+
+
+def _read_json(path: str) -> tuple[list[dict], list[str]]:
+    with open(path, "rb") as fh:
+        text = decode_utf8(fh.read(), path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # a JSON-lines file named .json
+            return _read_jsonl(path)
+        raise UserError(
+            f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+        ) from exc
+    if isinstance(data, dict):  # {"train": [...]} or a dict of columns
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(data) == 1 and lists:
+            data = lists[0]
+        elif lists and all(isinstance(v, list) and len(v) == len(lists[0]) for v in data.values()):
+            data = [dict(zip(data.keys(), vals)) for vals in zip(*data.values())]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of objects (one per row)")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise UserError(f"{path} row {i + 1}: expected a JSON object, got {type(row).__name__}")
+    return data, [f"{path} row {i + 1}" for i in range(len(data))]
+
+
+def _read_csv(path: str) -> tuple[list[dict], list[str]]:
+    with open(path, "rb") as fh:
+        text = decode_utf8(fh.read(), path)
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    for row in rows:  # CSV has no booleans: read the usual spellings of a label
+        if isinstance(row.get("label"), str) and row["label"].strip().lower() in ("true", "false"):
+            row["label"] = row["label"].strip().lower() == "true"
+    return rows, [f"{path} line {i + 2}" for i in range(len(rows))]  # line 1 is the header
+
+
+def _read_parquet(path: str) -> tuple[list[dict], list[str]]:
+    import datasets
+
+    ds = datasets.Dataset.from_parquet(path)
+    return ds.to_list(), [f"{path} row {i + 1}" for i in range(len(ds))]
+
+
+READERS: dict[str, Callable[[str], tuple[list[dict], list[str]]]] = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (
+        len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in parts[1][-6:]
+    )
+
+
+def read_rows(source: str, split: str = "train") -> tuple[list[dict], list[str]]:
+    """Rows of a local file (JSON, JSONL, CSV, Parquet), a local data-set folder or a hub data set."""
+    if os.path.isfile(source):
+        ext = os.path.splitext(source)[1].lower()
+        if ext not in READERS:
+            raise UserError(f"{source}: unknown file type `{ext}`; use .json, .jsonl, .csv or .parquet")
+        return READERS[ext](source)
+    if os.path.isdir(source) or _looks_like_hub_id(source):
+        return _load_with_datasets(source, split)
+    raise UserError(
+        f"dataset {source} does not exist (give a .json/.jsonl/.csv/.parquet file, a folder, "
+        "or a hub id such as `trl-lib/ultrafeedback_binarized`)"
+    )
+
+
+def _load_with_datasets(source: str, split: str) -> tuple[list[dict], list[str]]:
+    """A hub id or a local folder, through `datasets.load_dataset` (the same call for both)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split)
+        rows = ds.to_list()  # pyarrow lets bytes that are not UTF-8 through to here
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        if os.path.isdir(source):
+            check_folder(source)  # names the file at fault, when it is one of the mistakes it knows
+        raise UserError(
+            f"dataset {source} (split `{split}`) could not be loaded: {_root_cause(exc)}"
+        ) from exc
+    return rows, [f"{source} row {i + 1}" for i in range(len(rows))]
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's message on one line (`datasets` wraps the useful one)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return " ".join(str(exc).split())[:400]
+
+
+def _data_files(folder: str) -> list[str]:
+    """The files `datasets` may read from a folder (those with a data extension), sorted by path."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [
+            os.path.join(root, f)
+            for f in files
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in READERS
+        ]
+    return sorted(found)
+
+
+def _columns(path: str) -> list[str]:
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return sorted(pq.read_schema(path).names)
+    rows, _ = READERS[os.path.splitext(path)[1].lower()](path)
+    return sorted({key for row in rows for key in row if isinstance(key, str)})
+
+
+def check_folder(folder: str) -> None:
+    """Raise a UserError naming the file of `folder` that is not UTF-8 or not valid JSON, or two files
+    whose columns differ (`datasets` reads every file of a folder, every split too, as one table)."""
+    first: tuple[str, list[str]] | None = None
+    for path in _data_files(folder):
+        columns = _columns(path)
+        if first is None:
+            first = (path, columns)
+        elif columns != first[1]:
+            raise UserError(
+                f"dataset folder {folder}: {first[0]} has columns {', '.join(first[1])} but {path} has "
+                f"columns {', '.join(columns)}; `datasets` reads every file of a folder (every split too) "
+                "as one table, so give the files the same columns or point `dataset` at one file"
+            )
