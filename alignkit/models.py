@@ -49,10 +49,46 @@ def torch_dtype(cfg: BaseConfig) -> torch.dtype | str:
     return torch.float32
 
 
+# What a saved tokenizer is made of: fast (tokenizer.json), settings, sentencepiece, BPE / WordPiece vocab.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+def _local_tokenizer(loader: Any, path: str, trust_remote_code: bool) -> Any:
+    """A folder's tokenizer. It needs the tokenizer files, not config.json (`data inspect --model` may name a
+    tokenizer alone); weights saved without them are the usual cause of their absence."""
+    fix = (
+        "copy them from the base model the weights came from "
+        f"(e.g. `AutoTokenizer.from_pretrained(BASE).save_pretrained('{path}')`)"
+    )
+    present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    if not present:
+        raise UserError(
+            f"model folder {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); {fix}"
+        )
+    try:
+        return loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:400]
+        raise UserError(
+            f"model folder {path}: no tokenizer could be made from its tokenizer files "
+            f"({', '.join(present)}): {reason}; if files are missing, {fix}"
+        ) from exc
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tok = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    if os.path.isdir(path):
+        tok = _local_tokenizer(AutoTokenizer, path, trust_remote_code)
+    else:
+        tok = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # Llama-style tokenizers ship without one; padding is always masked out
         tok.pad_token = tok.eos_token
     return tok

@@ -348,3 +348,43 @@ def test_folder_with_different_columns_names_both_files(
     assert "Traceback" not in err
     assert f"{folder / f'a.{ext}'} has columns completion, prompt" in err, err
     assert f"{folder / f'b.{ext}'} has columns instruction, output" in err, err
+
+
+# ------------------------------------------------------------------- a model folder without a tokenizer
+@pytest.mark.parametrize("keep", [(), ("tokenizer_config.json",)])
+@pytest.mark.parametrize("command", ["inspect", "train"])
+def test_model_folder_without_tokenizer_files(
+    keep: tuple[str, ...], command: str, tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    model = tmp_path / "weights_only"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors", *keep):
+        shutil.copy(Path(tiny_model) / name, model / name)
+    if command == "inspect":
+        data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "completion": "A"}])
+        code, _, err = _cli(["data", "inspect", data, "--model", str(model)], capsys)
+    else:
+        code, _, err = _cli(["train", _setup(tmp_path, tiny_model), f"model_name_or_path={model}"], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert f"model folder {model}" in err and "tokenizer" in err, err
+    assert "copy them from the base model" in err, err
+
+
+def test_tokenizer_only_folder_is_enough_for_data_inspect(
+    tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--model` only counts tokens: a folder with the tokenizer files and no weights or config.json does."""
+    import shutil
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for p in Path(tiny_model).iterdir():
+        if p.name.startswith("tokenizer") or p.name == "chat_template.jinja":
+            shutil.copy(p, tok / p.name)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "completion": "A"}])
+    code, out, err = _cli(["data", "inspect", data, "--model", str(tok)], capsys)
+    assert code == 0, err
+    assert "lengths in tokens" in out
