@@ -326,6 +326,21 @@ def test_non_utf8_csv_in_a_folder_is_one_line_in_a_subprocess(tmp_path: Path) ->
     ]
 
 
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv"])
+def test_utf8_with_a_byte_order_mark_is_read(ext: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Excel's "CSV UTF-8" and Notepad start the file with a byte-order mark."""
+    body = {
+        "jsonl": b'{"prompt": "Q", "completion": "A"}\n',
+        "json": b'[{"prompt": "Q", "completion": "A"}]',
+        "csv": b"prompt,completion\nQ,A\n",
+    }[ext]
+    path = tmp_path / f"bom.{ext}"
+    path.write_bytes(b"\xef\xbb\xbf" + body)
+    code, out, err = _cli(["data", "inspect", str(path)], capsys)
+    assert code == 0, err
+    assert "format `prompt_completion`, 1 rows" in out
+
+
 # ------------------------------------------------------------- a folder whose files have other columns
 @pytest.mark.parametrize("ext", ["jsonl", "csv"])
 @pytest.mark.parametrize("command", ["inspect", "train"])

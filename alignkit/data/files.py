@@ -18,7 +18,11 @@ from alignkit.errors import UserError
 
 
 def decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
-    """`data` as text, or a UserError naming the line (counted from `first_line`) of the first bad byte."""
+    """`data` as text, or a UserError naming the line (counted from `first_line`) of the first bad byte.
+
+    A leading byte-order mark (Excel's "CSV UTF-8", Notepad) is dropped: it would otherwise become part of
+    the first column's name or break the first JSON line."""
+    data = data.removeprefix(b"\xef\xbb\xbf")  # not decoded as utf-8-sig: its error offsets skip the mark
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
