@@ -75,7 +75,7 @@ def _train(tmp_path: Path, stage: str, model: str, rows: list[dict], **keys) -> 
 
 def _check_full(record: dict, out: str, start: str) -> None:
     """A finite loss; the saved weights are bfloat16 (the run's dtype) and most of them moved off the start."""
-    assert math.isfinite(record["loss"]) and record["loss"] != 0.0
+    assert math.isfinite(record["loss"])
     after = load_file(str(Path(out) / "model.safetensors"))
     assert {t.dtype for t in after.values()} == {torch.bfloat16}
     assert _moved(load_file(str(Path(start) / "model.safetensors")), after) > 0.9
@@ -83,7 +83,7 @@ def _check_full(record: dict, out: str, start: str) -> None:
 
 def _check_lora(record: dict, out: str) -> None:
     """A finite loss; LoRA's B matrices start at zero, so any non-zero one was trained."""
-    assert math.isfinite(record["loss"]) and record["loss"] != 0.0
+    assert math.isfinite(record["loss"])
     adapter = load_file(str(Path(out) / "adapter_model.safetensors"))
     lora_b = [t for k, t in adapter.items() if "lora_B" in k]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
@@ -92,16 +92,19 @@ def _check_lora(record: dict, out: str) -> None:
 @pytest.mark.parametrize("finetuning_type", ["full", "lora"])
 def test_sft_bf16(finetuning_type: str, tiny_model: str, tmp_path: Path) -> None:
     record, out = _train(tmp_path, "sft", tiny_model, SFT_ROWS, finetuning_type=finetuning_type)
+    assert record["loss"] > 0.1  # a token NLL
     _check_full(record, out, tiny_model) if finetuning_type == "full" else _check_lora(record, out)
 
 
 def test_rm_bf16(tiny_model: str, tmp_path: Path) -> None:
     record, out = _train(tmp_path, "rm", tiny_model, PAIRS)
+    assert record["loss"] > 0.01  # -log sigmoid(margin)
     _check_full(record, out, tiny_model)
 
 
 def test_dpo_bf16_with_a_float16_reference(tiny_model: str, ref_fp16: str, tmp_path: Path) -> None:
     record, out = _train(tmp_path, "dpo", tiny_model, PAIRS, ref_model_name_or_path=ref_fp16)
+    assert record["loss"] > 0.01
     _check_full(record, out, tiny_model)
     assert record["rewards/margins"] != 0.0  # the reference differs from the policy: log-ratios are not 0
 
@@ -110,11 +113,13 @@ def test_dpo_bf16_lora_precomputed_reference(tiny_model: str, tmp_path: Path) ->
     record, out = _train(
         tmp_path, "dpo", tiny_model, PAIRS, finetuning_type="lora", precompute_ref_log_probs=True
     )
+    assert record["loss"] > 0.01
     _check_lora(record, out)
 
 
 def test_kto_bf16_with_a_float16_reference(tiny_model: str, ref_fp16: str, tmp_path: Path) -> None:
     record, out = _train(tmp_path, "kto", tiny_model, UNPAIRED[:4], ref_model_name_or_path=ref_fp16)
+    assert record["loss"] > 0.01
     _check_full(record, out, tiny_model)
 
 
