@@ -119,5 +119,10 @@ def completion_token_stats(
 
 
 def per_row_sum(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """(N,) token values -> (B,) sums per row."""
-    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    """(N,) token values -> (B,) sums per row, accumulated in float64 and rounded once to `values.dtype`.
+
+    index_add adds a row's ~1,000 token log-probs one by one; in float32 a sum of thousands drifts by several
+    ulps (~5e-4), all of which lands in a DPO margin, a small difference of such sums (1e-4 of it, measured)."""
+    wide = torch.float32 if values.device.type == "mps" else torch.float64  # MPS has no float64
+    total = torch.zeros(n_rows, dtype=wide, device=values.device)
+    return total.index_add(0, rows, values.to(wide)).to(values.dtype)

@@ -204,6 +204,16 @@ def test_chunked_logprobs_equal_full_logits_values_and_grads(tiny_model: str) ->
     assert stats.logps.numel() == int(cmask[:, 1:].sum())
 
 
+def test_per_row_sum_rounds_once() -> None:
+    """1,000 float32 log-probs per row: the float64 sum rounded once (float32 accumulation drifted 2 ulps)."""
+    from alignkit.logprobs import per_row_sum
+
+    values = -6 * torch.rand(2000, generator=torch.Generator().manual_seed(0))  # (N,) float32
+    got = per_row_sum(values, torch.arange(2).repeat_interleave(1000), 2)
+    assert got.dtype == torch.float32
+    assert got.tolist() == values.double().view(2, 1000).sum(-1).float().tolist()
+
+
 def test_lora_reference_is_the_adapter_disabled_base(tiny_model: str, tmp_path: Path) -> None:
     from alignkit.config import build_config
     from alignkit.loop import train
@@ -269,14 +279,12 @@ def _rewrite_middle_tensor(weights: Path) -> str:
     """Negate, in place, a tensor whose bytes lie wholly between the file's first and last MiB; the file stays
     a valid safetensors file of the same size. Returns the tensor's name."""
     raw = weights.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + header_len])
-    mib = 1 << 20
-    for name, info in header.items():
+    header_len, mib = int.from_bytes(raw[:8], "little"), 1 << 20
+    for name, info in json.loads(raw[8 : 8 + header_len]).items():
         if name == "__metadata__" or info["dtype"] != "F32":
             continue
         start, end = (8 + header_len + off for off in info["data_offsets"])
-        if start > mib and end < len(raw) - mib:
+        if start > mib and end < len(raw) - mib:  # (a safetensors file: 8-byte length, JSON header, data)
             values = torch.frombuffer(bytearray(raw[start:end]), dtype=torch.float32)
             with open(weights, "r+b") as fh:
                 fh.seek(start)
