@@ -26,7 +26,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "report_to": REPORT_TO,
     "lr_scheduler_type": SCHEDULERS,
     "dataset_format": DATASET_FORMATS,
-    "torch_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "torch_dtype": ("auto", "float32", "bfloat16", "float16", "float64"),
     "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
 }
 _POSITIVE = (
@@ -71,6 +71,9 @@ def validate(cfg: BaseConfig, source: str = "config") -> None:
         raise UserError(f"{source}: `dataset` is required (a file, a list of files, or a hub id)")
     if cfg.bf16 and cfg.fp16:
         raise UserError(f"{source}: `bf16` and `fp16` are both true; choose one")
+    if cfg.torch_dtype == "float64" and (cfg.bf16 or cfg.fp16):  # autocast would compute in half precision
+        half = "bf16" if cfg.bf16 else "fp16"
+        raise UserError(f"{source}: `torch_dtype: float64` with `{half}: true` computes in {half}; drop one")
     if isinstance(cfg, (DPOConfig, KTOConfig)) and cfg.beta <= 0:
         raise UserError(f"{source}: `beta` must be > 0, got {cfg.beta}")
     if isinstance(cfg, GRPOConfig) and cfg.beta < 0:

@@ -45,7 +45,8 @@ def _chunk_logps(
     scale: float | None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
-    logits = F.linear(hidden, weight, bias).float()  # (c, V)
+    logits = F.linear(hidden, weight, bias)  # (c, V)
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # half -> fp32; float64 kept
     if scale is not None:
         logits = logits * scale
     if softcap is not None:
@@ -112,7 +113,7 @@ def completion_token_stats(
         else:
             parts.append(_chunk_logps(*args))
     if not parts:
-        empty = h.new_zeros(0, dtype=torch.float32)
+        empty = h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
         return TokenStats(empty, empty, empty, empty.bool(), rows)
     logps, mean_logits, entropy, top1 = (torch.cat(p) for p in zip(*parts))
     return TokenStats(logps, mean_logits, entropy, top1, rows)

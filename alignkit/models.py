@@ -11,7 +11,12 @@ from torch import nn
 from alignkit.config import BaseConfig
 from alignkit.errors import UserError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 def _check_model_path(path: str) -> None:
@@ -41,11 +46,27 @@ def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
         raise UserError(f"could not load {path}: {exc}".split("\n")[0]) from exc
 
 
-def torch_dtype(cfg: BaseConfig) -> torch.dtype | str:
+def _checkpoint_dtype(path: str) -> str | None:
+    """The dtype a checkpoint's config.json records (`dtype`, or `torch_dtype` before transformers v5)."""
+    from transformers import PretrainedConfig
+
+    try:  # the raw dict: no model class (nor remote code) is imported to read one field
+        config, _ = PretrainedConfig.get_config_dict(path)
+    except (OSError, ValueError):  # loading the model itself reports the problem properly
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value).removeprefix("torch.") if value else None
+
+
+def torch_dtype(cfg: BaseConfig) -> torch.dtype:
+    """The dtype every model of the run is loaded in. `auto`: bfloat16 under `bf16: true`, float64 for a
+    float64 checkpoint (the policy's), else float32 (half-precision checkpoints train in float32)."""
     if cfg.torch_dtype != "auto":
         return _DTYPES[cfg.torch_dtype]
     if cfg.bf16:
         return torch.bfloat16
+    if _checkpoint_dtype(cfg.model_name_or_path) == "float64":
+        return torch.float64
     return torch.float32
 
 

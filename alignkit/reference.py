@@ -186,14 +186,15 @@ def precompute(
             for i in range(0, len(rows), bs):
                 batch = {k: v.to(device) for k, v in collate(rows[i : i + bs]).items()}
                 for k, v in logps_fn(ref, batch).items():
-                    cached.setdefault(k, []).extend(v.float().cpu().tolist())
+                    # kept in float64 (exact for float32 values): a float64 run keeps every digit
+                    cached.setdefault(k, []).extend(v.double().cpu().tolist())
         os.makedirs(folder, exist_ok=True)
         tmp = path + ".tmp"
-        torch.save({k: torch.tensor(v) for k, v in cached.items()}, tmp)
+        torch.save({k: torch.tensor(v, dtype=torch.float64) for k, v in cached.items()}, tmp)
         os.replace(tmp, path)
         reference.model = None  # free it: the run uses the cache from here on
         log.info("reference log-probs: computed for %d rows, cached in %s", len(rows), path)
-        cached = {k: torch.tensor(v) for k, v in cached.items()}
+        cached = {k: torch.tensor(v, dtype=torch.float64) for k, v in cached.items()}
     for k, values in cached.items():
         for row, v in zip(rows, values.tolist()):
             row[k] = v

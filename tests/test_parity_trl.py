@@ -1,11 +1,14 @@
 """Same model, rows, batch and hyperparameters as TRL 1.16 -> the same token ids and first-step numbers.
 
-TRL is the oracle here only; alignkit never imports it. Both sides run fp32 on CPU, batch in file order.
+TRL is the oracle here only; alignkit never imports it. Both sides run fp32 on CPU, batch in file order;
+the float64 tests run both sides in float64, where rounding vanishes and a real difference would remain.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -225,3 +228,111 @@ def test_grpo_family_loss_matches_trl(
         **trl_config,
     )
     assert_close(ours, theirs, f"{loss_type} loss")
+
+
+def _long_chinese_pairs(shared_data: Path, tok: object, n: int = 8) -> list[dict]:
+    """n conversational pairs from the Chinese rows of LLaMA-Factory's identity set, read in place: a prompt
+    of question-answer rows up to ~580 tokens, chosen and rejected of answers up to ~420 each (~1,000 tokens
+    per sequence with the tiny byte-level tokenizer; each CJK character is ~3 tokens)."""
+    data = json.loads((shared_data / "llamafactory" / "identity.json").read_text(encoding="utf-8"))
+    zh = [r for r in data if re.search("[\u4e00-\u9fff]", r["output"])]
+    pos = 0
+
+    def take(budget: int, text_of: Callable[[dict], str]) -> str:
+        nonlocal pos
+        parts: list[str] = []
+        while len(tok("\n".join(parts + [text_of(zh[pos % len(zh)])]))["input_ids"]) <= budget:
+            parts.append(text_of(zh[pos % len(zh)]))
+            pos += 1
+        return "\n".join(parts)
+
+    pairs = []
+    for _ in range(n):
+        prompt = take(580, lambda r: f"{r['instruction']}\n{r['output']}")
+        chosen, rejected = take(420, lambda r: r["output"]), take(420, lambda r: r["output"])
+        pairs.append(
+            {
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return pairs
+
+
+# Computed in float64 on both sides but logged through one float32 rounding (<= 6e-8 relative): alignkit's
+# loop sums the logged loss as float32 (alignkit/loop.py), TRL divides token counts in float32.
+FLOAT32_LOGGED = {"loss": 1e-7, "mean_token_accuracy": 1e-7}
+
+
+@pytest.mark.parametrize("case", ["conversational", "long_chinese"])
+def test_dpo_float64_first_step_matches_trl(
+    case: str, tiny_model: str, tiny_ref: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Both sides in float64, where rounding vanishes: loss, grad norm and every metric (`rewards/margins`,
+    a small difference of large sums, included) agree to 1e-8 (two logged through float32: 1e-7). The long
+    case is batch 8 of ~1,000-token Chinese rows; in float32 its margins differ by up to ~1e-3 relative."""
+    import torch
+
+    from alignkit.models import load_tokenizer
+    from tests.test_dpo import CONV, METRICS
+
+    if case == "long_chinese":
+        rows = _long_chinese_pairs(request.getfixturevalue("shared_data"), load_tokenizer(tiny_model))
+    else:
+        rows = CONV
+    keys = {"beta": 0.1, "loss_type": ["sigmoid"], "per_device_train_batch_size": len(rows)}
+    log, prepared = trl_first_step(
+        "dpo", tiny_model, rows, ref_dir=tiny_ref, dtype=torch.float64, max_length=None, **keys
+    )
+    # the short case also through the precomputed-reference cache, which must keep float64 digits too
+    variants = [{}] if case == "long_chinese" else [{}, {"precompute_ref_log_probs": True}]
+    for i, variant in enumerate(variants):
+        ours = first_step(
+            tmp_path / str(i),
+            "dpo",
+            tiny_model,
+            rows,
+            ref_model_name_or_path=tiny_ref,
+            torch_dtype="float64",
+            max_length=4096,
+            **keys,
+            **variant,
+        )
+        for name in ("loss", "grad_norm", *METRICS):
+            rel = FLOAT32_LOGGED.get(name, 1e-8)
+            assert ours[name] == pytest.approx(log[name], rel=rel, abs=1e-12), (
+                f"{variant} {name}: alignkit {ours[name]!r} vs TRL {log[name]!r}"
+            )
+    assert abs(log["rewards/margins"]) > 1e-3  # a reference that differs, so the comparison has teeth
+    longest = max(len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in prepared)
+    if case == "long_chinese":
+        assert len(rows) == 8 and 900 <= longest <= 1024, longest
+
+
+def test_auto_dtype_keeps_a_float64_checkpoint_in_float64(tiny_model: str, tmp_path: Path) -> None:
+    """`torch_dtype: auto` follows a float64 checkpoint (it ran it in float32); float32 stays float32, and
+    `bf16: true` still asks for bfloat16. float64 with bf16 / fp16 autocast is refused."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.config import BaseConfig, build_config
+    from alignkit.errors import UserError
+    from alignkit.models import load_policy, torch_dtype
+
+    f64 = str(tmp_path / "f64")
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).save_pretrained(f64)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(f64)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "chosen": " a", "rejected": " b"}])
+
+    def cfg(model: str, **keys: object) -> BaseConfig:
+        base = {"stage": "dpo", "model_name_or_path": model, "dataset": data, "output_dir": str(tmp_path)}
+        return build_config({**base, **keys})
+
+    assert torch_dtype(cfg(f64)) == torch.float64
+    assert next(load_policy(cfg(f64)).parameters()).dtype == torch.float64
+    assert torch_dtype(cfg(tiny_model)) == torch.float32
+    assert torch_dtype(cfg(f64, bf16=True)) == torch.bfloat16
+    assert torch_dtype(cfg(tiny_model, torch_dtype="float64")) == torch.float64
+    with pytest.raises(UserError, match=r"`torch_dtype: float64` with `bf16: true`"):
+        cfg(tiny_model, torch_dtype="float64", bf16=True)

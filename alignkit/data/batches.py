@@ -288,9 +288,10 @@ def collate_pairs(rows: list[dict], pad_token_id: int, max_length: int) -> dict[
         "completion_mask": pad(masks, 0),
     }
     if "ref_chosen_logps" in rows[0]:
-        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
+        # float64, as stored: the stage casts them to the policy's dtype (a float64 run keeps every digit)
+        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float64)
         batch["ref_rejected_logps"] = torch.tensor(
-            [r["ref_rejected_logps"] for r in rows], dtype=torch.float32
+            [r["ref_rejected_logps"] for r in rows], dtype=torch.float64
         )
     return batch
 
