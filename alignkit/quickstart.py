@@ -203,7 +203,9 @@ def train_reward_model(ctx: Context) -> str:
             "model_name_or_path": ctx.sft_model,
             "dataset": _pairs(ctx),
             "per_device_train_batch_size": 32,
-            "max_steps": 400,
+            # 12 passes over the pairs: at 400 steps the reward model was still on its plateau on some seeds
+            # (fitting 59-70% of its pairs), and PPO against it lifted by as little as +0.03 (validation)
+            "max_steps": 1200,
             "learning_rate": 3e-4,
             "lr_scheduler_type": "constant_with_warmup",
             "warmup_steps": 5,
