@@ -5,15 +5,20 @@ a crash (even `kill -9`) never leaves a half-written directory that looks valid.
 the LoRA adapter) in Hugging Face format, the optimizer, the scheduler, every process's RNG states and
 `trainer_state.json` (the global step, which fixes the data position because the data order of each
 epoch is a function of the seed alone).
+
+`output_dir` itself is guarded: a new run does not replace an earlier one unasked (`refuse_to_overwrite`),
+and a run that fails before its first checkpoint takes back what it wrote (`undo_on_failure`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -24,6 +29,8 @@ from alignkit.errors import UserError
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+# what marks a folder as holding a run; the first two are rewritten in place by every run
+RUN_MARKS = ("config.yaml", "metrics.jsonl", "model.safetensors", "adapter_model.safetensors")
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -147,3 +154,74 @@ def _load_weights(model: nn.Module, path: str) -> None:
         raise UserError(
             f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+def refuse_to_overwrite(output_dir: str) -> None:
+    """A new run never silently replaces the files of an earlier one."""
+    if not os.path.isdir(output_dir):
+        return
+    found = [n for n in os.listdir(output_dir) if n in RUN_MARKS or n.startswith("checkpoint-")]
+    if found:
+        raise UserError(
+            f"output_dir {output_dir} already holds a run ({', '.join(sorted(found)[:3])}); set "
+            "`overwrite_output_dir: true` to replace it, `resume_from_checkpoint: auto` to continue it, "
+            "or choose another output_dir"
+        )
+
+
+def _listing(root: str) -> set[str]:
+    """Every path under `root`, relative to it; folders end with the separator."""
+    out = set()
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        out.update(os.path.normpath(os.path.join(rel, d)) + os.sep for d in dirs)
+        out.update(os.path.normpath(os.path.join(rel, f)) for f in files)
+    return out
+
+
+@contextlib.contextmanager
+def undo_on_failure(output_dir: str, enabled: bool = True) -> Iterator[None]:
+    """On an exception (Ctrl-C included) before this run completed a checkpoint, put `output_dir` back.
+
+    Before the run, every path under it is listed and the files a run rewrites in place (`config.yaml`,
+    `metrics.jsonl`: there under `overwrite_output_dir` or a resume) are read. On failure, each path the run
+    added is removed (TensorBoard and W&B files, the reference log-prob cache; the folder itself and any
+    parent the run made, if it was new) and those files are restored: what was there before stays. Once
+    the run has a checkpoint of its own, everything is kept, for `resume_from_checkpoint: auto`. Called on
+    the main process only (the others pass enabled=False).
+    """
+    if not enabled:
+        yield
+        return
+    existed = os.path.isdir(output_dir)
+    before = _listing(output_dir) if existed else set()
+    made = os.path.abspath(output_dir)  # the outermost folder the run will create on the way to output_dir
+    while not os.path.exists(os.path.dirname(made)):
+        made = os.path.dirname(made)
+    saved = {}
+    for name in RUN_MARKS[:2]:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as fh:
+                saved[path] = fh.read()
+    try:
+        yield
+    except BaseException:
+        if not any(os.path.basename(c) + os.sep not in before for c in list_checkpoints(output_dir)):
+            _undo(output_dir, None if existed else made, before, saved)
+        raise
+
+
+def _undo(output_dir: str, made: str | None, before: set[str], saved: dict[str, bytes]) -> None:
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for rel in sorted(_listing(output_dir) - before):  # a folder sorts before what it holds
+        path = os.path.join(output_dir, rel)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    for path, data in saved.items():
+        with open(path, "wb") as fh:
+            fh.write(data)

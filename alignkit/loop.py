@@ -17,15 +17,22 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from alignkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from alignkit.checkpoint import (
+    load_checkpoint,
+    refuse_to_overwrite,
+    resolve_resume,
+    save_checkpoint,
+    undo_on_failure,
+)
 from alignkit.config import BaseConfig, config_to_dict, save_config
 from alignkit.errors import UserError
-from alignkit.stages.base import Metrics, Stage
-from alignkit.tracking import MetricsWriter, plot_loss
+from alignkit.stages.base import Stage
+from alignkit.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
 
 log = logging.getLogger("alignkit")
 
@@ -46,19 +53,16 @@ def micro_batches(
 ) -> list[list[int]]:
     """Row indices of this process's micro-batches for one optimizer step.
 
-    The global batch is order[k*G:(k+1)*G]; micro-batch j of process p is its slice j*world + p. A short
-    last global batch is filled from the start of the order when several processes must stay in step.
+    The global batch is order[k*G:(k+1)*G]; micro-batch j of process p is its slice j*world + p, so a short
+    last global batch is dealt over the processes with each row once (some micro-batches shorter). With
+    several processes every one of them returns `accum` micro-batches, since DDP needs the same number of
+    backward passes everywhere: a micro-batch left without a row is an empty list, which the loop runs as a
+    filler at weight 0. A single process just has fewer micro-batches.
     """
     size = bs * world * accum
     rows = order[step_in_epoch * size : (step_in_epoch + 1) * size]
-    if world > 1 and len(rows) < size:
-        rows = rows + order[: size - len(rows)]
-    out = []
-    for j in range(accum):
-        chunk = rows[(j * world + rank) * bs : (j * world + rank + 1) * bs]
-        if chunk:
-            out.append(chunk)
-    return out
+    chunks = [rows[(j * world + rank) * bs : (j * world + rank + 1) * bs] for j in range(accum)]
+    return chunks if world > 1 else [c for c in chunks if c]
 
 
 def single_process_launch_hint(env: Mapping[str, str]) -> str | None:
@@ -111,41 +115,6 @@ def _optimizer(stage: Stage, cfg: BaseConfig) -> torch.optim.Optimizer:
     )
 
 
-def _add(acc: dict[str, list[torch.Tensor]], metrics: Metrics) -> None:
-    for name, (total, count) in metrics.items():
-        t = torch.as_tensor(total, dtype=torch.float64).detach().cpu()
-        c = torch.as_tensor(count, dtype=torch.float64).detach().cpu()
-        if name in acc:
-            acc[name][0] += t
-            acc[name][1] += c
-        else:
-            acc[name] = [t, c]
-
-
-def _reduce(accelerator: Any, acc: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Sum (metric sum, count) pairs over processes; return the means."""
-    if not acc:
-        return {}
-    names = sorted(acc)
-    flat = torch.stack([torch.stack(acc[n]) for n in names]).to(accelerator.device)  # (M, 2)
-    flat = accelerator.reduce(flat, reduction="sum").cpu()
-    return {
-        n: (flat[i, 0] / flat[i, 1]).item() if flat[i, 1] > 0 else float("nan") for i, n in enumerate(names)
-    }
-
-
-def _window_means(window: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each metric over the steps of a logging window where it was defined (a batch without
-    undesirable rows has no `rewards/rejected`; such a step is left out of that mean, as TRL does)."""
-    keys = dict.fromkeys(k for w in window for k in w)
-    out = {}
-    for key in keys:
-        values = [w[key] for w in window if key in w and w[key] == w[key]]
-        if values:
-            out[key] = sum(values) / len(values)
-    return out
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -157,245 +126,299 @@ def _peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
+@dataclass
+class _Plan:
+    """How the steps map onto the data: G = bs x world x accum rows of the epoch's order per global batch."""
+
+    world: int
+    rank: int
+    bs: int
+    accum: int
+    online: bool  # online stages: each global batch of prompts is one rollout, then `upr` steps on it
+    upr: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _plan(cfg: BaseConfig, stage: Stage, accelerator: Any) -> _Plan:
+    world, bs, accum = (
+        accelerator.num_processes,
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+    )
+    online = getattr(stage, "online", False)
+    upr = stage.updates_per_rollout if online else 1
+    batches_per_epoch = max(1, math.ceil(len(stage.train_rows) / (bs * world * accum)))
+    steps_per_epoch = batches_per_epoch * upr
+    total_steps = (
+        cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    )
+    return _Plan(
+        world,
+        accelerator.process_index,
+        bs,
+        accum,
+        online,
+        upr,
+        batches_per_epoch,
+        steps_per_epoch,
+        total_steps,
+    )
+
+
 def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
-    """Run the stage to the end; return the final metrics record."""
+    """Run the stage to the end; return the final metrics record.
+
+    A run that fails before its first checkpoint leaves `output_dir` as it was (`undo_on_failure`), so that
+    the same command can simply be run again; one that fails later keeps its checkpoints for a resume.
+    """
     accelerator = _accelerator(cfg)
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
     resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if not resume_path and not cfg.overwrite_output_dir:
-        _refuse_to_overwrite(cfg.output_dir)
-    stage.build()  # every input is checked here, before anything is written to output_dir
-    n_rows = len(stage.train_rows)
-    world, rank, bs, accum = (
-        accelerator.num_processes,
-        accelerator.process_index,
-        cfg.per_device_train_batch_size,
-        cfg.gradient_accumulation_steps,
-    )
-    # online stages: each global batch of prompts is one rollout, followed by `upr` optimizer steps on it
-    online = getattr(stage, "online", False)
-    upr = stage.updates_per_rollout if online else 1
-    batches_per_epoch = max(1, math.ceil(n_rows / (bs * world * accum)))
-    steps_per_epoch = batches_per_epoch * upr
-    total_steps = (
-        cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
-    )
+        refuse_to_overwrite(cfg.output_dir)
+    with undo_on_failure(cfg.output_dir, enabled=accelerator.is_main_process):
+        stage.build()  # every input is checked here, before the loop writes to output_dir
+        run = _Run(cfg, stage, accelerator, resume_path)
+        try:
+            record = run.loop()
+            _save_final(accelerator, run.model, stage, cfg)
+        except BaseException:
+            run.close(failed=True)  # a tracker's run is marked failed and ended (MLflow's would stay active)
+            raise
+        run.close()
+    if accelerator.is_main_process and cfg.plot_loss:
+        plot_loss(cfg.output_dir)
+    return record
 
-    from transformers import get_scheduler
 
-    model = stage.model
-    optimizer = _optimizer(stage, cfg)
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
+class _Run:
+    """One run's model, optimizer and running totals; `loop` trains to the end."""
 
-    start_step = 0
-    if resume_path:
-        state = load_checkpoint(accelerator, model, stage.load_weights, optimizer, scheduler, resume_path)
-        start_step = state["global_step"]
-        stage.load_state_dict(state.get("stage", {}))
-        log.info("resumed from %s at step %d", resume_path, start_step)
-    if accelerator.is_main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    writer = (
-        MetricsWriter(
-            cfg.output_dir,
-            cfg.report_to,
-            cfg.run_name,
-            config_to_dict(cfg),
-            start_step if resume_path else None,
+    def __init__(self, cfg: BaseConfig, stage: Stage, accelerator: Any, resume_path: str | None) -> None:
+        from transformers import get_scheduler
+
+        self.cfg, self.stage, self.accelerator = cfg, stage, accelerator
+        self.plan = p = _plan(cfg, stage, accelerator)
+        optimizer = _optimizer(stage, cfg)
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * p.total_steps)
+        self.scheduler = get_scheduler(
+            cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=p.total_steps
         )
-        if accelerator.is_main_process
-        else None
-    )
-    log.info(
-        "stage %s: %d rows, %d steps (%d per epoch), global batch %d",
-        stage.name,
-        n_rows,
-        total_steps,
-        steps_per_epoch,
-        bs * world * accum,
-    )
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        disable=cfg.disable_tqdm or not accelerator.is_main_process,
-        desc=f"{stage.name}",
-        dynamic_ncols=True,
-    )
-    window: list[dict[str, float]] = []
-    num_tokens = 0
-    t0 = time.perf_counter()
-    tokens_since_start = 0
-    record: dict[str, Any] = {}
-    model.train()
-    buffer: list[dict] | None = None
-    for step in range(start_step, total_steps):
-        rollout_index, update = divmod(step, upr)
-        epoch, k = divmod(rollout_index, batches_per_epoch)
-        order = epoch_order(n_rows, epoch, cfg.seed, cfg.shuffle)
-        if online:
-            if update == 0 or buffer is None:  # the rollout phase: sample, score, keep the buffer
-                idx = [i for chunk in micro_batches(order, k, bs, world, accum, rank) for i in chunk]
-                # under the steps' autocast: the log-probs a rollout stores are then the function the update
-                # computes (PPO's first ratio is 1), and the prepared model's float32 outputs meet a bf16 head
-                with accelerator.autocast():
-                    buffer = stage.rollout(model, [stage.train_rows[i] for i in idx], accelerator.device)
-            chunks = stage.update_batches(buffer, update)
-            # an empty micro-batch (a small buffer on this process) runs a sample at weight 0, so that every
-            # process makes the same number of backward passes
-            weights = [1.0 if chunk else 0.0 for chunk in chunks]
-            batches = [stage.collate(chunk or buffer[:1]) for chunk in chunks]
-        else:
-            batches = [
-                stage.collate([stage.train_rows[i] for i in idx])
-                for idx in micro_batches(order, k, bs, world, accum, rank)
-            ]
-            weights = [1.0] * len(batches)
-        items = torch.tensor(
-            float(sum(stage.count(b) for b, w in zip(batches, weights) if w)), device=accelerator.device
+        self.model, self.optimizer = accelerator.prepare(stage.model, optimizer)
+        self.start_step = 0
+        if resume_path:
+            state = load_checkpoint(
+                accelerator, self.model, stage.load_weights, self.optimizer, self.scheduler, resume_path
+            )
+            self.start_step = state["global_step"]
+            stage.load_state_dict(state.get("stage", {}))
+            log.info("resumed from %s at step %d", resume_path, self.start_step)
+        self.writer: MetricsWriter | None = None
+        if accelerator.is_main_process:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+            resumed_at = self.start_step if resume_path else None
+            self.writer = MetricsWriter(
+                cfg.output_dir, cfg.report_to, cfg.run_name, config_to_dict(cfg), resumed_at
+            )
+        log.info(
+            "stage %s: %d rows, %d steps (%d per epoch), global batch %d",
+            stage.name,
+            len(stage.train_rows),
+            p.total_steps,
+            p.steps_per_epoch,
+            p.bs * p.world * p.accum,
         )
+        self.buffer: list[dict] | None = None  # online stages: the current rollout's samples
+        self.filler_rollout = False  # ... sampled from a filler prompt, so trained at weight 0
+        self.window: list[dict[str, float]] = []
+        self.num_tokens = self.tokens_since_start = 0
+        self.t0 = time.perf_counter()
+
+    def loop(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, p, accelerator = self.cfg, self.plan, self.accelerator
+        bar = tqdm(
+            total=p.total_steps,
+            initial=self.start_step,
+            disable=cfg.disable_tqdm or not accelerator.is_main_process,
+            desc=f"{self.stage.name}",
+            dynamic_ncols=True,
+        )
+        record: dict[str, Any] = {}
+        self.model.train()
+        with contextlib.closing(bar):
+            for step in range(self.start_step, p.total_steps):
+                metrics = self.accumulate(step, *self.micro_batches(step))
+                step_lr = self.update(metrics)
+                bar.update(1)
+                rate = self.tokens_since_start / max(time.perf_counter() - self.t0, 1e-9)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{step_lr:.2e}", tok_s=f"{rate:.0f}")
+                record = self.log(step + 1, metrics, step_lr) or record
+                self.maybe_save(step + 1)
+        return record
+
+    def close(self, failed: bool = False) -> None:
+        if self.writer:
+            self.writer.close(failed=failed)
+
+    def micro_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+        """This process's micro-batches for `step` and their weights. Weight 0 marks a filler, run only so
+        that every process makes the same number of backward passes: it adds nothing to the loss, the
+        gradient, the item count or the metrics."""
+        p, stage = self.plan, self.stage
+        rollout_index, update = divmod(step, p.upr)
+        epoch, k = divmod(rollout_index, p.batches_per_epoch)
+        order = epoch_order(len(stage.train_rows), epoch, self.cfg.seed, self.cfg.shuffle)
+        if not p.online:
+            chunks = micro_batches(order, k, p.bs, p.world, p.accum, p.rank)
+            batches = [stage.collate([stage.train_rows[i] for i in chunk or order[:1]]) for chunk in chunks]
+            return batches, [1.0 if chunk else 0.0 for chunk in chunks]
+        if update == 0 or self.buffer is None:  # the rollout phase: sample, score, keep the buffer
+            idx = [i for chunk in micro_batches(order, k, p.bs, p.world, p.accum, p.rank) for i in chunk]
+            # a process that a short last batch leaves without a prompt samples a filler one (weight 0)
+            self.filler_rollout = not idx
+            rows = [stage.train_rows[i] for i in idx or order[:1]]
+            # under the steps' autocast: the log-probs a rollout stores are then the function the update
+            # computes (PPO's first ratio is 1), and the prepared model's float32 outputs meet a bf16 head
+            with self.accelerator.autocast():
+                self.buffer = stage.rollout(self.model, rows, self.accelerator.device)
+        chunks = stage.update_batches(self.buffer, update)
+        # an empty micro-batch (a small buffer on this process) runs a sample at weight 0, so that every
+        # process makes the same number of backward passes
+        weights = [0.0 if self.filler_rollout or not chunk else 1.0 for chunk in chunks]
+        return [stage.collate(chunk or self.buffer[:1]) for chunk in chunks], weights
+
+    def accumulate(
+        self, step: int, batches: list[dict[str, torch.Tensor]], weights: list[float]
+    ) -> dict[str, float]:
+        """Forward and backward over the micro-batches; the summed loss is divided by the global item count
+        (x world, since DDP averages over processes), so any split over processes and accumulation gives the
+        same update. Returns the step's metrics, reduced over processes."""
+        accelerator, stage, model, world = self.accelerator, self.stage, self.model, self.plan.world
+        real = [b for b, w in zip(batches, weights) if w]
+        items = torch.tensor(float(sum(stage.count(b) for b in real)), device=accelerator.device)
         total_items = accelerator.reduce(items, reduction="sum").item()
         if total_items == 0:
             raise UserError(
                 f"step {step + 1}: the batch has no token to train on; check the data's completions"
             )
         acc: dict[str, list[torch.Tensor]] = {}
-        step_tokens = 0
+        tokens = 0
         for j, batch in enumerate(batches):
             batch = {key: v.to(accelerator.device) for key, v in batch.items()}
             sync = j == len(batches) - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
-                out = stage.step(model, batch)
-                loss = out.loss_sum * (weights[j] * world / total_items)  # DDP averages over processes
+                out = stage.step(model, batch) if weights[j] else stage.filler_step(model, batch)
+                loss = out.loss_sum * (weights[j] * world / total_items)
             accelerator.backward(loss)
-            if not weights[j]:
-                continue
-            _add(
-                acc,
-                {
-                    "loss": (out.loss_sum.detach().float(), torch.tensor(float(stage.count(batch)))),
-                    **out.metrics,
-                },
+            count = torch.tensor(float(stage.count(batch)))
+            add_metrics(
+                acc, {"loss": (out.loss_sum.detach().float(), count), **out.metrics}, bool(weights[j])
             )
-            step_tokens += stage.num_tokens(batch)
-        metrics = stage.finalize_metrics(_reduce(accelerator, acc))
+            tokens += stage.num_tokens(batch) if weights[j] else 0
+        metrics = stage.finalize_metrics(reduce_metrics(accelerator, acc))
         if not math.isfinite(metrics["loss"]):
             raise TrainingDiverged(
                 f"step {step + 1}: the loss is {metrics['loss']}. Likely causes: a learning rate too high "
-                f"(now {cfg.learning_rate}), fp16 overflow (try bf16 or fp32), or bad rows. The last good checkpoint "
-                f"in {cfg.output_dir} is kept; lower the learning rate and resume."
+                f"(now {self.cfg.learning_rate}), fp16 overflow (try bf16 or fp32), or bad rows. The last "
+                f"good checkpoint in {self.cfg.output_dir} is kept; lower the learning rate and resume."
             )
-        grad_norm = accelerator.clip_grad_norm_(
-            stage.trainable_parameters(), cfg.max_grad_norm or float("inf")
+        tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item())
+        self.num_tokens += tokens
+        self.tokens_since_start += tokens
+        return metrics
+
+    def update(self, metrics: dict[str, float]) -> float:
+        """Clip, step, schedule; record the gradient norm in `metrics`; return the rate this update used."""
+        grad_norm = self.accelerator.clip_grad_norm_(
+            self.stage.trainable_parameters(), self.cfg.max_grad_norm or float("inf")
         )
-        step_lr = scheduler.get_last_lr()[0]  # the rate this update used (logged as TRL logs it)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_tokens = int(
-            accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum").item()
-        )
-        num_tokens += step_tokens
-        tokens_since_start += step_tokens
+        step_lr = self.scheduler.get_last_lr()[0]  # logged as TRL logs it
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         metrics["grad_norm"] = float(grad_norm)
-        window.append(metrics)
-        elapsed = time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            lr=f"{step_lr:.2e}",
-            tok_s=f"{tokens_since_start / max(elapsed, 1e-9):.0f}",
-        )
-        done = step + 1
+        self.window.append(metrics)
+        return step_lr
+
+    def log(self, done: int, metrics: dict[str, float], step_lr: float) -> dict[str, Any] | None:
+        """Every `logging_steps` (and at the end) the window's means; evaluation every `eval_steps`."""
+        cfg, p = self.cfg, self.plan
         logged: dict[str, Any] = {}
-        if done % cfg.logging_steps == 0 or done == total_steps:
-            means = _window_means(window)
+        if done % cfg.logging_steps == 0 or done == p.total_steps:
+            means = window_means(self.window)
+            self.window = []
             logged = {
                 "loss": means.pop("loss"),
                 **means,
                 "learning_rate": step_lr,
-                "num_tokens": num_tokens,
+                "num_tokens": self.num_tokens,
             }
-            window = []
-            if done == total_steps:
+            if done == p.total_steps:
+                elapsed = time.perf_counter() - self.t0
                 logged.update(
                     train_runtime=round(elapsed, 3),
-                    train_tokens_per_second=round(tokens_since_start / max(elapsed, 1e-9), 2),
-                    peak_memory_mb=round(_peak_memory_mb(accelerator.device), 1),
+                    train_tokens_per_second=round(self.tokens_since_start / max(elapsed, 1e-9), 2),
+                    peak_memory_mb=round(_peak_memory_mb(self.accelerator.device), 1),
                 )
-        evaluating = (
-            cfg.eval_steps and stage.eval_rows and not online
-        )  # online stages: evaluate with rollouts
-        if evaluating and (done % cfg.eval_steps == 0 or done == total_steps):
-            logged.update(evaluate(accelerator, stage, model, cfg))  # every process takes part
-        if logged:
-            record = {"step": done, "epoch": round(done / steps_per_epoch, 4), **logged}
-            if writer:
-                writer.write(record)
+        evaluating = cfg.eval_steps and self.stage.eval_rows and not p.online  # online: eval with rollouts
+        if evaluating and (done % cfg.eval_steps == 0 or done == p.total_steps):
+            logged.update(evaluate(self.accelerator, self.stage, self.model, cfg))  # every process takes part
+        if not logged:
+            return None
+        record = {"step": done, "epoch": round(done / p.steps_per_epoch, 4), **logged}
+        if self.writer:
+            self.writer.write(record)
+        return record
+
+    def maybe_save(self, done: int) -> None:
         # online stages save at rollout boundaries only, so a resume starts with a fresh rollout
-        if cfg.save_steps and done % cfg.save_steps == 0 and done % upr == 0 and done < total_steps:
+        cfg, p = self.cfg, self.plan
+        if cfg.save_steps and done % cfg.save_steps == 0 and done % p.upr == 0 and done < p.total_steps:
             save_checkpoint(
-                accelerator,
-                model,
-                stage.save,
-                optimizer,
-                scheduler,
+                self.accelerator,
+                self.model,
+                self.stage.save,
+                self.optimizer,
+                self.scheduler,
                 cfg.output_dir,
                 done,
-                {"epoch": done / steps_per_epoch, "stage": stage.state_dict()},
+                {"epoch": done / p.steps_per_epoch, "stage": self.stage.state_dict()},
                 cfg.save_total_limit,
             )
-    bar.close()
-    _save_final(accelerator, model, stage, cfg)
-    if writer:
-        writer.close()
-        if cfg.plot_loss:
-            plot_loss(cfg.output_dir)
-    return record
-
-
-def _refuse_to_overwrite(output_dir: str) -> None:
-    """A new run never silently replaces the files of an earlier one."""
-    if not os.path.isdir(output_dir):
-        return
-    marks = ("metrics.jsonl", "config.yaml", "model.safetensors", "adapter_model.safetensors")
-    found = [n for n in os.listdir(output_dir) if n in marks or n.startswith("checkpoint-")]
-    if found:
-        raise UserError(
-            f"output_dir {output_dir} already holds a run ({', '.join(sorted(found)[:3])}); set "
-            "`overwrite_output_dir: true` to replace it, `resume_from_checkpoint: auto` to continue it, "
-            "or choose another output_dir"
-        )
 
 
 def evaluate(accelerator: Any, stage: Stage, model: torch.nn.Module, cfg: BaseConfig) -> dict[str, float]:
-    """Average the stage's loss and metrics over the eval rows (sharded over processes)."""
+    """Average the stage's loss and metrics over the eval rows (sharded over processes).
+
+    Every process runs as many micro-batches as the largest shard needs, the missing ones as fillers, since a
+    stage may reduce over processes inside `step` (KTO's z0) and the metrics are reduced by every process.
+    """
     rows = stage.eval_rows or []
     world, rank, bs = accelerator.num_processes, accelerator.process_index, cfg.per_device_eval_batch_size
     mine = list(range(rank, len(rows), world))
     acc: dict[str, list[torch.Tensor]] = {}
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(mine), bs):
-            batch = stage.collate([rows[j] for j in mine[i : i + bs]])
+        for i in range(0, math.ceil(len(rows) / world), bs):
+            idx = mine[i : i + bs]
+            batch = stage.collate([rows[j] for j in idx or [0]])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
-                out = stage.step(model, batch)
-            _add(
-                acc, {"loss": (out.loss_sum.float(), torch.tensor(float(stage.count(batch)))), **out.metrics}
-            )
+                out = stage.step(model, batch) if idx else stage.filler_step(model, batch)
+            count = torch.tensor(float(stage.count(batch)))
+            add_metrics(acc, {"loss": (out.loss_sum.float(), count), **out.metrics}, bool(idx))
     model.train()
-    return {f"eval_{k}": v for k, v in stage.finalize_metrics(_reduce(accelerator, acc)).items() if v == v}
+    return {
+        f"eval_{k}": v for k, v in stage.finalize_metrics(reduce_metrics(accelerator, acc)).items() if v == v
+    }
 
 
 def _save_final(accelerator: Any, model: torch.nn.Module, stage: Stage, cfg: BaseConfig) -> None:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from alignkit.errors import UserError
+
+# a metric as (sum, count), so that micro-batches and processes combine exactly (stages.base.Metrics)
+Metrics = dict[str, tuple[Any, Any]]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -38,10 +44,51 @@ class MetricsWriter:
         if self._tracker is not None:
             self._tracker(record)
 
-    def close(self) -> None:
-        closer = getattr(self._tracker, "close", None)
-        if closer:
-            closer()
+    def close(self, failed: bool = False) -> None:
+        """End the tracker's run; after an exception it is marked failed (and MLflow's is not left active)."""
+        if self._tracker is not None:
+            self._tracker.close(failed)
+            self._tracker = None
+
+
+def add_metrics(acc: dict[str, list[torch.Tensor]], metrics: Metrics, real: bool = True) -> None:
+    """Add a micro-batch's (sum, count) pairs into `acc`, as float64 on the CPU. A filler (`real=False`) adds
+    its names with zero sum and count: every process then all-reduces the same names, and a process that
+    ran only fillers still takes part in the reduction."""
+    for name, (total, count) in metrics.items():
+        t = torch.as_tensor(total, dtype=torch.float64).detach().cpu()
+        c = torch.as_tensor(count, dtype=torch.float64).detach().cpu()
+        if not real:
+            t, c = torch.zeros_like(t), torch.zeros_like(c)
+        if name in acc:
+            acc[name][0] += t
+            acc[name][1] += c
+        else:
+            acc[name] = [t, c]
+
+
+def reduce_metrics(accelerator: Any, acc: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Sum (metric sum, count) pairs over processes; return the means."""
+    if not acc:
+        return {}
+    names = sorted(acc)
+    flat = torch.stack([torch.stack(acc[n]) for n in names]).to(accelerator.device)  # (M, 2)
+    flat = accelerator.reduce(flat, reduction="sum").cpu()
+    return {
+        n: (flat[i, 0] / flat[i, 1]).item() if flat[i, 1] > 0 else float("nan") for i, n in enumerate(names)
+    }
+
+
+def window_means(window: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over the steps of a logging window where it was defined (a batch without
+    undesirable rows has no `rewards/rejected`; such a step is left out of that mean, as TRL does)."""
+    keys = dict.fromkeys(k for w in window for k in w)
+    out = {}
+    for key in keys:
+        values = [w[key] for w in window if key in w and w[key] == w[key]]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -60,7 +107,9 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 class _Tracker:
-    def __init__(self, log: Any, close: Any = None) -> None:
+    """`log(scalars, step)` and `close(failed)` of one tracking backend."""
+
+    def __init__(self, log: Callable[[dict, int], None], close: Callable[[bool], None]) -> None:
         self._log, self.close = log, close
 
     def __call__(self, record: dict[str, Any]) -> None:
@@ -86,18 +135,24 @@ def _open_tracker(report_to: str, output_dir: str, run_name: str | None, config:
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, step)
 
-            return _Tracker(log, writer.close)
+            return _Tracker(log, lambda failed: writer.close())
         if report_to == "wandb":
             import wandb
 
+            # WANDB_MODE=offline writes the run under output_dir/wandb for a later `wandb sync`
             run = wandb.init(name=run_name, config=config, dir=output_dir)
-            return _Tracker(lambda s, step: run.log(s, step=step), run.finish)
+            return _Tracker(
+                lambda s, step: run.log(s, step=step), lambda failed: run.finish(exit_code=int(failed))
+            )
         if report_to == "mlflow":
             import mlflow
 
             mlflow.start_run(run_name=run_name)
             mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
-            return _Tracker(lambda s, step: mlflow.log_metrics(s, step=step), mlflow.end_run)
+            return _Tracker(
+                lambda s, step: mlflow.log_metrics(s, step=step),
+                lambda failed: mlflow.end_run("FAILED" if failed else "FINISHED"),
+            )
     except ImportError as exc:
         raise UserError(
             f"report_to: {report_to} needs the `{report_to}` package: pip install {report_to}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -77,6 +76,23 @@ def test_shuffle_is_seeded_and_off_keeps_file_order() -> None:
     assert sorted(sum(two, [])) == micro_batches(order, 0, 4, 1, 1, 0)[0]
 
 
+@pytest.mark.parametrize("world,bs,accum", [(2, 2, 1), (2, 2, 2), (3, 1, 2), (2, 4, 1)])
+def test_short_last_batch_deals_each_row_once(world: int, bs: int, accum: int) -> None:
+    """The short last global batch of 13 rows is split over the processes, each row once (no filler row is
+    trained); every process still gets `accum` micro-batches, an empty one being a weight-0 filler."""
+    from alignkit.loop import micro_batches
+
+    order = list(range(13))
+    size = world * bs * accum
+    last = (len(order) - 1) // size
+    plans = [micro_batches(order, last, bs, world, accum, rank) for rank in range(world)]
+    assert sorted(i for plan in plans for chunk in plan for i in chunk) == order[last * size :]
+    assert [len(plan) for plan in plans] == [accum] * world
+    assert micro_batches(order, last, bs, 1, accum, 0) == [
+        c for c in (order[last * bs * accum :][j * bs : (j + 1) * bs] for j in range(accum)) if c
+    ]
+
+
 def _launch_two(cfg_keys: dict, tmp_path: Path, port: int) -> list[dict]:
     """Run `accelerate launch --multi_gpu --num_processes 2` on the config; return its metrics records."""
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -111,50 +127,78 @@ def _launch_two(cfg_keys: dict, tmp_path: Path, port: int) -> list[dict]:
 
 
 def test_two_processes_equal_one(tiny_model: str, tmp_path: Path) -> None:
-    """2 processes (gloo) x batch 2 == 1 process x batch 4 (per-step loss within 1e-5).
+    """2 processes (gloo) x batch 2 == 1 process x batch 4 (per-step loss within 1e-5), every step of an epoch
+    of 13 rows, whose last global batch is one row: the second process runs a filler at weight 0 (and in
+    the evaluation on one row).
 
     On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2` starts the processes through
     torchrun (accelerate 1.x's `--cpu` launcher starts one process unless mpirun is given).
     """
-    data = write_jsonl(tmp_path / "d.jsonl", _rows(16))
-    one, _ = run_stage(tmp_path / "one", _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=3))
-    ours = _launch_two(_sft(tiny_model, data, per_device_train_batch_size=2, max_steps=3), tmp_path, 29517)
+    data = write_jsonl(tmp_path / "d.jsonl", _rows(13))
+    held = write_jsonl(tmp_path / "e.jsonl", _rows(16)[14:15])  # one eval row: a filler on the 2nd process
+    keys = _sft(tiny_model, data, num_train_epochs=1, shuffle=False, eval_dataset=held, eval_steps=4)
+    one, _ = run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
+    ours = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path, 29517)
     single = _metrics(str(tmp_path / "one" / "out"))
-    assert len(ours) == 3 and ours[0]["epoch"] == single[0]["epoch"]  # same global batch: 4 steps an epoch
+    assert len(ours) == len(single) == 4  # same global batch: 4 steps an epoch, the last one short
+    assert [r["epoch"] for r in ours] == [r["epoch"] for r in single]
     assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in single], abs=1e-5)
-    assert ours[-1]["num_tokens"] == single[-1]["num_tokens"]
+    assert [r["num_tokens"] for r in ours] == [r["num_tokens"] for r in single]
+    assert [r["mean_token_accuracy"] for r in ours] == pytest.approx(
+        [r["mean_token_accuracy"] for r in single], abs=1e-6
+    )
     assert one["loss"] == pytest.approx(single[-1]["loss"])
+    assert ours[-1]["eval_loss"] == pytest.approx(single[-1]["eval_loss"], abs=1e-5)
 
 
-def test_two_processes_dpo_and_kto(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
-    """DPO's per-pair loss splits over processes exactly; KTO runs with z0 averaged over processes."""
-    from tests.test_dpo import CONV
-    from tests.test_kto import CONV as KTO_ROWS
-
-    pairs = write_jsonl(tmp_path / "p.jsonl", CONV * 2)
-    keys = {
+def _pref_keys(tiny_model: str, tiny_ref: str, data: str) -> dict:
+    return {
         "stage": "dpo",
         "model_name_or_path": tiny_model,
         "ref_model_name_or_path": tiny_ref,
-        "dataset": pairs,
+        "dataset": data,
         "learning_rate": 1e-3,
         "logging_steps": 1,
-        "max_steps": 2,
+        "num_train_epochs": 1,
+        "shuffle": False,
         "torch_dtype": "float32",
     }
-    one, _ = run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
+
+
+def test_two_processes_dpo(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
+    """DPO's per-pair loss splits over processes exactly, also over a short last global batch (15 pairs: 3 in
+    the last one, dealt 2 + 1)."""
+    from tests.test_dpo import CONV
+
+    keys = _pref_keys(tiny_model, tiny_ref, write_jsonl(tmp_path / "p.jsonl", (CONV * 4)[:15]))
+    run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
     two = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path / "dpo", 29518)
     single = _metrics(str(tmp_path / "one" / "out"))
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in single], abs=1e-5)
-    assert two[0]["rewards/margins"] == pytest.approx(single[0]["rewards/margins"], abs=1e-5)
+    assert len(two) == len(single) == 4
+    for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert [r[name] for r in two] == pytest.approx([r[name] for r in single], abs=1e-5), name
+    assert [r["num_tokens"] for r in two] == [r["num_tokens"] for r in single]
 
-    unpaired = write_jsonl(tmp_path / "k.jsonl", KTO_ROWS * 2)
-    kto = _launch_two(
-        {**keys, "stage": "kto", "dataset": unpaired, "per_device_train_batch_size": 2},
-        tmp_path / "kto",
-        29519,
+
+def test_two_processes_kto_leaves_the_filler_out_of_z0(
+    tiny_model: str, tiny_ref: str, tmp_path: Path
+) -> None:
+    """With the weights held still (learning rate 0), the last step of 2 processes x batch 2 on 9 rows (one
+    real row, one filler) equals the last step of one process x batch 2: the same row alone, z0 from it."""
+    from tests.test_kto import CONV as KTO_ROWS
+
+    data = write_jsonl(tmp_path / "k.jsonl", (KTO_ROWS * 2)[:9])
+    keys = {**_pref_keys(tiny_model, tiny_ref, data), "stage": "kto", "learning_rate": 0.0}
+    keys["per_device_train_batch_size"] = 2
+    run_stage(tmp_path / "one", keys)
+    two = _launch_two(keys, tmp_path / "kto", 29519)
+    single = _metrics(str(tmp_path / "one" / "out"))
+    assert len(two) == 3 and len(single) == 5
+    for name in ("loss", "kl", "rewards/chosen", "logps/chosen"):
+        assert two[-1][name] == pytest.approx(single[-1][name], abs=1e-6), name
+    assert (
+        two[-1]["num_tokens"] - two[-2]["num_tokens"] == single[-1]["num_tokens"] - single[-2]["num_tokens"]
     )
-    assert len(kto) == 2 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in kto)
 
 
 def _launch(cfg: Path) -> subprocess.Popen:
@@ -279,71 +323,75 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_model: str, tmp_path
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_lora_saves_adapter_loadable_by_peft(tiny_model: str, tmp_path: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for a folder)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+def _fail(self, model, batch):  # noqa: ANN001, ANN202 - stands in for a stage's step
+    raise RuntimeError("out of memory (simulated)")
+
+
+def test_failed_run_leaves_output_dir_as_it_was(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that raises in its first step takes back what it wrote: a user's file stays, a folder the run
+    made goes, an earlier run overwritten under `overwrite_output_dir` is as it was; then the same config
+    runs without `overwrite_output_dir`."""
+    from alignkit.stages.sft import SFTStage
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
-    _, out = run_stage(
-        tmp_path,
-        _sft(
-            tiny_model,
-            data,
-            finetuning_type="lora",
-            lora_r=4,
-            max_steps=2,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            save_merged=True,
-        ),
-    )
-    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
-    assert not os.path.isfile(os.path.join(out, "model.safetensors"))
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    peft_model = PeftModel.from_pretrained(base, out)
-    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged"))
-    x = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model(x).logits, merged(x).logits, atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(
-            AutoModelForCausalLM.from_pretrained(tiny_model)(x).logits, merged(x).logits
-        )
+    keys = _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=2, report_to="tensorboard")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    (out / "runs").mkdir()
+    before = _tree(out)
+    real_step = SFTStage.step
+    monkeypatch.setattr(SFTStage, "step", _fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_stage(tmp_path, keys)
+    assert _tree(out) == before
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_stage(tmp_path / "new", keys)
+    assert not (tmp_path / "new").exists()
+
+    monkeypatch.setattr(SFTStage, "step", real_step)
+    record, _ = run_stage(tmp_path, keys)  # accepted: nothing of the failed run is left to refuse
+    assert record["step"] == 2 and (out / "notes.txt").read_text() == "the user's own file"
+    finished = _tree(out)
+    assert "metrics.jsonl" in finished and any(k.startswith("runs/events") for k in finished)
+
+    monkeypatch.setattr(SFTStage, "step", _fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_stage(tmp_path, {**keys, "overwrite_output_dir": True, "learning_rate": 5e-4})
+    assert _tree(out) == finished
 
 
-def test_freeze_trains_only_last_layers(tiny_model: str, tmp_path: Path) -> None:
+def test_failed_run_keeps_its_checkpoint_for_resume(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that fails after a checkpoint keeps it; `resume_from_checkpoint: auto` then finishes the run
+    with the losses of an uninterrupted one."""
+    from alignkit.stages.sft import SFTStage
+
     data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
-    _, out = run_stage(
-        tmp_path,
-        _sft(
-            tiny_model,
-            data,
-            finetuning_type="freeze",
-            freeze_trainable_layers=1,
-            max_steps=2,
-            per_device_train_batch_size=4,
-        ),
-    )
-    before, after = (
-        load_file(os.path.join(tiny_model, "model.safetensors")),
-        load_file(os.path.join(out, "model.safetensors")),
-    )
-    assert torch.equal(
-        before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
-    )
-    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
-    assert not torch.equal(
-        before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"]
-    )
+    keys = _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=4, save_steps=2)
+    run_stage(tmp_path / "full", keys)
+    real_step, calls = SFTStage.step, []
 
+    def third_fails(self, model, batch):  # noqa: ANN001, ANN202
+        calls.append(1)
+        return _fail(self, model, batch) if len(calls) == 3 else real_step(self, model, batch)
 
-def test_qlora_on_cpu_is_a_clear_error(tiny_model: str, tmp_path: Path) -> None:
-    from alignkit.errors import UserError
-
-    if torch.cuda.is_available():
-        pytest.skip("this checks the CPU message")
-    data = write_jsonl(tmp_path / "d.jsonl", _rows(4))
-    with pytest.raises(UserError, match="qlora needs a CUDA GPU"):
-        run_stage(tmp_path, _sft(tiny_model, data, finetuning_type="qlora", max_steps=1))
+    monkeypatch.setattr(SFTStage, "step", third_fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_stage(tmp_path, keys)
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2", "config.yaml", "metrics.jsonl"]
+    monkeypatch.setattr(SFTStage, "step", real_step)
+    run_stage(tmp_path, {**keys, "resume_from_checkpoint": "auto"})
+    resumed, full = _metrics(str(tmp_path / "out")), _metrics(str(tmp_path / "full" / "out"))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
 
 
 def test_eval_every_eval_steps_independent_of_logging(tiny_model: str, tmp_path: Path) -> None:
@@ -378,17 +426,3 @@ def test_bf16_autocast_on_cpu_runs_close_to_fp32(tiny_model: str, tmp_path: Path
     )
     assert bf16["loss"] != fp32["loss"]  # it really ran in bf16
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)
-
-
-def test_tensorboard_reporting_writes_events(tiny_model: str, tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
-    _, out = run_stage(
-        tmp_path, _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=2, report_to="tensorboard")
-    )
-    acc = EventAccumulator(os.path.join(out, "runs"))
-    acc.Reload()
-    losses = [e.value for e in acc.Scalars("loss")]
-    assert losses == pytest.approx([r["loss"] for r in _metrics(out)], rel=1e-6)

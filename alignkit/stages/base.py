@@ -74,6 +74,13 @@ class Stage:
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         raise NotImplementedError
 
+    def filler_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        """`step` on a filler: a micro-batch that a process runs at weight 0 only so that every process makes
+        the same number of backward passes (a short last batch, a small rollout buffer). The loop discards
+        its loss and metrics; a stage that reduces over processes inside `step` (KTO's z0) overrides this to
+        keep the filler out of that reduction too."""
+        return self.step(model, batch)
+
     def save(self, model: nn.Module, output_dir: str, merged: bool = False) -> None:
         """Write the (unwrapped) model in Hugging Face format with the tokenizer."""
         from alignkit.models import save_model

@@ -50,12 +50,13 @@ def unpair(examples: list[Example]) -> list[Example]:
     return out
 
 
-def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    """z0 is averaged over processes (the mean of per-process means, as TRL)."""
+def _mean_over_processes(value: torch.Tensor, real: bool = True) -> torch.Tensor:
+    """z0 is averaged over processes (the mean of per-process means, as TRL), leaving out a process whose
+    micro-batch is a filler (`real=False`, weight 0 in the loop)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
+        pair = torch.stack([value * real, torch.tensor(float(real), device=value.device, dtype=value.dtype)])
+        dist.all_reduce(pair)
+        value = pair[0] / pair[1].clamp(min=1)
     return value
 
 
@@ -142,7 +143,7 @@ class KTOStage(Stage):
             out = reference_logps(ref, batch) if self.spec.uses_kl else {"ref_logps": _logps(ref, batch)}
         return out["ref_logps"], out.get("ref_kl_logps", torch.zeros_like(out["ref_logps"]))
 
-    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor], real: bool = True) -> StepOutput:
         cfg = self.cfg
         n = batch["input_ids"].shape[0]
         stats = completion_token_stats(
@@ -154,7 +155,7 @@ class KTOStage(Stage):
         if self.spec.uses_kl:
             with torch.no_grad():
                 kl_logps = _logps(model, batch, "kl_")
-                kl = _mean_over_processes((kl_logps - ref_kl).mean()).clamp(min=0)
+                kl = _mean_over_processes((kl_logps - ref_kl).mean(), real).clamp(min=0)
         logratios = logps - ref.to(logps.dtype)
         desirable = batch["label"]
         losses = self.spec.fn(
@@ -168,6 +169,9 @@ class KTOStage(Stage):
         return StepOutput(
             loss_sum=losses.sum(), metrics=self._metrics(logps, logratios, desirable, kl, stats)
         )
+
+    def filler_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        return self.step(model, batch, real=False)  # takes part in z0's all-reduce, adds nothing to it
 
     def _metrics(
         self, logps: torch.Tensor, logratios: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, stats
