@@ -174,6 +174,11 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
     the same command can simply be run again; one that fails later keeps its checkpoints for a resume.
     """
     accelerator = _accelerator(cfg)
+    if cfg.fp16 and accelerator.device.type == "cpu":
+        # accelerate's fp16 (autocast + loss scaler) is a GPU feature: on CPU it would train in float32
+        raise UserError(
+            "fp16 needs a GPU (on CPU it would train in float32 unannounced); on CPU use `bf16: true`"
+        )
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)

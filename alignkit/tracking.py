@@ -145,19 +145,31 @@ def _open_tracker(report_to: str, output_dir: str, run_name: str | None, config:
                 lambda s, step: run.log(s, step=step), lambda failed: run.finish(exit_code=int(failed))
             )
         if report_to == "mlflow":
-            import mlflow
-
-            mlflow.start_run(run_name=run_name)
-            mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
-            return _Tracker(
-                lambda s, step: mlflow.log_metrics(s, step=step),
-                lambda failed: mlflow.end_run("FAILED" if failed else "FINISHED"),
-            )
+            return _mlflow_tracker(run_name, config)
     except ImportError as exc:
         raise UserError(
-            f"report_to: {report_to} needs the `{report_to}` package: pip install {report_to}"
+            f"report_to: {report_to} needs the `{report_to}` package: pip install 'alignkit[{report_to}]'"
         ) from exc
     return None
+
+
+def _mlflow_tracker(run_name: str | None, config: dict) -> _Tracker:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:  # the tracking URI comes from MLFLOW_TRACKING_URI: a server, or a local `file:` store
+        mlflow.start_run(run_name=run_name)
+    except MlflowException as exc:
+        raise UserError(
+            f"report_to: mlflow could not start a run at {mlflow.get_tracking_uri()} "
+            f"({str(exc).splitlines()[0][:200]}); set MLFLOW_TRACKING_URI to an MLflow server, or to a "
+            "local store, file:/path/to/mlruns (MLflow 3 also needs MLFLOW_ALLOW_FILE_STORE=true)"
+        ) from exc
+    mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
+    return _Tracker(
+        lambda s, step: mlflow.log_metrics(s, step=step),
+        lambda failed: mlflow.end_run("FAILED" if failed else "FINISHED"),
+    )
 
 
 def plot_loss(output_dir: str) -> str | None:
