@@ -8,6 +8,7 @@ LLaMA-Factory's KTO tags. Downstream code sees `Example` alone. A field holding 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,86 +234,120 @@ _USED = {
 }
 
 
-def to_example(row: dict, fmt: str, where: str) -> Example:
-    """Convert one raw row of format `fmt` into an Example, or raise a UserError naming the row."""
-    ex = Example(where=where, extra={k: v for k, v in row.items() if k not in _USED[fmt]})
-    if fmt == "messages":
-        _need(row, ("messages",), where, fmt)
-        ex.prompt, ex.completion = [], _messages(row["messages"], where, "messages")
-    elif fmt == "sharegpt":
-        _need(row, ("conversations",), where, fmt)
-        msgs = _sharegpt(row["conversations"], where, "conversations")
-        system = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
-        ex.prompt, ex.completion = [], system + msgs
-    elif fmt == "alpaca":
-        _need(row, ("instruction", "output"), where, fmt)
-        ex.prompt, ex.completion = _alpaca_prompt(row), [{"role": "assistant", "content": str(row["output"])}]
-    elif fmt == "prompt_completion":
-        _need(row, ("prompt", "completion"), where, fmt)
+def _system(row: dict) -> list[dict[str, str]]:
+    return [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+
+
+def _ex_messages(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("messages",), where, "messages")
+    ex.prompt, ex.completion = [], _messages(row["messages"], where, "messages")
+
+
+def _ex_sharegpt(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("conversations",), where, "sharegpt")
+    ex.prompt, ex.completion = [], _system(row) + _sharegpt(row["conversations"], where, "conversations")
+
+
+def _ex_alpaca(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("instruction", "output"), where, "alpaca")
+    ex.prompt, ex.completion = _alpaca_prompt(row), [{"role": "assistant", "content": str(row["output"])}]
+
+
+def _ex_prompt_completion(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("prompt", "completion"), where, "prompt_completion")
+    ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
+    ex.completion = _text_or_messages(row["completion"], where, "completion")
+
+
+def _ex_text(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("text",), where, "text")
+    ex.prompt, ex.completion = "", str(row["text"])
+
+
+def _ex_preference(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("chosen", "rejected"), where, "preference")
+    chosen = _text_or_messages(row["chosen"], where, "chosen")
+    rejected = _text_or_messages(row["rejected"], where, "rejected")
+    if "prompt" in row and row["prompt"] is not None:
+        ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
+        ex.chosen, ex.rejected = chosen, rejected
+        return
+    try:
+        ex.prompt, ex.chosen, ex.rejected = _split_implicit_prompt(chosen, rejected)
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from exc
+
+
+def _ex_sharegpt_preference(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("conversations", "chosen", "rejected"), where, "sharegpt_preference")
+    ex.prompt = _system(row) + _sharegpt(row["conversations"], where, "conversations")
+    ex.chosen = _sharegpt(row["chosen"], where, "chosen")
+    ex.rejected = _sharegpt(row["rejected"], where, "rejected")
+
+
+def _ex_alpaca_preference(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("instruction", "chosen", "rejected"), where, "alpaca_preference")
+    ex.prompt = _alpaca_prompt(row)
+    ex.chosen = [{"role": "assistant", "content": str(row["chosen"])}]
+    ex.rejected = [{"role": "assistant", "content": str(row["rejected"])}]
+
+
+def _ex_unpaired(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("label",), where, "unpaired")
+    ex.label = _label(row["label"], where, "label")
+    if "messages" in row:
+        msgs = _messages(row["messages"], where, "messages")
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise UserError(f"{where}: `messages` must end with the assistant turn that `label` judges")
+        ex.prompt, ex.completion = msgs[:-1], msgs[-1:]
+    else:
+        _need(row, ("prompt", "completion"), where, "unpaired")
         ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
         ex.completion = _text_or_messages(row["completion"], where, "completion")
-    elif fmt == "text":
-        _need(row, ("text",), where, fmt)
-        ex.prompt, ex.completion = "", str(row["text"])
-    elif fmt == "preference":
-        _need(row, ("chosen", "rejected"), where, fmt)
-        chosen = _text_or_messages(row["chosen"], where, "chosen")
-        rejected = _text_or_messages(row["rejected"], where, "rejected")
-        if "prompt" in row and row["prompt"] is not None:
-            ex.prompt, ex.chosen, ex.rejected = (
-                _text_or_messages(row["prompt"], where, "prompt"),
-                chosen,
-                rejected,
-            )
-        else:
-            try:
-                ex.prompt, ex.chosen, ex.rejected = _split_implicit_prompt(chosen, rejected)
-            except ValueError as exc:
-                raise UserError(f"{where}: {exc}") from exc
-    elif fmt == "sharegpt_preference":
-        _need(row, ("conversations", "chosen", "rejected"), where, fmt)
-        system = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
-        ex.prompt = system + _sharegpt(row["conversations"], where, "conversations")
-        ex.chosen = _sharegpt(row["chosen"], where, "chosen")
-        ex.rejected = _sharegpt(row["rejected"], where, "rejected")
-    elif fmt == "alpaca_preference":
-        _need(row, ("instruction", "chosen", "rejected"), where, fmt)
-        ex.prompt = _alpaca_prompt(row)
-        ex.chosen = [{"role": "assistant", "content": str(row["chosen"])}]
-        ex.rejected = [{"role": "assistant", "content": str(row["rejected"])}]
-    elif fmt == "unpaired":
-        _need(row, ("label",), where, fmt)
-        ex.label = _label(row["label"], where, "label")
-        if "messages" in row:
-            msgs = _messages(row["messages"], where, "messages")
-            if not msgs or msgs[-1]["role"] != "assistant":
-                raise UserError(f"{where}: `messages` must end with the assistant turn that `label` judges")
-            ex.prompt, ex.completion = msgs[:-1], msgs[-1:]
-        else:
-            _need(row, ("prompt", "completion"), where, fmt)
-            ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
-            ex.completion = _text_or_messages(row["completion"], where, "completion")
-    elif fmt == "sharegpt_kto":
-        _need(row, ("conversations", "kto_tag"), where, fmt)
-        msgs = _sharegpt(row["conversations"], where, "conversations")
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise UserError(
-                f"{where}: `conversations` must end with the assistant turn that `kto_tag` judges"
-            )
-        system = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
-        ex.prompt, ex.completion = system + msgs[:-1], msgs[-1:]
-        ex.label = _label(row["kto_tag"], where, "kto_tag")
-    elif fmt == "prompt_only":
-        key = next((k for k in ("prompt", "question", "problem") if row.get(k) is not None), None)
-        if key == "prompt":
-            ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
-        elif key is not None:  # GSM8K / MATH style: a question to pose as a user turn
-            ex.prompt = [{"role": "user", "content": str(row[key])}]
-        else:
-            _need(row, ("messages",) if "messages" in row else ("prompt",), where, fmt)
-            ex.prompt = _messages(row["messages"], where, "messages")
+
+
+def _ex_sharegpt_kto(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("conversations", "kto_tag"), where, "sharegpt_kto")
+    msgs = _sharegpt(row["conversations"], where, "conversations")
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise UserError(f"{where}: `conversations` must end with the assistant turn that `kto_tag` judges")
+    ex.prompt, ex.completion = _system(row) + msgs[:-1], msgs[-1:]
+    ex.label = _label(row["kto_tag"], where, "kto_tag")
+
+
+def _ex_prompt_only(row: dict, where: str, ex: Example) -> None:
+    key = next((k for k in ("prompt", "question", "problem") if row.get(k) is not None), None)
+    if key == "prompt":
+        ex.prompt = _text_or_messages(row["prompt"], where, "prompt")
+    elif key is not None:  # GSM8K / MATH style: a question to pose as a user turn
+        ex.prompt = [{"role": "user", "content": str(row[key])}]
     else:
+        _need(row, ("messages",) if "messages" in row else ("prompt",), where, "prompt_only")
+        ex.prompt = _messages(row["messages"], where, "messages")
+
+
+# dataset_format -> the function that fills an Example from one raw row of that format
+_CONVERTERS: dict[str, Callable[[dict, str, Example], None]] = {
+    "messages": _ex_messages,
+    "sharegpt": _ex_sharegpt,
+    "alpaca": _ex_alpaca,
+    "prompt_completion": _ex_prompt_completion,
+    "text": _ex_text,
+    "preference": _ex_preference,
+    "sharegpt_preference": _ex_sharegpt_preference,
+    "alpaca_preference": _ex_alpaca_preference,
+    "unpaired": _ex_unpaired,
+    "sharegpt_kto": _ex_sharegpt_kto,
+    "prompt_only": _ex_prompt_only,
+}
+
+
+def to_example(row: dict, fmt: str, where: str) -> Example:
+    """Convert one raw row of format `fmt` into an Example, or raise a UserError naming the row."""
+    if fmt not in _CONVERTERS:
         raise UserError(f"unknown dataset_format `{fmt}`")
+    ex = Example(where=where, extra={k: v for k, v in row.items() if k not in _USED[fmt]})
+    _CONVERTERS[fmt](row, where, ex)
     if "margin" in row and row["margin"] is not None and fmt in PAIR_FORMATS:
         ex.margin = float(row["margin"])
     for name in ("completion", "chosen", "rejected"):
