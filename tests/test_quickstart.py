@@ -58,35 +58,42 @@ def test_quickstart_rewrites_its_data_when_rerun_with_another_seed(tmp_path: Pat
 
 
 def test_quickstart_every_method_lifts_the_sft_model(tmp_path: Path) -> None:
-    """The whole quickstart (about 3 minutes on 2 cores): SFT learns the task and the annotator's error; every
-    preference method started from it lifts held-out accuracy; the controls are reported beside them."""
+    """The whole quickstart (about 11 minutes on a 2-core CI machine): SFT learns the task and the annotator's error; every
+    method started from it lifts test accuracy; the controls show what each ingredient adds.
+
+    The thresholds hold on every one of 8 seeds (`python benchmarks/quickstart_seeds.py --seeds 0 1 2 3 4 5 6
+    7`, README) with a margin, so floating-point differences between machines do not flip them: a lift that
+    is small on some seed (PPO with the learned reward model: +0.02 on seed 1) is asserted only as far as it
+    holds everywhere."""
     from alignkit.quickstart import run_quickstart
 
     report = run_quickstart(str(tmp_path / "qs"), seed=0)
     saved = json.loads((tmp_path / "qs" / "report.json").read_text())
     assert saved["base_accuracy"] == report["base_accuracy"] < 0.05
     sft = saved["methods"]["sft"]
-    assert sft["accuracy"] > 0.4 and sft["wall_s"] > 0
+    assert sft["accuracy"] > 0.4 and sft["wall_s"] > 0 and sft["n"] == 300
+    assert sft["ci95"][0] < sft["accuracy"] < sft["ci95"][1]
     # it learned the forgotten carry: right without carries, mostly wrong with them
     assert sft["no_carry_accuracy"] > 0.8 > 0.4 > sft["carry_accuracy"]
-    lifted = ("dpo", "kto", "simpo", "orpo", "grpo", "ppo", "ppo_verifiable")
-    lifts = {m: saved["methods"][m]["accuracy"] - sft["accuracy"] for m in lifted}
-    # measured on this machine: dpo +0.23, kto +0.10, simpo +0.19, orpo +0.24, grpo +0.17, ppo +0.16,
-    # ppo_verifiable +0.14
-    assert min(v for m, v in lifts.items() if m != "kto") > 0.10, lifts
-    assert lifts["kto"] > 0.05, lifts
-    for m in lifted:  # the carry error is what gets fixed
-        assert saved["methods"][m]["carry_accuracy"] > sft["carry_accuracy"] + 0.2
-    rm_log = [json.loads(line) for line in open(tmp_path / "qs" / "rm" / "metrics.jsonl")]
-    assert rm_log[-1]["accuracy"] > 0.95  # the reward model fits its pairs
+    lifts = {m: r["accuracy"] - sft["accuracy"] for m, r in saved["methods"].items() if m != "sft"}
+    # over 8 seeds on a 16-core machine the smallest test lifts were: dpo +0.28, simpo +0.24, orpo +0.29,
+    # grpo +0.24, ppo_verifiable +0.21, kto +0.10, ppo +0.02; seed 0 on a 2-core CI machine: dpo +0.24,
+    # simpo +0.21, orpo +0.23, grpo +0.21, ppo_verifiable +0.14, kto +0.14, ppo +0.13
+    assert min(lifts[m] for m in ("dpo", "simpo", "orpo", "grpo", "ppo_verifiable")) > 0.10, lifts
+    assert lifts["kto"] > 0.05 and lifts["ppo"] > 0, lifts
+    for m in lifts:  # the carry error is what gets fixed (smallest over 8 seeds: ppo +0.28)
+        assert saved["methods"][m]["carry_accuracy"] > sft["carry_accuracy"] + 0.15, m
+    # the reward model fits its pairs and ranks held-out ones, yet prefers an off-by-one answer on carries
+    rm = saved["reward_model"]
+    assert rm["train_pair_accuracy"] > 0.95 and rm["test_pair_accuracy"] > 0.95, rm
+    assert 0 < rm["test_carry_prefers_answer_plus_one"] <= 1
     controls = saved["controls"]
     assert set(controls) == {"sft_on_chosen", "dpo_without_nll", "ppo_weak_kl"}
-    assert controls["dpo_without_nll"]["accuracy"] < sft["accuracy"]  # plain DPO drifts on this task
-    # with a weak KL penalty PPO raises the reward model's score while accuracy falls: reward hacking
-    hacked = [json.loads(line) for line in open(tmp_path / "qs" / "ppo_weak_kl" / "metrics.jsonl")]
-    early = sum(r["reward/mean"] for r in hacked[:3]) / 3
-    late = sum(r["reward/mean"] for r in hacked[-3:]) / 3
-    assert late > early + 0.3, (early, late)
-    assert controls["ppo_weak_kl"]["accuracy"] < sft["accuracy"]
+    assert controls["dpo_without_nll"]["accuracy"] < sft["accuracy"]  # plain DPO drifts (seed 0: -0.47)
+    # a tenth of the KL penalty: the reward model's score rises while the problems SFT already solved (no
+    # carry) are lost: reward hacking (on every seed: score +0.14 or more, no-carry accuracy -0.07 or more)
+    hacked = controls["ppo_weak_kl"]
+    assert hacked["reward_last"] > hacked["reward_first"] + 0.1, hacked
+    assert hacked["no_carry_accuracy"] < sft["no_carry_accuracy"] - 0.05, hacked
     md = (tmp_path / "qs" / "report.md").read_text()
-    assert "| kto |" in md and "control: sft_on_chosen" in md
+    assert "| kto |" in md and "control: sft_on_chosen" in md and "Reward model: fits" in md
