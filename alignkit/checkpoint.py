@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,8 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
+
+log = logging.getLogger("alignkit")
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -179,19 +184,29 @@ def _listing(root: str) -> set[str]:
     return out
 
 
+@dataclass
+class RunProgress:
+    """What a run has done so far, for `undo_on_failure` to decide what to keep."""
+
+    steps: int = 0  # optimizer steps this run completed
+    finished: bool = False  # the final model is written: nothing after this undoes the run
+
+
 @contextlib.contextmanager
-def undo_on_failure(output_dir: str, enabled: bool = True) -> Iterator[None]:
-    """On an exception (Ctrl-C included) before this run completed a checkpoint, put `output_dir` back.
+def undo_on_failure(output_dir: str, enabled: bool = True) -> Iterator[RunProgress]:
+    """On an exception (Ctrl-C included) before this run wrote a checkpoint, put `output_dir` back.
 
     Before the run, every path under it is listed and the files a run rewrites in place (`config.yaml`,
-    `metrics.jsonl`: there under `overwrite_output_dir` or a resume) are read. On failure, each path the run
-    added is removed (TensorBoard and W&B files, the reference log-prob cache; the folder itself and any
-    parent the run made, if it was new) and those files are restored: what was there before stays. Once
-    the run has a checkpoint of its own, everything is kept, for `resume_from_checkpoint: auto`. Called on
+    `metrics.jsonl`: there under `overwrite_output_dir` or a resume) are read. On a failure before the first
+    optimizer step, each path the run added is removed (the folder itself and the empty parents it made, if
+    it was new) and those files are restored: what was there before stays. A failure after some steps but
+    before a checkpoint keeps what the run wrote for diagnosis, moved into `failed-<time>/`, so it does not
+    block a re-run. Once the run has a checkpoint of its own or its final model, everything is kept. Called on
     the main process only (the others pass enabled=False).
     """
+    progress = RunProgress()
     if not enabled:
-        yield
+        yield progress
         return
     existed = os.path.isdir(output_dir)
     before = _listing(output_dir) if existed else set()
@@ -205,23 +220,52 @@ def undo_on_failure(output_dir: str, enabled: bool = True) -> Iterator[None]:
             with open(path, "rb") as fh:
                 saved[path] = fh.read()
     try:
-        yield
+        yield progress
     except BaseException:
-        if not any(os.path.basename(c) + os.sep not in before for c in list_checkpoints(output_dir)):
-            _undo(output_dir, None if existed else made, before, saved)
+        own_checkpoint = any(os.path.basename(c) + os.sep not in before for c in list_checkpoints(output_dir))
+        if not (progress.finished or own_checkpoint):
+            aside = None if progress.steps == 0 else f"failed-{time.strftime('%Y%m%d-%H%M%S')}"
+            _undo(output_dir, before, saved, aside)
+            if not existed and aside is None:
+                _remove_empty_parents(output_dir, made)
         raise
 
 
-def _undo(output_dir: str, made: str | None, before: set[str], saved: dict[str, bytes]) -> None:
-    if made is not None:
-        shutil.rmtree(made, ignore_errors=True)
-        return
-    for rel in sorted(_listing(output_dir) - before):  # a folder sorts before what it holds
-        path = os.path.join(output_dir, rel)
-        if os.path.isdir(path) and not os.path.islink(path):
+def _remove_empty_parents(output_dir: str, made: str) -> None:
+    """Remove `output_dir` if empty, then each parent up to `made` while it is empty (another run may share
+    a parent made at the same time: it is never removed while it holds anything)."""
+    path = os.path.abspath(output_dir)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == made:
+            return
+        path = os.path.dirname(path)
+
+
+def _undo(output_dir: str, before: set[str], saved: dict[str, bytes], aside: str | None) -> None:
+    """Remove (or, with `aside`, move into that subfolder) every path the run added; restore `saved`."""
+    added = sorted(_listing(output_dir) - before)  # a folder sorts before what it holds
+    folders = [rel for rel in added if rel.endswith(os.sep)]
+    tops = [rel for rel in added if not any(rel != f and rel.startswith(f) for f in folders)]
+    if aside:
+        os.makedirs(os.path.join(output_dir, aside))
+    for rel in tops:
+        path = os.path.join(output_dir, rel.rstrip(os.sep))
+        if aside:
+            dest = os.path.join(output_dir, aside, rel.rstrip(os.sep))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(path, dest)
+        elif os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.lexists(path):
             os.remove(path)
     for path, data in saved.items():
+        if aside and os.path.isfile(path):  # the failed run's version, before the earlier run's comes back
+            shutil.copy2(path, os.path.join(output_dir, aside, os.path.basename(path)))
         with open(path, "wb") as fh:
             fh.write(data)
+    if aside:
+        log.warning("the failed run's files are kept in %s", os.path.join(output_dir, aside))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from alignkit.checkpoint import (
+    RunProgress,
     load_checkpoint,
     refuse_to_overwrite,
     resolve_resume,
@@ -170,8 +171,9 @@ def _plan(cfg: BaseConfig, stage: Stage, accelerator: Any) -> _Plan:
 def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
     """Run the stage to the end; return the final metrics record.
 
-    A run that fails before its first checkpoint leaves `output_dir` as it was (`undo_on_failure`), so that
-    the same command can simply be run again; one that fails later keeps its checkpoints for a resume.
+    A run that fails before its first optimizer step leaves `output_dir` as it was (`undo_on_failure`); one
+    that fails later but before a checkpoint moves its files into `failed-<time>/`; either way the same
+    command can simply be run again. One that fails after a checkpoint keeps it for a resume.
     """
     accelerator = _accelerator(cfg)
     if cfg.fp16 and accelerator.device.type == "cpu":
@@ -185,12 +187,13 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
     resume_path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if not resume_path and not cfg.overwrite_output_dir:
         refuse_to_overwrite(cfg.output_dir)
-    with undo_on_failure(cfg.output_dir, enabled=accelerator.is_main_process):
+    with undo_on_failure(cfg.output_dir, enabled=accelerator.is_main_process) as progress:
         stage.build()  # every input is checked here, before the loop writes to output_dir
         run = _Run(cfg, stage, accelerator, resume_path)
         try:
-            record = run.loop()
+            record = run.loop(progress)
             _save_final(accelerator, run.model, stage, cfg)
+            progress.finished = True
         except BaseException:
             run.close(failed=True)  # a tracker's run is marked failed and ended (MLflow's would stay active)
             raise
@@ -244,7 +247,7 @@ class _Run:
         self.num_tokens = self.tokens_since_start = 0
         self.t0 = time.perf_counter()
 
-    def loop(self) -> dict[str, Any]:
+    def loop(self, progress: RunProgress) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg, p, accelerator = self.cfg, self.plan, self.accelerator
@@ -261,6 +264,7 @@ class _Run:
             for step in range(self.start_step, p.total_steps):
                 metrics = self.accumulate(step, *self.micro_batches(step))
                 step_lr = self.update(metrics)
+                progress.steps += 1
                 bar.update(1)
                 rate = self.tokens_since_start / max(time.perf_counter() - self.t0, 1e-9)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{step_lr:.2e}", tok_s=f"{rate:.0f}")

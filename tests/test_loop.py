@@ -399,6 +399,57 @@ def test_failed_run_keeps_its_checkpoint_for_resume(
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
 
 
+def test_failed_run_after_some_steps_keeps_its_files_aside_and_spares_a_shared_parent(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after some optimizer steps but before a checkpoint keeps the run's metrics for diagnosis, in
+    `failed-<time>/`, where they block no re-run; a parent folder made for it that another run also writes
+    into is not removed; a failure after the final model is written keeps the model."""
+    from alignkit.stages.sft import SFTStage
+    from alignkit.tracking import MetricsWriter
+
+    data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
+    keys = _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=3)
+    real_step, calls = SFTStage.step, []
+
+    def third_fails(self, model, batch):  # noqa: ANN001, ANN202
+        calls.append(1)
+        return _fail(self, model, batch) if len(calls) == 3 else real_step(self, model, batch)
+
+    monkeypatch.setattr(SFTStage, "step", third_fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_stage(tmp_path, keys)
+    out = tmp_path / "out"
+    (aside,) = [p for p in out.iterdir()]
+    assert aside.name.startswith("failed-") and {"config.yaml", "metrics.jsonl"} <= set(os.listdir(aside))
+    assert [r["step"] for r in _metrics(str(aside))] == [1, 2]
+    monkeypatch.setattr(SFTStage, "step", real_step)
+    record, _ = run_stage(tmp_path, keys)  # not refused
+    assert record["step"] == 3
+
+    def sibling_then_fail(self, model, batch):  # noqa: ANN001, ANN202
+        sibling = tmp_path / "sweep" / "b"
+        sibling.mkdir(parents=True, exist_ok=True)
+        (sibling / "model.safetensors").write_text("another run's model")
+        return _fail(self, model, batch)
+
+    monkeypatch.setattr(SFTStage, "step", sibling_then_fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_stage(tmp_path / "sweep" / "a", keys)
+    assert not (tmp_path / "sweep" / "a").exists()
+    assert (tmp_path / "sweep" / "b" / "model.safetensors").read_text() == "another run's model"
+
+    monkeypatch.setattr(SFTStage, "step", real_step)
+
+    def close_fails(self, failed: bool = False) -> None:  # noqa: ANN001
+        raise RuntimeError("tracker upload failed (simulated)")
+
+    monkeypatch.setattr(MetricsWriter, "close", close_fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_stage(tmp_path / "late", keys)
+    assert (tmp_path / "late" / "out" / "model.safetensors").is_file()
+
+
 def test_eval_every_eval_steps_independent_of_logging(tiny_model: str, tmp_path: Path) -> None:
     rows = _rows(16)
     data = write_jsonl(tmp_path / "d.jsonl", rows[:12])
