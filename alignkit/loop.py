@@ -291,7 +291,7 @@ class _Run:
         if update == 0 or self.buffer is None:  # the rollout phase: sample, score, keep the buffer
             idx = [i for chunk in micro_batches(order, k, p.bs, p.world, p.accum, p.rank) for i in chunk]
             # a process that a short last batch leaves without a prompt samples a filler one (weight 0)
-            self.filler_rollout = not idx
+            self.filler_rollout = stage.filler_rollout = not idx
             rows = [stage.train_rows[i] for i in idx or order[:1]]
             # under the steps' autocast: the log-probs a rollout stores are then the function the update
             # computes (PPO's first ratio is 1), and the prepared model's float32 outputs meet a bf16 head

@@ -258,3 +258,17 @@ def test_clipped_losses_per_token_by_hand() -> None:
         v_clip = min(max(v, vo - 0.2), vo + 0.2)
         assert vf[i].item() == pytest.approx(0.5 * max((v - ret[i]) ** 2, (v_clip - ret[i]) ** 2), rel=1e-5)
     assert 0 < int(clipped.sum()) < len(adv)
+
+
+def test_adaptive_kl_leaves_a_filler_rollout_out() -> None:
+    """The adaptive KL controller moves on the global batch's KL; a process whose prompts were a filler (a
+    short last batch left it none) adds neither KL nor count, so the coefficient is that of the real rows."""
+    cfg = PPOConfig(reward_funcs=["exact_match"], init_kl_coef=0.1, target_kl=1.0, kl_horizon=100)
+    stage = PPOStage(cfg)
+    stage.kl_coef = 0.1
+    stage._update_kl_coef(torch.tensor([3.0, 5.0]))  # KL 4 = 4x target: error clipped to +0.2, n = 2
+    assert stage.kl_coef == pytest.approx(0.1 * (1 + 0.2 * 2 / 100))
+    moved = stage.kl_coef
+    stage.filler_rollout = True
+    stage._update_kl_coef(torch.tensor([3.0, 5.0]))
+    assert stage.kl_coef == moved

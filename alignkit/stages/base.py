@@ -41,6 +41,9 @@ class Stage:
         self.tokenizer: Any
         self.train_rows: list[dict] = []
         self.eval_rows: list[dict] | None = None
+        # set by the loop before an online stage's rollout: this process's prompts are a filler (a short last
+        # batch left it none), trained at weight 0; a rollout's own cross-process statistics leave it out
+        self.filler_rollout = False
 
     # -- built by the stage
     def build(self) -> None:

@@ -171,6 +171,7 @@ class PPOStage(OnlineStage):
         if self.cfg.target_kl is None:
             return
         total = torch.stack([seq_kl.sum(), torch.tensor(float(len(seq_kl)), device=seq_kl.device)]).float()
+        total = total * (0.0 if self.filler_rollout else 1.0)  # a filler rollout weighs 0 here too
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
         kl, n = float(total[0] / total[1].clamp(min=1)), float(total[1])
