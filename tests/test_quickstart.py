@@ -86,7 +86,7 @@ def test_quickstart_every_method_lifts_the_sft_model(tmp_path: Path) -> None:
     # the reward model fits its pairs and ranks held-out ones, yet prefers an off-by-one answer on carries
     rm = saved["reward_model"]
     assert rm["train_pair_accuracy"] > 0.95 and rm["test_pair_accuracy"] > 0.95, rm
-    assert 0 < rm["test_carry_prefers_answer_plus_one"] <= 1
+    assert rm["test_carry_prefers_answer_plus_one"] > 0.2, rm  # the shortcut: 0.24-0.95 over 8 seeds
     controls = saved["controls"]
     assert set(controls) == {"sft_on_chosen", "dpo_without_nll", "ppo_weak_kl"}
     assert controls["dpo_without_nll"]["accuracy"] < sft["accuracy"]  # plain DPO drifts (seed 0: -0.47)

@@ -360,9 +360,9 @@ def collate_unpaired(rows: list[dict], pad_token_id: int, max_length: int) -> di
         {f"kl_{k}": v for k, v in _sequences(rows, "kl_completion_ids", pad_token_id, max_length).items()}
     )
     batch["label"] = torch.tensor([r["label"] for r in rows], dtype=torch.bool)
-    for key in ("ref_logps", "ref_kl_logps"):
+    for key in ("ref_logps", "ref_kl_logps"):  # float64, as the cache holds them; the stage casts
         if key in rows[0]:
-            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float64)
     return batch
 
 

@@ -155,7 +155,7 @@ class KTOStage(Stage):
         if self.spec.uses_kl:
             with torch.no_grad():
                 kl_logps = _logps(model, batch, "kl_")
-                kl = _mean_over_processes((kl_logps - ref_kl).mean(), real).clamp(min=0)
+                kl = _mean_over_processes((kl_logps - ref_kl.to(kl_logps.dtype)).mean(), real).clamp(min=0)
         logratios = logps - ref.to(logps.dtype)
         desirable = batch["label"]
         losses = self.spec.fn(
