@@ -124,9 +124,15 @@ def test_qlora_sft_steps_on_gpu(tiny_model: str, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- gradient checkpointing
 @pytest.mark.parametrize("stage,finetuning", [("sft", "full"), ("sft", "lora"), ("dpo", "full")])
 def test_gradient_checkpointing_same_loss_and_gradients(
-    tiny_model: str, tiny_ref: str, tmp_path: Path, stage: str, finetuning: str
+    tiny_model: str,
+    tiny_ref: str,
+    tmp_path: Path,
+    stage: str,
+    finetuning: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One step with `gradient_checkpointing: true` has the loss and gradient norm of one without (1e-6)."""
+    """One step with `gradient_checkpointing: true` has the loss, gradient norm (1e-6) and every parameter's
+    gradient (1e-5) of one without."""
     from tests.test_dpo import CONV
 
     rows = _rows(8) if stage == "sft" else CONV
@@ -140,8 +146,21 @@ def test_gradient_checkpointing_same_loss_and_gradients(
     }
     if stage == "dpo":
         keys["ref_model_name_or_path"] = tiny_ref
+    grads: list[list[torch.Tensor]] = []  # each run's gradients, as the optimizer sees them at its first step
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        grads.append(
+            [p.grad.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        )
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     plain, plain_stage = _train(tmp_path / "plain", keys)
     ckpt, ckpt_stage = _train(tmp_path / "ckpt", {**keys, "gradient_checkpointing": True})
+    assert len(grads) == 2 and len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
 
     def checkpointing(model: torch.nn.Module) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
