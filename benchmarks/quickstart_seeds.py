@@ -6,8 +6,10 @@ the validation columns; the test columns are reported.
 
     python benchmarks/quickstart_seeds.py --seeds 0 1 2 --output-dir /tmp/qs-seeds
 
-Each seed runs `alignkit quickstart --seed N` in its own process (about 5 minutes each on 2 cores); a seed
-whose report.json already exists is read, not re-run (delete the folder to re-run it).
+    python benchmarks/quickstart_seeds.py --seeds 0 1 -- --methods sft,ppo --no-controls
+
+Each seed runs `alignkit quickstart --seed N` in its own process (about 11 minutes each on a 2-core machine);
+a seed whose report.json was made by the same commit with the same arguments is read, not re-run.
 """
 
 from __future__ import annotations
@@ -20,9 +22,21 @@ import sys
 from pathlib import Path
 
 
+def _commit() -> str:
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "alignkit"], capture_output=True, text=True
+    )
+    return done.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def run_seed(out: Path, seed: int, extra: list[str]) -> dict:
+    """One seed's report.json; made again unless an earlier one came from this commit and these arguments."""
     report = out / f"seed-{seed}" / "report.json"
-    if not report.exists():
+    stamp = out / f"seed-{seed}" / "made-by.json"
+    made_by = {"commit": _commit(), "args": extra}
+    if not report.exists() or not stamp.exists() or json.loads(stamp.read_text()) != made_by:
         cmd = [
             sys.executable,
             "-m",
@@ -34,6 +48,7 @@ def run_seed(out: Path, seed: int, extra: list[str]) -> dict:
             str(report.parent),
         ]
         subprocess.run(cmd + extra, check=True)
+        stamp.write_text(json.dumps(made_by))
     return json.loads(report.read_text())
 
 
@@ -53,6 +68,10 @@ def summarise(reports: dict[int, dict]) -> dict[str, dict]:
             for r in reports.values()
         ]
         out[name] = {"test": test, "validation": val, "test_lift": lift, "validation_lift": val_lift}
+    for key in ("train_pair_accuracy", "test_pair_accuracy", "test_carry_prefers_answer_plus_one"):
+        values = [r["reward_model"][key] for r in reports.values() if "reward_model" in r]
+        if values:
+            out.setdefault("reward_model", {})[key] = values
     return out
 
 
@@ -68,9 +87,13 @@ def render(summary: dict[str, dict], seeds: list[int]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, s in summary.items():
+        if name == "reward_model":
+            continue
         lift = " / ".join(f"{x:+.3f}" for x in s["test_lift"])
         val = " / ".join(f"{x:+.3f}" for x in s["validation_lift"])
         lines.append(f"| {name} | {_mean_sd(s['test'])} | {lift} | {min(s['test_lift']):+.3f} | {val} |")
+    for key, values in summary.get("reward_model", {}).items():
+        lines.append(f"\nreward model {key} per seed: " + " / ".join(f"{v:.3f}" for v in values))
     return "\n".join(lines)
 
 
