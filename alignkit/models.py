@@ -88,14 +88,14 @@ def _local_tokenizer(loader: Any, path: str, trust_remote_code: bool) -> Any:
         "copy them from the base model the weights came from "
         f"(e.g. `AutoTokenizer.from_pretrained(BASE).save_pretrained('{path}')`)"
     )
-    present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
-    if not present:
-        raise UserError(
-            f"model folder {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); {fix}"
-        )
-    try:
+    try:  # loading comes first: a tokenizer may live in files not listed above (spm.model, *.tiktoken, ...)
         return loader.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+        if not present:
+            raise UserError(
+                f"model folder {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); {fix}"
+            ) from exc
         reason = " ".join(str(exc).split())[:400]
         raise UserError(
             f"model folder {path}: no tokenizer could be made from its tokenizer files "
