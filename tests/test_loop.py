@@ -337,6 +337,17 @@ def _fail(self, model, batch):  # noqa: ANN001, ANN202 - stands in for a stage's
     raise RuntimeError("out of memory (simulated)")
 
 
+def _fails_at_call(n: int, real_step):  # noqa: ANN001, ANN202
+    """A stage step that raises on its n-th call and runs `real_step` otherwise."""
+    calls = []
+
+    def step(self, model, batch):  # noqa: ANN001, ANN202
+        calls.append(1)
+        return _fail(self, model, batch) if len(calls) == n else real_step(self, model, batch)
+
+    return step
+
+
 def test_failed_run_leaves_output_dir_as_it_was(
     tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -383,13 +394,8 @@ def test_failed_run_keeps_its_checkpoint_for_resume(
     data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
     keys = _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=4, save_steps=2)
     run_stage(tmp_path / "full", keys)
-    real_step, calls = SFTStage.step, []
-
-    def third_fails(self, model, batch):  # noqa: ANN001, ANN202
-        calls.append(1)
-        return _fail(self, model, batch) if len(calls) == 3 else real_step(self, model, batch)
-
-    monkeypatch.setattr(SFTStage, "step", third_fails)
+    real_step = SFTStage.step
+    monkeypatch.setattr(SFTStage, "step", _fails_at_call(3, real_step))
     with pytest.raises(RuntimeError, match="simulated"):
         run_stage(tmp_path, keys)
     assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2", "config.yaml", "metrics.jsonl"]
@@ -410,13 +416,8 @@ def test_failed_run_after_some_steps_keeps_its_files_aside_and_spares_a_shared_p
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
     keys = _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=3)
-    real_step, calls = SFTStage.step, []
-
-    def third_fails(self, model, batch):  # noqa: ANN001, ANN202
-        calls.append(1)
-        return _fail(self, model, batch) if len(calls) == 3 else real_step(self, model, batch)
-
-    monkeypatch.setattr(SFTStage, "step", third_fails)
+    real_step = SFTStage.step
+    monkeypatch.setattr(SFTStage, "step", _fails_at_call(3, real_step))
     with pytest.raises(RuntimeError, match="simulated"):
         run_stage(tmp_path, keys)
     out = tmp_path / "out"
