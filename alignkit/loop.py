@@ -242,7 +242,6 @@ class _Run:
             p.bs * p.world * p.accum,
         )
         self.buffer: list[dict] | None = None  # online stages: the current rollout's samples
-        self.filler_rollout = False  # ... sampled from a filler prompt, so trained at weight 0
         self.window: list[dict[str, float]] = []
         self.num_tokens = self.tokens_since_start = 0
         self.t0 = time.perf_counter()
@@ -291,7 +290,7 @@ class _Run:
         if update == 0 or self.buffer is None:  # the rollout phase: sample, score, keep the buffer
             idx = [i for chunk in micro_batches(order, k, p.bs, p.world, p.accum, p.rank) for i in chunk]
             # a process that a short last batch leaves without a prompt samples a filler one (weight 0)
-            self.filler_rollout = stage.filler_rollout = not idx
+            stage.filler_rollout = not idx
             rows = [stage.train_rows[i] for i in idx or order[:1]]
             # under the steps' autocast: the log-probs a rollout stores are then the function the update
             # computes (PPO's first ratio is 1), and the prepared model's float32 outputs meet a bf16 head
@@ -300,7 +299,7 @@ class _Run:
         chunks = stage.update_batches(self.buffer, update)
         # an empty micro-batch (a small buffer on this process) runs a sample at weight 0, so that every
         # process makes the same number of backward passes
-        weights = [0.0 if self.filler_rollout or not chunk else 1.0 for chunk in chunks]
+        weights = [0.0 if stage.filler_rollout or not chunk else 1.0 for chunk in chunks]
         return [stage.collate(chunk or self.buffer[:1]) for chunk in chunks], weights
 
     def accumulate(

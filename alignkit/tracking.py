@@ -6,14 +6,15 @@ import json
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from alignkit.errors import UserError
 
-# a metric as (sum, count), so that micro-batches and processes combine exactly (stages.base.Metrics)
-Metrics = dict[str, tuple[Any, Any]]
+if TYPE_CHECKING:
+    from alignkit.stages.base import Metrics
+
 
 METRICS_FILE = "metrics.jsonl"
 
