@@ -268,9 +268,7 @@ def _run(ctx: Context, name: str, runner: Callable[[Context], str]) -> dict[str,
     model_dir = runner(ctx)
     wall = round(time.perf_counter() - t, 1)
     result = {**accuracy(model_dir, ctx.split.test), "validation": accuracy(model_dir, ctx.split.validation)}
-    result.update(wall_s=wall, model_dir=model_dir)
-    if name.startswith("ppo") or name == "grpo":
-        result.update(reward_trend(model_dir))
+    result.update(wall_s=wall, model_dir=model_dir, **reward_trend(model_dir))
     log.info("%s: test accuracy %.3f (%.1f s)", name, result["accuracy"], wall)
     return result
 

@@ -79,9 +79,12 @@ def reward_model_diagnosis(rm_dir: str, pairs_file: str, test: list[Problem]) ->
 
 
 def reward_trend(run_dir: str, window: int = 3) -> dict[str, float]:
-    """Mean `reward/mean` of the first and last `window` logged steps of an online run."""
+    """Mean `reward/mean` of the first and last `window` logged steps of an online run ({} for an offline one,
+    which logs no reward)."""
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
         rows = [r for r in map(json.loads, fh) if "reward/mean" in r]
+    if not rows:
+        return {}
     first, last = rows[:window], rows[-window:]
     return {
         "reward_first": round(sum(r["reward/mean"] for r in first) / len(first), 4),
