@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from alignkit.generation import generate
+from alignkit.rollout import complete
 from alignkit.stats import wilson_interval
 from alignkit.task import Problem, parse_answer
 
@@ -21,7 +21,7 @@ def accuracy(model_dir: str, problems: list[Problem]) -> dict[str, Any]:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    outs = generate(model, tok, [p.messages() for p in problems], max_new_tokens=5, batch_size=150)
+    outs = complete(model, tok, [p.messages() for p in problems], max_new_tokens=5, batch_size=150).texts
     right = [parse_answer(o) == p.answer for o, p in zip(outs, problems)]
 
     def share(sel: list[bool]) -> float:

@@ -92,14 +92,16 @@ def sample_hf(
         TopPLogitsWarper,
     )
 
-    # the warpers in transformers' own order, then the recorder; generate's built-in ones are switched off
+    # the warpers in transformers' own order, then the recorder; generate's built-in ones are switched off.
+    # temperature 0 is greedy decoding (evaluation): the recorded log-probs are then the model's own
+    greedy = temperature == 0
     recorder = SampledLogprobs()
     processors = LogitsProcessorList()
-    if temperature != 1.0:
+    if temperature not in (0.0, 1.0):
         processors.append(TemperatureLogitsWarper(temperature))
-    if top_k:
+    if top_k and not greedy:
         processors.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
+    if top_p < 1.0 and not greedy:
         processors.append(TopPLogitsWarper(top_p))
     processors.append(recorder)
     from transformers import GenerationConfig
@@ -108,7 +110,7 @@ def sample_hf(
     # model's own generation_config (repetition_penalty, no_repeat_ngram_size, ...), which would sample from
     # another distribution than the policy's
     config = GenerationConfig(
-        do_sample=True,
+        do_sample=not greedy,
         temperature=1.0,
         top_p=1.0,
         top_k=0,
@@ -142,6 +144,51 @@ def sample_hf(
     prompts = [p for p in prompt_ids for _ in range(num_generations)]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Samples(prompts, completions, truncated, texts, logprobs)
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Any]) -> list[list[int]]:
+    """Token ids of each prompt: messages through the chat template with the generation prompt, text as is."""
+    from alignkit.data.batches import tokenize_chat, tokenize_text
+
+    return [
+        tokenize_chat(tokenizer, p, add_generation_prompt=True)
+        if isinstance(p, list)
+        else tokenize_text(tokenizer, p)
+        for p in prompts
+    ]
+
+
+def complete(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[Any],
+    num_samples: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_strings: list[str] | None = None,
+    batch_size: int = 32,
+) -> Samples:
+    """Completions of chat (messages) or text prompts, `num_samples` each, grouped as `Samples` are; greedy at
+    temperature 0. Evaluation, the quickstart, the side-by-side page and the server sample through here."""
+    ids = encode_prompts(tokenizer, prompts)
+    per_batch = max(batch_size // max(num_samples, 1), 1)
+    parts = [
+        sample_hf(
+            model,
+            tokenizer,
+            ids[i : i + per_batch],
+            num_samples,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            stop_strings,
+        )
+        for i in range(0, len(ids), per_batch)
+    ]
+    return Samples.concat(parts) if parts else Samples([], [], [], [], [])
 
 
 def cut_completion(seq: list[int], tokenizer: Any, stop_strings: list[str] | None) -> tuple[list[int], bool]:
