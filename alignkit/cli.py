@@ -26,6 +26,21 @@ EPILOG_DATA = """examples:
   alignkit data inspect ../shared/data/llamafactory/dpo_en_demo.json --model models/tiny
   alignkit data inspect data.jsonl --max-length 512
 """
+EPILOG_FROM_VOTES = """examples:
+  alignkit data from-votes ~/Downloads/votes.json --key sxs/sxs_key.json --output-dir data/round2
+"""
+EPILOG_EVAL = """examples:
+  alignkit eval --model out/dpo --baseline out/sft --dataset ../shared/data/gsm8k/test.jsonl --max-samples 200
+  alignkit eval configs/eval_tiny.yaml
+  alignkit eval configs/eval_tiny.yaml num_samples=4 temperature=0.7 output_dir=out/eval
+"""
+EPILOG_SXS = """examples:
+  alignkit sxs --model out/dpo --baseline out/sft --dataset prompts.jsonl --max-samples 50
+  alignkit sxs tally ~/Downloads/votes.json --key sxs/sxs_key.json
+"""
+EPILOG_COMPARE = """examples:
+  alignkit compare configs/compare_tiny.yaml
+"""
 EPILOG_QS = """examples:
   alignkit quickstart
   alignkit quickstart --output-dir /tmp/qs
@@ -80,6 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("--format", default="auto", help="dataset_format (default: detect)")
     di.add_argument("--json", action="store_true", help="print the report as JSON")
     di.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    dv = dsub.add_parser(
+        "from-votes",
+        help="turn a side-by-side review's votes into DPO pairs and KTO rows",
+        epilog=EPILOG_FROM_VOTES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dv.add_argument("votes", help="votes.json saved from the page `alignkit sxs` wrote")
+    dv.add_argument("--key", help="the page's sxs_key.json (default: sxs_key.json beside the votes file)")
+    dv.add_argument("--output-dir", default=".", help="where dpo.jsonl and kto.jsonl go")
+    dv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     q = sub.add_parser(
         "quickstart",
@@ -94,7 +119,56 @@ def _parser() -> argparse.ArgumentParser:
         "--no-controls", action="store_true", help="skip the control runs (SFT on chosen, DPO without NLL)"
     )
     q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    _add_eval_parsers(sub)
     return p
+
+
+def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a model (and a baseline): accuracy, judge, reward model, KL, length, refusals, ...",
+        epilog=EPILOG_EVAL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("config", nargs="?", help="YAML file of eval keys (optional with --model/--dataset)")
+    e.add_argument("overrides", nargs="*", help="key=value pairs; they win over the file and the flags")
+    e.add_argument("--model", help="model folder, LoRA adapter folder or hub id")
+    e.add_argument("--baseline", help="the model to compare against (win rates, length ratio, KL reference)")
+    e.add_argument("--dataset", help="prompts (any format `train` reads), with an answer column for accuracy")
+    e.add_argument("--max-samples", type=int, help="evaluate the first N rows")
+    e.add_argument("--output-dir", help="where eval.json, eval.md and samples.jsonl go (default: eval)")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    s = sub.add_parser(
+        "sxs",
+        help="a blind side-by-side review page for people (one HTML file), and its tally",
+        epilog=EPILOG_SXS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--model", help="model A (hidden on the page)")
+    s.add_argument("--baseline", help="model B (hidden on the page)")
+    s.add_argument("--dataset", help="prompts (any format `train` reads)")
+    s.add_argument("--max-samples", type=int, default=100)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--output-dir", default="sxs", help="where sxs.html and sxs_key.json go")
+    s.add_argument("--seed", type=int, default=0, help="seed of the left/right order")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    ssub = s.add_subparsers(dest="sxs_command", metavar="COMMAND")
+    st = ssub.add_parser("tally", help="un-blind a votes file: the win rate with its 95%% interval")
+    st.add_argument("votes", help="votes.json saved from the page")
+    st.add_argument("--key", help="the page's sxs_key.json (default: beside the votes file)")
+    st.add_argument("--json", action="store_true", help="print the tally as JSON")
+    st.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    c = sub.add_parser(
+        "compare",
+        help="train several methods on the same data and budget, evaluate each the same way, report",
+        epilog=EPILOG_COMPARE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("config", help="YAML file: shared keys, `methods:` and `eval:` (see examples)")
+    c.add_argument("overrides", nargs="*", help="key=value pairs for the shared keys")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
 
 def _quiet_libraries() -> None:
@@ -149,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(render_report(report))
         return 0
+    if args.command in ("eval", "sxs", "compare") or getattr(args, "data_command", None) == "from-votes":
+        return _run_eval_command(args)
     if args.command == "quickstart":
         from alignkit.quickstart import METHODS, run_quickstart
 
@@ -160,6 +236,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _parser().parse_args([args.command or "--help", "--help"] if args.command else ["--help"])
     return 2
+
+
+def _run_eval_command(args: argparse.Namespace) -> int:
+    if args.command == "eval":
+        from alignkit.evaluate.run import eval_command
+
+        return eval_command(args)
+    if args.command == "sxs":
+        from alignkit.sxs import sxs_command
+
+        return sxs_command(args)
+    if args.command == "compare":
+        from alignkit.compare import compare_command
+
+        return compare_command(args)
+    from alignkit.sxs import from_votes_command
+
+    return from_votes_command(args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

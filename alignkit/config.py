@@ -45,6 +45,7 @@ DATASET_FORMATS = (
     "unpaired",
     "sharegpt_kto",
     "prompt_only",
+    "mt_bench",
 )
 
 
@@ -246,25 +247,33 @@ def build_config(raw: dict[str, Any], source: str = "config") -> BaseConfig:
             f"{source}: `stage: {stage}` is not a stage{did_you_mean(str(stage), STAGES)}; "
             f"valid stages: {', '.join(CONFIG_CLASSES)}"
         )
-    cls = CONFIG_CLASSES[stage]
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise UserError(f"{source}: unknown key `{key}` for stage `{stage}`{did_you_mean(key, names)}")
-        values[key] = coerce(key, value, hints[key])
-    cfg = cls(**values)
+    cfg = build_dataclass(CONFIG_CLASSES[stage], raw, source, f"for stage `{stage}`")
     from alignkit.config_checks import validate  # the checks import the classes above
 
     validate(cfg, source)
     return cfg
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> BaseConfig:
-    """Read YAML (if given), apply `key=value` overrides (they win), validate."""
+T = typing.TypeVar("T")
+
+
+def build_dataclass(cls: type[T], raw: dict[str, Any], source: str, what: str = "") -> T:
+    """A config dataclass from a flat mapping: each value coerced to its field's type; an unknown key is a
+    UserError with the closest valid key. `train`, `eval` and `compare` configs all pass through here."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in hints:
+            suffix = f" {what}" if what else ""
+            raise UserError(f"{source}: unknown key `{key}`{suffix}{did_you_mean(key, names)}")
+        values[key] = coerce(key, value, hints[key])
+    return cls(**values)
+
+
+def read_yaml(path: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML file's flat keys (if a file is given) with `key=value` overrides applied; they win."""
     raw: dict[str, Any] = {}
-    source = path or "command line"
     if path is not None:
         if not os.path.isfile(path):
             raise UserError(f"config file {path} does not exist")
@@ -281,7 +290,12 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> BaseCon
             raise UserError(f"{path}: expected a mapping of keys to values at the top level")
         raw.update(flatten(loaded))
     raw.update(parse_overrides(overrides or []))
-    return build_config(raw, source)
+    return raw
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> BaseConfig:
+    """Read YAML (if given), apply `key=value` overrides (they win), validate."""
+    return build_config(read_yaml(path, overrides), path or "command line")
 
 
 def config_to_dict(cfg: BaseConfig) -> dict[str, Any]:

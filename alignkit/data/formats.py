@@ -21,7 +21,7 @@ Text = str | Messages
 SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 PAIR_FORMATS = ("preference", "sharegpt_preference", "alpaca_preference")
 UNPAIRED_FORMATS = ("unpaired", "sharegpt_kto")
-PROMPT_FORMATS = ("prompt_only",)
+PROMPT_FORMATS = ("prompt_only", "mt_bench")
 
 SHAREGPT_ROLES = {
     "human": "user",
@@ -110,6 +110,8 @@ def detect_format(row: dict, where: str = "") -> str:
         return "prompt_completion"
     if "text" in keys:
         return "text"
+    if isinstance(row.get("turns"), list):
+        return "mt_bench"
     if keys & {"prompt", "question", "problem"}:
         return "prompt_only"
     raise UserError(
@@ -231,6 +233,7 @@ _USED = {
     "unpaired": ("prompt", "completion", "messages", "label"),
     "sharegpt_kto": ("conversations", "kto_tag", "system"),
     "prompt_only": ("prompt", "messages", "question", "problem"),
+    "mt_bench": (),  # `turns` stays among the extra columns: `eval` asks the later turns as follow-ups
 }
 
 
@@ -326,6 +329,14 @@ def _ex_prompt_only(row: dict, where: str, ex: Example) -> None:
         ex.prompt = _messages(row["messages"], where, "messages")
 
 
+def _ex_mt_bench(row: dict, where: str, ex: Example) -> None:
+    """MT-Bench's question file (`question_id`, `category`, `turns`): the first turn is the prompt."""
+    turns = row["turns"]
+    if not turns or not all(isinstance(t, str) for t in turns):
+        raise UserError(f"{where}: `turns` must be a non-empty list of strings (the user's turns)")
+    ex.prompt = [{"role": "user", "content": turns[0]}]
+
+
 # dataset_format -> the function that fills an Example from one raw row of that format
 _CONVERTERS: dict[str, Callable[[dict, str, Example], None]] = {
     "messages": _ex_messages,
@@ -339,6 +350,7 @@ _CONVERTERS: dict[str, Callable[[dict, str, Example], None]] = {
     "unpaired": _ex_unpaired,
     "sharegpt_kto": _ex_sharegpt_kto,
     "prompt_only": _ex_prompt_only,
+    "mt_bench": _ex_mt_bench,
 }
 
 

@@ -1,0 +1,1 @@
+"""After training: evaluate a model against a baseline, with every rate's uncertainty."""

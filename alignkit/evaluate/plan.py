@@ -1,0 +1,91 @@
+"""Which metrics an eval runs: each one whose inputs exist, or those named in `metrics:` (then a missing
+input is an error). Every metric that does not run is reported with the reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignkit.data.formats import Example, load_examples
+from alignkit.errors import UserError
+from alignkit.evaluate.config import METRICS, EvalConfig
+
+
+@dataclass
+class Plan:
+    run: set[str] = field(default_factory=set)
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it did not run
+    reward_funcs: dict[str, Any] = field(default_factory=dict)  # task accuracy (the first is `accuracy`)
+    reference: str | None = None  # KL and implicit-reward reference
+    pairs: list[Example] = field(default_factory=list)  # held-out preference pairs
+    sft_rows: list[Example] = field(default_factory=list)  # held-out SFT rows (perplexity)
+
+
+def _held_out(
+    cfg: EvalConfig, source: str | None, kind: str, examples_of_dataset: list[Example]
+) -> list[Example]:
+    if source:
+        found = [ex for ex in load_examples(source, "auto", cfg.dataset_split) if ex.kind == kind]
+    else:
+        found = [ex for ex in examples_of_dataset if ex.kind == kind]
+    return found[: cfg.max_samples] if cfg.max_samples else found
+
+
+def _accuracy_funcs(cfg: EvalConfig, examples: list[Example]) -> tuple[dict[str, Any], str]:
+    from alignkit.rewards import build_reward_funcs, check_columns
+
+    columns = {k for ex in examples for k in ex.extra}
+    names = cfg.reward_funcs or (["math_accuracy"] if "answer" in columns else [])
+    if not names:
+        return {}, "the rows have no `answer` column (set `reward_funcs` to score another column)"
+    funcs = build_reward_funcs(names, r"<think>.*</think>.*", 512)
+    check_columns(funcs, columns, f"dataset {cfg.dataset}")
+    return funcs, ""
+
+
+def _reasons(cfg: EvalConfig, examples: list[Example], plan: Plan) -> dict[str, str]:
+    """metric -> why it cannot run ('' when it can)."""
+    no_prompts = "" if examples else "the dataset has no prompts to answer"
+    no_baseline = "" if cfg.baseline else "no `baseline` to compare with"
+    no_rm = "" if cfg.reward_model else "no `reward_model`"
+    no_judge = "" if cfg.judge_base_url else "no `judge_base_url` (an OpenAI-compatible endpoint)"
+    no_ref = "" if plan.reference else "no reference (`ref_model_name_or_path` or `baseline`)"
+    no_pairs = "" if plan.pairs else "no preference pairs (`preference_dataset`, or pair rows in `dataset`)"
+    funcs_reason = "" if plan.reward_funcs else plan.skipped.pop("accuracy", "")
+    return {
+        "accuracy": no_prompts or funcs_reason,
+        "reward_model_score": no_rm or no_prompts,
+        "reward_model_win_rate": no_rm or no_baseline or no_prompts,
+        "judge_win_rate": no_judge or no_baseline or no_prompts,
+        "judge_score": no_judge or no_prompts,
+        "preference_accuracy": no_pairs or no_ref,
+        "reward_model_preference_accuracy": no_pairs or no_rm,
+        "kl": no_prompts or no_ref,
+        "length": no_prompts,
+        "refusal_rate": no_prompts,
+        "perplexity": "" if plan.sft_rows else "no SFT rows (`perplexity_dataset`, or SFT rows in `dataset`)",
+        "lm_eval": "" if cfg.lm_eval_tasks else "no `lm_eval_tasks`",
+    }
+
+
+def plan_metrics(cfg: EvalConfig, examples: list[Example]) -> Plan:
+    plan = Plan(reference=cfg.ref_model_name_or_path or cfg.baseline)
+    plan.pairs = _held_out(cfg, cfg.preference_dataset, "pair", examples)
+    plan.sft_rows = _held_out(cfg, cfg.perplexity_dataset, "sft", examples)
+    if examples:
+        plan.reward_funcs, why = _accuracy_funcs(cfg, examples)
+        if why:
+            plan.skipped["accuracy"] = why
+    wanted = set(cfg.metrics or METRICS)
+    for metric, reason in _reasons(cfg, examples, plan).items():
+        if metric not in wanted:
+            plan.skipped[metric] = "not in `metrics`"
+            if metric == "accuracy":
+                plan.reward_funcs = {}
+        elif reason:
+            if cfg.metrics:
+                raise UserError(f"metrics: `{metric}` was asked for, but {reason}")
+            plan.skipped[metric] = reason
+        else:
+            plan.run.add(metric)
+    return plan
