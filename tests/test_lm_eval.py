@@ -191,3 +191,22 @@ def test_unknown_task_is_named_with_a_suggestion(
     assert "`alignkit_tiny_mcq` (did you mean `alignkit_tiny_mc`?)" in message
     # only the unknown name is listed, not the known one beside it
     assert "`alignkit_tiny_mc`;" not in message and "`alignkit_tiny_mc` (" not in message
+
+
+def test_eval_command_reports_lm_eval_rows(
+    tiny_model: str, task_dir: str, picks: dict, tmp_path: Path
+) -> None:
+    """`alignkit eval` with `lm_eval_tasks` and no dataset: the harness's rows land in eval.json, per model."""
+    import json
+
+    from alignkit.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", tiny_model, "--output-dir", str(out), "lm_eval_tasks=[alignkit_tiny_mc]"]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, f"lm_eval_include_path={task_dir}"])
+    assert info.value.code == 0
+    report = json.loads((out / "eval.json").read_text())
+    row = report["metrics"]["lm_eval:alignkit_tiny_mc"]
+    assert row["value"] == round(share(picks["base"], MIXED) * 12) / 12 and row["n"] == 12
+    assert "accuracy" in report["skipped"]  # no dataset: the generation metrics are named as not measured

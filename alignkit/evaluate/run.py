@@ -98,7 +98,7 @@ def _with_reference(
     cfg: EvalConfig, plan: Plan, model: Any, tok: Any, examples: list[Example], side: Side
 ) -> None:
     """KL(model || reference) from the model's own samples, and the implicit-reward preference accuracy."""
-    reference, _ = load_causal_lm(plan.reference, cfg.torch_dtype, cfg.trust_remote_code)
+    reference, _ = load_causal_lm(plan.reference, cfg.torch_dtype, cfg.trust_remote_code, device())
     if "kl" in plan.run:
         samples = complete(
             model,
@@ -126,10 +126,14 @@ def _with_reference(
     gc.collect()
 
 
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def evaluate_side(cfg: EvalConfig, plan: Plan, name: str, path: str, examples: list[Example]) -> Side:
     side = Side(name, path)
     t0 = time.perf_counter()
-    model, tok = load_causal_lm(path, cfg.torch_dtype, cfg.trust_remote_code)
+    model, tok = load_causal_lm(path, cfg.torch_dtype, cfg.trust_remote_code, device())
     if examples:
         side.texts, lengths, side.conversations = generate(model, tok, examples, cfg)
         per_prompt_len = [sum(ls) / len(ls) for ls in lengths]
@@ -164,11 +168,11 @@ def reward_model_scores(cfg: EvalConfig, plan: Plan, examples: list[Example], si
     from alignkit.rewards import RewardModelScorer
 
     scorer = RewardModelScorer(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
-    device = torch.device("cpu")
+    on = torch.device(device())
     k = cfg.num_samples
     for side in sides if examples else []:
         flat = scorer(
-            [ex.prompt for ex in examples for _ in range(k)], [t for ts in side.texts for t in ts], device
+            [ex.prompt for ex in examples for _ in range(k)], [t for ts in side.texts for t in ts], on
         )
         per_prompt = [flat[i * k : (i + 1) * k].mean().item() for i in range(len(examples))]
         side.per_prompt["reward_model_score"] = per_prompt
@@ -179,8 +183,8 @@ def reward_model_scores(cfg: EvalConfig, plan: Plan, examples: list[Example], si
         sides[0].metrics["reward_model_win_rate"], sides[0].per_prompt["reward_model_win_rate"] = row, per
     if "reward_model_preference_accuracy" in plan.run:
         prompts = [ex.prompt for ex in plan.pairs]
-        chosen = scorer(prompts, [_text(ex.chosen) for ex in plan.pairs], device)
-        rejected = scorer(prompts, [_text(ex.rejected) for ex in plan.pairs], device)
+        chosen = scorer(prompts, [_text(ex.chosen) for ex in plan.pairs], on)
+        rejected = scorer(prompts, [_text(ex.rejected) for ex in plan.pairs], on)
         row, _ = M.preference_row((chosen - rejected).tolist())
         for side in sides:  # a property of the reward model, the same for every side: shown once
             side.metrics["reward_model_preference_accuracy"] = row
@@ -262,6 +266,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 batch_size=cfg.batch_size,
                 torch_dtype=cfg.torch_dtype,
                 trust_remote_code=cfg.trust_remote_code,
+                device=device(),
             ).items():
                 side.metrics[f"lm_eval:{task}"] = row
     return write_report(cfg, examples, sides, plan.skipped, time.perf_counter() - t0)
