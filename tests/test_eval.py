@@ -333,3 +333,17 @@ def test_judge_through_eval_cancels_position_bias_and_resumes(
         capsys, [*argv, "judge_max_retries=1", "metrics=[judge_score]", "--output-dir", str(tmp_path / "x")]
     )
     assert url in err  # the server is shut down: unreachable, named
+
+
+def test_samples_are_written_worst_first() -> None:
+    from alignkit.data.formats import Example
+    from alignkit.evaluate.report import sample_rows
+    from alignkit.evaluate.run import Side
+
+    examples = [Example(prompt=f"q{i}", where=f"line {i}") for i in range(4)]
+    side = Side("model", "m", texts=[["a"]] * 4, conversations=[[{}, {}]] * 4)
+    side.per_prompt = {"accuracy": [1.0, 0.0, 1.0, 0.0], "reward_model_score": [0.5, 2.0, -1.0, -3.0]}
+    rows = sample_rows(examples, [side])
+    # wrong answers first, the lowest reward-model score first among equals
+    assert [r["index"] for r in rows] == [3, 1, 2, 0]
+    assert rows[0]["model"]["scores"] == {"accuracy": 0.0, "reward_model_score": -3.0}
