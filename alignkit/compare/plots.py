@@ -1,0 +1,207 @@
+"""Compare's PNGs: metrics with their intervals, training curves on shared axes, the accuracy-KL frontier and
+length drift. Each method keeps one colour in every plot."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from alignkit.compare.report import LENGTH_RATIO_LIMIT, WIN_RATES
+from alignkit.evaluate.report import _rank
+from alignkit.tracking import read_metrics
+
+# (metrics.jsonl key, panel title): a panel is drawn only when some method logged the key
+CURVES = (
+    ("loss", "training loss"),
+    ("reward/mean", "reward (online: reward/mean)"),
+    ("rewards/margins", "implicit reward margin (DPO family, KTO)"),
+    ("kl", "KL to the reference (as logged)"),
+)
+FRONTIER_Y = ("accuracy", "judge_score", "reward_model_score")  # the first one measured is the y axis
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(names: list[str]) -> dict[str, Any]:
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    return {n: cmap(i % 10) for i, n in enumerate(names)}
+
+
+def _err(row: dict) -> tuple[float, float]:
+    """Error-bar lengths below and above the value (never negative: a ratio's interval can sit off-centre)."""
+    lo, hi = row.get("ci95", [row["value"], row["value"]])
+    return max(row["value"] - lo, 0.0), max(hi - row["value"], 0.0)
+
+
+def _finite(row: dict | None) -> bool:
+    return bool(row) and isinstance(row.get("value"), (int, float)) and math.isfinite(row["value"])
+
+
+def _save(fig: Any, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return os.path.basename(path)
+
+
+def plot_metrics(report: dict[str, Any], path: str) -> str | None:
+    """One panel per metric: a bar per method with its 95% interval, the starting model as a dashed line."""
+    methods, base = report["methods"], report["baseline"]["metrics"] or {}
+    names = sorted(
+        {m for r in methods.values() for m, row in r["metrics"].items() if _finite(row)}, key=_rank
+    )
+    if not names:
+        return None
+    plt, colours = _plt(), _colours(list(methods))
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, names):
+        present = [(n, r["metrics"][metric]) for n, r in methods.items() if _finite(r["metrics"].get(metric))]
+        xs = range(len(present))
+        errs = list(zip(*(_err(row) for _, row in present)))
+        ax.bar(xs, [row["value"] for _, row in present], color=[colours[n] for n, _ in present])
+        ax.errorbar(
+            xs, [row["value"] for _, row in present], yerr=errs, fmt="none", ecolor="black", capsize=4
+        )
+        for x, (_, row) in zip(xs, present):  # the value itself: a bar at 0 is otherwise invisible
+            ax.annotate(
+                f"{row['value']:.3g}",
+                (x, row["value"]),
+                textcoords="offset points",
+                xytext=(4, 2),
+                fontsize=8,
+            )
+        if _finite(base.get(metric)):
+            ax.axhline(base[metric]["value"], ls="--", color="grey", label="start")
+        elif metric in WIN_RATES:  # a win rate is against the start already: its reference is an even split
+            ax.axhline(0.5, ls="--", color="grey", label="even split")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best", framealpha=0.6)
+        ax.set_xticks(list(xs), [n for n, _ in present], rotation=20, ha="right", fontsize=8)
+        ax.set_title(metric, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    fig.suptitle("eval metrics (bars: 95% interval; dashed: starting model)", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_curves(report: dict[str, Any], path: str) -> str | None:
+    """Training curves of every method on shared axes, one panel per logged quantity."""
+    methods = report["methods"]
+    logs = {n: read_metrics(os.path.join(r["run_dir"], "metrics.jsonl")) for n, r in methods.items()}
+    panels = [(k, t) for k, t in CURVES if any(k in rec for recs in logs.values() for rec in recs)]
+    if not panels:
+        return None
+    plt, colours = _plt(), _colours(list(methods))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for name, recs in logs.items():
+            points = [(r["step"], r[key]) for r in recs if key in r and "step" in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, color=colours[name], label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_frontier(report: dict[str, Any], path: str) -> str | None:
+    """Accuracy (or the judge's score, or the reward model's) against KL to the starting model, per method."""
+    methods, base = report["methods"], report["baseline"]["metrics"] or {}
+    y_key = next((k for k in FRONTIER_Y if any(_finite(r["metrics"].get(k)) for r in methods.values())), None)
+    points = [
+        (n, r["metrics"]["kl"], r["metrics"][y_key])
+        for n, r in methods.items()
+        if y_key and _finite(r["metrics"].get("kl")) and _finite(r["metrics"].get(y_key))
+    ]
+    if not points:
+        return None
+    plt, colours = _plt(), _colours(list(methods))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, kl, y in points:
+        ax.errorbar(
+            kl["value"],
+            y["value"],
+            xerr=[[_err(kl)[0]], [_err(kl)[1]]],
+            yerr=[[_err(y)[0]], [_err(y)[1]]],
+            fmt="o",
+            color=colours[name],
+            capsize=4,
+            label=name,
+        )
+        ax.annotate(name, (kl["value"], y["value"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    if _finite(base.get(y_key)):
+        ax.plot(
+            [0.0], [base[y_key]["value"]], marker="*", ms=14, color="grey", ls="none", label="start (KL 0)"
+        )
+    ax.set_xlabel("KL(method || starting model), nats per answer")
+    ax.set_ylabel(y_key)
+    ax.set_title(f"{y_key} against KL: the trade-off frontier (bars: 95% intervals)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_length(report: dict[str, Any], path: str) -> str | None:
+    """Length ratio to the starting model's answers per method, with 1.0 (no drift) and 1.5 (flagged)."""
+    methods = report["methods"]
+    present = [
+        (n, r["metrics"]["length_ratio"])
+        for n, r in methods.items()
+        if _finite(r["metrics"].get("length_ratio"))
+    ]
+    if not present:
+        return None
+    plt, colours = _plt(), _colours(list(methods))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(present) + 2), 3.8))
+    xs = range(len(present))
+    ax.bar(xs, [r["value"] for _, r in present], color=[colours[n] for n, _ in present])
+    ax.errorbar(
+        xs,
+        [r["value"] for _, r in present],
+        yerr=list(zip(*(_err(r) for _, r in present))),
+        fmt="none",
+        ecolor="black",
+        capsize=4,
+    )
+    ax.axhline(1.0, ls="--", color="grey", label="1.0: same length as the start")
+    ax.axhline(LENGTH_RATIO_LIMIT, ls=":", color="red", label=f"{LENGTH_RATIO_LIMIT}: flagged above")
+    ax.set_xticks(list(xs), [n for n, _ in present], rotation=20, ha="right")
+    ax.set_ylabel("mean answer tokens / starting model's")
+    ax.set_title("length drift (bars: 95% interval)", fontsize=10)
+    ax.set_ylim(0, max(LENGTH_RATIO_LIMIT * 1.15, max(r["ci95"][1] for _, r in present) * 1.1))
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def write_plots(report: dict[str, Any], output_dir: str) -> list[str]:
+    """The PNG file names written into output_dir (a plot without data is left out)."""
+    made = []
+    for name, plot in PLOTS.items():
+        path = os.path.join(output_dir, name)
+        if plot(report, path):
+            made.append(name)
+        elif os.path.exists(path):  # an earlier compare's plot would describe other runs
+            os.remove(path)
+    return made
+
+
+PLOTS = {
+    "metrics.png": plot_metrics,
+    "curves.png": plot_curves,
+    "frontier.png": plot_frontier,
+    "length.png": plot_length,
+}
