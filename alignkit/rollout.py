@@ -68,6 +68,48 @@ class SampledLogprobs:
         return torch.stack(self.steps, dim=1).tolist() if self.steps else []
 
 
+def _processors(temperature: float, top_p: float, top_k: int, recorder: SampledLogprobs) -> Any:
+    """The warpers in transformers' own order, then the recorder (generate's built-in ones are switched off).
+    Temperature 0 is greedy decoding (evaluation): the recorded log-probs are then the model's own."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    greedy = temperature == 0
+    processors = LogitsProcessorList()
+    if temperature not in (0.0, 1.0):
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k and not greedy:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0 and not greedy:
+        processors.append(TopPLogitsWarper(top_p))
+    processors.append(recorder)
+    return processors
+
+
+def _generation_config(greedy: bool, max_new_tokens: int, num_generations: int, tokenizer: Any) -> Any:
+    """Every setting that shapes the distribution is given: generate fills the ones left unset (None) from the
+    model's own generation_config (repetition_penalty, no_repeat_ngram_size, ...), which would sample from
+    another distribution than the policy's."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=not greedy,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_generations,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 @torch.no_grad()
 def sample_hf(
     model: nn.Module,
@@ -85,48 +127,11 @@ def sample_hf(
     model.eval()
     ids = pad(prompt_ids, tokenizer.pad_token_id, side="left").to(device)
     mask = pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
-    from transformers import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    # the warpers in transformers' own order, then the recorder; generate's built-in ones are switched off.
-    # temperature 0 is greedy decoding (evaluation): the recorded log-probs are then the model's own
-    greedy = temperature == 0
     recorder = SampledLogprobs()
-    processors = LogitsProcessorList()
-    if temperature not in (0.0, 1.0):
-        processors.append(TemperatureLogitsWarper(temperature))
-    if top_k and not greedy:
-        processors.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0 and not greedy:
-        processors.append(TopPLogitsWarper(top_p))
-    processors.append(recorder)
-    from transformers import GenerationConfig
-
-    # every setting that shapes the distribution is given: generate fills the ones left unset (None) from the
-    # model's own generation_config (repetition_penalty, no_repeat_ngram_size, ...), which would sample from
-    # another distribution than the policy's
-    config = GenerationConfig(
-        do_sample=not greedy,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        min_p=0.0,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=num_generations,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    kwargs: dict[str, Any] = {"generation_config": config, "logits_processor": processors}
+    kwargs: dict[str, Any] = {
+        "generation_config": _generation_config(temperature == 0, max_new_tokens, num_generations, tokenizer),
+        "logits_processor": _processors(temperature, top_p, top_k, recorder),
+    }
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     try:
@@ -169,25 +174,25 @@ def complete(
     top_k: int = 0,
     stop_strings: list[str] | None = None,
     batch_size: int = 32,
+    engine: VLLMEngine | None = None,
 ) -> Samples:
     """Completions of chat (messages) or text prompts, `num_samples` each, grouped as `Samples` are; greedy at
-    temperature 0. Evaluation, the quickstart, the side-by-side page and the server sample through here."""
+    temperature 0. Evaluation, the quickstart, the side-by-side page and the server sample through here: with
+    the HF backend in batches of at most `batch_size` sequences, or all at once through a vLLM `engine`."""
     ids = encode_prompts(tokenizer, prompts)
-    per_batch = max(batch_size // max(num_samples, 1), 1)
-    parts = [
-        sample_hf(
-            model,
-            tokenizer,
-            ids[i : i + per_batch],
-            num_samples,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            stop_strings,
-        )
-        for i in range(0, len(ids), per_batch)
-    ]
+    settings = (max_new_tokens, temperature, top_p, top_k, stop_strings)
+    if engine is not None:
+        return engine.sample(ids, num_samples, *settings)
+    parts = []
+    if num_samples <= batch_size:
+        per_batch = max(batch_size // num_samples, 1)
+        for i in range(0, len(ids), per_batch):
+            parts.append(sample_hf(model, tokenizer, ids[i : i + per_batch], num_samples, *settings))
+    else:  # more samples than a batch holds: one prompt at a time, its samples in rounds
+        for prompt in ids:
+            for done in range(0, num_samples, batch_size):
+                n = min(batch_size, num_samples - done)
+                parts.append(sample_hf(model, tokenizer, [prompt], n, *settings))
     return Samples.concat(parts) if parts else Samples([], [], [], [], [])
 
 

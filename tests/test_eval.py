@@ -347,3 +347,227 @@ def test_samples_are_written_worst_first() -> None:
     # wrong answers first, the lowest reward-model score first among equals
     assert [r["index"] for r in rows] == [3, 1, 2, 0]
     assert rows[0]["model"]["scores"] == {"accuracy": 0.0, "reward_model_score": -3.0}
+
+
+# --------------------------------------------------------------------------------- review findings
+def test_non_binary_scores_are_averaged_not_counted() -> None:
+    """A score of 0.3 or -0.5 is not "right": with one sample per prompt the mean is reported (a NaN, an
+    unscorable answer, counts as 0); Wilson only for 0/1 scores."""
+    rows, _ = M.task_accuracy([[-0.5], [0.0], [0.3], [float("nan")]], [["a"], ["b"], ["c"], ["d"]])
+    assert rows["accuracy"]["value"] == pytest.approx(-0.05)
+    rows, _ = M.task_accuracy([[1.0], [0.0]], [["a"], ["b"]])
+    assert rows["accuracy"] == M.rate_with_ci([True, False])
+    pref, per_pair = M.preference_row([0.0, 1.0])
+    assert pref["value"] == 0.75 == sum(per_pair) / 2  # a tie is half, in the row and per pair
+
+
+def test_refusal_n_counts_prompts_not_samples() -> None:
+    rows, _ = M.refusal_rates([["I'm sorry", "ok", "ok"], ["ok", "ok", "ok"]], None, None)
+    assert rows["refusal_rate"]["n"] == 2 and rows["refusal_rate"]["value"] == pytest.approx(1 / 6)
+
+
+def _reward_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A user's reward (module:function) that is right on about half of random answers: whether the first
+    character's code point is even."""
+    (tmp_path / "my_reward.py").write_text(
+        "def even_start(prompts, completions, **_):\n"
+        "    return [float(bool(c) and ord(c[0]) % 2 == 0) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_reward:even_start"
+
+
+def test_pass_maj_and_consistency_end_to_end(
+    tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reward = _reward_module(tmp_path, monkeypatch)
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    report = _eval(
+        tmp_path,
+        model=tiny_model,
+        dataset=data,
+        reward_funcs=[reward],
+        num_samples=3,
+        temperature=1.0,
+        metrics=["accuracy"],
+        max_new_tokens=3,
+    )
+    rows = _samples(tmp_path)
+    scores = [[float(bool(c) and ord(c[0]) % 2 == 0) for c in r["model"]["completions"]] for r in rows]
+    assert all(len(s) == 3 for s in scores) and 0 < sum(map(sum, scores)) < 15  # not all right, not all wrong
+    got = report["metrics"]
+    assert got["accuracy"]["value"] == pytest.approx(sum(map(sum, scores)) / 15) and got["accuracy"]["n"] == 5
+    assert got["pass@3"]["value"] == sum(max(s) for s in scores) / 5
+    expected_rows, _ = M.task_accuracy(scores, [r["model"]["completions"] for r in rows])
+    assert got["maj@3"] == expected_rows["maj@3"] and got["consistency"] == expected_rows["consistency"]
+    assert [r["model"]["scores"]["accuracy"] for r in _samples(tmp_path)] == [sum(s) / 3 for s in scores]
+
+
+def test_each_reward_model_metric_runs_on_its_own(tmp_path: Path, tiny_model: str, tiny_rm: str) -> None:
+    pairs = [
+        {"prompt": "Say yes:", "chosen": " yes", "rejected": " no"},
+        {"prompt": "Hi", "chosen": " hi", "rejected": " x"},
+    ]
+    data = write_jsonl(tmp_path / "p.jsonl", pairs)
+    report = _eval(
+        tmp_path,
+        model=tiny_model,
+        dataset=data,
+        reward_model=tiny_rm,
+        metrics=["reward_model_preference_accuracy"],
+    )
+    assert (
+        set(report["metrics"]) == {"reward_model_preference_accuracy"}
+        and report["metrics"]["reward_model_preference_accuracy"]["n"] == 2
+    )
+    report = _eval(
+        tmp_path, model=tiny_model, dataset=data, reward_model=tiny_rm, metrics=["reward_model_score"]
+    )
+    assert set(report["metrics"]) == {"reward_model_score"}
+
+
+def test_reference_equal_to_the_model_and_nothing_to_measure(
+    tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture
+) -> None:
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
+    report = _eval(tmp_path, model=tiny_model, dataset=data, ref_model_name_or_path=tiny_model, metrics=None)
+    assert "the reference is the model itself" in report["skipped"]["kl"]
+    err = _fails(
+        capsys,
+        [
+            "eval",
+            "--model",
+            tiny_model,
+            "--dataset",
+            data,
+            f"ref_model_name_or_path={tiny_model}",
+            "metrics=[kl]",
+            "--output-dir",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert "the reference is the model itself" in err
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "one two three"}, {"text": "four five"}])
+    report = _eval(tmp_path, model=tiny_model, dataset=text)  # text rows: perplexity, nothing to answer
+    assert set(report["metrics"]) == {"perplexity"} and report["metrics"]["perplexity"]["n"] == 2
+    err = _fails(
+        capsys,
+        [
+            "eval",
+            "--model",
+            tiny_model,
+            "--dataset",
+            text,
+            "metrics=[length]",
+            "--output-dir",
+            str(tmp_path / "y"),
+        ],
+    )
+    assert "`length` was asked for" in err
+
+
+def test_inputs_are_checked_before_any_answer_is_generated(
+    tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import alignkit.evaluate.run as run
+
+    monkeypatch.setattr(run, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
+    base = ["eval", "--model", tiny_model, "--dataset", data, "--output-dir", str(tmp_path / "x")]
+    err = _fails(capsys, [*base, "judge_base_url=localhost:8000/v1", "judge_model=m"])
+    assert "localhost:8000/v1" in err
+    monkeypatch.delenv("MY_JUDGE_KEY", raising=False)
+    err = _fails(
+        capsys,
+        [*base, "judge_base_url=http://127.0.0.1:9/v1", "judge_model=m", "judge_api_key_env=MY_JUDGE_KEY"],
+    )
+    assert "MY_JUDGE_KEY" in err
+    err = _fails(capsys, [*base, f"reward_model={tmp_path / 'no_rm'}"])
+    assert "`reward_model`" in err and "no_rm" in err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    err = _fails(capsys, [*base, "lm_eval_tasks=[mmlu]"])
+    assert 'pip install "alignkit[eval]"' in err
+    bad = tmp_path / "adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    monkeypatch.undo()
+    err = _fails(
+        capsys, ["eval", "--model", str(bad), "--dataset", data, "--output-dir", str(tmp_path / "x")]
+    )
+    assert "adapter_config.json" in err
+
+
+def test_many_samples_are_drawn_in_batches_and_stay_grouped(tiny_model: str) -> None:
+    from alignkit.rollout import complete
+
+    model, tok = _load(tiny_model)
+    prompts = [[{"role": "user", "content": q["question"]}] for q in QUESTIONS[:2]]
+    one = complete(model, tok, prompts, max_new_tokens=4)
+    many = complete(model, tok, prompts, num_samples=5, max_new_tokens=4, temperature=1.0, batch_size=2)
+    assert len(many.texts) == 10  # 5 > batch 2: drawn in rounds of 2, 2, 1 per prompt
+    assert many.prompt_ids == [one.prompt_ids[0]] * 5 + [one.prompt_ids[1]] * 5  # grouped by prompt
+    assert len(set(many.texts)) > 2  # sampled, not one answer repeated
+
+
+def test_vllm_backend_samples_the_answers(
+    tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rollout_backend: vllm` hands the prompts to vLLM once, with the eval's sampling settings."""
+    import types
+
+    from tests.test_vllm_backend import FakeLLM, FakeSamplingParams
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams, module.__version__ = FakeLLM, FakeSamplingParams, "0.11.0"
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    FakeLLM.created.clear()
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
+    report = _eval(
+        tmp_path, model=tiny_model, dataset=data, rollout_backend="vllm", metrics=["length"], max_new_tokens=3
+    )
+    (llm,) = FakeLLM.created
+    (params,) = llm.params
+    assert llm.kwargs["model"] == tiny_model and (params.n, params.temperature, params.max_tokens) == (
+        1,
+        0.0,
+        3,
+    )
+    assert report["metrics"]["length"]["value"] == 3.0  # the fake's [5, 6, 2] for every prompt
+
+
+def test_mt_bench_every_turn_is_graded(tmp_path: Path, tiny_model: str) -> None:
+    """MT-Bench grades each turn with the conversation before it; a prompt's score is the mean of its turns."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from tests.test_judge import Handler, Stub, chat
+
+    state = Stub()
+    state.respond = lambda body, n: chat(
+        "Rating: [[2]]" if "Now make it rhyme." in json.dumps(body["messages"]) else "Rating: [[8]]"
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.stub = state  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    questions = [
+        {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it rhyme."]},
+        {"question_id": 82, "category": "math", "turns": ["What is 2+2?"]},
+    ]
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        report = _eval(
+            tmp_path,
+            model=tiny_model,
+            dataset=write_jsonl(tmp_path / "mt.jsonl", questions),
+            judge_base_url=url,
+            judge_model="stub",
+            metrics=["judge_score"],
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(state.requests) == 3  # two turns of question 81, one of question 82
+    assert report["metrics"]["judge_score"]["value"] == pytest.approx((8 + 2 + 8) / 3)
+    by_id = {r["index"]: r["model"]["scores"]["judge_score"] for r in _samples(tmp_path)}
+    assert by_id == {0: 5.0, 1: 8.0}

@@ -47,6 +47,8 @@ class EvalConfig:
     top_k: int = 0
     num_samples: int = 1  # k samples per prompt: pass@k, maj@k, consistency
     stop_strings: list[str] | None = None
+    rollout_backend: str = "hf"  # hf | vllm (GPU; pip install "alignkit[vllm]")
+    vllm_gpu_memory_utilization: float = 0.8
     # metrics
     metrics: list[str] | None = None  # default: every metric whose inputs exist
     reward_funcs: list[str] | None = None  # task accuracy; default math_accuracy when rows carry `answer`
@@ -75,6 +77,10 @@ def validate(cfg: EvalConfig, source: str) -> None:
     for key in ("num_samples", "max_new_tokens", "batch_size", "judge_max_concurrency"):
         if getattr(cfg, key) < 1:
             raise UserError(f"{source}: `{key}` must be at least 1 (got {getattr(cfg, key)})")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise UserError(f"{source}: `max_samples` must be at least 1 (got {cfg.max_samples})")
+    if cfg.rollout_backend not in ("hf", "vllm"):
+        raise UserError(f"{source}: `rollout_backend` is hf or vllm, got {cfg.rollout_backend!r}")
     if cfg.temperature < 0:
         raise UserError(f"{source}: `temperature` must be >= 0 (0 is greedy), got {cfg.temperature}")
     if cfg.num_samples > 1 and cfg.temperature == 0:

@@ -20,7 +20,10 @@ def adapter_base(path: str) -> str | None:
     if not os.path.isfile(config):
         return None
     with open(config, encoding="utf-8") as fh:
-        base = json.load(fh).get("base_model_name_or_path")
+        try:
+            base = json.load(fh).get("base_model_name_or_path")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise UserError(f"{config} is not a JSON object ({exc}); re-save the adapter with peft") from exc
     if not base:
         raise UserError(
             f"{config}: no `base_model_name_or_path`; set it to the base model the adapter was trained on"

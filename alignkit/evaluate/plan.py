@@ -20,14 +20,35 @@ class Plan:
     pairs: list[Example] = field(default_factory=list)  # held-out preference pairs
     sft_rows: list[Example] = field(default_factory=list)  # held-out SFT rows (perplexity)
 
+    @property
+    def generates(self) -> bool:
+        """Whether the models must answer the prompts."""
+        return bool(self.run & ANSWER_METRICS)
+
+    @property
+    def loads_model(self) -> bool:
+        return bool(self.run - {"lm_eval", "reward_model_preference_accuracy"})
+
+
+# metrics computed from the models' answers
+ANSWER_METRICS = {
+    "accuracy",
+    "reward_model_score",
+    "reward_model_win_rate",
+    "judge_win_rate",
+    "judge_score",
+    "length",
+    "refusal_rate",
+}
+
 
 def _held_out(
-    cfg: EvalConfig, source: str | None, kind: str, examples_of_dataset: list[Example]
+    cfg: EvalConfig, source: str | None, kind: str, rows_of_dataset: list[Example]
 ) -> list[Example]:
     if source:
         found = [ex for ex in load_examples(source, "auto", cfg.dataset_split) if ex.kind == kind]
     else:
-        found = [ex for ex in examples_of_dataset if ex.kind == kind]
+        found = [ex for ex in rows_of_dataset if ex.kind == kind]
     return found[: cfg.max_samples] if cfg.max_samples else found
 
 
@@ -50,6 +71,8 @@ def _reasons(cfg: EvalConfig, examples: list[Example], plan: Plan) -> dict[str, 
     no_rm = "" if cfg.reward_model else "no `reward_model`"
     no_judge = "" if cfg.judge_base_url else "no `judge_base_url` (an OpenAI-compatible endpoint)"
     no_ref = "" if plan.reference else "no reference (`ref_model_name_or_path` or `baseline`)"
+    if plan.reference == cfg.model:
+        no_ref = f"the reference is the model itself ({cfg.model}): KL 0 and every margin 0 by definition"
     no_pairs = "" if plan.pairs else "no preference pairs (`preference_dataset`, or pair rows in `dataset`)"
     funcs_reason = "" if plan.reward_funcs else plan.skipped.pop("accuracy", "")
     return {
@@ -68,10 +91,41 @@ def _reasons(cfg: EvalConfig, examples: list[Example], plan: Plan) -> dict[str, 
     }
 
 
-def plan_metrics(cfg: EvalConfig, examples: list[Example]) -> Plan:
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # set to None in sys.modules: treated as absent
+        return False
+
+
+def _check_inputs(cfg: EvalConfig, plan: Plan) -> None:
+    """What would otherwise fail after the answers were generated: a folder that is not there, lm-eval not
+    installed."""
+    from alignkit.models import _check_model_path
+
+    paths = {"baseline": cfg.baseline, "reward_model": cfg.reward_model}
+    if plan.run & {"kl", "preference_accuracy"}:
+        paths["ref_model_name_or_path"] = plan.reference
+    for key, path in paths.items():
+        if path:
+            try:
+                _check_model_path(path)
+            except UserError as exc:
+                raise UserError(f"`{key}`: {exc}") from exc
+    if "lm_eval" in plan.run and not _installed("lm_eval"):
+        from alignkit.evaluate.general import MISSING
+
+        raise UserError(MISSING)
+
+
+def plan_metrics(cfg: EvalConfig, examples: list[Example], rows: list[Example] | None = None) -> Plan:
+    """examples: the rows with a prompt to answer; rows: every row of `dataset` (text rows too)."""
+    rows = examples if rows is None else rows
     plan = Plan(reference=cfg.ref_model_name_or_path or cfg.baseline)
-    plan.pairs = _held_out(cfg, cfg.preference_dataset, "pair", examples)
-    plan.sft_rows = _held_out(cfg, cfg.perplexity_dataset, "sft", examples)
+    plan.pairs = _held_out(cfg, cfg.preference_dataset, "pair", rows)
+    plan.sft_rows = _held_out(cfg, cfg.perplexity_dataset, "sft", rows)
     if examples:
         plan.reward_funcs, why = _accuracy_funcs(cfg, examples)
         if why:
@@ -88,4 +142,10 @@ def plan_metrics(cfg: EvalConfig, examples: list[Example]) -> Plan:
             plan.skipped[metric] = reason
         else:
             plan.run.add(metric)
+    if not plan.run:
+        raise UserError(
+            f"nothing to measure on {cfg.dataset or 'no dataset'}: "
+            + "; ".join(f"{k}: {v}" for k, v in plan.skipped.items())
+        )
+    _check_inputs(cfg, plan)
     return plan
