@@ -151,7 +151,12 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-samples", type=int, default=100)
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--output-dir", default="sxs", help="where sxs.html and sxs_key.json go")
-    s.add_argument("--seed", type=int, default=0, help="seed of the left/right order")
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the left/right order (default: random, kept in the key)",
+    )
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     ssub = s.add_subparsers(dest="sxs_command", metavar="COMMAND")
     st = ssub.add_parser("tally", help="un-blind a votes file: the win rate with its 95%% interval")

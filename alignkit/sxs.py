@@ -111,12 +111,14 @@ def write_page(
 
 # ------------------------------------------------------------------------------------------ votes and key
 def _read_json(path: str, what: str) -> dict:
+    from alignkit.data.files import decode_utf8
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        with open(path, "rb") as fh:
+            data = json.loads(decode_utf8(fh.read(), path))  # not UTF-8: the line and an iconv command
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise UserError(f"{what} {path} is not a JSON file ({exc})") from None
     if not isinstance(data, dict):
         raise UserError(f"{what} {path} should hold a JSON object")
@@ -362,8 +364,9 @@ def _generate_page(args: argparse.Namespace) -> int:
     prompts = [_prompt_of(ex) for ex in load_examples(args.dataset)[: args.max_samples]]
     answers_model = _answers(args.model, prompts, args.max_new_tokens)
     answers_baseline = _answers(args.baseline, prompts, args.max_new_tokens)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)  # kept in the key
     page = write_page(
-        args.output_dir, prompts, answers_model, answers_baseline, args.model, args.baseline, args.seed
+        args.output_dir, prompts, answers_model, answers_baseline, args.model, args.baseline, seed
     )
     key = os.path.join(args.output_dir, "sxs_key.json")
     print(f"wrote {page} ({len(prompts)} items; model names hidden, sides shuffled)")

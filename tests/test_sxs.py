@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -233,7 +234,12 @@ def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path) -> None:
         page.keyboard.press("b")  # item 6: B; item 5 stays unvoted
         assert page.inner_text("#progress") == "5 / 6 voted" and page.locator(".chip[class*=v-]").count() == 5
         page.screenshot(path=str(tmp_path / "sxs.png"), full_page=True)
-        page.screenshot(path="/tmp/sxs_screenshot.png", full_page=True)
+        if os.environ.get(
+            "ALIGNKIT_SCREENSHOT_DIR"
+        ):  # a copy to look at: ALIGNKIT_SCREENSHOT_DIR=/tmp pytest ...
+            page.screenshot(
+                path=os.path.join(os.environ["ALIGNKIT_SCREENSHOT_DIR"], "sxs.png"), full_page=True
+            )
         with page.expect_download() as download:
             page.click("#save")
         assert download.value.suggested_filename == "votes.json"
@@ -282,3 +288,13 @@ def test_sxs_command_on_tiny_models(tiny_model: str, tiny_ref: str, tmp_path: Pa
     assert [i["A"] for i in _embedded(html)["items"]] == [
         i["model_answer"] if i["model_side"] == "A" else i["baseline_answer"] for i in key["items"]
     ]
+
+
+def test_votes_file_that_is_not_utf8_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _page(tmp_path)
+    votes = tmp_path / "sxs" / "votes.json"
+    votes.write_bytes('{\n"page_id": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(SystemExit) as info:
+        main(["sxs", "tally", str(votes)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "votes.json line 2" in err and "UTF-8" in err and "Traceback" not in err
