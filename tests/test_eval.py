@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -37,6 +38,28 @@ def _load(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def judge_server(respond):  # noqa: ANN001, ANN201 - a test helper
+    """The judge tests' stub OpenAI-compatible server on 127.0.0.1, answering with `respond(body, n)`."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from tests.test_judge import Handler, Stub
+
+    state = Stub()
+    state.respond = respond
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.stub = state  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ------------------------------------------------------------------------------------------ pure metrics
@@ -299,30 +322,19 @@ def test_judge_through_eval_cancels_position_bias_and_resumes(
 ) -> None:
     """A judge that always prefers the first answer and grades 6: the win rate comes out a 0.5 tie after the
     order swap; a rerun asks the judge nothing (cache); a dead endpoint is exit 2 naming the URL."""
-    import threading
-    from http.server import ThreadingHTTPServer
+    from tests.test_judge import chat
 
-    from tests.test_judge import Handler, Stub, chat
+    def prefer_first(body, n):
+        return chat("[[A]]" if "[[A]]" in body["messages"][0]["content"] else "Rating: [[6]]")
 
-    state = Stub()
-    state.respond = lambda body, n: chat(
-        "[[A]]" if "[[A]]" in body["messages"][0]["content"] else "Rating: [[6]]"
-    )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.stub = state  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:3])
-    keys = dict(model=tiny_model, baseline=tiny_ref, dataset=data, judge_base_url=url, judge_model="stub")
-    try:
+    with judge_server(prefer_first) as state:
+        url = state.url
+        keys = dict(model=tiny_model, baseline=tiny_ref, dataset=data, judge_base_url=url, judge_model="stub")
         report = _eval(tmp_path, **keys, metrics=["judge_win_rate", "judge_score"])
         sent = len(state.requests)
         again = _eval(tmp_path, **keys, metrics=["judge_win_rate", "judge_score"])
         assert len(state.requests) == sent  # every verdict came from output_dir/judge_cache.sqlite
-    finally:
-        server.shutdown()
-        server.server_close()
     win = report["metrics"]["judge_win_rate"]
     assert win["value"] == 0.5 and win["ties"] == 3 and win["n"] == 3
     assert report["metrics"]["judge_score"]["value"] == 6.0
@@ -537,36 +549,21 @@ def test_vllm_backend_samples_the_answers(
 
 def test_mt_bench_every_turn_is_graded(tmp_path: Path, tiny_model: str) -> None:
     """MT-Bench grades each turn with the conversation before it; a prompt's score is the mean of its turns."""
-    import threading
-    from http.server import ThreadingHTTPServer
+    from tests.test_judge import chat
 
-    from tests.test_judge import Handler, Stub, chat
+    def by_turn(body, n):
+        return chat(
+            "Rating: [[2]]" if "Now make it rhyme." in json.dumps(body["messages"]) else "Rating: [[8]]"
+        )
 
-    state = Stub()
-    state.respond = lambda body, n: chat(
-        "Rating: [[2]]" if "Now make it rhyme." in json.dumps(body["messages"]) else "Rating: [[8]]"
-    )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.stub = state  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     questions = [
         {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it rhyme."]},
         {"question_id": 82, "category": "math", "turns": ["What is 2+2?"]},
     ]
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    try:
-        report = _eval(
-            tmp_path,
-            model=tiny_model,
-            dataset=write_jsonl(tmp_path / "mt.jsonl", questions),
-            judge_base_url=url,
-            judge_model="stub",
-            metrics=["judge_score"],
-        )
-    finally:
-        server.shutdown()
-        server.server_close()
+    with judge_server(by_turn) as state:
+        data = write_jsonl(tmp_path / "mt.jsonl", questions)
+        keys = dict(judge_base_url=state.url, judge_model="stub", metrics=["judge_score"])
+        report = _eval(tmp_path, model=tiny_model, dataset=data, **keys)
     assert len(state.requests) == 3  # two turns of question 81, one of question 82
     assert report["metrics"]["judge_score"]["value"] == pytest.approx((8 + 2 + 8) / 3)
     by_id = {r["index"]: r["model"]["scores"]["judge_score"] for r in _samples(tmp_path)}
