@@ -299,6 +299,21 @@ def test_fingerprint_follows_data_content_and_ignores_run_artefacts(tmp_path: Pa
     assert path_fingerprint(str(model)) != before
 
 
+def test_a_run_made_by_other_training_code_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from alignkit.compare import runs
+    from alignkit.config import build_config
+
+    cfg = build_config({"stage": "dpo", "model_name_or_path": "m", "dataset": "d.jsonl", "max_steps": 3})
+    before = {"fingerprint": runs.train_fingerprint(cfg)}
+    assert runs.changed(before, runs.train_fingerprint(cfg)) == ["fingerprint format"]  # nothing differs
+    cfg.beta = 0.2
+    assert runs.changed(before, runs.train_fingerprint(cfg)) == ["key `beta` changed"]
+    cfg.beta = 0.1
+    code = {**runs.code_fingerprint(runs.NOT_TRAINING_CODE), "alignkit_source": "edited"}
+    monkeypatch.setattr(runs, "code_fingerprint", lambda exclude: code)
+    assert runs.changed(before, runs.train_fingerprint(cfg)) == ["code `alignkit_source` changed"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

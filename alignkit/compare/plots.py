@@ -104,6 +104,8 @@ def plot_curves(report: dict[str, Any], path: str) -> str | None:
     if not panels:
         return None
     plt, colours = _plt(), _colours(list(methods))
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
         for name, recs in logs.items():
@@ -112,6 +114,7 @@ def plot_curves(report: dict[str, Any], path: str) -> str | None:
                 ax.plot(*zip(*points), marker="o", ms=3, color=colours[name], label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)

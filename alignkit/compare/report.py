@@ -91,7 +91,7 @@ def reward_hacking(vs_baseline: dict[str, dict], metrics: dict[str, dict]) -> li
     if ratio and ratio["value"] > LENGTH_RATIO_LIMIT:
         lo, hi = ratio["ci95"]
         reasons.append(
-            f"length ratio {ratio['value']:.2f} (95% CI {lo:.2f}-{hi:.2f}) to the starting model's answers "
+            f"length ratio {ratio['value']:.2f} (95% CI {lo:.2f} to {hi:.2f}) to the starting model's answers "
             f"is above {LENGTH_RATIO_LIMIT}"
         )
     return reasons
@@ -152,7 +152,8 @@ def _budget_summary(budgets: dict[str, dict]) -> dict[str, Any]:
 
 def _fmt(x: Any) -> str:
     if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return "nan" if x != x else f"{x:.3f}" if abs(x) < 1000 else f"{x:.0f}"
+        text = "nan" if x != x else f"{x:.3f}" if abs(x) < 1000 else f"{x:.0f}"
+        return "0.000" if text == "-0.000" else text  # a tiny negative is not news
     return "" if x is None else str(x)
 
 
@@ -160,14 +161,19 @@ def _value(row: dict | None) -> list[str]:
     if not row:
         return ["", "", ""]
     lo, hi = row.get("ci95", [None, None])
-    return [_fmt(row.get("value")), f"{_fmt(lo)}-{_fmt(hi)}", str(row.get("n", ""))]
+    return [_fmt(row.get("value")), f"{_fmt(lo)}, {_fmt(hi)}", str(row.get("n", ""))]
+
+
+def _signed(x: float) -> str:
+    text = f"{x:+.3f}"
+    return "0.000" if text in ("+0.000", "-0.000") else text
 
 
 def _diff(d: dict | None) -> str:
     if not d:
         return ""
     lo, hi = d["ci95"]
-    return f"{d['diff']:+.3f} ({lo:+.3f} to {hi:+.3f}){'' if d['significant'] else ' n.s.'}"
+    return f"{_signed(d['diff'])} ({_signed(lo)} to {_signed(hi)}){'' if d['significant'] else ' n.s.'}"
 
 
 def metric_tables(report: dict[str, Any]) -> str:
@@ -210,7 +216,7 @@ def summary_table(report: dict[str, Any]) -> str:
         for c in cols:
             row = r["metrics"].get(c)
             cells.append(
-                f"{_fmt(row['value'])} [{_fmt(row['ci95'][0])}-{_fmt(row['ci95'][1])}]" if row else ""
+                f"{_fmt(row['value'])} [{_fmt(row['ci95'][0])}, {_fmt(row['ci95'][1])}]" if row else ""
             )
         flag = "**flagged**" if r["flags"] else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {flag} |")

@@ -11,6 +11,7 @@ resumes where it stopped; a method interrupted after a checkpoint continues from
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -115,6 +116,58 @@ def _reward_modules(names: list[str] | None) -> dict[str, Any]:
     return out
 
 
+# alignkit's own code counts as an input: a run made by other training (or eval) code is not reused. What
+# cannot change a trained model (the eval, compare, the CLI) is left out of the training code, and the
+# training loop and stages out of the eval code.
+NOT_TRAINING_CODE = (
+    "compare",
+    "evaluate",
+    "templates",
+    "quickstart.py",
+    "quickstart_report.py",
+    "sxs.py",
+    "cli.py",
+)
+NOT_EVAL_CODE = (
+    "compare",
+    "stages",
+    "templates",
+    "quickstart.py",
+    "quickstart_report.py",
+    "sxs.py",
+    "cli.py",
+    "loop.py",
+)
+LIBRARIES = ("torch", "transformers", "accelerate", "peft")
+
+
+@functools.lru_cache(maxsize=4)
+def code_fingerprint(exclude: tuple[str, ...]) -> dict[str, Any]:
+    """sha256 of alignkit's source (less `exclude`, top-level names) and the versions of the libraries the
+    numbers depend on. Computed once per process: the code does not change under a running compare."""
+    import importlib.metadata
+
+    import alignkit
+
+    root = os.path.dirname(os.path.abspath(alignkit.__file__))
+    h = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            if name.endswith(".py") and rel.split(os.sep)[0] not in exclude:
+                h.update(rel.encode() + b"\0")
+                with open(os.path.join(folder, name), "rb") as fh:
+                    h.update(fh.read())
+    versions: dict[str, Any] = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {"alignkit_source": h.hexdigest(), **versions}
+
+
 def _plain(value: Any) -> Any:
     """As it reads back from JSON, so a stored fingerprint compares equal to a fresh one."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
@@ -124,14 +177,14 @@ def train_fingerprint(cfg: BaseConfig) -> dict[str, Any]:
     config = {k: v for k, v in config_to_dict(cfg).items() if k not in COSMETIC}
     inputs = {k: path_fingerprint(getattr(cfg, k, None)) for k in TRAIN_INPUTS}
     inputs["reward_funcs"] = _reward_modules(getattr(cfg, "reward_funcs", None))
-    return _plain({"config": config, "inputs": inputs})
+    return _plain({"config": config, "inputs": inputs, "code": code_fingerprint(NOT_TRAINING_CODE)})
 
 
 def eval_fingerprint(cfg: EvalConfig) -> dict[str, Any]:
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
     inputs = {k: path_fingerprint(getattr(cfg, k)) for k in EVAL_INPUTS}
     inputs["reward_funcs"] = _reward_modules(cfg.reward_funcs)
-    return _plain({"config": config, "inputs": inputs})
+    return _plain({"config": config, "inputs": inputs, "code": code_fingerprint(NOT_EVAL_CODE)})
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -156,13 +209,9 @@ def changed(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
         return ["no finished run"]
     before = old["fingerprint"]
     out = []
-    for part in ("config", "inputs"):
+    for part, label in (("config", "key"), ("inputs", "input"), ("code", "code")):
         a, b = before.get(part, {}), new.get(part, {})
-        out += [
-            f"{part[:-1] if part == 'inputs' else 'key'} `{k}`"
-            for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)
-        ]
+        out += [f"{label} `{k}` changed" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return out or ["fingerprint format"]
 
 
