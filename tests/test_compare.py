@@ -335,6 +335,7 @@ def test_a_run_made_by_other_training_code_is_not_reused(monkeypatch: pytest.Mon
         ),
         ({"max_steps": -1, "num_train_epochs": 1}, "methods.dpo sets no `max_steps`"),
         ({"eval": {"max_new_tokens": 4}}, "`eval:` needs `dataset:`"),
+        ({"eval": {"dataset": "/nowhere/test.jsonl"}}, "eval: `dataset` /nowhere/test.jsonl does not exist"),
     ],
 )
 def test_config_mistakes_are_one_message_and_exit_code_2(

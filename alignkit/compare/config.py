@@ -185,8 +185,34 @@ def load_compare_config(path: str, overrides: list[str] | None = None) -> Compar
         raise UserError(f"{path}: `eval:` needs `dataset:`, the prompts every method answers")
     eval_raw = {"baseline": shared["model_name_or_path"], **eval_raw}
     cfg = CompareConfig(path, output_dir, str(shared["model_name_or_path"]), methods, eval_raw, allow, shared)
-    eval_config(cfg, methods[0].name, methods[0].cfg.output_dir)  # the eval keys are checked once, now
+    ecfg = eval_config(cfg, methods[0].name, methods[0].cfg.output_dir)  # the eval keys are checked once, now
+    _check_local_paths(cfg, ecfg)
     return cfg
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+def _looks_local(value: str) -> bool:
+    """A path the user means on this machine (a bare `org/name` may be a hub id, so it is not judged here)."""
+    return value.startswith((".", "/", "~")) or value.endswith(DATA_SUFFIXES)
+
+
+def _check_local_paths(cfg: CompareConfig, ecfg: EvalConfig) -> None:
+    """A missing file fails now, not after the methods before it have trained."""
+    from alignkit.compare.runs import EVAL_INPUTS, TRAIN_INPUTS
+
+    checks = [(f"methods.{m.name}", k, getattr(m.cfg, k, None)) for m in cfg.methods for k in TRAIN_INPUTS]
+    checks += [("eval", k, getattr(ecfg, k)) for k in EVAL_INPUTS if k != "model"]
+    for where, key, value in checks:
+        for path in value if isinstance(value, list) else [value]:
+            if (
+                isinstance(path, str)
+                and path
+                and _looks_local(path)
+                and not os.path.exists(os.path.expanduser(path))
+            ):
+                raise UserError(f"{cfg.source}: {where}: `{key}` {path} does not exist")
 
 
 def eval_config(cfg: CompareConfig, name: str, run_dir: str) -> EvalConfig:
