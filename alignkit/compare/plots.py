@@ -48,13 +48,49 @@ def _finite(row: dict | None) -> bool:
 
 def _save(fig: Any, path: str) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend placed outside the axes stays in the file
     _plt().close(fig)
     return os.path.basename(path)
 
 
+def _metric_panel(ax: Any, metric: str, present: list[tuple[str, dict]], colours: dict, flagged: set) -> None:
+    """Bars from 0 for a quantity that cannot be negative; points where it can (a reward model's score), since
+    a bar from 0 to a negative score hides the differences that matter."""
+    xs = list(range(len(present)))
+    values = [row["value"] for _, row in present]
+    signed = any(row["value"] < 0 or row.get("ci95", [0, 0])[0] < 0 for _, row in present)
+    for x, (name, row) in zip(xs, present):
+        low, high = _err(row)
+        if not signed:
+            ax.bar(x, row["value"], color=colours[name])
+        ax.errorbar(
+            x,
+            row["value"],
+            yerr=[[low], [high]],
+            fmt="o" if signed else "none",
+            color=colours[name],
+            ecolor="black",
+            capsize=4,
+            ms=7,
+        )
+        # the value itself (a bar at 0 is otherwise invisible), beside the interval rather than on it
+        ax.annotate(
+            f"{row['value']:.3g}",
+            (x, row["value"]),
+            textcoords="offset points",
+            xytext=(6, 0),
+            fontsize=8,
+            va="center",
+        )
+    ax.set_xticks(xs, [n for n, _ in present], rotation=20, ha="right", fontsize=8)
+    for label, (name, _) in zip(ax.get_xticklabels(), present):
+        if name in flagged:  # reward hacking: the same mark in every panel
+            label.set_color("red")
+    ax.set_xlim(-0.6, len(values) - 0.4)
+
+
 def plot_metrics(report: dict[str, Any], path: str) -> str | None:
-    """One panel per metric: a bar per method with its 95% interval, the starting model as a dashed line."""
+    """One panel per metric: each method with its 95% interval, the starting model as a dashed line."""
     methods, base = report["methods"], report["baseline"]["metrics"] or {}
     names = sorted(
         {m for r in methods.values() for m, row in r["metrics"].items() if _finite(row)}, key=_rank
@@ -62,37 +98,25 @@ def plot_metrics(report: dict[str, Any], path: str) -> str | None:
     if not names:
         return None
     plt, colours = _plt(), _colours(list(methods))
+    flagged = {n for n, r in methods.items() if r.get("flags")}
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, names):
         present = [(n, r["metrics"][metric]) for n, r in methods.items() if _finite(r["metrics"].get(metric))]
-        xs = range(len(present))
-        errs = list(zip(*(_err(row) for _, row in present)))
-        ax.bar(xs, [row["value"] for _, row in present], color=[colours[n] for n, _ in present])
-        ax.errorbar(
-            xs, [row["value"] for _, row in present], yerr=errs, fmt="none", ecolor="black", capsize=4
-        )
-        for x, (_, row) in zip(xs, present):  # the value itself: a bar at 0 is otherwise invisible
-            ax.annotate(
-                f"{row['value']:.3g}",
-                (x, row["value"]),
-                textcoords="offset points",
-                xytext=(4, 2),
-                fontsize=8,
-            )
+        _metric_panel(ax, metric, present, colours, flagged)
         if _finite(base.get(metric)):
             ax.axhline(base[metric]["value"], ls="--", color="grey", label="start")
         elif metric in WIN_RATES:  # a win rate is against the start already: its reference is an even split
             ax.axhline(0.5, ls="--", color="grey", label="even split")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best", framealpha=0.6)
-        ax.set_xticks(list(xs), [n for n, _ in present], rotation=20, ha="right", fontsize=8)
         ax.set_title(metric, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
-    fig.suptitle("eval metrics (bars: 95% interval; dashed: starting model)", fontsize=11)
+    note = "; red: flagged for reward hacking" if flagged else ""
+    fig.suptitle(f"eval metrics (95% intervals; dashed: starting model{note})", fontsize=11)
     return _save(fig, path)
 
 
@@ -132,7 +156,7 @@ def plot_frontier(report: dict[str, Any], path: str) -> str | None:
     if not points:
         return None
     plt, colours = _plt(), _colours(list(methods))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, kl, y in points:
         ax.errorbar(
             kl["value"],
@@ -142,9 +166,8 @@ def plot_frontier(report: dict[str, Any], path: str) -> str | None:
             fmt="o",
             color=colours[name],
             capsize=4,
-            label=name,
+            label=f"{name} (reward hacking?)" if methods[name].get("flags") else name,
         )
-        ax.annotate(name, (kl["value"], y["value"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
     if _finite(base.get(y_key)):
         ax.plot(
             [0.0], [base[y_key]["value"]], marker="*", ms=14, color="grey", ls="none", label="start (KL 0)"
@@ -153,7 +176,7 @@ def plot_frontier(report: dict[str, Any], path: str) -> str | None:
     ax.set_ylabel(y_key)
     ax.set_title(f"{y_key} against KL: the trade-off frontier (bars: 95% intervals)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(fig, path)
 
 
