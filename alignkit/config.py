@@ -271,24 +271,28 @@ def build_dataclass(cls: type[T], raw: dict[str, Any], source: str, what: str = 
     return cls(**values)
 
 
+def load_yaml_mapping(path: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping as written (sections not flattened); a clear error for a missing file,
+    bad YAML (with its line) or a top level that is not a mapping."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            loaded = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values at the top level")
+    return loaded
+
+
 def read_yaml(path: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
     """A YAML file's flat keys (if a file is given) with `key=value` overrides applied; they win."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise UserError(f"config file {path} does not exist")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                loaded = yaml.safe_load(fh)
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                where = f" line {mark.line + 1}" if mark is not None else ""
-                raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{path}: expected a mapping of keys to values at the top level")
-        raw.update(flatten(loaded))
+    raw: dict[str, Any] = flatten(load_yaml_mapping(path)) if path is not None else {}
     raw.update(parse_overrides(overrides or []))
     return raw
 

@@ -568,3 +568,17 @@ def test_mt_bench_every_turn_is_graded(tmp_path: Path, tiny_model: str) -> None:
     assert report["metrics"]["judge_score"]["value"] == pytest.approx((8 + 2 + 8) / 3)
     by_id = {r["index"]: r["model"]["scores"]["judge_score"] for r in _samples(tmp_path)}
     assert by_id == {0: 5.0, 1: 8.0}
+
+
+def test_sampled_eval_is_repeatable(tmp_path: Path, tiny_model: str, tiny_ref: str) -> None:
+    """Answers at temperature 1 and the KL samples come from `seed`: the same config gives the same numbers."""
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:3])
+    keys = dict(
+        model=tiny_model, dataset=data, ref_model_name_or_path=tiny_ref, num_samples=2, temperature=1.0
+    )
+    first = _eval(tmp_path / "a", **keys, metrics=["length", "kl"])
+    second = _eval(tmp_path / "b", **keys, metrics=["length", "kl"])
+    assert first["metrics"] == second["metrics"]
+    assert _samples(tmp_path / "a") == _samples(tmp_path / "b")
+    other = _eval(tmp_path / "c", **keys, metrics=["length", "kl"], seed=1)
+    assert other["metrics"]["kl"]["value"] != first["metrics"]["kl"]["value"]

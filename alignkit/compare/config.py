@@ -15,10 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from alignkit.coerce import flatten, parse_overrides
-from alignkit.config import CONFIG_CLASSES, BaseConfig, build_config, build_dataclass
+from alignkit.config import CONFIG_CLASSES, BaseConfig, build_config, build_dataclass, load_yaml_mapping
 from alignkit.errors import UserError, did_you_mean
 from alignkit.evaluate.config import EvalConfig, validate
 
@@ -56,23 +54,6 @@ class CompareConfig:
     eval_raw: dict[str, Any]  # EvalConfig keys without `model` / `output_dir` (set per method)
     allow_unequal_budget: bool = False
     shared: dict[str, Any] = field(default_factory=dict)
-
-
-def _load_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            loaded = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path}: expected a mapping of keys to values at the top level")
-    return loaded
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -149,7 +130,7 @@ def _method_raw(name: str, keys: Any, shared: dict[str, Any], output_dir: str, s
 
 def load_compare_config(path: str, overrides: list[str] | None = None) -> CompareConfig:
     """Read, check and resolve a compare config: every method's training config and the eval keys."""
-    raw = apply_overrides(_load_yaml(path), list(overrides or []))
+    raw = apply_overrides(load_yaml_mapping(path), list(overrides or []))
     shared = flatten({k: v for k, v in raw.items() if k not in SECTIONS and k not in COMPARE_KEYS})
     _check_top_level(raw, path)
     methods_raw = raw.get("methods")

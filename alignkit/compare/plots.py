@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from alignkit.compare.report import LENGTH_RATIO_LIMIT, WIN_RATES
-from alignkit.evaluate.report import _rank
+from alignkit.evaluate.report import metric_rank
 from alignkit.tracking import read_metrics
 
 # (metrics.jsonl key, panel title): a panel is drawn only when some method logged the key
@@ -93,7 +93,7 @@ def plot_metrics(report: dict[str, Any], path: str) -> str | None:
     """One panel per metric: each method with its 95% interval, the starting model as a dashed line."""
     methods, base = report["methods"], report["baseline"]["metrics"] or {}
     names = sorted(
-        {m for r in methods.values() for m, row in r["metrics"].items() if _finite(row)}, key=_rank
+        {m for r in methods.values() for m, row in r["metrics"].items() if _finite(row)}, key=metric_rank
     )
     if not names:
         return None

@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any
 
-from alignkit.evaluate.report import _rank
+from alignkit.evaluate.report import metric_rank
 from alignkit.stats import paired_bootstrap
 
 # per-prompt scores that are a win against the baseline (1 / 0.5 / 0): compared with an even split, 0.5
@@ -46,7 +46,7 @@ def differences(scores: dict[str, dict[str, list[float]]], seed: int = 0) -> dic
     """{metric: {"a_vs_b": paired bootstrap of mean(a) - mean(b)}} for every pair of methods (in config
     order) that both have per-prompt scores of the metric on the same prompts."""
     out: dict[str, dict[str, dict]] = {}
-    metrics = sorted({m for s in scores.values() for m in s}, key=_rank)
+    metrics = sorted({m for s in scores.values() for m in s}, key=metric_rank)
     for metric in metrics:
         for a, b in itertools.combinations(scores, 2):
             xs, ys = scores[a].get(metric), scores[b].get(metric)
@@ -60,7 +60,7 @@ def versus_baseline(
 ) -> dict[str, dict]:
     """{metric: paired bootstrap of method - starting model}; a win rate is measured against 0.5."""
     out = {}
-    for metric, xs in sorted(model.items(), key=lambda kv: _rank(kv[0])):
+    for metric, xs in sorted(model.items(), key=lambda kv: metric_rank(kv[0])):
         if metric in WIN_RATES:
             out[metric] = paired_bootstrap(xs, [0.5] * len(xs), seed=seed)
         elif metric in baseline and len(baseline[metric]) == len(xs):
@@ -178,7 +178,7 @@ def _diff(d: dict | None) -> str:
 
 def metric_tables(report: dict[str, Any]) -> str:
     methods, base = report["methods"], report["baseline"]["metrics"] or {}
-    names = sorted({m for r in methods.values() for m in r["metrics"]}, key=_rank)
+    names = sorted({m for r in methods.values() for m in r["metrics"]}, key=metric_rank)
     parts = []
     for metric in names:
         vs = "vs start: even split 0.5" if metric in WIN_RATES else "vs start"

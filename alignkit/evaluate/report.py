@@ -56,7 +56,7 @@ ORDER = (
 )
 
 
-def _rank(name: str) -> tuple[int, str]:
+def metric_rank(name: str) -> tuple[int, str]:
     """Table order: task quality, reward model, judge, preferences, drift, safety, general ability."""
     for i, key in enumerate(ORDER):
         if name == key or (key.endswith((":", "@")) and name.startswith(key)):
@@ -71,7 +71,7 @@ def render_table(model: dict[str, dict], baseline: dict[str, dict] | None) -> st
         head += " baseline | 95% CI | n |"
         rule += "---|---|---|"
     lines = [head, rule]
-    names = sorted(list(model) + [k for k in (baseline or {}) if k not in model], key=_rank)
+    names = sorted(list(model) + [k for k in (baseline or {}) if k not in model], key=metric_rank)
     for name in names:
         cells = [name, *_cell(model.get(name))]
         if baseline is not None:

@@ -90,6 +90,7 @@ def _with_reference(
     if not _same_vocabulary(tok, ref_tok, plan, cfg):
         return
     if "kl" in plan.run:
+        torch.manual_seed(cfg.seed + 1)
         samples = sample_for_kl(model, tok, examples, cfg, engine)
         per_sample = kl_per_sample(
             model, reference, samples.prompt_ids, samples.completion_ids, tok.pad_token_id, cfg.batch_size
@@ -123,6 +124,7 @@ def _should_refuse(examples: list[Example]) -> list[bool | None] | None:
 def _answers(
     cfg: EvalConfig, plan: Plan, model: Any, tok: Any, examples: list[Example], side: Side, engine: Any
 ) -> None:
+    torch.manual_seed(cfg.seed)  # sampled answers (temperature > 0) are the same on a re-run
     side.texts, lengths, side.conversations = generate(model, tok, examples, cfg, engine)
     if "length" in plan.run:
         side.per_prompt["length"] = [sum(ls) / len(ls) for ls in lengths]
