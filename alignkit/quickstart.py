@@ -296,6 +296,8 @@ def run_quickstart(
         "validation_problems": len(split.validation),
         "base_accuracy": accuracy(base, split.test)["accuracy"],
     }
+    # the test problems with their answers, for `alignkit eval` / `sxs` on the models this run trains
+    _data(ctx, "test", lambda: [{"messages": p.messages(), "answer": str(p.answer)} for p in split.test])
     names = methods or tuple(METHODS)
     if "sft" not in names:
         names = ("sft", *names)
@@ -306,4 +308,10 @@ def run_quickstart(
         report["reward_model"] = reward_model_diagnosis(ctx.reward_model, _pairs(ctx), split.test)
     report["total_wall_s"] = round(time.perf_counter() - t0, 1)
     print(write_report(output_dir, report))
+    log.info(
+        "next: alignkit eval --model %s --baseline %s --dataset %s max_new_tokens=5",
+        os.path.join(output_dir, names[1] if len(names) > 1 else "sft"),
+        os.path.join(output_dir, "sft"),
+        ctx.data["test"],
+    )
     return report
