@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -24,10 +26,33 @@ def _resample_means(columns: list[list[float]], seed: int, resamples: int) -> li
     import numpy as np
 
     data = np.asarray(columns, dtype=np.float64)  # (C, n)
-    n = data.shape[1]
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, n, size=(resamples, n))  # (R, n)
+    index = _bootstrap_index(data.shape[1], seed, resamples)  # (R, n)
     return data[:, index].mean(axis=2).tolist()  # (C, R)
+
+
+def _bootstrap_index(n: int, seed: int, resamples: int) -> Any:
+    """(resamples, n) row indices drawn with replacement: one bootstrap resample per row."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def bootstrap_ratio_ci(
+    numerators: list[float],
+    denominators: list[float],
+    seed: int = 0,
+    resamples: int = 2000,
+    level: float = 0.95,
+    transform: Callable[[Any], Any] | None = None,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(numerators) / sum(denominators), items resampled in pairs (a length
+    ratio of two models on the same prompts; NLL per token); `transform` maps the ratios first (exp: perplexity)."""
+    import numpy as np
+
+    num, den = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    index = _bootstrap_index(len(num), seed, resamples)
+    ratios = num[index].sum(1) / np.maximum(den[index].sum(1), 1e-9)
+    return _percentiles(list(transform(ratios) if transform else ratios), level)
 
 
 def _percentiles(values: list[float], level: float) -> tuple[float, float]:

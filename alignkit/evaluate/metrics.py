@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from alignkit.stats import mean_with_ci, rate_with_ci
+from alignkit.stats import bootstrap_ratio_ci, mean_with_ci, rate_with_ci
 
 # Phrases that open a refusal, matched case-insensitively in the first 300 characters of an answer. English
 # after the lists used by HarmBench / "Universal and Transferable Adversarial Attacks" (Zou et al. 2023);
@@ -150,18 +150,13 @@ def kl_row(per_sample_kl: list[float]) -> dict[str, Any]:
 def length_rows(lengths: list[float], baseline: list[float] | None, seed: int = 0) -> dict[str, dict]:
     """Mean completion tokens per prompt; with a baseline, the ratio of means with a paired bootstrap interval."""
     rows = {"length": mean_with_ci(lengths, seed)}
-    if baseline:
-        import numpy as np
-
-        a, b = np.asarray(lengths, dtype=float), np.asarray(baseline, dtype=float)
-        rng = np.random.default_rng(seed)
-        index = rng.integers(0, len(a), size=(2000, len(a)))
-        ratios = a[index].mean(1) / np.maximum(b[index].mean(1), 1e-9)
-        lo, hi = np.percentile(ratios, [2.5, 97.5])
+    if baseline:  # equal n: the ratio of means is the ratio of sums
+        lo, hi = bootstrap_ratio_ci(lengths, baseline, seed)
+        mean_b = sum(baseline) / len(baseline)
         rows["length_ratio"] = {
-            "value": float(a.mean() / max(b.mean(), 1e-9)),
-            "n": len(a),
-            "ci95": [float(lo), float(hi)],
+            "value": (sum(lengths) / len(lengths)) / max(mean_b, 1e-9),
+            "n": len(lengths),
+            "ci95": [lo, hi],
         }
     return rows
 
@@ -170,12 +165,9 @@ def perplexity_row(nll_sums: list[float], token_counts: list[int], seed: int = 0
     """exp(total NLL / total tokens) over held-out rows, with a bootstrap interval over rows."""
     import numpy as np
 
-    nll, tokens = np.asarray(nll_sums, dtype=float), np.asarray(token_counts, dtype=float)
-    value = float(math.exp(nll.sum() / tokens.sum()))
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, len(nll), size=(2000, len(nll)))
-    lo, hi = np.percentile(np.exp(nll[index].sum(1) / tokens[index].sum(1)), [2.5, 97.5])
-    return {"value": value, "n": len(nll), "tokens": int(tokens.sum()), "ci95": [float(lo), float(hi)]}
+    lo, hi = bootstrap_ratio_ci(nll_sums, [float(t) for t in token_counts], seed, transform=np.exp)
+    value = math.exp(sum(nll_sums) / sum(token_counts))
+    return {"value": value, "n": len(nll_sums), "tokens": int(sum(token_counts)), "ci95": [lo, hi]}
 
 
 def preference_row(margins: list[float]) -> tuple[dict[str, Any], list[float]]:
