@@ -41,6 +41,27 @@ EPILOG_SXS = """examples:
 EPILOG_COMPARE = """examples:
   alignkit compare configs/compare_tiny.yaml
 """
+EPILOG_SERVE = """examples:
+  alignkit serve --model out/sft
+  alignkit serve --model models/base --adapter dpo=out/dpo-lora --adapter kto=out/kto-lora --port 8000
+  alignkit serve --model out/dpo --api-key secret --log-db feedback.db
+  then: OpenAI clients at http://127.0.0.1:8000/v1 (model ids from GET /v1/models)
+"""
+EPILOG_CHAT = """examples:
+  alignkit chat --model out/sft --system "You are a helpful assistant."
+  alignkit chat --model models/base --adapter out/dpo-lora
+  alignkit chat examples/inference/llama3_lora_sft.yaml      # LLaMA-Factory's inference config keys
+  in the chat: /reset clears the history, /system TEXT sets the system prompt, /exit leaves
+"""
+EPILOG_EXPORT = """examples:
+  alignkit export --model models/base --adapter out/dpo-lora --output out/dpo-merged
+  alignkit export --model models/base --adapter out/dpo-lora --output out/dpo-int8 --quantize int8
+  alignkit export examples/merge_lora/llama3_lora_sft.yaml   # LLaMA-Factory's merge config keys
+"""
+EPILOG_FROM_FEEDBACK = """examples:
+  alignkit data from-feedback feedback.db --output data/kto.jsonl
+  alignkit data from-feedback postgresql://user@host/db --output data/kto.jsonl --model dpo
+"""
 EPILOG_QS = """examples:
   alignkit quickstart
   alignkit quickstart --output-dir /tmp/qs
@@ -120,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     _add_eval_parsers(sub)
+    _add_ship_parsers(sub, dsub)
     return p
 
 
@@ -176,6 +198,80 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
 
+def _add_ship_parsers(sub: argparse._SubParsersAction, dsub: argparse._SubParsersAction) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    v = sub.add_parser(
+        "serve", help="an OpenAI-compatible API server", epilog=EPILOG_SERVE, formatter_class=raw
+    )
+    v.add_argument("--model", required=True, help="model folder, LoRA adapter folder or hub id")
+    v.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LoRA adapter on --model, served as model id NAME (repeatable)",
+    )
+    v.add_argument("--served-model-name", help="model id of --model (default: --model as given)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="sampling engine (vllm: GPU)")
+    v.add_argument("--api-key", help="bearer token clients must send (default: $ALIGNKIT_API_KEY, else none)")
+    v.add_argument("--max-batch-size", type=int, default=32, help="sequences generated together in one pass")
+    v.add_argument(
+        "--max-queue", type=int, default=256, help="waiting requests beyond which the answer is 503"
+    )
+    v.add_argument(
+        "--max-input-tokens", type=int, help="longest prompt accepted (default: the model's context)"
+    )
+    v.add_argument("--max-n", type=int, default=16, help="largest `n` (choices per request) accepted")
+    v.add_argument(
+        "--log-db", help="store every completion and its feedback: a SQLite path or postgresql:// URL"
+    )
+    v.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    v.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when there is one)")
+    v.add_argument("--trust-remote-code", action="store_true")
+    v.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    c = sub.add_parser(
+        "chat", help="chat with a model in the terminal", epilog=EPILOG_CHAT, formatter_class=raw
+    )
+    c.add_argument("config", nargs="?", help="LLaMA-Factory inference YAML (model_name_or_path, ...)")
+    c.add_argument("--model", help="model folder, LoRA adapter folder or hub id")
+    c.add_argument("--adapter", help="a LoRA adapter folder on --model")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    x = sub.add_parser(
+        "export",
+        help="merge a LoRA adapter into its base and write a Hugging Face folder",
+        epilog=EPILOG_EXPORT,
+        formatter_class=raw,
+    )
+    x.add_argument("config", nargs="?", help="LLaMA-Factory merge YAML (model_name_or_path, export_dir, ...)")
+    x.add_argument("--model", help="base model folder or hub id (default: the adapter's base)")
+    x.add_argument("--adapter", help="LoRA adapter folder")
+    x.add_argument("--output", help="folder to write")
+    x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights' dtype (default: the base's)")
+    x.add_argument("--shard-size", type=float, default=5.0, help="GB per safetensors shard")
+    x.add_argument("--quantize", choices=["int8", "int4"], help="also quantize (bitsandbytes, CPU or GPU)")
+    x.add_argument("--device", default="cpu", help="where to merge: cpu or cuda")
+    x.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    f = dsub.add_parser(
+        "from-feedback",
+        help="turn thumbs-up/down feedback stored by `serve` into KTO rows",
+        epilog=EPILOG_FROM_FEEDBACK,
+        formatter_class=raw,
+    )
+    f.add_argument("db", help="the --log-db of `alignkit serve`: a SQLite path or postgresql:// URL")
+    f.add_argument("--output", required=True, help="KTO rows to write (.jsonl)")
+    f.add_argument("--model", help="only completions of this model id")
+    f.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -230,6 +326,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("eval", "sxs", "compare") or getattr(args, "data_command", None) == "from-votes":
         return _run_eval_command(args)
+    if args.command in ("serve", "chat", "export") or getattr(args, "data_command", None) == "from-feedback":
+        return _run_ship_command(args)
     if args.command == "quickstart":
         from alignkit.quickstart import METHODS, run_quickstart
 
@@ -259,6 +357,24 @@ def _run_eval_command(args: argparse.Namespace) -> int:
     from alignkit.sxs import from_votes_command
 
     return from_votes_command(args)
+
+
+def _run_ship_command(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from alignkit.serve.command import serve_command
+
+        return serve_command(args)
+    if args.command == "chat":
+        from alignkit.chat import chat_command
+
+        return chat_command(args)
+    if args.command == "export":
+        from alignkit.export import export_command
+
+        return export_command(args)
+    from alignkit.serve.feedback import from_feedback_command
+
+    return from_feedback_command(args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

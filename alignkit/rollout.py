@@ -7,6 +7,7 @@ a clear message when asked for, never an import error at start-up.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,7 +122,11 @@ def sample_hf(
     top_p: float = 1.0,
     top_k: int = 0,
     stop_strings: list[str] | None = None,
+    streamer: Any = None,
+    stopping_criteria: list[Any] | None = None,
 ) -> Samples:
+    """`streamer` (a transformers `BaseStreamer`, e.g. `StepStreamer`) sees each decoding step's tokens as they
+    are drawn; `stopping_criteria` may end rows early (a per-row boolean each step, as `RowsDone` gives)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -134,6 +139,12 @@ def sample_hf(
     }
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    if streamer is not None:
+        kwargs["streamer"] = streamer
+    if stopping_criteria:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
     try:
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     finally:
@@ -149,6 +160,37 @@ def sample_hf(
     prompts = [p for p in prompt_ids for _ in range(num_generations)]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Samples(prompts, completions, truncated, texts, logprobs)
+
+
+class StepStreamer:
+    """A transformers streamer that hands `on_step` the token drawn for every row at each decoding step (a list,
+    one id per row; a finished row gets the pad token). `generate` first puts the prompt, which is skipped."""
+
+    def __init__(self, on_step: Callable[[list[int]], None]) -> None:
+        self.on_step = on_step
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.on_step(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+class RowsDone:
+    """A stopping criterion fed every row's newest token at each decoding step: `on_step(tokens)` returns which
+    rows are done (their own token limit reached, a stop string seen, their client gone). Rows that are done
+    get the pad token from then on; generation ends when every row is done or has drawn EOS."""
+
+    def __init__(self, on_step: Callable[[list[int]], list[bool]]) -> None:
+        self.on_step = on_step
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        flags = self.on_step(input_ids[:, -1].tolist())
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 def encode_prompts(tokenizer: Any, prompts: list[Any]) -> list[list[int]]:
@@ -175,12 +217,18 @@ def complete(
     stop_strings: list[str] | None = None,
     batch_size: int = 32,
     engine: VLLMEngine | None = None,
+    streamer: Any = None,
 ) -> Samples:
     """Completions of chat (messages) or text prompts, `num_samples` each, grouped as `Samples` are; greedy at
     temperature 0. Evaluation, the quickstart, the side-by-side page and the server sample through here: with
-    the HF backend in batches of at most `batch_size` sequences, or all at once through a vLLM `engine`."""
+    the HF backend in batches of at most `batch_size` sequences, or all at once through a vLLM `engine`.
+    A `streamer` (see `StepStreamer`) sees the tokens as they are drawn: one prompt, one sample, HF backend."""
     ids = encode_prompts(tokenizer, prompts)
     settings = (max_new_tokens, temperature, top_p, top_k, stop_strings)
+    if streamer is not None:
+        if engine is not None or len(ids) != 1 or num_samples != 1:
+            raise ValueError("streaming needs one prompt, one sample and the HF backend")
+        return sample_hf(model, tokenizer, ids, 1, *settings, streamer=streamer)
     if engine is not None:
         return engine.sample(ids, num_samples, *settings)
     parts = []
