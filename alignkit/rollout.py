@@ -180,6 +180,25 @@ class StepStreamer:
         pass
 
 
+class TextStream:
+    """Incremental detokenization of one sequence: `push(ids)` returns the text the new ids add. The whole
+    sequence is decoded each time (a token's text can depend on its neighbours), and a trailing U+FFFD (a
+    multi-byte character cut between tokens) is held back until the next token completes it."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0  # characters already returned
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.sent = text[self.sent :], len(text)
+        return new
+
+
 class RowsDone:
     """A stopping criterion fed every row's newest token at each decoding step: `on_step(tokens)` returns which
     rows are done (their own token limit reached, a stop string seen, their client gone). Rows that are done
