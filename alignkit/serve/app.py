@@ -1,0 +1,278 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/feedback, /health,
+/metrics. Bad input is a 4xx in OpenAI's error shape; only a failure of the server itself is a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from alignkit.serve.batcher import Batcher, Job
+from alignkit.serve.engine import ModelPool
+from alignkit.serve.metrics import Metrics, MetricsAndAuth
+from alignkit.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Feedback,
+    Sampling,
+    validation_message,
+)
+
+log = logging.getLogger("alignkit")
+
+
+@dataclass
+class Server:
+    pool: ModelPool
+    batcher: Batcher
+    metrics: Metrics
+    store: Any = None  # a FeedbackStore with --log-db
+    max_input_tokens: int | None = None
+    max_n: int = 16
+
+    def job(self, req: Sampling, prompts: list[Any]) -> Job:
+        """A request checked against the server's limits and tokenized: 404, 400 or 413 before it queues."""
+        from alignkit.rollout import encode_prompts
+
+        if req.model not in self.pool.ids:
+            raise APIError(
+                404,
+                f"model `{req.model}` is not served here; GET /v1/models lists: {', '.join(self.pool.ids)}",
+                "model",
+                "model_not_found",
+            )
+        if req.n > self.max_n:
+            raise APIError(400, f"n = {req.n} is over this server's limit of {self.max_n} (--max-n)", "n")
+        try:
+            ids = encode_prompts(self.pool.tokenizer, prompts)
+        except Exception as exc:  # the chat template refused the messages (e.g. roles out of order)
+            raise APIError(400, f"the model's chat template refused the messages: {exc}", "messages") from exc
+        longest = max(len(p) for p in ids)
+        limit = self.max_input_tokens or self.pool.context
+        if limit and longest > limit:
+            source = "--max-input-tokens" if self.max_input_tokens else "the model's context"
+            raise APIError(
+                413,
+                f"the prompt is {longest} tokens, over {limit} ({source})",
+                "messages",
+                "context_length_exceeded",
+            )
+        room = (self.pool.context - longest) if self.pool.context else None
+        wanted = req.token_limit() or room or 256
+        max_tokens = min(wanted, room) if room else wanted  # never past the model's context
+        if max_tokens < 1:
+            raise APIError(
+                413,
+                f"the prompt ({longest} tokens) leaves no room in the model's context",
+                "messages",
+                "context_length_exceeded",
+            )
+        return Job(
+            req.model,
+            ids,
+            req.n,
+            max_tokens,
+            req.temperature,
+            req.top_p,
+            req.stop,
+            req.seed,
+            self.pool.tokenizer,
+            asyncio.get_running_loop(),
+        )
+
+    async def log(self, job: Job, cid: str, prompts: list[Any], req: Sampling) -> None:
+        """Each answered prompt into the feedback store (committed before the answer's last byte is sent)."""
+        if self.store is None:
+            return
+        params = {
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "max_tokens": job.max_tokens,
+            "n": req.n,
+            "stop": req.stop,
+            "seed": req.seed,
+        }
+        created = int(time.time())
+        for p, prompt in enumerate(prompts):
+            answers = [r.text for r in job.rows[p * job.n : (p + 1) * job.n]]
+            pid = cid if len(prompts) == 1 else f"{cid}:{p}"
+            await asyncio.to_thread(
+                self.store.log_completion, pid, req.model, prompt, answers, created, params
+            )
+
+    def count(self, job: Job) -> None:
+        usage = job.usage()
+        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        self.metrics.completion_tokens.inc(usage["completion_tokens"])
+
+
+def build_app(server: Server, api_key: str | None = None) -> Any:
+    """The ASGI application: FastAPI routes wrapped in the metrics and API-key middleware."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.batcher.start()
+        yield  # uvicorn drains the requests in flight (SIGTERM) before this returns
+        await server.batcher.stop()
+        if server.store is not None:
+            server.store.close()
+
+    app = FastAPI(title="alignkit", lifespan=lifespan)
+    _errors(app)
+    _routes(app, server)
+    return MetricsAndAuth(app, server.metrics, api_key)
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(exc.errors()))
+        return JSONResponse(APIError(400, message, param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+
+def _routes(app: FastAPI, server: Server) -> None:
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        created = int(time.time())
+        data = [
+            {
+                "id": mid,
+                "object": "model",
+                "created": created,
+                "owned_by": "alignkit",
+                "root": server.pool.paths[mid],
+            }
+            for mid in server.pool.ids
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest) -> Any:
+        conversation = req.conversation()
+        return await _answer(server, req, [conversation], "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        return await _answer(server, req, req.prompts(), "text_completion", f"cmpl-{uuid.uuid4().hex}")
+
+    @app.post("/v1/feedback")
+    async def feedback(fb: Feedback) -> dict:
+        if server.store is None:
+            raise APIError(404, "this server keeps no completions: start it with --log-db to take feedback")
+        known = await asyncio.to_thread(server.store.add_feedback, fb.id, fb.label, fb.comment, fb.index)
+        if not known:
+            raise APIError(404, f"no completion with id `{fb.id}` and index {fb.index} is stored", "id")
+        return {"object": "feedback", "id": fb.id, "index": fb.index, "label": fb.label}
+
+
+async def _answer(server: Server, req: Sampling, prompts: list[Any], kind: str, cid: str) -> Any:
+    job = server.job(req, prompts)
+    server.batcher.submit(job)  # 503 when the queue is full, before any byte is sent
+    if req.stream:
+        return StreamingResponse(_sse(server, job, req, prompts, kind, cid), media_type="text/event-stream")
+    try:
+        await job.wait()
+    finally:
+        if not job.done:
+            server.batcher.withdraw(job)
+    server.count(job)
+    await server.log(job, cid, prompts, req)
+    return _body(job, kind, cid, req.model)
+
+
+def _body(job: Job, kind: str, cid: str, model: str) -> dict:
+    choices = []
+    for row in job.rows:
+        finish = "length" if row.finish == "cancelled" else row.finish
+        if kind == "chat.completion":
+            choices.append(
+                {
+                    "index": row.index,
+                    "message": {"role": "assistant", "content": row.text},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            )
+        else:
+            choices.append({"index": row.index, "text": row.text, "finish_reason": finish, "logprobs": None})
+    return {
+        "id": cid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": job.usage(),
+    }
+
+
+async def _sse(
+    server: Server, job: Job, req: Sampling, prompts: list, kind: str, cid: str
+) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them: a role chunk per choice (chat), text deltas, a finish chunk per
+    choice, the usage chunk if asked, then `data: [DONE]`. A client that leaves stops its rows."""
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+    created = int(time.time())
+
+    def event(choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": cid, "object": chunk_kind, "created": created, "model": req.model, "choices": choices}
+        if usage is not None or req.include_usage():
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+        if chunk_kind == "text_completion":
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        delta = (
+            {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        )
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+    try:
+        if chunk_kind != "text_completion":
+            yield event([choice(r.index, None, None, role=True) for r in job.rows])
+        async for index, text in job.stream():
+            yield event([choice(index, text, None)])
+        yield event(
+            [choice(r.index, None, "length" if r.finish == "cancelled" else r.finish) for r in job.rows]
+        )
+        if req.include_usage():
+            yield event([], job.usage())
+        server.count(job)
+        await server.log(job, cid, prompts, req)
+        yield "data: [DONE]\n\n"
+    except APIError as exc:  # the engine failed after the stream began: say so in the stream
+        yield f"data: {json.dumps(exc.body())}\n\n"
+    finally:
+        if not job.done:
+            server.batcher.withdraw(job)
+            server.count(job)

@@ -1,0 +1,223 @@
+"""Requests that wait together are generated together.
+
+A `Job` is one API request: its prompts, `n` answers each, and its sampling settings. The `Batcher` keeps the
+waiting jobs in arrival order; each pass takes the oldest one and every waiting job that can share its
+generation call (same model id, same temperature and top_p, no seed of its own), up to `max_batch_size` rows,
+and runs one pass through the rollout engine in a worker thread. Each row keeps its own token limit and stop
+strings and ends on its own (`rollout.RowsDone`); a row whose client has gone stops at the next step. Text
+reaches the request's event queue as it is drawn, so streaming and batching are one path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignkit.rollout import TextStream
+from alignkit.serve.protocol import APIError
+
+log = logging.getLogger("alignkit")
+_seq = itertools.count()
+
+
+@dataclass
+class Row:
+    """One answer being drawn: its tokens, its text (cut at a stop string) and why it ended."""
+
+    index: int
+    max_tokens: int
+    stream: TextStream
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters already handed to the client
+    finish: str | None = None  # "stop", "length" or "cancelled"
+
+    def push(self, token: int, eos: set[int], stop: list[str]) -> str:
+        """Take one drawn token; return the text that may be sent now."""
+        if token in eos:
+            self.finish = "stop"
+            return self._release()
+        self.tokens.append(token)
+        self.text += self.stream.push([token])
+        for s in stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text, self.finish = self.text[:at], "stop"
+        if self.finish is None and len(self.tokens) >= self.max_tokens:
+            self.finish = "length"
+        # while the row runs, keep back what could be the start of a stop string
+        hold = 0 if self.finish or not stop else max(len(s) for s in stop) - 1
+        return self._release(hold)
+
+    def _release(self, hold: int = 0) -> str:
+        end = max(self.sent, len(self.text) - hold)
+        out, self.sent = self.text[self.sent : end], end
+        return out
+
+
+@dataclass
+class Job:
+    """One request. `prompt_ids[p]` is answered `n` times: rows p*n .. p*n+n-1."""
+
+    model: str
+    prompt_ids: list[list[int]]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    tokenizer: Any
+    loop: asyncio.AbstractEventLoop
+    rows: list[Row] = field(default_factory=list)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    done: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        limit = self.max_tokens
+        self.rows = [Row(i, limit, TextStream(self.tokenizer)) for i in range(len(self.prompt_ids) * self.n)]
+        self.order = next(_seq)
+
+    def key(self) -> tuple:
+        """Jobs with equal keys share a generation call. A seeded job runs alone, so that its seed alone decides
+        its answers (the same request with the same seed gives the same answer)."""
+        sampling = (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
+        return (self.model, sampling, ("seed", self.order) if self.seed is not None else None)
+
+    def prompt_of(self, row: Row) -> list[int]:
+        return self.prompt_ids[row.index // self.n]
+
+    def emit(self, item: tuple) -> None:
+        """From the worker thread: hand an event to the request's coroutine."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    async def stream(self) -> AsyncIterator[tuple[int, str]]:
+        """(row index, text) as it is drawn, until the job is done; an engine failure raises."""
+        while True:
+            kind, *rest = await self.events.get()
+            if kind == "text":
+                yield rest[0], rest[1]
+            elif kind == "error":
+                raise APIError(500, rest[0])
+            else:
+                self.done = True
+                return
+
+    async def wait(self) -> None:
+        async for _ in self.stream():
+            pass
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(len(p) for p in self.prompt_ids)
+        completion = sum(len(r.tokens) for r in self.rows)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+Generate = Callable[[list[Job]], None]
+
+
+class Batcher:
+    """The queue of waiting jobs and the loop that runs them, one generation pass at a time."""
+
+    def __init__(self, generate: Generate, max_batch_size: int, max_queue: int, metrics: Any = None) -> None:
+        self.generate = generate
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.waiting: deque[Job] = deque()
+        self.wake = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignkit-generate")
+        self.task: asyncio.Task | None = None
+
+    def submit(self, job: Job) -> None:
+        if len(self.waiting) >= self.max_queue:
+            raise APIError(503, f"the server is busy ({len(self.waiting)} requests waiting); retry shortly")
+        self.waiting.append(job)
+        self._gauge()
+        self.wake.set()
+
+    def withdraw(self, job: Job) -> None:
+        """A job whose client left: out of the queue if it waits, its rows stop if it runs."""
+        job.cancelled = True
+        if job in self.waiting:
+            self.waiting.remove(job)
+            self._gauge()
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.waiting:
+                batch = self._take()
+                if self.metrics is not None:
+                    self.metrics.batch_rows.observe(sum(len(j.rows) for j in batch))
+                await loop.run_in_executor(self.executor, self._pass, batch)
+
+    def _take(self) -> list[Job]:
+        first = self.waiting.popleft()
+        batch, rows = [first], len(first.rows)
+        for job in list(self.waiting):
+            if job.key() == first.key() and rows + len(job.rows) <= self.max_batch_size:
+                self.waiting.remove(job)
+                batch.append(job)
+                rows += len(job.rows)
+        self._gauge()
+        return batch
+
+    def _pass(self, batch: list[Job]) -> None:
+        live = [j for j in batch if not j.cancelled]
+        try:
+            if live:
+                self.generate(live)
+        except Exception as exc:  # an engine failure is the server's, never a hang for the clients
+            log.exception("generation failed")
+            for job in batch:
+                job.emit(("error", f"generation failed: {type(exc).__name__}: {exc}"))
+            return
+        for job in batch:
+            for row in job.rows:
+                row.finish = row.finish or ("cancelled" if job.cancelled else "length")
+            if self.metrics is not None:
+                self.metrics.cancelled.inc(sum(r.finish == "cancelled" for r in job.rows))
+            job.emit(("done",))
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self.waiting))
+
+
+def on_step_for(batch: list[Job], eos: set[int]) -> Callable[[list[int]], list[bool]]:
+    """The per-step hook of one pass: each row takes its token (or stops) and sends its new text."""
+    rows = [(job, row) for job in batch for row in job.rows]
+
+    def on_step(tokens: list[int]) -> list[bool]:
+        flags = []
+        for (job, row), token in zip(rows, tokens):
+            if row.finish is None and job.cancelled:
+                row.finish = "cancelled"
+            if row.finish is None:
+                text = row.push(token, eos, job.stop)
+                if text:
+                    job.emit(("text", row.index, text))
+            flags.append(row.finish is not None)
+        return flags
+
+    return on_step

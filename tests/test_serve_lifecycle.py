@@ -1,0 +1,119 @@
+"""The server's life: a full queue answers 503, SIGTERM drains the requests in flight before exiting, stored
+completions and feedback survive kill -9, and bad command lines are one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serve_helpers import running
+
+openai = pytest.importorskip("openai", reason="the server tests use the openai client: pip install openai")
+
+HI = [{"role": "user", "content": "hi there"}]
+
+
+def _stream_lines(url: str, max_tokens: int, out: list[str], first: threading.Event) -> None:
+    body = {"model": "m", "messages": HI, "max_tokens": max_tokens, "stream": True, "temperature": 1.0}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        out.append(str(r.status_code))
+        for line in r.iter_lines():
+            if line:  # events are separated by blank lines
+                out.append(line)
+                first.set()
+
+
+def test_full_queue_is_503_and_sigterm_drains_in_flight(tiny_model: str, tmp_path: Path) -> None:
+    args = ["--model", tiny_model, "--served-model-name", "m", "--max-batch-size", "1", "--max-queue", "1"]
+    with running(args, tmp_path / "server.log") as server:
+        lines: list[str] = []
+        started = threading.Event()
+        busy = threading.Thread(target=_stream_lines, args=(server.url, 400, lines, started))
+        busy.start()
+        assert started.wait(60)  # the stream is being generated: the queue is empty again
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+        waiting: list[str] = []
+        waiter = threading.Thread(
+            target=lambda: waiting.append(
+                client.chat.completions.create(model="m", messages=HI, max_tokens=3).choices[0].finish_reason
+            )
+        )
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while server.metric("alignkit_queue_depth") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(openai.APIStatusError) as full:
+            client.chat.completions.create(model="m", messages=HI, max_tokens=3)
+        assert full.value.status_code == 503 and "busy" in full.value.message
+
+        server.proc.send_signal(signal.SIGTERM)  # mid-stream: both requests must still be answered
+        busy.join(120)
+        waiter.join(120)
+        assert server.proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it drained on
+        assert lines[0] == "200" and lines[-1] == "data: [DONE]"
+        chunks = [json.loads(x[6:]) for x in lines[1:] if x.startswith("data: {")]
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes[-1] in ("length", "stop")
+        assert waiting == ["length"] or waiting == ["stop"]
+        with pytest.raises(httpx.ConnectError):  # and it took no new connection after
+            httpx.get(f"{server.url}/health", timeout=2)
+
+
+def test_stored_rows_survive_kill_9(tiny_model: str, tmp_path: Path) -> None:
+    from alignkit.serve.feedback import export_kto
+
+    db = tmp_path / "log.db"
+    args = ["--model", tiny_model, "--served-model-name", "m", "--log-db", str(db)]
+    with running(args, tmp_path / "server.log") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+        answers = [client.chat.completions.create(model="m", messages=HI, max_tokens=5) for _ in range(3)]
+        for r, label in zip(answers, ("up", "down", "up")):
+            assert (
+                httpx.post(f"{server.url}/v1/feedback", json={"id": r.id, "label": label}).status_code == 200
+            )
+        server.proc.send_signal(signal.SIGKILL)
+        assert server.proc.wait(10) == -signal.SIGKILL
+    counts = export_kto(str(db), str(tmp_path / "kto.jsonl"))
+    assert (counts["up"], counts["down"], counts["rows"]) == (2, 1, 3)
+    rows = [json.loads(x) for x in (tmp_path / "kto.jsonl").read_text().splitlines()]
+    completions = sorted(r["completion"][-1]["content"] for r in rows)
+    assert completions == sorted(r.choices[0].message.content for r in answers)
+
+
+def _exit(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    from alignkit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return int(exc.value.code), capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--backend", "vllm"], "pip install 'alignkit[vllm]'"),
+        (["--adapter", "x=/no/such/adapter"], "has no adapter_config.json"),
+        (["--adapter", "=dir"], "write NAME=DIR"),
+        (["--max-batch-size", "0"], "--max-batch-size 0"),
+        (["--log-db", "/no/such/folder/log.db"], "/no/such/folder"),
+    ],
+)
+def test_bad_command_lines_exit_2(
+    tiny_model: str, extra: list[str], needle: str, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("fastapi")
+    if extra[0] == "--backend":
+        try:
+            import vllm  # noqa: F401
+
+            pytest.skip("vLLM is installed here: its absence cannot be tested")
+        except ImportError:
+            pass
+    code, err = _exit(["serve", "--model", tiny_model, *extra], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err
