@@ -62,7 +62,7 @@ _BACKENDS = {"huggingface": "hf", "hf": "hf", "vllm": "vllm"}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 # cli.py's defaults of the sampling flags: argparse cannot tell `--temperature 0.7` from no flag, so a flag
 # still at its default leaves the YAML's value in place (a flag defaulting to None needs no such rule)
-_FLAG_DEFAULTS = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9}
+DEFAULTS = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9}
 
 
 @dataclass
@@ -124,9 +124,9 @@ def read_inference_config(path: str) -> InferenceConfig:
 
 
 def _flag(args: argparse.Namespace, name: str) -> Any:
-    """A flag's value, or None when it was not given (or is still at cli.py's default)."""
-    value = getattr(args, name, None)
-    return None if value is None or value == _FLAG_DEFAULTS.get(name) else value
+    """A flag's value, or None when it was not given (the flags have no defaults: the YAML's value wins
+    over a default, a given flag over the YAML)."""
+    return getattr(args, name, None)
 
 
 def resolve_settings(args: argparse.Namespace) -> ChatSettings:
@@ -169,12 +169,12 @@ def resolve_settings(args: argparse.Namespace) -> ChatSettings:
         dtype=cfg.infer_dtype,
         trust_remote_code=cfg.trust_remote_code,
         max_new_tokens=_first(
-            _flag(args, "max_new_tokens"), cfg.max_new_tokens, _FLAG_DEFAULTS["max_new_tokens"]
+            _flag(args, "max_new_tokens"), cfg.max_new_tokens, DEFAULTS["max_new_tokens"]
         ),
         temperature=_first(
-            _flag(args, "temperature"), greedy, cfg.temperature, _FLAG_DEFAULTS["temperature"]
+            _flag(args, "temperature"), greedy, cfg.temperature, DEFAULTS["temperature"]
         ),
-        top_p=_first(_flag(args, "top_p"), cfg.top_p, _FLAG_DEFAULTS["top_p"]),
+        top_p=_first(_flag(args, "top_p"), cfg.top_p, DEFAULTS["top_p"]),
         top_k=_first(cfg.top_k, 0),
     )
     _check_sampling(settings)

@@ -239,9 +239,9 @@ def _add_ship_parsers(sub: argparse._SubParsersAction, dsub: argparse._SubParser
     c.add_argument("--model", help="model folder, LoRA adapter folder or hub id")
     c.add_argument("--adapter", help="a LoRA adapter folder on --model")
     c.add_argument("--system", help="system prompt")
-    c.add_argument("--max-new-tokens", type=int, default=512)
-    c.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--max-new-tokens", type=int, help="default 512")
+    c.add_argument("--temperature", type=float, help="0 is greedy (default 0.7)")
+    c.add_argument("--top-p", type=float, help="default 0.9")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     x = sub.add_parser(
