@@ -255,9 +255,9 @@ def _add_ship_parsers(sub: argparse._SubParsersAction, dsub: argparse._SubParser
     x.add_argument("--adapter", help="LoRA adapter folder")
     x.add_argument("--output", help="folder to write")
     x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights' dtype (default: the base's)")
-    x.add_argument("--shard-size", type=float, default=5.0, help="GB per safetensors shard")
+    x.add_argument("--shard-size", type=float, help="GB per safetensors shard (default 5)")
     x.add_argument("--quantize", choices=["int8", "int4"], help="also quantize (bitsandbytes, CPU or GPU)")
-    x.add_argument("--device", default="cpu", help="where to merge: cpu or cuda")
+    x.add_argument("--device", help="where to merge: cpu or cuda (default cpu)")
     x.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     f = dsub.add_parser(

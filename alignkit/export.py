@@ -37,8 +37,8 @@ PROBES = ("What is 12 + 7?", "Write one sentence about the sea.", "Name three co
 PROBES += ("Give a synonym of 'happy'.", "How many legs does a spider have?", "2, 4, 8, ...", "Why?")
 LOGIT_PROBES = 3
 QUANT_MAX_NEW_TOKENS = 32
-DEFAULT_SHARD_GB = 5.0  # the CLI's --shard-size default
-DEFAULT_DEVICE = "cpu"  # the CLI's --device default
+DEFAULT_SHARD_GB = 5.0
+DEFAULT_DEVICE = "cpu"
 FLAGS = {s: f"--{s}" for s in ("model", "adapter", "output", "dtype", "quantize", "device")}
 FLAGS["shard_size_gb"] = "--shard-size"
 
@@ -165,8 +165,8 @@ def settings_from_args(args: argparse.Namespace) -> ExportSettings:
         "output": args.output,
         "dtype": args.dtype,
         "quantize": args.quantize,
-        "shard_size_gb": None if args.shard_size in (None, DEFAULT_SHARD_GB) else args.shard_size,
-        "device": None if args.device in (None, DEFAULT_DEVICE) else args.device,
+        "shard_size_gb": args.shard_size,
+        "device": args.device,
     }
     for setting, value in flags.items():
         if value is not None:
