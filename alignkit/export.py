@@ -156,8 +156,8 @@ def _translate(values: dict[str, Any], names: dict[str, str]) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ExportSettings:
-    """Flags over the YAML file's keys. --shard-size and --device have CLI defaults, so a flag still at its
-    default leaves the file's value in place."""
+    """Flags over the YAML file's keys over the defaults (the flags have no parser defaults, so a flag given
+    with the default's value still wins over the file)."""
     values, names = _yaml_settings(args.config) if getattr(args, "config", None) else ({}, {})
     flags = {
         "model": args.model,
