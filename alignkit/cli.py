@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from alignkit import __version__
@@ -274,6 +275,8 @@ def _add_ship_parsers(sub: argparse._SubParsersAction, dsub: argparse._SubParser
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft's adapter loading asks transformers for a renamed attribute (transformers 5.x): not the user's concern
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
