@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,24 +41,40 @@ class Server:
     store: Any = None  # a FeedbackStore with --log-db
     max_input_tokens: int | None = None
     max_n: int = 16
+    started: int = field(default_factory=lambda: int(time.time()))
 
-    def job(self, req: Sampling, prompts: list[Any]) -> Job:
-        """A request checked against the server's limits and tokenized: 404, 400 or 413 before it queues."""
+    def job(self, req: Sampling, prompts: list[Any], field: str) -> Job:
+        """A request checked against the server's limits and tokenized: 404, 400 or 413 before it queues.
+        `field` names the prompt's field in errors (`messages` or `prompt`)."""
         from alignkit.rollout import encode_prompts
 
         if req.model not in self.pool.ids:
+            served = ", ".join(self.pool.ids)
             raise APIError(
                 404,
-                f"model `{req.model}` is not served here; GET /v1/models lists: {', '.join(self.pool.ids)}",
+                f"model `{req.model}` is not served here; GET /v1/models lists: {served}",
                 "model",
                 "model_not_found",
             )
         if req.n > self.max_n:
             raise APIError(400, f"n = {req.n} is over this server's limit of {self.max_n} (--max-n)", "n")
+        if len(prompts) * req.n > self.batcher.max_batch_size:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompt(s) x n = {req.n} asks for {len(prompts) * req.n} answers; "
+                f"this server generates at most {self.batcher.max_batch_size} at once "
+                "(--max-batch-size): send fewer",
+                field,
+            )
         try:
             ids = encode_prompts(self.pool.tokenizer, prompts)
         except Exception as exc:  # the chat template refused the messages (e.g. roles out of order)
-            raise APIError(400, f"the model's chat template refused the messages: {exc}", "messages") from exc
+            what = (
+                "the model's chat template refused the messages" if field == "messages" else "cannot tokenize"
+            )
+            raise APIError(400, f"{what}: {exc}", field) from exc
+        if min(len(p) for p in ids) == 0:
+            raise APIError(400, f"`{field}` is empty: give the model something to continue", field)
         longest = max(len(p) for p in ids)
         limit = self.max_input_tokens or self.pool.context
         if limit and longest > limit:
@@ -66,7 +82,7 @@ class Server:
             raise APIError(
                 413,
                 f"the prompt is {longest} tokens, over {limit} ({source})",
-                "messages",
+                field,
                 "context_length_exceeded",
             )
         room = (self.pool.context - longest) if self.pool.context else None
@@ -76,7 +92,7 @@ class Server:
             raise APIError(
                 413,
                 f"the prompt ({longest} tokens) leaves no room in the model's context",
-                "messages",
+                field,
                 "context_length_exceeded",
             )
         return Job(
@@ -105,12 +121,15 @@ class Server:
             "seed": req.seed,
         }
         created = int(time.time())
-        for p, prompt in enumerate(prompts):
-            answers = [r.text for r in job.rows[p * job.n : (p + 1) * job.n]]
-            pid = cid if len(prompts) == 1 else f"{cid}:{p}"
-            await asyncio.to_thread(
-                self.store.log_completion, pid, req.model, prompt, answers, created, params
-            )
+        try:
+            for p, prompt in enumerate(prompts):
+                answers = [r.text for r in job.rows[p * job.n : (p + 1) * job.n]]
+                pid = cid if len(prompts) == 1 else f"{cid}:{p}"
+                await asyncio.to_thread(
+                    self.store.log_completion, pid, req.model, prompt, answers, created, params, p * job.n
+                )
+        except Exception:  # the answer is still the client's: a store failure is logged, not a 500
+            log.exception("could not store completion %s in --log-db", cid)
 
     def count(self, job: Job) -> None:
         usage = job.usage()
@@ -161,29 +180,31 @@ def _routes(app: FastAPI, server: Server) -> None:
 
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def card(mid: str) -> dict:
+        root = server.pool.paths[mid]
+        return {"id": mid, "object": "model", "created": server.started, "owned_by": "alignkit", "root": root}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        created = int(time.time())
-        data = [
-            {
-                "id": mid,
-                "object": "model",
-                "created": created,
-                "owned_by": "alignkit",
-                "root": server.pool.paths[mid],
-            }
-            for mid in server.pool.ids
-        ]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [card(mid) for mid in server.pool.ids]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id not in server.pool.ids:
+            raise APIError(404, f"model `{model_id}` is not served here", "model", "model_not_found")
+        return card(model_id)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> Any:
-        conversation = req.conversation()
-        return await _answer(server, req, [conversation], "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+    async def chat(req: ChatRequest, request: Request) -> Any:
+        conversation = [req.conversation()]
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        return await _answer(server, req, conversation, "chat.completion", cid, request)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
-        return await _answer(server, req, req.prompts(), "text_completion", f"cmpl-{uuid.uuid4().hex}")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        return await _answer(
+            server, req, req.prompts(), "text_completion", f"cmpl-{uuid.uuid4().hex}", request
+        )
 
     @app.post("/v1/feedback")
     async def feedback(fb: Feedback) -> dict:
@@ -195,19 +216,38 @@ def _routes(app: FastAPI, server: Server) -> None:
         return {"object": "feedback", "id": fb.id, "index": fb.index, "label": fb.label}
 
 
-async def _answer(server: Server, req: Sampling, prompts: list[Any], kind: str, cid: str) -> Any:
-    job = server.job(req, prompts)
+async def _answer(
+    server: Server, req: Sampling, prompts: list[Any], kind: str, cid: str, request: Request
+) -> Any:
+    job = server.job(req, prompts, "messages" if kind == "chat.completion" else "prompt")
     server.batcher.submit(job)  # 503 when the queue is full, before any byte is sent
     if req.stream:
         return StreamingResponse(_sse(server, job, req, prompts, kind, cid), media_type="text/event-stream")
     try:
-        await job.wait()
+        await _wait_while_connected(job, request)
     finally:
         if not job.done:
             server.batcher.withdraw(job)
+    if not job.done:  # the client left: nobody to answer
+        return Response(status_code=499)
     server.count(job)
     await server.log(job, cid, prompts, req)
     return _body(job, kind, cid, req.model)
+
+
+async def _wait_while_connected(job: Job, request: Request, poll_s: float = 0.25) -> None:
+    """Wait for the job, watching the connection: a client that gave up stops its rows (or leaves the queue)
+    instead of holding a generation pass for an answer nobody reads."""
+    waiter = asyncio.ensure_future(job.wait())
+    try:
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=poll_s)
+            if not waiter.done() and await request.is_disconnected():
+                return
+        waiter.result()  # an engine failure raises here
+    finally:
+        if not waiter.done():
+            waiter.cancel()
 
 
 def _body(job: Job, kind: str, cid: str, model: str) -> dict:

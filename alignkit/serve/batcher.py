@@ -43,6 +43,7 @@ class Row:
         """Take one drawn token; return the text that may be sent now."""
         if token in eos:
             self.finish = "stop"
+            self.text = self.full_text()
             return self._release()
         self.tokens.append(token)
         self.text += self.stream.push([token])
@@ -52,9 +53,15 @@ class Row:
                 self.text, self.finish = self.text[:at], "stop"
         if self.finish is None and len(self.tokens) >= self.max_tokens:
             self.finish = "length"
+            self.text = self.full_text()
         # while the row runs, keep back what could be the start of a stop string
         hold = 0 if self.finish or not stop else max(len(s) for s in stop) - 1
         return self._release(hold)
+
+    def full_text(self) -> str:
+        """The whole answer decoded at once: the streamed text may still hold back a character cut between
+        tokens, which is released (or shown as U+FFFD, as a plain decode does) when the row ends."""
+        return self.stream.tokenizer.decode(self.tokens, skip_special_tokens=True)
 
     def _release(self, hold: int = 0) -> str:
         end = max(self.sent, len(self.text) - hold)
@@ -79,7 +86,8 @@ class Job:
     rows: list[Row] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    done: bool = False
+    done: bool = False  # the request's coroutine has seen the end
+    ended: bool = False  # the worker has sent the end (every row finished)
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -93,8 +101,18 @@ class Job:
         sampling = (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
         return (self.model, sampling, ("seed", self.order) if self.seed is not None else None)
 
+    def longest(self) -> int:
+        return max(len(p) for p in self.prompt_ids)
+
     def prompt_of(self, row: Row) -> list[int]:
         return self.prompt_ids[row.index // self.n]
+
+    def end(self) -> None:
+        """From the worker thread, once: every row is finished; the client is answered now, even if other
+        rows of the pass go on."""
+        if not self.ended:
+            self.ended = True
+            self.emit(("done",))
 
     def emit(self, item: tuple) -> None:
         """From the worker thread: hand an event to the request's coroutine."""
@@ -128,8 +146,16 @@ Generate = Callable[[list[Job]], None]
 class Batcher:
     """The queue of waiting jobs and the loop that runs them, one generation pass at a time."""
 
-    def __init__(self, generate: Generate, max_batch_size: int, max_queue: int, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        generate: Generate,
+        max_batch_size: int,
+        max_queue: int,
+        metrics: Any = None,
+        context: int | None = None,
+    ) -> None:
         self.generate = generate
+        self.context = context
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics
@@ -172,13 +198,21 @@ class Batcher:
                 await loop.run_in_executor(self.executor, self._pass, batch)
 
     def _take(self) -> list[Job]:
+        """The oldest job and every waiting job that can share its pass: same key, room in the batch, and the
+        padded batch (longest prompt + longest token limit) still inside the model's context."""
         first = self.waiting.popleft()
         batch, rows = [first], len(first.rows)
+        longest, limit = first.longest(), first.max_tokens
         for job in list(self.waiting):
-            if job.key() == first.key() and rows + len(job.rows) <= self.max_batch_size:
+            fits = (
+                self.context is None
+                or max(longest, job.longest()) + max(limit, job.max_tokens) <= self.context
+            )
+            if job.key() == first.key() and rows + len(job.rows) <= self.max_batch_size and fits:
                 self.waiting.remove(job)
                 batch.append(job)
                 rows += len(job.rows)
+                longest, limit = max(longest, job.longest()), max(limit, job.max_tokens)
         self._gauge()
         return batch
 
@@ -197,7 +231,7 @@ class Batcher:
                 row.finish = row.finish or ("cancelled" if job.cancelled else "length")
             if self.metrics is not None:
                 self.metrics.cancelled.inc(sum(r.finish == "cancelled" for r in job.rows))
-            job.emit(("done",))
+            job.end()
 
     def _gauge(self) -> None:
         if self.metrics is not None:
@@ -218,6 +252,11 @@ def on_step_for(batch: list[Job], eos: set[int]) -> Callable[[list[int]], list[b
                 if text:
                     job.emit(("text", row.index, text))
             flags.append(row.finish is not None)
+        for job in batch:
+            if not job.ended and all(r.finish is not None for r in job.rows):
+                if job.cancelled or any(r.finish == "cancelled" for r in job.rows):
+                    continue  # counted and ended by the pass, with its cancelled rows
+                job.end()
         return flags
 
     return on_step

@@ -27,6 +27,8 @@ def serve_command(args: argparse.Namespace) -> int:
 def build_server(args: argparse.Namespace) -> tuple[object, list[str]]:
     """(the ASGI app, its model ids) from `alignkit serve`'s arguments; every bad argument is a UserError
     before the model loads."""
+    import torch
+
     from alignkit.serve.app import Server, build_app
     from alignkit.serve.batcher import Batcher
     from alignkit.serve.engine import HFGenerate, ModelPool, VLLMGenerate, parse_adapters, vllm_available
@@ -46,15 +48,17 @@ def build_server(args: argparse.Namespace) -> tuple[object, list[str]]:
         from alignkit.serve.feedback import FeedbackStore
 
         store = FeedbackStore(args.log_db)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    weights = args.backend == "hf"  # vLLM loads the weights itself: only the tokenizer and config here
     pool = ModelPool(
-        args.model, adapters, args.served_model_name, args.dtype, args.device, args.trust_remote_code
+        args.model, adapters, args.served_model_name, args.dtype, device, args.trust_remote_code, weights
     )
     if args.backend == "vllm":
         generate = VLLMGenerate(args.model, pool.tokenizer, pool.eos)
     else:
         generate = HFGenerate(pool)
     metrics = Metrics()
-    batcher = Batcher(generate, args.max_batch_size, args.max_queue, metrics)
+    batcher = Batcher(generate, args.max_batch_size, args.max_queue, metrics, pool.context)
     server = Server(pool, batcher, metrics, store, args.max_input_tokens, args.max_n)
     api_key = args.api_key or os.environ.get("ALIGNKIT_API_KEY") or None
     return build_app(server, api_key), list(pool.ids)

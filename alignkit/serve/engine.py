@@ -48,12 +48,16 @@ class ModelPool:
         dtype: str = "auto",
         device: str | None = None,
         trust_remote_code: bool = False,
+        weights: bool = True,
     ) -> None:
         from alignkit.evaluate.models import load_causal_lm
         from alignkit.models import is_peft
 
-        self.model, self.tokenizer = load_causal_lm(model_path, dtype, trust_remote_code, device)
-        self.model.eval()
+        if weights:
+            self.model, self.tokenizer = load_causal_lm(model_path, dtype, trust_remote_code, device)
+            self.model.eval()
+        else:  # another engine (vLLM) holds the weights: the config says the context and the EOS tokens
+            self.model, self.tokenizer = _config_only(model_path, trust_remote_code)
         base_id = served_name or model_path
         # model id -> adapter name (None: the model without any adapter)
         self.ids: dict[str, str | None] = {base_id: "default" if is_peft(self.model) else None}
@@ -99,6 +103,24 @@ class ModelPool:
             return
         self.model.set_adapter(adapter)
         yield self.model
+
+
+def _config_only(path: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    """A stand-in with the model's `config` and `generation_config`, and the tokenizer, without weights."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    from alignkit.models import load_tokenizer
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        generation = None
+    return SimpleNamespace(config=config, generation_config=generation), load_tokenizer(
+        path, trust_remote_code
+    )
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

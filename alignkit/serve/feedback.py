@@ -209,9 +209,11 @@ class FeedbackStore:
         answers: list[str],
         created: int,
         params: dict,
+        first_index: int = 0,
     ) -> None:
         """Store one completion: its prompt (chat messages or text), one answer per choice, the sampling
-        settings. Committed before it returns."""
+        settings. Committed before it returns. A request with several prompts is stored as one completion per
+        prompt, `{id}:{p}`, its answers numbered from `first_index` as the response numbers its choices."""
         if isinstance(prompt, str):
             kind = "text"
         elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
@@ -234,7 +236,7 @@ class FeedbackStore:
             for i, answer in enumerate(answers):
                 self._execute(
                     "INSERT INTO answers (completion_id, idx, content) VALUES (?, ?, ?)",
-                    (completion_id, i, answer),
+                    (completion_id, first_index + i, answer),
                 )
 
         try:
@@ -250,15 +252,20 @@ class FeedbackStore:
         if label not in LABELS:
             raise ValueError(f"label must be 'up' or 'down', got {label!r}")
 
+        # the id of a request with several prompts names them all: its answer `index` lives in `{id}:{p}`
+        escaped = completion_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
         def work() -> bool:
             known = self._execute(
-                "SELECT 1 FROM answers WHERE completion_id = ? AND idx = ?", (completion_id, index)
+                "SELECT completion_id FROM answers WHERE (completion_id = ? OR completion_id LIKE ? ESCAPE '\\') "
+                "AND idx = ?",
+                (completion_id, escaped + ":%", index),
             ).fetchone()
             if known is None:
                 return False
             self._execute(
                 "INSERT INTO feedback (completion_id, idx, label, comment, created) VALUES (?, ?, ?, ?, ?)",
-                (completion_id, index, label, comment, time.time()),
+                (known[0], index, label, comment, time.time()),
             )
             return True
 

@@ -58,7 +58,7 @@ class MetricsAndAuth:
         path = scope["path"]
         if self.api_key and path.startswith("/v1/") and not self._authorized(scope):
             await _send_json(send, 401, _auth_error())
-            self.metrics.requests.labels(path, "401").inc()
+            self.metrics.requests.labels(_path_label(path), "401").inc()
             return
         start, status = time.monotonic(), {"code": 500}
 
@@ -72,14 +72,26 @@ class MetricsAndAuth:
             await self.app(scope, receive, record)
         finally:
             self.metrics.running.dec()
-            label = path if path.startswith("/v1/") or path in ("/health", "/metrics") else "other"
+            label = _path_label(path)
             self.metrics.requests.labels(label, str(status["code"])).inc()
             self.metrics.latency.labels(label).observe(time.monotonic() - start)
 
     def _authorized(self, scope: dict) -> bool:
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        )
+
+
+PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/feedback", "/health", "/metrics")
+
+
+def _path_label(path: str) -> str:
+    """The route a request went to, or `other`: a label per path a client invents would grow without end."""
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return path if path in PATHS else "other"
 
 
 def _auth_error() -> dict:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding (as vLLM does): dividing by it overflows
+INT64 = 2**63
 
 
 class APIError(Exception):
@@ -60,19 +62,57 @@ class Message(BaseModel):
         return "".join(p.text or "" for p in self.content)
 
 
-class Sampling(BaseModel):
-    """The settings both endpoints share."""
+def _valid_text(value: Any, where: str) -> None:
+    """Every string of the body must be valid Unicode: JSON lets a lone surrogate (\\ud800) through, which
+    no tokenizer, database or response can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{where or 'the body'} holds text that is not valid Unicode ({exc.reason})"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_text(key, where)
+            _valid_text(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _valid_text(item, f"{where}.{i}")
+
+
+class Body(BaseModel):
+    """A request body: unknown fields allowed, invalid Unicode refused, `null` meaning "the default" (some
+    clients send every field, unset ones as null)."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clean(cls, data: Any) -> Any:
+        _valid_text(data, "")
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+
+class Sampling(Body):
+    """The settings both endpoints share."""
+
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy(cls, temperature: float) -> float:
+        return 0.0 if temperature < GREEDY_BELOW else temperature
 
     @field_validator("stop")
     @classmethod
@@ -115,17 +155,23 @@ class CompletionRequest(Sampling):
         return prompts
 
 
-class Feedback(BaseModel):
+class Feedback(Body):
     id: str
     label: Literal["up", "down"]
     comment: str | None = None
-    index: int = Field(0, ge=0)
+    index: int = Field(0, ge=0, lt=2**31)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """(message, param) of pydantic's first error, with the field's path, e.g. `messages.0.role: ...`."""
     first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # pydantic names the branch of a union it tried (`content.str`, `stop.list[str]`): not a field
+    loc = [
+        str(x) for x in first.get("loc", ()) if x != "body" and str(x) not in _TYPE_TAGS and "[" not in str(x)
+    ]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "the body is not valid JSON: " + str(first.get("ctx", {}).get("error", first.get("msg"))), None

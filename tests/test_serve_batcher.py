@@ -1,0 +1,84 @@
+"""The batcher's rules on hand-made jobs (no model): a request is answered when its own rows end, a pass
+never pads past the model's context, rows keep back what could start a stop string."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alignkit.rollout import TextStream
+from alignkit.serve.batcher import Batcher, Job, Row, on_step_for
+
+
+class CharTokenizer:
+    """One character per token id (ord), EOS = 0."""
+
+    eos_token_id = 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids if i)
+
+
+def _job(
+    loop: asyncio.AbstractEventLoop, max_tokens: int, prompt_len: int = 2, stop: list[str] | None = None
+) -> Job:
+    return Job("m", [[1] * prompt_len], 1, max_tokens, 1.0, 1.0, stop or [], None, CharTokenizer(), loop)
+
+
+def test_a_request_is_answered_when_its_rows_end_not_when_the_pass_does() -> None:
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        short, long = _job(loop, 2), _job(loop, 6)
+        order: list[str] = []
+
+        def generate(batch: list[Job]) -> None:
+            on_step = on_step_for(batch, {0})
+            for step in range(6):
+                on_step([ord("a") + step] * len(batch))
+                order.append(f"step {step}: short ended={short.ended} long ended={long.ended}")
+
+        batcher = Batcher(generate, max_batch_size=8, max_queue=8)
+        batcher.start()
+        batcher.submit(short)
+        batcher.submit(long)
+        await short.wait()
+        await long.wait()
+        await batcher.stop()
+        assert (short.rows[0].text, short.rows[0].finish) == ("ab", "length")
+        assert (long.rows[0].text, long.rows[0].finish) == ("abcdef", "length")
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[1] == "step 1: short ended=True long ended=False"  # ended after its 2nd token, mid-pass
+    assert order[5] == "step 5: short ended=True long ended=True"
+
+
+def test_a_pass_never_pads_past_the_models_context() -> None:
+    async def scenario() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(lambda batch: None, max_batch_size=8, max_queue=8, context=64)
+        long_prompt = _job(loop, 4, prompt_len=50)  # 50 + 4 fits alone
+        long_answer = _job(loop, 60, prompt_len=2)  # 2 + 60 fits alone; padded to 50 + 60 it would not
+        small = _job(loop, 10, prompt_len=3)  # 50 + 10 fits beside the long prompt
+        for job in (long_prompt, long_answer, small):
+            batcher.waiting.append(job)
+        first = batcher._take()
+        second = batcher._take()
+        return [
+            [j.order for j in first],
+            [j.order for j in second],
+            [long_prompt.order, long_answer.order, small.order],
+        ]
+
+    first, second, (a, b, c) = asyncio.run(scenario())
+    assert first == [a, c] and second == [b]
+
+
+def test_rows_hold_back_a_possible_stop_string_and_cut_at_it() -> None:
+    row = Row(0, 20, TextStream(CharTokenizer()))
+    sent = [row.push(ord(ch), {0}, ["END"]) for ch in "abcEN"]
+    assert "".join(sent) == "abc" and row.finish is None  # the last len("END") - 1 characters wait
+    sent += [row.push(ord(ch), {0}, ["END"]) for ch in "XyEND"]
+    assert "".join(sent) == "abcENXy" == row.text and row.finish == "stop"  # cut before the stop string
+    eos = Row(0, 20, TextStream(CharTokenizer()))
+    assert [eos.push(t, {0}, []) for t in (ord("h"), ord("i"), 0)] == ["h", "i", ""]
+    assert (eos.text, eos.finish, eos.tokens) == ("hi", "stop", [ord("h"), ord("i")])
