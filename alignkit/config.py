@@ -18,7 +18,7 @@ import yaml
 from alignkit.coerce import coerce, flatten, parse_overrides
 from alignkit.errors import UserError, did_you_mean
 
-STAGES = ("sft", "rm", "dpo", "kto", "ppo", "grpo")
+STAGES = ("sft", "pt", "rm", "dpo", "kto", "ppo", "grpo")
 FINETUNING_TYPES = ("full", "lora", "qlora", "freeze")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 SCHEDULERS = (
@@ -62,6 +62,12 @@ class BaseConfig:
     eval_dataset: str | list[str] | None = None
     dataset_format: str = "auto"
     dataset_split: str = "train"
+    dataset_dir: str = "data"  # where LLaMA-Factory's dataset_info.json is looked up for data set names
+    max_samples: int | None = None  # keep the first N rows of each data set
+    val_size: float = 0.0  # hold out this fraction (< 1) or number of training rows as eval_dataset
+    template: str | None = (
+        None  # a chat template by LLaMA-Factory's name (qwen, llama3, ...); None: the tokenizer's
+    )
     max_length: int = 1024
     max_prompt_length: int | None = None  # None: only max_length applies
     shuffle: bool = True
@@ -74,6 +80,15 @@ class BaseConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = (
+        None  # trained in full beside LoRA (LLaMA-Factory's additional_target)
+    )
+    adapter_name_or_path: str | list[str] | None = (
+        None  # LoRA adapter(s) on the model: all but the last merged
+    )
+    merge_adapter: bool = (
+        False  # merge the last adapter too (a new one is trained under lora), else continue it
+    )
     save_merged: bool = False  # lora: also write the merged full model
     freeze_trainable_layers: int = 2  # freeze: train the last N decoder layers
     # optimisation
@@ -97,10 +112,14 @@ class BaseConfig:
     gradient_checkpointing: bool = False
     # logging and checkpoints
     logging_steps: int = 10
+    eval_strategy: str | None = None  # no | steps | epoch; None: evaluate every eval_steps when set
     eval_steps: int | None = None
     save_steps: int | None = None  # None: only the final model
     save_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None  # "auto" or a checkpoint path
+    resume_from_checkpoint: str | None = (
+        None  # "auto" or a checkpoint path ("true": the newest, which must exist)
+    )
+    deepspeed: str | None = None  # a DeepSpeed JSON config, handed to accelerate's DeepSpeed plugin
     report_to: str = "none"
     run_name: str | None = None
     disable_tqdm: bool = False
@@ -113,6 +132,15 @@ class SFTConfig(BaseConfig):
     learning_rate: float = 2e-5
     packing: bool = False  # several rows in one sequence, attention kept apart by position_ids
     completion_only_loss: bool = True  # loss only on completion/assistant tokens
+
+
+@dataclass
+class PTConfig(SFTConfig):
+    """LLaMA-Factory's `stage: pt`: plain language modelling on text (every token trained)."""
+
+    stage: str = "pt"
+    dataset_format: str = "text"
+    completion_only_loss: bool = False
 
 
 @dataclass
@@ -173,7 +201,10 @@ class OnlineConfig(BaseConfig):
     rollout_backend: str = "hf"  # hf | vllm
     reward_funcs: list[str] | None = None  # math_accuracy, exact_match, format, length, or module:function
     reward_weights: list[float] | None = None  # one per reward function (and a last one for reward_model)
-    reward_model: str | None = None  # a model trained by `stage: rm`, or any sequence-classification model
+    reward_model: str | None = (
+        None  # a model trained by `stage: rm` (full or LoRA adapter), or any sequence-classification model
+    )
+    reward_model_type: str = "auto"  # auto | full | lora: auto reads the folder (adapter_config.json: lora)
     format_pattern: str = r"<think>.*</think>.*"
     length_target: int = 512  # `length` reward: penalty for characters past this
     missing_eos_penalty: float | None = None  # subtracted from the reward of truncated completions
@@ -226,6 +257,7 @@ class PPOConfig(OnlineConfig):
 CONFIG_CLASSES: dict[str, type[BaseConfig]] = {
     "ppo": PPOConfig,
     "sft": SFTConfig,
+    "pt": PTConfig,
     "rm": RMConfig,
     "dpo": DPOConfig,
     "kto": KTOConfig,

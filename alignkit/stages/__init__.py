@@ -8,6 +8,7 @@ from alignkit.stages.base import Stage
 
 _STAGES = {
     "sft": "alignkit.stages.sft:SFTStage",
+    "pt": "alignkit.stages.sft:SFTStage",
     "rm": "alignkit.stages.rm:RewardStage",
     "dpo": "alignkit.stages.preference:PreferenceStage",
     "kto": "alignkit.stages.kto:KTOStage",
