@@ -54,8 +54,13 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
     if not resume_from_checkpoint:
         return None
-    if resume_from_checkpoint == "auto":
+    if resume_from_checkpoint in ("auto", "true"):
         found = list_checkpoints(output_dir)
+        if not found and resume_from_checkpoint == "true":  # Trainer's `true`: there must be one
+            raise UserError(
+                f"resume_from_checkpoint: true, but {output_dir} has no checkpoint-N folder; use `auto` to "
+                "start fresh when there is none"
+            )
         return found[-1] if found else None
     if not os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
         raise UserError(

@@ -271,15 +271,17 @@ def register_stage_config(stage: str, cls: type[BaseConfig]) -> None:
 
 
 def build_config(raw: dict[str, Any], source: str = "config") -> BaseConfig:
-    """Validate a flat mapping of keys and build the stage's config dataclass."""
-    raw = flatten(raw)
+    """Validate a flat mapping of keys (other tools' names translated first) and build the stage's config."""
+    from alignkit.config_compat import suggest, translate
+
+    raw = translate(flatten(raw), source)
     stage = raw.get("stage", "sft")
     if stage not in CONFIG_CLASSES:
         raise UserError(
             f"{source}: `stage: {stage}` is not a stage{did_you_mean(str(stage), STAGES)}; "
             f"valid stages: {', '.join(CONFIG_CLASSES)}"
         )
-    cfg = build_dataclass(CONFIG_CLASSES[stage], raw, source, f"for stage `{stage}`")
+    cfg = build_dataclass(CONFIG_CLASSES[stage], raw, source, f"for stage `{stage}`", suggest)
     from alignkit.config_checks import validate  # the checks import the classes above
 
     validate(cfg, source)
@@ -289,18 +291,25 @@ def build_config(raw: dict[str, Any], source: str = "config") -> BaseConfig:
 T = typing.TypeVar("T")
 
 
-def build_dataclass(cls: type[T], raw: dict[str, Any], source: str, what: str = "") -> T:
-    """A config dataclass from a flat mapping: each value coerced to its field's type; an unknown key is a
-    UserError with the closest valid key. `train`, `eval` and `compare` configs all pass through here."""
+def build_dataclass(
+    cls: type[T],
+    raw: dict[str, Any],
+    source: str,
+    what: str = "",
+    suggest: typing.Callable[[str, list[str]], str] = did_you_mean,
+) -> T:
+    """A config dataclass from a flat mapping: each value coerced to its field's type. Every unknown key is
+    reported in one UserError, each with `suggest`'s hint. `train`, `eval` and `compare` configs pass here."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in hints:
-            suffix = f" {what}" if what else ""
-            raise UserError(f"{source}: unknown key `{key}`{suffix}{did_you_mean(key, names)}")
-        values[key] = coerce(key, value, hints[key])
-    return cls(**values)
+    unknown = [key for key in raw if key not in hints]
+    if unknown:
+        suffix = f" {what}" if what else ""
+        if len(unknown) == 1:
+            raise UserError(f"{source}: unknown key `{unknown[0]}`{suffix}{suggest(unknown[0], names)}")
+        lines = "\n".join(f"  `{key}`{suggest(key, names)}" for key in unknown)
+        raise UserError(f"{source}: {len(unknown)} unknown keys{suffix}:\n{lines}")
+    return cls(**{key: coerce(key, value, hints[key]) for key, value in raw.items()})
 
 
 def load_yaml_mapping(path: str) -> dict[str, Any]:

@@ -5,6 +5,8 @@ Each names the key and, where one is close, suggests the valid value (`did_you_m
 
 from __future__ import annotations
 
+import os
+
 from alignkit.config import (
     DATASET_FORMATS,
     FINETUNING_TYPES,
@@ -28,6 +30,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dataset_format": DATASET_FORMATS,
     "torch_dtype": ("auto", "float32", "bfloat16", "float16", "float64"),
     "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+    "eval_strategy": ("no", "steps", "epoch"),
+    "reward_model_type": ("auto", "full", "lora"),
 }
 _POSITIVE = (
     "per_device_train_batch_size",
@@ -63,6 +67,7 @@ def validate(cfg: BaseConfig, source: str = "config") -> None:
     for key in _NON_NEGATIVE:
         if hasattr(cfg, key) and getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise UserError(f"{source}: `{key}` must be >= 0, got {getattr(cfg, key)}")
+    _validate_data(cfg, source)
     if not 0.0 <= cfg.warmup_ratio <= 1.0:
         raise UserError(f"{source}: `warmup_ratio` must be in [0, 1], got {cfg.warmup_ratio}")
     if not cfg.model_name_or_path:
@@ -104,6 +109,26 @@ def validate(cfg: BaseConfig, source: str = "config") -> None:
         raise UserError(
             f"{source}: `max_prompt_length` ({cfg.max_prompt_length}) must be smaller than "
             f"`max_length` ({cfg.max_length})"
+        )
+
+
+def _validate_data(cfg: BaseConfig, source: str) -> None:
+    """The keys that pick and split rows (LLaMA-Factory's max_samples and val_size among them)."""
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise UserError(f"{source}: `max_samples` must be >= 1, got {cfg.max_samples}")
+    if cfg.val_size < 0 or (cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size)):
+        raise UserError(
+            f"{source}: `val_size` must be a fraction in [0, 1) or a whole number of rows, got {cfg.val_size}"
+        )
+    if cfg.val_size and cfg.eval_dataset:
+        raise UserError(f"{source}: `val_size` and `eval_dataset` both set the eval rows; keep one")
+    if cfg.eval_strategy in ("steps", "epoch") and not (cfg.eval_dataset or cfg.val_size):
+        raise UserError(f"{source}: `eval_strategy: {cfg.eval_strategy}` needs `eval_dataset` or `val_size`")
+    if getattr(cfg, "reward_model_type", "auto") != "auto" and not getattr(cfg, "reward_model", None):
+        raise UserError(f"{source}: `reward_model_type` is set but `reward_model` is not")
+    if cfg.deepspeed is not None and not os.path.isfile(cfg.deepspeed):
+        raise UserError(
+            f"{source}: `deepspeed: {cfg.deepspeed}` is not a file (give a DeepSpeed JSON config)"
         )
 
 

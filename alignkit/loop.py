@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ from alignkit.checkpoint import (
 )
 from alignkit.config import BaseConfig, config_to_dict, save_config
 from alignkit.errors import UserError
+from alignkit.launch import _accelerator
 from alignkit.stages.base import Stage
 from alignkit.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
 
@@ -64,44 +64,6 @@ def micro_batches(
     rows = order[step_in_epoch * size : (step_in_epoch + 1) * size]
     chunks = [rows[(j * world + rank) * bs : (j * world + rank + 1) * bs] for j in range(accum)]
     return chunks if world > 1 else [c for c in chunks if c]
-
-
-def single_process_launch_hint(env: Mapping[str, str]) -> str | None:
-    """What to run instead when `accelerate launch --cpu --num_processes N` started one process; else None.
-
-    Without `--mpirun_hostfile`, accelerate's CPU launcher runs the script once, with ACCELERATE_USE_CPU=True
-    and MASTER_ADDR / MASTER_PORT (set only when N > 1) but no world size: neither torchrun's WORLD_SIZE nor
-    mpirun's PMI_SIZE / OMPI_COMM_WORLD_SIZE / MV2_COMM_WORLD_SIZE.
-    """
-    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-    if env.get("ACCELERATE_USE_CPU", "").lower() != "true" or "MASTER_PORT" not in env:
-        return None
-    if any(key in env for key in sizes):
-        return None
-    return (
-        "`accelerate launch --cpu --num_processes N` started a single process (its CPU launcher starts N "
-        "only through mpirun, with --mpirun_hostfile); for N processes run "
-        "`torchrun --nproc_per_node N -m alignkit train CONFIG` or "
-        "`accelerate launch --multi_gpu --num_processes N -m alignkit train CONFIG` (both work without a GPU)"
-    )
-
-
-def _accelerator(cfg: BaseConfig) -> Any:
-    from accelerate import Accelerator
-
-    hint = single_process_launch_hint(os.environ)
-    if hint:
-        log.warning(hint)
-
-    precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
-    from accelerate.state import AcceleratorState
-
-    # Several runs in one Python process (the quickstart, notebooks, tests) may differ in precision; the
-    # process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    # Without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join a gloo group
-    # only when accelerate is told it runs on CPU.
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
 def _optimizer(stage: Stage, cfg: BaseConfig) -> torch.optim.Optimizer:
@@ -376,8 +338,9 @@ class _Run:
                     train_tokens_per_second=round(self.tokens_since_start / max(elapsed, 1e-9), 2),
                     peak_memory_mb=round(_peak_memory_mb(self.accelerator.device), 1),
                 )
-        evaluating = cfg.eval_steps and self.stage.eval_rows and not p.online  # online: eval with rollouts
-        if evaluating and (done % cfg.eval_steps == 0 or done == p.total_steps):
+        every = eval_every(cfg, p.steps_per_epoch)
+        evaluating = every and self.stage.eval_rows and not p.online  # online: eval with rollouts
+        if evaluating and (done % every == 0 or done == p.total_steps):
             logged.update(evaluate(self.accelerator, self.stage, self.model, cfg))  # every process takes part
         if not logged:
             return None
@@ -401,6 +364,18 @@ class _Run:
                 {"epoch": done / p.steps_per_epoch, "stage": self.stage.state_dict()},
                 cfg.save_total_limit,
             )
+
+
+def eval_every(cfg: BaseConfig, steps_per_epoch: int) -> int | None:
+    """Steps between evaluations: `eval_strategy` as in Hugging Face's Trainer (`steps` falls back to
+    logging_steps when eval_steps is unset); without one, every `eval_steps` when that is set."""
+    if cfg.eval_strategy == "no":
+        return None
+    if cfg.eval_strategy == "epoch":
+        return steps_per_epoch
+    if cfg.eval_strategy == "steps":
+        return cfg.eval_steps or cfg.logging_steps
+    return cfg.eval_steps
 
 
 def evaluate(accelerator: Any, stage: Stage, model: torch.nn.Module, cfg: BaseConfig) -> dict[str, float]:
