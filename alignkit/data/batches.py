@@ -37,9 +37,14 @@ def tokenize_text(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text=text)["input_ids"])
 
 
-def tokenize_chat(tokenizer: Any, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
+def tokenize_chat(
+    tokenizer: Any, messages: Messages, add_generation_prompt: bool = False, tools: list[dict] | None = None
+) -> list[int]:
+    """Token ids of `messages` rendered by the chat template; `tools` (function schemas) go to the template
+    too, only when there are some (a tokenizer without tool support is never handed the argument)."""
+    extra = {"tools": tools} if tools else {}
     out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt, **extra
     )
     return list(out["input_ids"])
 
@@ -84,16 +89,19 @@ def _budget(
 
 # ------------------------------------------------------------------------------------------------ SFT
 def _assistant_spans(
-    tokenizer: Any, messages: Messages, first: int
+    tokenizer: Any, messages: Messages, first: int, tools: list[dict] | None = None
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of the whole conversation and the [start, end) span of each assistant message at index >= first."""
-    ids = tokenize_chat(tokenizer, messages)
+    """Token ids of the whole conversation and the [start, end) span of each assistant message at index >= first.
+
+    An assistant message that calls tools (`tool_calls`, empty content) is a model output: it is a span too;
+    tool results (role `tool`) are not."""
+    ids = tokenize_chat(tokenizer, messages, tools=tools)
     spans = []
     for i, msg in enumerate(messages):
         if i < first or msg["role"] != "assistant":
             continue
-        before = tokenize_chat(tokenizer, messages[:i], add_generation_prompt=True) if i > 0 else []
-        upto = ids if i == len(messages) - 1 else tokenize_chat(tokenizer, messages[: i + 1])
+        before = tokenize_chat(tokenizer, messages[:i], True, tools) if i > 0 else []
+        upto = ids if i == len(messages) - 1 else tokenize_chat(tokenizer, messages[: i + 1], tools=tools)
         start = common_prefix_length(before, upto)
         end = common_prefix_length(upto, ids) if upto is not ids else len(ids)
         spans.append((start, end))
@@ -111,7 +119,7 @@ def encode_sft(ex: Example, tokenizer: Any) -> dict[str, list[int]]:
         n = common_prefix_length(prompt_ids, ids)
         return {"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)}
     prompt = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
-    ids, spans = _assistant_spans(tokenizer, prompt + list(ex.completion or []), first=len(prompt))
+    ids, spans = _assistant_spans(tokenizer, prompt + list(ex.completion or []), len(prompt), ex.tools)
     mask = [0] * len(ids)
     for start, end in spans:
         mask[start:end] = [1] * (end - start)
@@ -182,19 +190,19 @@ def pack_rows(rows: list[dict], max_length: int, seed: int = 0) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- pairs
-def _full_ids(tokenizer: Any, prompt: Any, completion: Any) -> list[int]:
+def _full_ids(tokenizer: Any, prompt: Any, completion: Any, tools: list[dict] | None = None) -> list[int]:
     """Token ids of prompt + completion as one sequence (string concatenation + EOS, or the whole chat)."""
     if isinstance(completion, str):
         return tokenize_text(tokenizer, str(prompt) + _with_eos(completion, tokenizer))
     prompt = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
-    return tokenize_chat(tokenizer, prompt + completion)
+    return tokenize_chat(tokenizer, prompt + completion, tools=tools)
 
 
 def encode_rm_pair(ex: Example, tokenizer: Any) -> dict[str, Any]:
     """Reward-model pair: each side is the whole sequence (prompt + completion), scored at its last token."""
     return {
-        "chosen_ids": _full_ids(tokenizer, ex.prompt, ex.chosen),
-        "rejected_ids": _full_ids(tokenizer, ex.prompt, ex.rejected),
+        "chosen_ids": _full_ids(tokenizer, ex.prompt, ex.chosen, ex.tools),
+        "rejected_ids": _full_ids(tokenizer, ex.prompt, ex.rejected, ex.tools),
         "margin": ex.margin,
     }
 
@@ -224,11 +232,13 @@ def collate_rm(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _prompt_ids(tokenizer: Any, prompt: Any, conversational: bool) -> list[int]:
+def _prompt_ids(
+    tokenizer: Any, prompt: Any, conversational: bool, tools: list[dict] | None = None
+) -> list[int]:
     if not conversational:
         return tokenize_text(tokenizer, str(prompt))
     prompt = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
-    return tokenize_chat(tokenizer, prompt, add_generation_prompt=True)
+    return tokenize_chat(tokenizer, prompt, add_generation_prompt=True, tools=tools)
 
 
 def encode_dpo_pair(ex: Example, tokenizer: Any) -> dict[str, Any]:
@@ -236,9 +246,9 @@ def encode_dpo_pair(ex: Example, tokenizer: Any) -> dict[str, Any]:
 
     Chosen and rejected keep their own ids after it, so the prompt can be run once for both (prefix sharing).
     """
-    full_c = _full_ids(tokenizer, ex.prompt, ex.chosen)
-    full_r = _full_ids(tokenizer, ex.prompt, ex.rejected)
-    p = _prompt_ids(tokenizer, ex.prompt, not isinstance(ex.chosen, str))
+    full_c = _full_ids(tokenizer, ex.prompt, ex.chosen, ex.tools)
+    full_r = _full_ids(tokenizer, ex.prompt, ex.rejected, ex.tools)
+    p = _prompt_ids(tokenizer, ex.prompt, not isinstance(ex.chosen, str), ex.tools)
     n = min(common_prefix_length(p, full_c), common_prefix_length(p, full_r))
     return {"prompt_ids": p[:n], "chosen_ids": full_c[n:], "rejected_ids": full_r[n:]}
 
@@ -299,8 +309,8 @@ def collate_pairs(rows: list[dict], pad_token_id: int, max_length: int) -> dict[
 # ------------------------------------------------------------------------------------------ unpaired
 def encode_unpaired(ex: Example, tokenizer: Any) -> dict[str, Any]:
     """Prompt / completion split at the longest shared token prefix (as for pairs), plus the label."""
-    full = _full_ids(tokenizer, ex.prompt, ex.completion)
-    p = _prompt_ids(tokenizer, ex.prompt, not isinstance(ex.completion, str))
+    full = _full_ids(tokenizer, ex.prompt, ex.completion, ex.tools)
+    p = _prompt_ids(tokenizer, ex.prompt, not isinstance(ex.completion, str), ex.tools)
     n = common_prefix_length(p, full)
     return {"prompt_ids": p[:n], "completion_ids": full[n:], "label": bool(ex.label)}
 

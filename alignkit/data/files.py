@@ -12,7 +12,11 @@ import csv
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
 from alignkit.errors import UserError
 
@@ -107,40 +111,60 @@ READERS: dict[str, Callable[[str], tuple[list[dict], list[str]]]] = {
 }
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` without a file extension: what `datasets.load_dataset` takes as a hub data set."""
     parts = name.split("/")
     return (
         len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in parts[1][-6:]
     )
 
 
-def read_rows(source: str, split: str = "train") -> tuple[list[dict], list[str]]:
-    """Rows of a local file (JSON, JSONL, CSV, Parquet), a local data-set folder or a hub data set."""
+def split_sources(sources: str | list[str]) -> list[str]:
+    """Data sources one by one: a list as given, a string split on commas ("identity,alpaca_en_demo", as
+    LLaMA-Factory's `dataset` key) unless the whole string names an existing file or folder."""
+    out: list[str] = []
+    for source in [sources] if isinstance(sources, str) else sources:
+        if "," in source and not os.path.exists(source):
+            out += [part.strip() for part in source.split(",") if part.strip()]
+        else:
+            out.append(source)
+    return out
+
+
+def read_rows(
+    source: str, split: str = "train", subset: str | None = None, folder: str | None = None
+) -> tuple[list[dict], list[str]]:
+    """Rows of a local file (JSON, JSONL, CSV, Parquet), a local data-set folder or a hub data set.
+
+    `subset` and `folder` (a hub data set's configuration name and sub-folder) go to `datasets.load_dataset`
+    as `name=` and `data_dir=`."""
     if os.path.isfile(source):
         ext = os.path.splitext(source)[1].lower()
         if ext not in READERS:
             raise UserError(f"{source}: unknown file type `{ext}`; use .json, .jsonl, .csv or .parquet")
         return READERS[ext](source)
-    if os.path.isdir(source) or _looks_like_hub_id(source):
-        return _load_with_datasets(source, split)
+    if os.path.isdir(source) or looks_like_hub_id(source):
+        return load_with_datasets(source, split, subset, folder)
     raise UserError(
         f"dataset {source} does not exist (give a .json/.jsonl/.csv/.parquet file, a folder, "
         "or a hub id such as `trl-lib/ultrafeedback_binarized`)"
     )
 
 
-def _load_with_datasets(source: str, split: str) -> tuple[list[dict], list[str]]:
+def load_with_datasets(
+    source: str, split: str, subset: str | None = None, folder: str | None = None
+) -> tuple[list[dict], list[str]]:
     """A hub id or a local folder, through `datasets.load_dataset` (the same call for both)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, name=subset, data_dir=folder, split=split)
         rows = ds.to_list()  # pyarrow lets bytes that are not UTF-8 through to here
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
         if os.path.isdir(source):
             check_folder(source)  # names the file at fault, when it is one of the mistakes it knows
         raise UserError(
-            f"dataset {source} (split `{split}`) could not be loaded: {_root_cause(exc)}"
+            f"dataset {source} (split `{split}`{f', subset `{subset}`' if subset else ''}) could not be loaded: {_root_cause(exc)}"
         ) from exc
     return rows, [f"{source} row {i + 1}" for i in range(len(rows))]
 
@@ -188,3 +212,128 @@ def check_folder(folder: str) -> None:
                 f"columns {', '.join(columns)}; `datasets` reads every file of a folder (every split too) "
                 "as one table, so give the files the same columns or point `dataset` at one file"
             )
+
+
+# ----------------------------------------------------------------------- values inside rows: tools, media
+MEDIA = ("images", "videos", "audios")
+PLACEHOLDERS = ("<image>", "<video>", "<audio>")
+
+
+def parse_tools(value: Any, where: str) -> list[dict] | None:
+    """A `tools` column (JSON text or a list) -> [{"type": "function", "function": {name, ...}}], or None."""
+    data = value
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{where}: `tools` is not valid JSON ({exc.msg} at column {exc.colno}); give a JSON list of "
+                "{name, description, parameters} function schemas"
+            ) from exc
+    if data is None:
+        return None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise UserError(f"{where}: `tools` must be a list of function schemas, got {type(data).__name__}")
+    out = []
+    for i, tool in enumerate(data):
+        if (
+            isinstance(tool, dict)
+            and tool.get("type") == "function"
+            and isinstance(tool.get("function"), dict)
+        ):
+            out.append(tool)
+        elif isinstance(tool, dict) and "name" in tool:
+            out.append({"type": "function", "function": tool})
+        else:
+            raise UserError(
+                f"{where}: tool {i} of `tools` needs a `name` (a function schema: name, parameters)"
+            )
+    return out or None
+
+
+def parse_tool_calls(value: Any, where: str, what: str) -> list[dict]:
+    """A function call (JSON text, a dict or a list of them; LLaMA-Factory's `function_call` turn or an
+    OpenAI `tool_calls` list) -> [{"type": "function", "function": {"name", "arguments"}}]."""
+    data = value
+    if isinstance(value, str):
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError:
+            data = None
+    calls = data if isinstance(data, list) else [data]
+    out = []
+    for call in calls:
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            call = call["function"]
+        if not isinstance(call, dict) or "name" not in call or "arguments" not in call:
+            shown = value if isinstance(value, str) else json.dumps(value, default=str)
+            raise UserError(
+                f'{where}: {what} must be JSON {{"name": ..., "arguments": {{...}}}} (or a list of them), '
+                f"got {shown[:120]!r}; fix the row or drop it"
+            )
+        args = call["arguments"]
+        if isinstance(args, str):  # OpenAI sends the arguments as JSON text
+            try:
+                parsed = json.loads(args)
+            except json.JSONDecodeError:
+                parsed = None
+            args = parsed if isinstance(parsed, dict) else args
+        out.append({"type": "function", "function": {"name": str(call["name"]), "arguments": args}})
+    if not out:
+        raise UserError(f"{where}: {what} holds no function call")
+    return out
+
+
+@dataclass
+class Dropped:
+    """What one `load_examples` call dropped from the rows (alignkit trains text models)."""
+
+    rows: Counter = field(default_factory=Counter)  # "images" -> rows that had any
+    files: Counter = field(default_factory=Counter)  # "images" -> how many files those rows named
+    parts: Counter = field(default_factory=Counter)  # content part type -> how many
+
+    def media(self, row: dict) -> bool:
+        """Count the media of one row; True when it had any."""
+        found = False
+        for key in MEDIA:
+            value = row.get(key)
+            n = len(value) if isinstance(value, list) else int(bool(value))
+            if n:
+                self.rows[key] += 1
+                self.files[key] += n
+                found = True
+        return found
+
+    def message(self) -> str | None:
+        said = [f"{self.rows[k]} rows had {k} ({self.files[k]} files)" for k in MEDIA if self.rows[k]]
+        if self.parts:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.parts.items()))
+            said.append(f"{sum(self.parts.values())} non-text content parts ({kinds})")
+        if not said:
+            return None
+        placeholders = (
+            "; their <image>/<video>/<audio> placeholders were taken out of the text" if self.rows else ""
+        )
+        return f"{', '.join(said)}: dropped; alignkit trains text models{placeholders}"
+
+
+DROPPED: ContextVar[Dropped | None] = ContextVar("alignkit_dropped", default=None)
+
+
+def drop_part(kind: str) -> None:
+    """Count one non-text content part left out of a message."""
+    dropped = DROPPED.get()
+    if dropped is not None:
+        dropped.parts[kind] += 1
+
+
+def strip_placeholders(text: str) -> str:
+    """`text` without LLaMA-Factory's media placeholders (and the spaces they leave at either end)."""
+    out = text
+    for tag in PLACEHOLDERS:
+        out = out.replace(tag, "")
+    return out.strip() if out != text else text

@@ -1,39 +1,39 @@
 """Raw rows of every known format -> one `Example` type.
 
 This is the only module that knows about Alpaca, ShareGPT, TRL's standard and conversational forms, or
-LLaMA-Factory's KTO tags. Downstream code sees `Example` alone. A field holding a plain string is
+LLaMA-Factory's KTO tags (its dataset_info.json names and message shapes are read in `registry.py`, tools
+and media in `files.py`). Downstream code sees `Example` alone. A field holding a plain string is
 *standard* text (tokenised as is, as TRL does); a field holding a list of messages is *conversational*
 (rendered with the tokenizer's chat template).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.data.files import read_rows
+from alignkit.data.files import (
+    DROPPED,
+    MEDIA,
+    Dropped,
+    parse_tools,
+    read_rows,
+    split_sources,
+    strip_placeholders,
+)
+from alignkit.data.registry import LFDataset, Messages, content_of, locate, messages_of, sharegpt_turns
 from alignkit.errors import UserError
 
-Messages = list[dict[str, str]]
+log = logging.getLogger("alignkit")
+
 Text = str | Messages
 
 SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
-PAIR_FORMATS = ("preference", "sharegpt_preference", "alpaca_preference")
-UNPAIRED_FORMATS = ("unpaired", "sharegpt_kto")
+PAIR_FORMATS = ("preference", "sharegpt_preference", "alpaca_preference", "messages_preference")
+UNPAIRED_FORMATS = ("unpaired", "sharegpt_kto", "alpaca_kto")
 PROMPT_FORMATS = ("prompt_only", "mt_bench")
-
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "system": "system",
-    "observation": "tool",
-    "tool": "tool",
-    "function_call": "assistant",
-}
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Example:
     margin:     optional reward-model margin.
     extra:      every other column, passed through (e.g. the `answer` a reward function checks).
     where:      "file line N" for error messages.
+    tools:      function schemas ({"type": "function", "function": {...}}) the chat template is given.
     """
 
     prompt: Text = ""
@@ -58,6 +59,7 @@ class Example:
     margin: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     where: str = ""
+    tools: list[dict] | None = None
 
     @property
     def kind(self) -> str:
@@ -84,6 +86,8 @@ def detect_format(row: dict, where: str = "") -> str:
             f"{where}: has `{have}` but no `{lack}`; preference rows need both "
             f"(found fields: {', '.join(sorted(keys))})"
         )
+    if {"chosen_messages", "rejected_messages"} <= keys:  # LLaMA-Factory v1
+        return "messages_preference"
     if {"chosen", "rejected"} <= keys:
         if "conversations" in keys:
             return "sharegpt_preference"
@@ -92,10 +96,10 @@ def detect_format(row: dict, where: str = "") -> str:
         return "preference"
     if "conversations" in keys:
         return "sharegpt_kto" if "kto_tag" in keys else "sharegpt"
-    if "label" in keys and ({"prompt", "completion"} <= keys or "messages" in keys):
+    if keys & {"label", "kto_tag"} and ({"prompt", "completion"} <= keys or "messages" in keys):
         return "unpaired"
     if "instruction" in keys and "output" in keys:
-        return "alpaca"
+        return "alpaca_kto" if "kto_tag" in keys else "alpaca"
     if "messages" in keys:
         msgs = row["messages"]
         if (
@@ -117,8 +121,9 @@ def detect_format(row: dict, where: str = "") -> str:
     raise UserError(
         f"{where}: cannot tell the data format from the columns {sorted(keys)}. Known forms: "
         "messages | conversations (ShareGPT) | instruction/input/output (Alpaca) | prompt/completion | text "
-        "| prompt/chosen/rejected | prompt/completion/label | prompt, question or problem (prompt-only). "
-        "Rename the columns or set `dataset_format`."
+        "| prompt/chosen/rejected | chosen_messages/rejected_messages | prompt/completion/label "
+        "| prompt, question or problem (prompt-only). Rename the columns, set `dataset_format`, or name "
+        "the file in LLaMA-Factory's dataset_info.json (`columns`)."
     )
 
 
@@ -132,42 +137,10 @@ def _need(row: dict, keys: tuple[str, ...], where: str, fmt: str) -> None:
         )
 
 
-def _messages(value: Any, where: str, name: str) -> Messages:
-    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
-        raise UserError(f"{where}: field `{name}` must be a list of {{role, content}} messages")
-    out = []
-    for i, m in enumerate(value):
-        if "role" not in m or "content" not in m:
-            raise UserError(
-                f"{where}: message {i} of `{name}` needs `role` and `content` (found: {', '.join(sorted(m))})"
-            )
-        out.append({"role": str(m["role"]), "content": "" if m["content"] is None else str(m["content"])})
-    return out
-
-
-def _sharegpt(value: Any, where: str, name: str) -> Messages:
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list):
-        raise UserError(f"{where}: field `{name}` must be a list of {{from, value}} turns")
-    out = []
-    for i, turn in enumerate(value):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise UserError(f"{where}: turn {i} of `{name}` needs `from` and `value`")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
-        if role is None:
-            raise UserError(
-                f"{where}: turn {i} of `{name}` has unknown speaker `{turn['from']}` "
-                f"(known: {', '.join(SHAREGPT_ROLES)})"
-            )
-        out.append({"role": role, "content": str(turn["value"])})
-    return out
-
-
 def _text_or_messages(value: Any, where: str, name: str) -> Text:
     if isinstance(value, str):
         return value
-    return _messages(value, where, name)
+    return messages_of(value, where, name)
 
 
 def _alpaca_prompt(row: dict) -> Messages:
@@ -176,9 +149,7 @@ def _alpaca_prompt(row: dict) -> Messages:
         msgs.append({"role": "system", "content": str(row["system"])})
     for turn in row.get("history") or []:
         msgs += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
-    query = str(row["instruction"])
-    if row.get("input"):
-        query = f"{query}\n{row['input']}"
+    query = "\n".join(str(row[k]) for k in ("instruction", "input") if row.get(k))  # "instruction\ninput"
     msgs.append({"role": "user", "content": query})
     return msgs
 
@@ -208,7 +179,9 @@ def _check_completion(value: Text | None, where: str, name: str) -> None:
     if isinstance(value, str):
         empty = not value.strip()
     else:
-        empty = not value or all(not m["content"].strip() for m in value if m["role"] == "assistant")
+        empty = not value or all(
+            not m["content"].strip() and not m.get("tool_calls") for m in value if m["role"] == "assistant"
+        )
         if value and not any(m["role"] == "assistant" for m in value):
             raise UserError(f"{where}: `{name}` has no assistant message to train on")
     if empty:
@@ -230,25 +203,27 @@ _USED = {
     "preference": ("prompt", "chosen", "rejected", "margin"),
     "sharegpt_preference": ("conversations", "chosen", "rejected", "system", "margin"),
     "alpaca_preference": ("instruction", "input", "chosen", "rejected", "system", "history", "margin"),
-    "unpaired": ("prompt", "completion", "messages", "label"),
+    "messages_preference": ("chosen_messages", "rejected_messages", "margin"),
+    "unpaired": ("prompt", "completion", "messages", "label", "kto_tag"),
     "sharegpt_kto": ("conversations", "kto_tag", "system"),
+    "alpaca_kto": ("instruction", "input", "output", "system", "history", "kto_tag"),
     "prompt_only": ("prompt", "messages", "question", "problem"),
     "mt_bench": (),  # `turns` stays among the extra columns: `eval` asks the later turns as follow-ups
 }
 
 
-def _system(row: dict) -> list[dict[str, str]]:
+def _system(row: dict) -> Messages:
     return [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
 
 
 def _ex_messages(row: dict, where: str, ex: Example) -> None:
     _need(row, ("messages",), where, "messages")
-    ex.prompt, ex.completion = [], _messages(row["messages"], where, "messages")
+    ex.prompt, ex.completion = [], messages_of(row["messages"], where, "messages")
 
 
 def _ex_sharegpt(row: dict, where: str, ex: Example) -> None:
     _need(row, ("conversations",), where, "sharegpt")
-    ex.prompt, ex.completion = [], _system(row) + _sharegpt(row["conversations"], where, "conversations")
+    ex.prompt, ex.completion = [], _system(row) + sharegpt_turns(row["conversations"], where, "conversations")
 
 
 def _ex_alpaca(row: dict, where: str, ex: Example) -> None:
@@ -264,7 +239,7 @@ def _ex_prompt_completion(row: dict, where: str, ex: Example) -> None:
 
 def _ex_text(row: dict, where: str, ex: Example) -> None:
     _need(row, ("text",), where, "text")
-    ex.prompt, ex.completion = "", str(row["text"])
+    ex.prompt, ex.completion = "", content_of(row["text"], where, "`text`")[0]
 
 
 def _ex_preference(row: dict, where: str, ex: Example) -> None:
@@ -283,9 +258,9 @@ def _ex_preference(row: dict, where: str, ex: Example) -> None:
 
 def _ex_sharegpt_preference(row: dict, where: str, ex: Example) -> None:
     _need(row, ("conversations", "chosen", "rejected"), where, "sharegpt_preference")
-    ex.prompt = _system(row) + _sharegpt(row["conversations"], where, "conversations")
-    ex.chosen = _sharegpt(row["chosen"], where, "chosen")
-    ex.rejected = _sharegpt(row["rejected"], where, "rejected")
+    ex.prompt = _system(row) + sharegpt_turns(row["conversations"], where, "conversations")
+    ex.chosen = sharegpt_turns(row["chosen"], where, "chosen")
+    ex.rejected = sharegpt_turns(row["rejected"], where, "rejected")
 
 
 def _ex_alpaca_preference(row: dict, where: str, ex: Example) -> None:
@@ -295,11 +270,19 @@ def _ex_alpaca_preference(row: dict, where: str, ex: Example) -> None:
     ex.rejected = [{"role": "assistant", "content": str(row["rejected"])}]
 
 
+def _ex_messages_preference(row: dict, where: str, ex: Example) -> None:
+    """LLaMA-Factory v1 pairs: `chosen_messages` / `rejected_messages`, each the whole conversation."""
+    _need(row, ("chosen_messages", "rejected_messages"), where, "messages_preference")
+    chosen = {"chosen": row["chosen_messages"], "rejected": row["rejected_messages"]}
+    _ex_preference(chosen, where, ex)
+
+
 def _ex_unpaired(row: dict, where: str, ex: Example) -> None:
-    _need(row, ("label",), where, "unpaired")
-    ex.label = _label(row["label"], where, "label")
+    key = "label" if "label" in row else "kto_tag"
+    _need(row, (key,), where, "unpaired")
+    ex.label = _label(row[key], where, key)
     if "messages" in row:
-        msgs = _messages(row["messages"], where, "messages")
+        msgs = messages_of(row["messages"], where, "messages")
         if not msgs or msgs[-1]["role"] != "assistant":
             raise UserError(f"{where}: `messages` must end with the assistant turn that `label` judges")
         ex.prompt, ex.completion = msgs[:-1], msgs[-1:]
@@ -311,10 +294,16 @@ def _ex_unpaired(row: dict, where: str, ex: Example) -> None:
 
 def _ex_sharegpt_kto(row: dict, where: str, ex: Example) -> None:
     _need(row, ("conversations", "kto_tag"), where, "sharegpt_kto")
-    msgs = _sharegpt(row["conversations"], where, "conversations")
+    msgs = sharegpt_turns(row["conversations"], where, "conversations")
     if not msgs or msgs[-1]["role"] != "assistant":
         raise UserError(f"{where}: `conversations` must end with the assistant turn that `kto_tag` judges")
     ex.prompt, ex.completion = _system(row) + msgs[:-1], msgs[-1:]
+    ex.label = _label(row["kto_tag"], where, "kto_tag")
+
+
+def _ex_alpaca_kto(row: dict, where: str, ex: Example) -> None:
+    _need(row, ("instruction", "output", "kto_tag"), where, "alpaca_kto")
+    _ex_alpaca(row, where, ex)
     ex.label = _label(row["kto_tag"], where, "kto_tag")
 
 
@@ -326,7 +315,7 @@ def _ex_prompt_only(row: dict, where: str, ex: Example) -> None:
         ex.prompt = [{"role": "user", "content": str(row[key])}]
     else:
         _need(row, ("messages",) if "messages" in row else ("prompt",), where, "prompt_only")
-        ex.prompt = _messages(row["messages"], where, "messages")
+        ex.prompt = messages_of(row["messages"], where, "messages")
 
 
 def _ex_mt_bench(row: dict, where: str, ex: Example) -> None:
@@ -347,44 +336,102 @@ _CONVERTERS: dict[str, Callable[[dict, str, Example], None]] = {
     "preference": _ex_preference,
     "sharegpt_preference": _ex_sharegpt_preference,
     "alpaca_preference": _ex_alpaca_preference,
+    "messages_preference": _ex_messages_preference,
     "unpaired": _ex_unpaired,
     "sharegpt_kto": _ex_sharegpt_kto,
+    "alpaca_kto": _ex_alpaca_kto,
     "prompt_only": _ex_prompt_only,
     "mt_bench": _ex_mt_bench,
 }
 
 
 def to_example(row: dict, fmt: str, where: str) -> Example:
-    """Convert one raw row of format `fmt` into an Example, or raise a UserError naming the row."""
+    """Convert one raw row of format `fmt` into an Example, or raise a UserError naming the row.
+
+    A `tools` column becomes `Example.tools`; media columns (images, videos, audios) are dropped, with their
+    placeholders in the text, and counted for the warning of `load_examples`."""
     if fmt not in _CONVERTERS:
         raise UserError(f"unknown dataset_format `{fmt}`")
-    ex = Example(where=where, extra={k: v for k, v in row.items() if k not in _USED[fmt]})
+    skip = (*_USED[fmt], "tools", *MEDIA)
+    ex = Example(where=where, extra={k: v for k, v in row.items() if k not in skip})
     _CONVERTERS[fmt](row, where, ex)
+    ex.tools = parse_tools(row.get("tools"), where)
     if "margin" in row and row["margin"] is not None and fmt in PAIR_FORMATS:
         ex.margin = float(row["margin"])
+    dropped = DROPPED.get() or Dropped()
+    if dropped.media(row):
+        _strip_media(ex)
     for name in ("completion", "chosen", "rejected"):
         _check_completion(getattr(ex, name), where, name)
     return ex
 
 
+def _strip_media(ex: Example) -> None:
+    for name in ("prompt", "completion", "chosen", "rejected"):
+        value = getattr(ex, name)
+        if isinstance(value, str):
+            setattr(ex, name, strip_placeholders(value))
+        elif isinstance(value, list):
+            setattr(ex, name, [{**m, "content": strip_placeholders(m["content"])} for m in value])
+
+
 def load_examples(
-    sources: str | list[str], dataset_format: str = "auto", split: str = "train"
+    sources: str | list[str],
+    dataset_format: str = "auto",
+    split: str = "train",
+    dataset_dir: str | None = None,
+    stage: str | None = None,
 ) -> list[Example]:
-    """Read every source and convert every row. The format is detected per file from its first row."""
-    if isinstance(sources, str):
-        sources = [sources]
-    examples: list[Example] = []
-    for source in sources:
-        rows, where = read_rows(source, split)
-        if not rows:
-            raise UserError(f"dataset {source} has no rows")
-        fmt = detect_format(rows[0], where[0]) if dataset_format == "auto" else dataset_format
-        examples += [to_example(row, fmt, w) for row, w in zip(rows, where)]
+    """Read every source and convert every row. The format is detected per file from its first row.
+
+    `sources`: paths, hub ids, or names of `<dataset_dir>/dataset_info.json` (LLaMA-Factory's registry;
+    `dataset_dir` None is its default, `data`); a string is split on commas unless it is an existing path.
+    A registered name is read by its entry's `formatting`/`columns`/`tags`, not by `dataset_format`, save
+    that `dataset_format: text` or `stage: pt` reads its first user turn as plain text. Media and non-text
+    content parts are dropped, with one warning per call."""
+    dropped = Dropped()
+    token = DROPPED.set(dropped)
+    try:
+        examples: list[Example] = []
+        for source in split_sources(sources):
+            entry = locate(source, dataset_dir)
+            if entry is not None:
+                examples += _load_registered(entry, split, text=stage == "pt" or dataset_format == "text")
+                continue
+            rows, where = read_rows(source, split)
+            if not rows:
+                raise UserError(f"dataset {source} has no rows")
+            fmt = detect_format(rows[0], where[0]) if dataset_format == "auto" else dataset_format
+            examples += [to_example(row, fmt, w) for row, w in zip(rows, where)]
+    finally:
+        DROPPED.reset(token)
+    message = dropped.message()
+    if message:
+        log.warning(message)
     return examples
 
 
-def describe_format(source: str, split: str = "train") -> tuple[str, int]:
-    rows, where = read_rows(source, split)
+def _load_registered(entry: LFDataset, split: str, text: bool) -> list[Example]:
+    rows, where = entry.read(split)
+    if not rows:
+        raise UserError(f"dataset {entry.name} ({entry.source}, from {entry.info_path}) has no rows")
+    examples = []
+    for row, w in zip(rows, where):
+        canon, fmt, rest = entry.to_canonical(row, w, text)
+        ex = to_example(canon, fmt, w)
+        ex.extra = {**rest, **ex.extra}
+        examples.append(ex)
+    return examples
+
+
+def describe_format(
+    source: str, split: str = "train", dataset_dir: str | None = None, stage: str | None = None
+) -> tuple[str, int]:
+    """(the format of a source, its number of rows); a registered name is described by its entry."""
+    entry = locate(source, dataset_dir)
+    rows, where = read_rows(source, split) if entry is None else entry.read(split)
     if not rows:
         raise UserError(f"dataset {source} has no rows")
+    if entry is not None:
+        return entry.to_canonical(rows[0], where[0], stage == "pt")[1], len(rows)
     return detect_format(rows[0], where[0]), len(rows)
