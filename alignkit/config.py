@@ -42,8 +42,10 @@ DATASET_FORMATS = (
     "preference",
     "sharegpt_preference",
     "alpaca_preference",
+    "messages_preference",
     "unpaired",
     "sharegpt_kto",
+    "alpaca_kto",
     "prompt_only",
     "mt_bench",
 )

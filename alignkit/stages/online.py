@@ -29,7 +29,7 @@ log = logging.getLogger("alignkit")
 
 def encode_prompt(ex: Example, tokenizer: Any) -> list[int]:
     if isinstance(ex.prompt, list):
-        return tokenize_chat(tokenizer, ex.prompt, add_generation_prompt=True)
+        return tokenize_chat(tokenizer, ex.prompt, add_generation_prompt=True, tools=ex.tools)
     return tokenize_text(tokenizer, ex.prompt)
 
 
