@@ -6,9 +6,9 @@
 and `empty`. Each assistant message's trained part (content and end-of-turn token; Mistral's leading
 space; Qwen3's empty think block) is wrapped in `{% generation %}`, so `return_assistant_tokens_mask`
 works (LLaMA-Factory also trains on the newline some slots put after the end token, e.g. qwen's
-`<|im_end|>\\n`; the mask leaves it out). End-of-turn strings are written as text (`<|im_end|>`, `<|eot_id|>`, ...), so they tokenise to the
-tokenizer's special token where it has one; LLaMA-Factory's `bos_token` / `eos_token` slots are the
-tokenizer's own tokens.
+`<|im_end|>\\n`; the mask leaves it out). End-of-turn strings are written as text (`<|im_end|>`,
+`<|eot_id|>`, ...), so they tokenise to the tokenizer's special token where it has one; LLaMA-Factory's
+`bos_token` / `eos_token` slots are the tokenizer's own tokens.
 
 Where LLaMA-Factory has no rule, these templates choose:
 - the assistant header (`<|im_start|>assistant\\n`, ...) that LLaMA-Factory appends to every user turn is
