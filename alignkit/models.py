@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -19,9 +20,12 @@ _DTYPES = {
 }
 
 
-def _check_model_path(path: str) -> None:
+def _check_model_path(path: str, adapter_ok: bool = True) -> None:
+    """A model folder, hub id or (with `adapter_ok`) LoRA adapter folder whose base is there; else UserError."""
     if not path:
         raise UserError("`model_name_or_path` is empty")
+    if adapter_ok and is_adapter(path):
+        return _check_model_path(_existing_base(path), adapter_ok=False)
     if os.path.exists(path):
         if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(
@@ -39,11 +43,187 @@ def _check_model_path(path: str) -> None:
 
 def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
     """Call a transformers `from_pretrained`; a missing hub id or no network becomes a UserError."""
-    _check_model_path(path)
+    _check_model_path(path, adapter_ok=False)  # an adapter folder is resolved first (`resolve_model`)
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise UserError(f"could not load {path}: {exc}".split("\n")[0]) from exc
+
+
+# --- LoRA adapter folders: where a model is asked for, an adapter folder (adapter_config.json) works too ------
+
+ADAPTER_CONFIG = "adapter_config.json"
+# Beside an adapter trained on a base with adapters merged into it: those, in order (its adapter_config.json
+# names the bare base); `resolve_model` merges them first wherever the adapter is loaded.
+MERGED_ADAPTERS = "merged_adapters.json"
+
+
+class ModelSpec(NamedTuple):
+    """The weights a model is made of: a full model, adapters merged into it in order, one adapter on top that
+    training continues (None: a fresh LoRA, or no LoRA)."""
+
+    base: str
+    merge: tuple[str, ...]
+    resume: str | None
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.merge + ((self.resume,) if self.resume else ())
+
+
+def is_adapter(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def _adapter_config(path: str) -> dict[str, Any]:
+    config = os.path.join(path, ADAPTER_CONFIG)
+    with open(config, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{config} is not a JSON object ({exc}); re-save the adapter with peft") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{config} is not a JSON object; re-save the adapter with peft")
+    return data
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model an adapter folder names, or None when `path` is not an adapter folder."""
+    if not is_adapter(path):
+        return None
+    base = _adapter_config(path).get("base_model_name_or_path")
+    if not base:
+        raise UserError(
+            f"{os.path.join(path, ADAPTER_CONFIG)}: no `base_model_name_or_path`; set it to the base model "
+            "the adapter was trained on"
+        )
+    return base
+
+
+def adapter_task_type(path: str) -> str | None:
+    """peft's task_type of an adapter folder (CAUSAL_LM, SEQ_CLS, ...); None when unknown (a hub id)."""
+    return _adapter_config(path).get("task_type") if is_adapter(path) else None
+
+
+def _existing_base(path: str) -> str:
+    """An adapter folder's base; a local base that is not there is a UserError naming adapter_config.json."""
+    base = adapter_base(path) or path
+    if not os.path.exists(base) and base.startswith((".", "/", "~")):
+        raise UserError(
+            f"adapter {path} was trained on {base}, which does not exist here; edit `base_model_name_or_path` "
+            f"in {os.path.join(path, ADAPTER_CONFIG)} to where the base model is"
+        )
+    if is_adapter(base):
+        raise UserError(
+            f"{os.path.join(path, ADAPTER_CONFIG)}: `base_model_name_or_path` {base} is itself an adapter; "
+            "name the full base model there"
+        )
+    return base
+
+
+def _weights_path(path: str) -> str:
+    """Where a model's config.json is: the base of an adapter folder, else the path itself."""
+    return (adapter_base(path) or path) if os.path.isdir(path) else path
+
+
+def _merged_before(adapter: str) -> list[str]:
+    """The adapters MERGED_ADAPTERS says were merged into the base under `adapter`."""
+    record = os.path.join(adapter, MERGED_ADAPTERS)
+    if not os.path.isfile(record):
+        return []
+    try:
+        with open(record, encoding="utf-8") as fh:
+            merged = list(json.load(fh)["merged_adapters"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{record}: not a list of `merged_adapters` ({exc}); fix or delete the file") from exc
+    for path in merged:
+        if not os.path.exists(path) and path.startswith((".", "/", "~")):
+            raise UserError(
+                f"adapter {adapter} was trained on its base with {path} merged in, which does not exist here; "
+                f"edit `merged_adapters` in {record} to where that adapter is"
+            )
+    return merged
+
+
+def _as_list(adapters: str | list[str] | None) -> list[str]:
+    if not adapters:
+        return []
+    items = adapters.split(",") if isinstance(adapters, str) else adapters
+    return [a.strip() for a in items if a.strip()]
+
+
+def resolve_model(
+    path: str,
+    adapters: str | list[str] | None = None,
+    continue_last: bool = False,
+    key: str = "model_name_or_path",
+) -> ModelSpec:
+    """The one place a model path plus adapters becomes weights to load (LLaMA-Factory's rule): `path` may be an
+    adapter folder (its base read from adapter_config.json) and `adapters` (adapter_name_or_path) are applied on
+    top; every adapter is merged except the last, which is continued when `continue_last`."""
+    listed = ([path] if is_adapter(path) else []) + _as_list(adapters)
+    chain: list[str] = []
+    for i, adapter in enumerate(listed):
+        where = key if i == 0 and listed[0] == path else "adapter_name_or_path"
+        if (os.path.exists(adapter) or adapter.startswith((".", "/", "~"))) and not is_adapter(adapter):
+            what = "is not a LoRA adapter folder" if os.path.exists(adapter) else "does not exist"
+            raise UserError(
+                f"`{where}`: {adapter} {what} (a folder with {ADAPTER_CONFIG}); give a folder a LoRA run "
+                "saved, or a full model as `model_name_or_path`"
+            )
+        for item in [*_merged_before(adapter), adapter]:
+            item = os.path.abspath(item) if os.path.exists(item) else item
+            if item not in chain:
+                chain.append(item)
+    base = _existing_base(path) if is_adapter(path) else path
+    resume = chain[-1] if continue_last and chain else None
+    return ModelSpec(base, tuple(chain[:-1] if resume else chain), resume)
+
+
+def training_spec(cfg: BaseConfig, task_type: str, path: str | None = None) -> ModelSpec:
+    """The weights a trainable model starts from. Under lora / qlora the last adapter is continued (its weights
+    trainable) unless `merge_adapter: true`, or it was trained for another head (an SFT adapter under a
+    reward model: merged into the backbone, and a fresh LoRA trained); under full / freeze all are merged."""
+    lora = cfg.finetuning_type in ("lora", "qlora")
+    adapters = cfg.adapter_name_or_path if path is None else None
+    spec = resolve_model(path or cfg.model_name_or_path, adapters, lora and not cfg.merge_adapter)
+    if spec.resume and adapter_task_type(spec.resume) not in (None, task_type):
+        spec = ModelSpec(spec.base, spec.adapters, None)
+    heads = [a for a in spec.adapters if task_type == "CAUSAL_LM" and adapter_task_type(a) == "SEQ_CLS"]
+    if heads:  # a reward model's adapter (a score head) cannot become part of a language model
+        raise UserError(
+            f"adapter {heads[0]} is a reward model's (task_type SEQ_CLS); a policy needs a causal LM: give a "
+            "full model or an SFT adapter, and the reward model as `reward_model`"
+        )
+    if cfg.finetuning_type == "qlora" and spec.merge:
+        raise UserError(
+            f"finetuning_type: qlora cannot merge adapters into 4-bit weights ({', '.join(spec.merge)}); "
+            "merge them first (`alignkit export`) and train on the merged model, or use `finetuning_type: lora`"
+        )
+    return spec
+
+
+def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """`model` with the adapter's deltas (and any modules it saved in full, e.g. a reward head) merged in."""
+    from peft import PeftConfig, PeftModel
+
+    try:
+        config = PeftConfig.from_pretrained(adapter)
+        config.task_type = (
+            None  # the model's class decides the head: an SFT adapter merges into a reward model
+        )
+        config.inference_mode = True
+        return PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"could not apply adapter {adapter}: {exc}".split("\n")[0]) from exc
+
+
+def load_spec(loader: Any, spec: ModelSpec, **kwargs: Any) -> nn.Module:
+    """The base through `loader` with every adapter of `spec.merge` merged (`spec.resume` is not applied)."""
+    model = _from_pretrained(loader, spec.base, **kwargs)
+    for adapter in spec.merge:
+        model = merge_adapter(model, adapter)
+    return model
 
 
 def _checkpoint_dtype(path: str) -> str | None:
@@ -65,7 +245,7 @@ def torch_dtype(cfg: BaseConfig) -> torch.dtype:
         return _DTYPES[cfg.torch_dtype]
     if cfg.bf16:
         return torch.bfloat16
-    if _checkpoint_dtype(cfg.model_name_or_path) == "float64":
+    if _checkpoint_dtype(_weights_path(cfg.model_name_or_path)) == "float64":
         return torch.float64
     return torch.float32
 
@@ -104,8 +284,12 @@ def _local_tokenizer(loader: Any, path: str, trust_remote_code: bool) -> Any:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """A model's tokenizer. An adapter folder's own (alignkit saves it there: it may carry the chat template
+    the training used), else its base model's."""
     from transformers import AutoTokenizer
 
+    if is_adapter(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        path = _existing_base(path)
     if os.path.isdir(path):
         tok = _local_tokenizer(AutoTokenizer, path, trust_remote_code)
     else:
@@ -141,23 +325,28 @@ def _quantization(cfg: BaseConfig) -> dict[str, Any]:
 
 
 def load_policy(cfg: BaseConfig, path: str | None = None) -> nn.Module:
-    """The trainable causal LM, with the finetuning type applied."""
+    """The trainable causal LM, with the finetuning type applied. `model_name_or_path` may be an adapter folder
+    and `adapter_name_or_path` may add adapters: see `training_spec` for which are merged and which continued."""
     from transformers import AutoModelForCausalLM
 
+    spec = training_spec(cfg, "CAUSAL_LM", path)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     kwargs.update(_quantization(cfg))
-    model = _from_pretrained(AutoModelForCausalLM, path or cfg.model_name_or_path, **kwargs)
-    return apply_finetuning(model, cfg, task_type="CAUSAL_LM")
+    model = load_spec(AutoModelForCausalLM, spec, **kwargs)
+    return apply_finetuning(model, cfg, task_type="CAUSAL_LM", spec=spec)
 
 
 def load_reward_model(cfg: BaseConfig, path: str | None = None, trainable: bool = True) -> nn.Module:
-    """A scalar sequence-classification head on a causal-LM backbone (score at the last non-pad token)."""
+    """A scalar sequence-classification head on a causal-LM backbone (score at the last non-pad token). From an
+    SFT adapter: the base's backbone with the adapter merged, a new head (and a new LoRA under lora)."""
     from transformers import AutoModelForSequenceClassification
 
-    path = path or cfg.model_name_or_path
-    tok = load_tokenizer(path, cfg.trust_remote_code)
+    spec = training_spec(cfg, "SEQ_CLS", path)
+    if not trainable:
+        spec = ModelSpec(spec.base, spec.adapters, None)
+    tok = load_tokenizer(path or cfg.model_name_or_path, cfg.trust_remote_code)
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(cfg),
         "trust_remote_code": cfg.trust_remote_code,
@@ -165,24 +354,32 @@ def load_reward_model(cfg: BaseConfig, path: str | None = None, trainable: bool 
     }
     if trainable:
         kwargs.update(_quantization(cfg))
-    model = _from_pretrained(AutoModelForSequenceClassification, path, **kwargs)
+    model = load_spec(AutoModelForSequenceClassification, spec, **kwargs)
     model.config.pad_token_id = tok.pad_token_id
     if not trainable:
         return model.eval().requires_grad_(False)
-    return apply_finetuning(model, cfg, task_type="SEQ_CLS")
+    return apply_finetuning(model, cfg, task_type="SEQ_CLS", spec=spec)
 
 
-def apply_finetuning(model: nn.Module, cfg: BaseConfig, task_type: str) -> nn.Module:
+def apply_finetuning(
+    model: nn.Module, cfg: BaseConfig, task_type: str, spec: ModelSpec | None = None
+) -> nn.Module:
+    """Full, freeze, or LoRA / QLoRA: a new adapter from the config, or `spec.resume` continued (trainable)."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.finetuning_type in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
         if cfg.finetuning_type == "qlora":
             model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing)
         elif cfg.gradient_checkpointing:
             model.enable_input_require_grads()
+        merged = list(spec.merge) if spec else []
+        if spec and spec.resume:
+            model = PeftModel.from_pretrained(model, spec.resume, is_trainable=True)
+            model.alignkit_merged_adapters = merged  # written beside the adapter by save_model
+            return model
         target = cfg.lora_target
         lora = LoraConfig(
             r=cfg.lora_r,
@@ -194,11 +391,13 @@ def apply_finetuning(model: nn.Module, cfg: BaseConfig, task_type: str) -> nn.Mo
             else ("all-linear" if target == "all" else target),
             # a scalar head (reward model, critic) is trained in full (peft's modules_to_save), never adapted
             exclude_modules=["score", "classifier"] if task_type != "CAUSAL_LM" else None,
+            modules_to_save=cfg.modules_to_save,
         )
         try:
             model = get_peft_model(model, lora)
         except ValueError as exc:
-            raise UserError(f"`lora_target: {target}`: {exc}") from exc
+            raise UserError(f"`lora_target: {target}` / `modules_to_save`: {exc}") from exc
+        model.alignkit_merged_adapters = merged
     elif cfg.finetuning_type == "freeze":
         freeze_but_last_layers(model, cfg.freeze_trainable_layers)
     return model
@@ -237,6 +436,10 @@ def save_model(model: nn.Module, tokenizer: Any, output_dir: str, merged: bool =
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
+    merged_in = getattr(model, "alignkit_merged_adapters", None) if is_peft(model) else None
+    if merged_in:  # the adapter sits on base + these: resolve_model merges them first wherever it is loaded
+        with open(os.path.join(output_dir, MERGED_ADAPTERS), "w", encoding="utf-8") as fh:
+            json.dump({"merged_adapters": merged_in}, fh, indent=2)
     if merged and is_peft(model):
         import copy
 

@@ -28,24 +28,42 @@ log = logging.getLogger("alignkit")
 
 
 class Reference:
-    """Computes reference log-probs for a batch with whatever reference the config asks for."""
+    """Computes reference log-probs for a batch with whatever reference the config asks for.
+
+    The reference is the *starting* policy unless `ref_model_name_or_path` names another model:
+    - `ref_model_name_or_path`: that model, frozen; an adapter folder is its base with the adapter merged.
+    - lora / qlora training a new adapter (on a full model, or on one with adapters merged into it): the policy
+      with its adapter off is exactly the starting policy, so no second copy of the weights is loaded.
+    - lora / qlora continuing an adapter (`model_name_or_path` an adapter folder, or the last of
+      `adapter_name_or_path`, without `merge_adapter`): adapter-off would be the base *without* that adapter
+      (what LLaMA-Factory uses), not the starting policy; a frozen copy is loaded: base + every adapter merged.
+    - full / freeze: a frozen copy of the starting policy (base + any adapters merged).
+    """
 
     def __init__(self, cfg: BaseConfig, policy: nn.Module) -> None:
+        from alignkit.models import ModelSpec, resolve_model, training_spec
+
         self.cfg = cfg
-        self.path = getattr(cfg, "ref_model_name_or_path", None) or cfg.model_name_or_path
-        self.use_adapter_off = cfg.finetuning_type in ("lora", "qlora") and not getattr(
-            cfg, "ref_model_name_or_path", None
-        )
+        ref = getattr(cfg, "ref_model_name_or_path", None)
+        self.path = ref or cfg.model_name_or_path
+        if ref:
+            self.spec = resolve_model(ref, key="ref_model_name_or_path")  # every adapter merged
+            continued = False
+        else:
+            start = training_spec(cfg, "CAUSAL_LM")
+            self.spec = ModelSpec(start.base, start.adapters, None)
+            continued = start.resume is not None
+        self.use_adapter_off = cfg.finetuning_type in ("lora", "qlora") and not ref and not continued
         self.model: nn.Module | None = None
 
     def _load(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        from alignkit.models import _from_pretrained, torch_dtype
+        from alignkit.models import load_spec, torch_dtype
 
-        model = _from_pretrained(
+        model = load_spec(
             AutoModelForCausalLM,
-            self.path,
+            self.spec,
             dtype=torch_dtype(self.cfg),
             trust_remote_code=self.cfg.trust_remote_code,
         )
@@ -132,7 +150,7 @@ def _fingerprint_model(path: str) -> dict[str, Any]:
         return info
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
-        if name == "config.json":
+        if name in ("config.json", "adapter_config.json"):
             with open(full, encoding="utf-8") as fh:
                 info["config"] = fh.read()
         elif name.endswith((".safetensors", ".bin")):
@@ -167,7 +185,9 @@ def precompute(
         "stage": cfg.stage,
         "adapter_off": reference.use_adapter_off,
     }
-    key = cache_key(reference.path, rows, token_keys, extra)
+    if reference.spec.merge:  # base + merged adapters: every adapter's weights are part of the key
+        extra["adapters"] = [_fingerprint_model(a) for a in reference.spec.merge]
+    key = cache_key(reference.spec.base, rows, token_keys, extra)
     folder = getattr(cfg, "ref_cache_dir", None) or os.path.join(cfg.output_dir, "ref_logps")
     path = os.path.join(folder, f"{name}-{key}.pt")
     if os.path.isfile(path):

@@ -185,20 +185,30 @@ def _first_failing_row(
 
 
 class RewardModelScorer:
-    """A sequence-classification reward model, fed text re-tokenised with its *own* tokenizer and template."""
+    """A sequence-classification reward model, fed text re-tokenised with its *own* tokenizer and template.
+
+    `path` is a full model folder (or hub id), or the LoRA adapter folder a `stage: rm` run saved: its base is
+    loaded as a sequence classifier, the adapter (with the `score` head it saved in full) merged in. The
+    tokenizer is the adapter folder's when it has one, else the base's. `model_type` (`reward_model_type`):
+    auto reads the folder; full / lora must agree with it."""
 
     def __init__(
-        self, path: str, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False
+        self,
+        path: str,
+        dtype: torch.dtype | str = torch.float32,
+        trust_remote_code: bool = False,
+        model_type: str = "auto",
     ) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        from alignkit.models import _from_pretrained, load_tokenizer
+        from alignkit.models import load_spec, load_tokenizer
 
+        spec = self.spec(path, model_type)
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         self.model = (
-            _from_pretrained(
+            load_spec(
                 AutoModelForSequenceClassification,
-                path,
+                spec,
                 dtype=dtype,
                 num_labels=1,
                 trust_remote_code=trust_remote_code,
@@ -207,6 +217,35 @@ class RewardModelScorer:
             .requires_grad_(False)
         )
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    @staticmethod
+    def spec(path: str, model_type: str = "auto") -> Any:
+        """The reward model's weights (a `ModelSpec`, every adapter merged), `reward_model_type` checked."""
+        from alignkit.models import ADAPTER_CONFIG, adapter_task_type, is_adapter, resolve_model
+
+        if model_type not in ("auto", "full", "lora"):
+            raise UserError(
+                f"`reward_model_type: {model_type}` is not supported (a reward server, LLaMA-Factory's `api`, "
+                "is not); use auto, full or lora, or score with `reward_funcs`"
+            )
+        adapter = is_adapter(path)
+        if model_type == "full" and adapter:
+            raise UserError(
+                f"`reward_model_type: full` but reward_model {path} is a LoRA adapter folder ({ADAPTER_CONFIG} "
+                "in it); set `reward_model_type: lora` (or auto)"
+            )
+        if model_type == "lora" and not adapter:
+            raise UserError(
+                f"`reward_model_type: lora` but reward_model {path} is not a LoRA adapter folder (no "
+                f"{ADAPTER_CONFIG}); give the adapter folder a LoRA `stage: rm` run saved, or set "
+                "`reward_model_type: full` (or auto)"
+            )
+        if adapter and adapter_task_type(path) not in (None, "SEQ_CLS"):
+            raise UserError(
+                f"reward_model {path} is a LoRA adapter of task_type {adapter_task_type(path)}, not a reward "
+                "model (SEQ_CLS, with a score head); give the adapter a `stage: rm` run saved"
+            )
+        return resolve_model(path, key="reward_model")
 
     @torch.no_grad()
     def __call__(

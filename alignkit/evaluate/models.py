@@ -3,7 +3,6 @@ a hub id. The same loader serves `eval`, `sxs` and `compare`."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -11,24 +10,14 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
-from alignkit.models import _DTYPES, _checkpoint_dtype, _from_pretrained, load_tokenizer
-
-
-def adapter_base(path: str) -> str | None:
-    """The base model an adapter folder names, or None when `path` is not an adapter folder."""
-    config = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(config):
-        return None
-    with open(config, encoding="utf-8") as fh:
-        try:
-            base = json.load(fh).get("base_model_name_or_path")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise UserError(f"{config} is not a JSON object ({exc}); re-save the adapter with peft") from exc
-    if not base:
-        raise UserError(
-            f"{config}: no `base_model_name_or_path`; set it to the base model the adapter was trained on"
-        )
-    return base
+from alignkit.models import (  # noqa: F401 - adapter_base: imported from here by export, chat, answers
+    _DTYPES,
+    _checkpoint_dtype,
+    adapter_base,
+    load_spec,
+    load_tokenizer,
+    resolve_model,
+)
 
 
 def _dtype(path: str, torch_dtype: str) -> torch.dtype:
@@ -46,23 +35,15 @@ def load_causal_lm(
 
     if path and not os.path.exists(path) and path.startswith((".", "/", "~")):
         raise UserError(f"model folder {path} does not exist")
-    base = adapter_base(path) if os.path.isdir(path) else None
-    weights = base or path
-    if base is not None and not os.path.exists(base) and base.startswith((".", "/", "~")):
-        raise UserError(
-            f"adapter {path} was trained on {base}, which does not exist here; edit `base_model_name_or_path` "
-            f"in {os.path.join(path, 'adapter_config.json')} to where the base model is"
-        )
-    dtype = _dtype(weights, torch_dtype)
-    model = _from_pretrained(AutoModelForCausalLM, weights, dtype=dtype, trust_remote_code=trust_remote_code)
-    if base is not None:
+    # an adapter trained on a base with other adapters merged in (merged_adapters.json): those merged first
+    spec = resolve_model(path, continue_last=True)
+    dtype = _dtype(spec.base, torch_dtype)
+    model = load_spec(AutoModelForCausalLM, spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    if spec.resume is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, path)
-    has_tokenizer = os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
-    )
-    tokenizer = load_tokenizer(path if has_tokenizer or base is None else base, trust_remote_code)
+        model = PeftModel.from_pretrained(model, spec.resume)
+    tokenizer = load_tokenizer(path, trust_remote_code)  # an adapter folder's own, else its base's
     if device:
         model.to(device)
     return model.eval().requires_grad_(False), tokenizer

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
-from alignkit.models import _from_pretrained, apply_finetuning, load_policy, save_model, torch_dtype
+from alignkit.models import (
+    _from_pretrained,
+    apply_finetuning,
+    load_policy,
+    load_spec,
+    save_model,
+    torch_dtype,
+)
 from alignkit.reference import Reference
 from alignkit.rl_losses import (
     clipped_surrogate,
@@ -48,12 +55,14 @@ class PolicyAndValue(nn.Module):
 def load_value_model(cfg: Any, tokenizer: Any) -> nn.Module:
     """A token-classification head (one value per position) on a backbone: by default the reward model's, so
     the critic starts from the reward model's weights and head, as in InstructGPT. The critic reads the
-    policy's token ids, so a reward model with another vocabulary cannot be its backbone: the policy is."""
-    from transformers import AutoModelForTokenClassification
-
-    from alignkit.models import load_tokenizer
+    policy's token ids, so a reward model with another vocabulary cannot be its backbone: the policy is.
+    A LoRA reward model (or policy) adapter: the critic starts from its base with the adapter merged."""
+    from alignkit.models import load_tokenizer, resolve_model
+    from alignkit.rewards import RewardModelScorer
 
     path = cfg.value_model_name_or_path or cfg.reward_model or cfg.model_name_or_path
+    if cfg.reward_model:  # reward_model_type checked before anything is loaded
+        RewardModelScorer.spec(cfg.reward_model, cfg.reward_model_type)
     if path != cfg.model_name_or_path:
         if load_tokenizer(path, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
             if cfg.value_model_name_or_path:
@@ -68,14 +77,39 @@ def load_value_model(cfg: Any, tokenizer: Any) -> nn.Module:
                 path,
             )
             path = cfg.model_name_or_path
-    model = _from_pretrained(
-        AutoModelForTokenClassification,
-        path,
-        dtype=torch_dtype(cfg),
-        num_labels=1,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    if path == cfg.model_name_or_path:  # the starting policy: its adapters merged
+        spec = resolve_model(path, cfg.adapter_name_or_path)
+    elif path == cfg.reward_model:
+        spec = RewardModelScorer.spec(path, cfg.reward_model_type)
+    else:
+        spec = resolve_model(path, key="value_model_name_or_path")
+    model = _token_classifier(spec, cfg)
     return apply_finetuning(model, cfg, task_type="TOKEN_CLS")
+
+
+def _token_classifier(spec: Any, cfg: Any) -> nn.Module:
+    """The spec's weights under a one-label token-classification head. With adapters, they are merged into a
+    sequence classifier first (a reward adapter's `score` head is saved for that class), whose weights then
+    load into the token classifier: the names match (`model.*`, `score.weight`); `score.bias`, which only the
+    token classifier has, keeps its initial zeros."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    kwargs = {"dtype": torch_dtype(cfg), "num_labels": 1, "trust_remote_code": cfg.trust_remote_code}
+    model = _from_pretrained(AutoModelForTokenClassification, spec.base, **kwargs)
+    if not spec.merge:
+        return model
+    merged = load_spec(AutoModelForSequenceClassification, spec, **kwargs)
+    result = model.load_state_dict(merged.state_dict(), strict=False)
+    heads = ("score.", "classifier.")
+    backbone = [k for k in result.missing_keys if not k.startswith(heads)]
+    if backbone:
+        raise UserError(
+            f"the critic could not start from {spec.base} + {', '.join(spec.merge)}: the backbone's weights "
+            f"do not fit a token classifier ({backbone[0]}); set `value_model_name_or_path` to a full model"
+        )
+    if result.unexpected_keys or any(not k.endswith(".bias") for k in result.missing_keys):
+        log.warning("the critic's value head starts fresh: the merged reward head does not fit it")
+    return model
 
 
 def _token_values(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
