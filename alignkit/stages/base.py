@@ -9,6 +9,7 @@ logging, checkpoints, resume.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,15 @@ import torch
 from torch import nn
 
 from alignkit.config import BaseConfig
-from alignkit.data.formats import Example, load_examples
+from alignkit.data.formats import load_examples
 from alignkit.errors import UserError
 
 log = logging.getLogger("alignkit")
+
+
+class Examples(list):
+    """Examples already read (and split by `val_size`): `Stage.rows` takes these as well as data set names."""
+
 
 # A metric is kept as (sum, count) so that micro-batches and processes combine exactly.
 Metrics = dict[str, tuple[torch.Tensor, torch.Tensor | float]]
@@ -48,14 +54,49 @@ class Stage:
     # -- built by the stage
     def build(self) -> None:
         """Tokenizer, then data (so bad rows fail fast, before a model is loaded), then the model."""
+        from alignkit.chat_templates import set_chat_template
         from alignkit.models import load_tokenizer
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-        self.train_rows = self.rows(cfg.dataset)
-        if cfg.eval_dataset:
-            self.eval_rows = self.rows(cfg.eval_dataset)
+        set_chat_template(self.tokenizer, cfg.template, "config")
+        train, held = self.split_examples()
+        self.train_rows = self.rows(train)
+        if held is not None:
+            self.eval_rows = self.rows(held)
         self.model = self.load_model()
+
+    def split_examples(self) -> tuple[Examples, Examples | None]:
+        """(train, eval) examples: `eval_dataset`, or `val_size` rows held out of `dataset` (seeded)."""
+        cfg = self.cfg
+        train = self.read_examples(cfg.dataset)
+        held = self.read_examples(cfg.eval_dataset) if cfg.eval_dataset else None
+        if cfg.val_size:
+            n = int(cfg.val_size) if cfg.val_size >= 1 else math.ceil(cfg.val_size * len(train))
+            if not 0 < n < len(train):
+                raise UserError(
+                    f"`val_size: {cfg.val_size}` holds out {n} of {len(train)} rows; leave some for both"
+                )
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            held = Examples(train[i] for i in sorted(order[:n]))
+            train = Examples(train[i] for i in sorted(order[n:]))
+            log.info("val_size %s: %d rows held out for evaluation, %d train", cfg.val_size, n, len(train))
+        return train, held
+
+    def read_examples(self, sources: str | list[str]) -> Examples:
+        """Every data set named (paths, hub ids, dataset_info.json names; a comma list), each cut to
+        `max_samples`, converted to Examples; conversations need a chat template."""
+        from alignkit.chat_templates import require_chat_template
+        from alignkit.data.files import split_sources
+
+        cfg = self.cfg
+        examples = Examples()
+        for name in split_sources(sources):
+            found = load_examples(name, cfg.dataset_format, cfg.dataset_split, cfg.dataset_dir, cfg.stage)
+            examples += found[: cfg.max_samples] if cfg.max_samples else found
+        if any(ex.conversational for ex in examples):
+            require_chat_template(self.tokenizer, cfg.model_name_or_path, "config")
+        return examples
 
     def rows(self, sources: str | list[str]) -> list[dict]:
         """Read, convert and tokenise one data source into the rows `collate` takes."""
@@ -109,8 +150,9 @@ class Stage:
         """Restore what `state_dict` returned, on resume."""
 
     # -- shared helpers
-    def load_examples(self, sources: str | list[str]) -> list[Example]:
-        examples = load_examples(sources, self.cfg.dataset_format, self.cfg.dataset_split)
+    def load_examples(self, sources: str | list[str] | Examples) -> Examples:
+        """The Examples of `sources` (already read ones pass through), all of a kind this stage trains on."""
+        examples = sources if isinstance(sources, Examples) else self.read_examples(sources)
         wrong = [ex for ex in examples if ex.kind not in self.kinds]
         if wrong:
             raise UserError(

@@ -87,7 +87,9 @@ class OnlineStage(Stage):
         columns = set(self.train_rows[0]["columns"])
         check_columns(self.reward_funcs, columns, f"dataset {cfg.dataset}")
         self.reward_scorer = (
-            RewardModelScorer(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+            RewardModelScorer(
+                cfg.reward_model, trust_remote_code=cfg.trust_remote_code, model_type=cfg.reward_model_type
+            )
             if cfg.reward_model
             else None
         )
