@@ -74,7 +74,6 @@ SYNONYMS: dict[str, str] = {
     "padding_free": "packing (sft)",
     "ppo_buffer_size": "num_mini_batches",
     "pref_bco_weight": "loss_type: [sigmoid, bco_pair] with loss_weights",
-    "quantization_method": "finetuning_type: qlora (bitsandbytes 4-bit)",
     "mask_history": "completion_only_loss",
 }
 
@@ -127,6 +126,11 @@ def _lora(raw: dict[str, Any], source: str) -> list[str]:
         raw["modules_to_save"] = [t.strip() for t in raw["modules_to_save"].split(",") if t.strip()]
     if "lora_r" in raw and "lora_alpha" not in raw:  # LLaMA-Factory's default alpha is twice the rank
         raw["lora_alpha"] = 2 * int(raw["lora_r"])
+    method = raw.pop("quantization_method", "bnb")
+    if method != "bnb":
+        raise UserError(
+            f"{source}: `quantization_method: {method}`: alignkit quantises through bitsandbytes only; use bnb"
+        )
     bits = raw.pop("quantization_bit", None)
     if bits is not None:
         if int(bits) != 4:

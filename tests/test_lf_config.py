@@ -168,6 +168,9 @@ def test_stage_pt_and_quantization_bit() -> None:
     assert isinstance(cfg, PTConfig)
     assert (cfg.dataset_format, cfg.completion_only_loss) == ("text", False)
     assert build_config(_lf(quantization_bit=4)).finetuning_type == "qlora"
+    assert build_config(_lf(quantization_bit=4, quantization_method="bnb")).finetuning_type == "qlora"
+    with pytest.raises(UserError, match="quantization_method: hqq"):
+        build_config(_lf(quantization_bit=4, quantization_method="hqq"))
     with pytest.raises(UserError, match="quantization_bit: 8"):
         build_config(_lf(quantization_bit=8))
 
