@@ -187,7 +187,13 @@ def _preference(raw: dict[str, Any], source: str) -> list[str]:
         types = [types] if isinstance(types, str) else list(types)
         weights = list(raw.get("loss_weights") or [1.0] * len(types))
         raw["loss_type"], raw["loss_weights"] = types + ["sft"], weights + [float(ftx)]
-    return [f"{k}->{'orpo_beta' if k == 'pref_beta' and loss == 'orpo' else k}" for k in keys]
+    target = {
+        "pref_beta": "orpo_beta" if loss == "orpo" else "beta",
+        "pref_loss": "loss_type",
+        "pref_ftx": "loss_type sft weight",
+        "rpo_alpha": "loss_type sft weight",
+    }
+    return [f"{key}->{target[key]}" for key in keys]
 
 
 def _trl_switches(raw: dict[str, Any], source: str) -> list[str]:

@@ -68,6 +68,8 @@ def test_lf_dpo_config_reads_every_key_with_its_meaning(caplog: pytest.LogCaptur
         "dpo_en_demo",
         None,
     )
+    read = [r.getMessage() for r in caplog.records if "other tools' keys" in r.getMessage()]
+    assert len(read) == 1 and "pref_beta->beta" in read[0] and "pref_loss->loss_type" in read[0]
     no_effect = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
     assert len(no_effect) == 1  # one line names them all
     for key in (
