@@ -120,10 +120,9 @@ def translate(raw: dict[str, Any], source: str = "config") -> dict[str, Any]:
 def _lora(raw: dict[str, Any], source: str) -> list[str]:
     read = []
     target = raw.get("lora_target")
+    # a comma list: `coerce` splits list-typed keys itself, but lora_target may also be one string (`all`)
     if isinstance(target, str) and "," in target:
         raw["lora_target"] = [t.strip() for t in target.split(",") if t.strip()]
-    if isinstance(raw.get("modules_to_save"), str):
-        raw["modules_to_save"] = [t.strip() for t in raw["modules_to_save"].split(",") if t.strip()]
     if "lora_r" in raw and "lora_alpha" not in raw:  # LLaMA-Factory's default alpha is twice the rank
         raw["lora_alpha"] = 2 * int(raw["lora_r"])
     method = raw.pop("quantization_method", "bnb")
