@@ -45,7 +45,6 @@ class Reference:
 
         self.cfg = cfg
         ref = getattr(cfg, "ref_model_name_or_path", None)
-        self.path = ref or cfg.model_name_or_path
         if ref:
             self.spec = resolve_model(ref, key="ref_model_name_or_path")  # every adapter merged
             continued = False
