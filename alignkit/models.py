@@ -145,13 +145,6 @@ def _merged_before(adapter: str) -> list[str]:
     return merged
 
 
-def _as_list(adapters: str | list[str] | None) -> list[str]:
-    if not adapters:
-        return []
-    items = adapters.split(",") if isinstance(adapters, str) else adapters
-    return [a.strip() for a in items if a.strip()]
-
-
 def resolve_model(
     path: str,
     adapters: str | list[str] | None = None,
@@ -161,7 +154,9 @@ def resolve_model(
     """The one place a model path plus adapters becomes weights to load (LLaMA-Factory's rule): `path` may be an
     adapter folder (its base read from adapter_config.json) and `adapters` (adapter_name_or_path) are applied on
     top; every adapter is merged except the last, which is continued when `continue_last`."""
-    listed = ([path] if is_adapter(path) else []) + _as_list(adapters)
+    from alignkit.data.files import split_sources  # as `dataset`: an existing path is never split
+
+    listed = ([path] if is_adapter(path) else []) + (split_sources(adapters) if adapters else [])
     chain: list[str] = []
     for i, adapter in enumerate(listed):
         where = key if i == 0 and listed[0] == path else "adapter_name_or_path"
