@@ -141,6 +141,9 @@ def test_sft_pretrain_dpo_kto_configs_run_unchanged(lf_checkout: Path, tiny_mode
 def test_reward_then_ppo_with_the_lora_reward_model_it_wrote(lf_checkout: Path, tiny_model: str) -> None:
     rm = _run("reward", tiny_model, lf_checkout)
     assert 0.0 <= rm["accuracy"] <= 1.0
-    assert (lf_checkout / "saves" / "llama3-8b" / "lora" / "reward" / "adapter_config.json").is_file()
+    reward = lf_checkout / "saves" / "llama3-8b" / "lora" / "reward"
+    assert json.loads((reward / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
     ppo = _run("ppo", tiny_model, lf_checkout)
-    assert "rewards/reward_model" in json.dumps(ppo) or "reward" in ppo
+    # the only reward is the LoRA reward model's score: its mean is the reward PPO optimised
+    assert math.isfinite(ppo["rewards/reward_model/mean"])
+    assert ppo["reward/mean"] == pytest.approx(ppo["rewards/reward_model/mean"])
