@@ -134,6 +134,7 @@ class SFTConfig(BaseConfig):
     learning_rate: float = 2e-5
     packing: bool = False  # several rows in one sequence, attention kept apart by position_ids
     completion_only_loss: bool = True  # loss only on completion/assistant tokens
+    padding_free: bool = False  # each micro-batch as one row, position_ids restarting per original row
 
 
 @dataclass
@@ -150,6 +151,7 @@ class RMConfig(BaseConfig):
     stage: str = "rm"
     learning_rate: float = 1e-5
     center_rewards_coefficient: float | None = None  # adds coef * mean((r_c + r_r)^2)
+    padding_free: bool = False  # each micro-batch as one row, position_ids restarting per original row
 
 
 @dataclass
@@ -172,6 +174,8 @@ class DPOConfig(BaseConfig):
     ref_model_name_or_path: str | None = None  # default: the starting policy
     precompute_ref_log_probs: bool = False
     ref_cache_dir: str | None = None  # default: output_dir/ref_logps
+    padding_free: bool = False  # each micro-batch as one row, position_ids restarting per original row
+    prefix_sharing: bool = False  # the prompt runs once for both completions (one row, a 4-D mask)
 
 
 @dataclass
@@ -188,6 +192,8 @@ class KTOConfig(BaseConfig):
     ref_model_name_or_path: str | None = None
     precompute_ref_log_probs: bool = False
     ref_cache_dir: str | None = None
+    padding_free: bool = False  # each micro-batch as one row, position_ids restarting per original row
+    prefix_sharing: bool = False  # the KL completion shares its prompt's pass (one row, a 4-D mask)
 
 
 @dataclass
