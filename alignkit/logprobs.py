@@ -85,12 +85,14 @@ def completion_token_stats(
     completion_mask: torch.Tensor,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    **model_kwargs: Any,
 ) -> TokenStats:
     """Stats of every token t >= 1 with completion_mask[t] == 1, predicted from position t - 1.
 
     input_ids, attention_mask, completion_mask: (B, T). Returns flattened (N,) tensors in row order.
+    `model_kwargs` go to the model's forward (e.g. `position_ids` of packed rows).
     """
-    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    hidden = hidden_states(model, input_ids, attention_mask, **model_kwargs)  # (B, T, H)
     target = completion_mask[:, 1:].bool()  # (B, T-1): token t+1 is a completion token
     h = hidden[:, :-1][target]  # (N, H)
     labels = input_ids[:, 1:][target]  # (N,)
