@@ -1,13 +1,14 @@
 """Value checks on a built config: impossible values are errors at load time, not surprises at step 300.
 
-Each names the key and, where one is close, suggests the valid value (`did_you_mean`).
+Each names the key and, where one is close, suggests the valid value (`did_you_mean`). The checks only read:
+a field's value is normalised while the dataclass is built (`alignkit.config_schema`), never here.
 """
 
 from __future__ import annotations
 
 import os
 
-from alignkit.config import (
+from alignkit.config_schema import (
     DATASET_FORMATS,
     FINETUNING_TYPES,
     REPORT_TO,
@@ -92,19 +93,7 @@ def validate(cfg: BaseConfig, source: str = "config") -> None:
     if isinstance(cfg, PPOConfig):
         _validate_ppo(cfg, source)
     if isinstance(cfg, KTOConfig):
-        from alignkit.losses import KTO_LOSSES
-
-        if cfg.loss_type not in KTO_LOSSES:
-            raise UserError(
-                f"{source}: `loss_type: {cfg.loss_type}` does not exist for stage kto"
-                f"{did_you_mean(cfg.loss_type, KTO_LOSSES)}; valid: {', '.join(KTO_LOSSES)}"
-            )
-        for key in ("desirable_weight", "undesirable_weight"):
-            value = getattr(cfg, key)
-            if isinstance(value, str) and value != "auto":
-                raise UserError(f"{source}: `{key}` must be a number or `auto`, got {value!r}")
-            if not isinstance(value, str) and value <= 0:
-                raise UserError(f"{source}: `{key}` must be > 0, got {value}")
+        _validate_kto(cfg, source)
     if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
         raise UserError(
             f"{source}: `max_prompt_length` ({cfg.max_prompt_length}) must be smaller than "
@@ -135,7 +124,7 @@ def _validate_data(cfg: BaseConfig, source: str) -> None:
 def _validate_dpo(cfg: DPOConfig, source: str) -> None:
     from alignkit.losses import DPO_LOSSES
 
-    types_ = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+    types_ = cfg.loss_type  # a list: `loss_type` is built as one (a single name is a list of one)
     for name in types_:
         if name not in DPO_LOSSES:
             raise UserError(
@@ -155,7 +144,22 @@ def _validate_dpo(cfg: DPOConfig, source: str) -> None:
         )
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise UserError(f"{source}: `label_smoothing` must be in [0, 0.5), got {cfg.label_smoothing}")
-    cfg.loss_type = types_
+
+
+def _validate_kto(cfg: KTOConfig, source: str) -> None:
+    from alignkit.losses import KTO_LOSSES  # imports torch: only when a kto config is checked
+
+    if cfg.loss_type not in KTO_LOSSES:
+        raise UserError(
+            f"{source}: `loss_type: {cfg.loss_type}` does not exist for stage kto"
+            f"{did_you_mean(cfg.loss_type, KTO_LOSSES)}; valid: {', '.join(KTO_LOSSES)}"
+        )
+    for key in ("desirable_weight", "undesirable_weight"):
+        value = getattr(cfg, key)
+        if isinstance(value, str) and value != "auto":
+            raise UserError(f"{source}: `{key}` must be a number or `auto`, got {value!r}")
+        if not isinstance(value, str) and value <= 0:
+            raise UserError(f"{source}: `{key}` must be > 0, got {value}")
 
 
 def _validate_grpo(cfg: GRPOConfig, source: str) -> None:
