@@ -97,6 +97,39 @@ def completion_token_stats(
     h = hidden[:, :-1][target]  # (N, H)
     labels = input_ids[:, 1:][target]  # (N,)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target)[target]
+    return head_stats(model, h, labels, rows, chunk_size, temperature)
+
+
+def token_stats_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    predict_at: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    **model_kwargs: Any,
+) -> TokenStats:
+    """Stats of explicit (predictor position, token) pairs: token `labels[i]` predicted from the hidden state
+    at flat position `predict_at[i]` of the (B*T) positions, counted in row `rows[i]`.
+
+    For layouts where a token's predictor is not the position before it (a shared prompt whose last token
+    predicts the first token of each completion; see `alignkit.data.shared_prefix`). `attention_mask` may be
+    2-D or 4-D; `model_kwargs` go to the forward (e.g. `position_ids`)."""
+    hidden = hidden_states(model, input_ids, attention_mask, **model_kwargs)  # (B, T, H)
+    return head_stats(model, hidden.flatten(0, 1)[predict_at], labels, rows, chunk_size, temperature)
+
+
+def head_stats(
+    model: nn.Module,
+    h: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> TokenStats:
+    """The output layer over hidden states `h` (N, H) in checkpointed chunks: the stats of `labels` (N,)."""
     head, softcap, scale = _head_transform(getattr(model, "module", model))  # unwrap DDP for the weight
     weight, bias = head.weight, getattr(head, "bias", None)
     parts = []

@@ -12,8 +12,9 @@ from torch import nn
 from alignkit.data.batches import build_unpaired_rows, collate_unpaired
 from alignkit.data.formats import Example
 from alignkit.data.inspect import KTO_RATIO_RANGE, kto_weights
+from alignkit.data.shared_prefix import check_layout_support, collate_shared_unpaired, model_mask
 from alignkit.errors import UserError
-from alignkit.logprobs import completion_token_stats, per_row_sum
+from alignkit.logprobs import TokenStats, completion_token_stats, head_stats, hidden_states, per_row_sum
 from alignkit.losses import KTO_LOSSES
 from alignkit.models import load_policy
 from alignkit.reference import Reference, precompute_splits
@@ -32,7 +33,28 @@ def _logps(model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -
     return per_row_sum(stats.logps, stats.rows, batch[f"{prefix}input_ids"].shape[0])
 
 
+def _shared_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[TokenStats, torch.Tensor | None]:
+    """A shared-prefix / padding-free batch in one pass: the main rows' stats (differentiable) and, when the
+    batch holds KL completions (logical rows B..2B-1), their summed log-probs, computed without a graph."""
+    n = batch["label"].shape[0]
+    hidden = hidden_states(
+        model, batch["input_ids"], model_mask(model, batch), position_ids=batch["position_ids"]
+    ).flatten(0, 1)
+    main = batch["label_rows"] < n
+    at, labels, rows = batch["predict_at"], batch["labels"], batch["label_rows"]
+    stats = head_stats(model, hidden[at[main]], labels[main], rows[main])
+    if int(batch["logical_rows"]) == n:
+        return stats, None
+    with torch.no_grad():
+        kl = head_stats(model, hidden.detach()[at[~main]], labels[~main], rows[~main] - n)
+    return stats, per_row_sum(kl.logps, kl.rows, n)
+
+
 def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if "predict_at" in batch:
+        stats, kl = _shared_stats(model, batch)
+        logps = per_row_sum(stats.logps, stats.rows, batch["label"].shape[0])
+        return {"ref_logps": logps} if kl is None else {"ref_logps": logps, "ref_kl_logps": kl}
     return {"ref_logps": _logps(model, batch), "ref_kl_logps": _logps(model, batch, "kl_")}
 
 
@@ -73,10 +95,14 @@ class KTOStage(Stage):
 
     def build(self) -> None:
         super().build()
+        check_layout_support(self.cfg, self.model)
         self._resolve_weights()
         self.reference = Reference(self.cfg, self.model)
         if self.cfg.precompute_ref_log_probs:
+            # the cache is keyed on the tokens, not the loss: it always holds the KL log-probs too
+            self._collate_kl = True
             precompute_splits(self, reference_logps, ("prompt_ids", "completion_ids", "kl_completion_ids"))
+            self._collate_kl = False
 
     def rows(self, sources: str | list[str]) -> list[dict]:
         cfg = self.cfg
@@ -126,12 +152,26 @@ class KTOStage(Stage):
                 )
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return collate_unpaired(rows, self.tokenizer.pad_token_id, self.cfg.max_length)
+        cfg = self.cfg
+        if cfg.prefix_sharing or cfg.padding_free:
+            # a shared layout runs only what the step uses: the KL completions when the loss needs z0
+            with_kl = self.spec.uses_kl or getattr(self, "_collate_kl", False)
+            return collate_shared_unpaired(
+                rows,
+                self.tokenizer.pad_token_id,
+                cfg.max_length,
+                cfg.prefix_sharing,
+                cfg.padding_free,
+                with_kl,
+            )
+        return collate_unpaired(rows, self.tokenizer.pad_token_id, cfg.max_length)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0]
+        return batch["label"].shape[0]
 
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if "num_tokens" in batch:
+            return int(batch["num_tokens"])
         return int(batch["attention_mask"].sum())  # the KL sequences are not counted (as TRL)
 
     def _reference(
@@ -140,21 +180,28 @@ class KTOStage(Stage):
         if "ref_logps" in batch:
             return batch["ref_logps"], batch["ref_kl_logps"]
         with torch.no_grad(), self.reference.active(model, batch["input_ids"].device) as ref:
-            out = reference_logps(ref, batch) if self.spec.uses_kl else {"ref_logps": _logps(ref, batch)}
+            if "predict_at" in batch or self.spec.uses_kl:
+                out = reference_logps(ref, batch)
+            else:
+                out = {"ref_logps": _logps(ref, batch)}
         return out["ref_logps"], out.get("ref_kl_logps", torch.zeros_like(out["ref_logps"]))
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], real: bool = True) -> StepOutput:
         cfg = self.cfg
-        n = batch["input_ids"].shape[0]
-        stats = completion_token_stats(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-        )
+        n = batch["label"].shape[0]
+        if "predict_at" in batch:
+            stats, kl_logps = _shared_stats(model, batch)
+        else:
+            stats = completion_token_stats(
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            )
+            kl_logps = None
         logps = per_row_sum(stats.logps, stats.rows, n)
         ref, ref_kl = self._reference(model, batch)
         kl = torch.zeros((), device=logps.device)
         if self.spec.uses_kl:
             with torch.no_grad():
-                kl_logps = _logps(model, batch, "kl_")
+                kl_logps = _logps(model, batch, "kl_") if kl_logps is None else kl_logps
                 kl = _mean_over_processes((kl_logps - ref_kl.to(kl_logps.dtype)).mean(), real).clamp(min=0)
         logratios = logps - ref.to(logps.dtype)
         desirable = batch["label"]

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from alignkit.data.batches import build_pair_rows, collate_pairs
+from alignkit.data.shared_prefix import check_layout_support, collate_shared_pairs, model_mask
 from alignkit.errors import UserError
-from alignkit.logprobs import completion_token_stats, per_row_sum
+from alignkit.logprobs import TokenStats, completion_token_stats, per_row_sum, token_stats_at
 from alignkit.losses import DPO_LOSSES, PairLogps
 from alignkit.models import load_policy
 from alignkit.reference import Reference, precompute_splits
@@ -22,12 +23,33 @@ from alignkit.stages.base import Metrics, Stage, StepOutput
 log = logging.getLogger("alignkit")
 
 
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Summed completion log-probs of each chosen and rejected row: {"ref_chosen_logps", "ref_rejected_logps"}."""
-    stats = completion_token_stats(
+def logical_rows(batch: dict[str, torch.Tensor]) -> int:
+    """2B: the chosen then the rejected rows, whatever the layout (a shared-prefix batch has fewer rows)."""
+    return int(batch["logical_rows"]) if "logical_rows" in batch else batch["input_ids"].shape[0]
+
+
+def pair_token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenStats:
+    """Completion-token stats of a pair batch, plain (2B padded rows) or shared-prefix / padding-free (rows
+    `alignkit.data.shared_prefix` built): the same entries, chosen rows 0..B-1 then rejected B..2B-1."""
+    if "predict_at" in batch:
+        return token_stats_at(
+            model,
+            batch["input_ids"],
+            model_mask(model, batch),
+            batch["predict_at"],
+            batch["labels"],
+            batch["label_rows"],
+            position_ids=batch["position_ids"],
+        )
+    return completion_token_stats(
         model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     )
-    logps = per_row_sum(stats.logps, stats.rows, batch["input_ids"].shape[0])
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Summed completion log-probs of each chosen and rejected row: {"ref_chosen_logps", "ref_rejected_logps"}."""
+    stats = pair_token_stats(model, batch)
+    logps = per_row_sum(stats.logps, stats.rows, logical_rows(batch))
     chosen, rejected = logps.chunk(2)
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
@@ -50,6 +72,7 @@ class PreferenceStage(Stage):
 
     def build(self) -> None:
         super().build()
+        check_layout_support(self.cfg, self.model)
         self.reference = Reference(self.cfg, self.model) if self.needs_reference else None
         if self.reference is not None and self.cfg.precompute_ref_log_probs:
             precompute_splits(self, sequence_logps, ("prompt_ids", "chosen_ids", "rejected_ids"))
@@ -76,18 +99,22 @@ class PreferenceStage(Stage):
             raise
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return collate_pairs(rows, self.tokenizer.pad_token_id, self.cfg.max_length)
+        cfg = self.cfg
+        if cfg.prefix_sharing or cfg.padding_free:
+            pad_id = self.tokenizer.pad_token_id
+            return collate_shared_pairs(rows, pad_id, cfg.max_length, cfg.prefix_sharing, cfg.padding_free)
+        return collate_pairs(rows, self.tokenizer.pad_token_id, cfg.max_length)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return logical_rows(batch) // 2
 
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
+        return int(batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum())
 
     def _reference_logps(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b = batch["input_ids"].shape[0] // 2
+        b = logical_rows(batch) // 2
         if self.reference is None:
             zero = torch.zeros(b, device=batch["input_ids"].device)
             return zero, zero
@@ -99,11 +126,9 @@ class PreferenceStage(Stage):
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.cfg
-        n_rows = batch["input_ids"].shape[0]
+        n_rows = logical_rows(batch)
         b = n_rows // 2
-        stats = completion_token_stats(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-        )
+        stats = pair_token_stats(model, batch)
         logps = per_row_sum(stats.logps, stats.rows, n_rows)  # (2B,)
         lengths = per_row_sum(torch.ones_like(stats.logps), stats.rows, n_rows)
         ref_c, ref_r = self._reference_logps(model, batch)
