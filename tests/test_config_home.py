@@ -1,16 +1,21 @@
 """The config's layout: one schema module that the checks import (no circle), fields built in their final type,
-validation that only reads, one table of stages."""
+validation that only reads, one table of stages; and the hyperparameters the stages hand the losses: a
+misspelled keyword is an error, never dropped."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import alignkit
+from alignkit import losses, rl_losses
 from alignkit.config import build_config
 from alignkit.config_checks import validate
 from alignkit.config_schema import (
@@ -22,6 +27,7 @@ from alignkit.config_schema import (
     build_dataclass,
 )
 from alignkit.errors import UserError
+from alignkit.losses import DPO_LOSSES, KTO_LOSSES, PairLogps
 
 PACKAGE = Path(alignkit.__file__).parent
 REQUIRED = {"model_name_or_path": "m", "dataset": "d.jsonl"}
@@ -120,3 +126,94 @@ def test_kto_weights_resolve_without_writing_the_config() -> None:
     assert cfg.desirable_weight == "auto" and cfg.undesirable_weight == 2.0
     fixed = build_config({"stage": "kto", **REQUIRED, "desirable_weight": 1.5})
     assert not fixed.auto_weights and fixed.resolved_weights(9.0, 9.0) == (1.5, 1.0)
+
+
+# ---------------------------------------------------------------------------------------- loss keywords
+# what PreferenceStage.step hands every DPO-family loss, from the config's keys
+DPO_HYPER = {
+    "beta": 0.5,
+    "label_smoothing": 0.2,
+    "f_divergence_type": "reverse_kl",
+    "f_alpha": 0.5,
+    "discopop_tau": 0.05,
+    "simpo_gamma": 0.5,
+    "cpo_alpha": 1.0,
+    "orpo_beta": 0.1,
+}
+KTO_HYPER = {"beta": 0.5, "desirable_weight": 2.0, "undesirable_weight": 1.0}
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def _pair() -> PairLogps:
+    return PairLogps(
+        chosen=torch.tensor([-5.0, -7.0]),
+        rejected=torch.tensor([-6.0, -6.5]),
+        ref_chosen=torch.tensor([-5.5, -6.0]),
+        ref_rejected=torch.tensor([-5.0, -7.0]),
+        chosen_len=torch.tensor([2.0, 4.0]),
+        rejected_len=torch.tensor([3.0, 2.0]),
+        chosen_nll_tokens=torch.tensor([5.0, 7.0]),
+        batch_chosen_tokens=torch.tensor(6.0),
+    )
+
+
+def test_each_loss_reads_its_own_keywords_and_the_registry_knows_the_stage_keys() -> None:
+    assert DPO_LOSSES["sigmoid"].known == set(DPO_HYPER)
+    assert KTO_LOSSES["kto"].known == set(KTO_HYPER)
+    assert losses.reads(DPO_LOSSES["orpo"].loss) == {"orpo_beta"}
+    assert losses.reads(DPO_LOSSES["sft"].loss) == set()
+    assert losses.reads(DPO_LOSSES["simpo"].loss) == {"beta", "simpo_gamma", "label_smoothing"}
+
+
+def test_registry_call_gives_the_loss_its_keywords_and_the_same_numbers() -> None:
+    p = _pair()
+    # cDPO by hand: h = [1.5, -1.5], -(1-e) log s(beta h) - e log s(-beta h)
+    expected = [
+        -0.8 * math.log(1 / (1 + math.exp(-0.5 * h))) - 0.2 * math.log(1 / (1 + math.exp(0.5 * h)))
+        for h in (1.5, -1.5)
+    ]
+    assert DPO_LOSSES["sigmoid"].fn(p, **DPO_HYPER).tolist() == pytest.approx(expected, abs=1e-6)
+    # ORPO reads only orpo_beta; the SFT term none: their numbers are those of the bare function
+    for name, spec in DPO_LOSSES.items():
+        own = {k: v for k, v in DPO_HYPER.items() if k in losses.reads(spec.loss)}
+        assert torch.equal(spec.fn(p, **DPO_HYPER), spec.loss(p, **own)), name
+    assert DPO_LOSSES["sft"].fn(p, **DPO_HYPER).tolist() == pytest.approx([5.0 * 2 / 6, 7.0 * 2 / 6])
+    r, lab = torch.tensor([0.3, -0.2]), torch.tensor([True, False])
+    kto = KTO_LOSSES["kto"].fn(r, lab, torch.tensor(0.25), **KTO_HYPER)
+    assert kto.tolist() == pytest.approx(
+        [2.0 * (1 - _sigmoid(0.5 * 0.05)), 1.0 * (1 - _sigmoid(0.5 * 0.45))], abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("registry", [DPO_LOSSES, KTO_LOSSES])
+def test_a_misspelled_loss_keyword_is_an_error(registry: dict) -> None:
+    p = _pair()
+    inputs = (
+        (p,) if registry is DPO_LOSSES else (torch.tensor([0.3]), torch.tensor([True]), torch.tensor(0.0))
+    )
+    hyper = DPO_HYPER if registry is DPO_LOSSES else KTO_HYPER
+    for spec in registry.values():
+        with pytest.raises(TypeError, match=r"unknown loss keyword `betta` \(did you mean `beta`\?\)"):
+            spec.fn(*inputs, **{**hyper, "betta": 0.1})
+        with pytest.raises(TypeError):  # the bare function takes no catch-all either
+            spec.loss(*inputs, **{k: v for k, v in hyper.items() if k in losses.reads(spec.loss)}, bogus=1)
+
+
+@pytest.mark.parametrize("module", [losses, rl_losses])
+def test_no_loss_drops_keywords(module: object) -> None:
+    for name, fn in inspect.getmembers(module, inspect.isfunction):
+        if fn.__module__ == module.__name__:  # type: ignore[attr-defined]
+            kinds = [p.kind for p in inspect.signature(fn).parameters.values()]
+            assert inspect.Parameter.VAR_KEYWORD not in kinds, name
+
+
+def test_rl_loss_rejects_a_misspelled_keyword() -> None:
+    logps = torch.tensor([-1.0, -2.0, -1.5])
+    keys = dict(rows=torch.tensor([0, 0, 1]), aggregation="token", epsilon_low=0.2, max_new_tokens=4)
+    loss, _, _ = rl_losses.grpo_policy_loss(logps, logps, torch.tensor([1.0, -1.0]), epsilon_high=0.2, **keys)
+    assert loss.item() == pytest.approx(-1.0 - 1.0 + 1.0)  # ratio 1: -A per token, summed
+    with pytest.raises(TypeError, match="epsilon_hgh"):
+        rl_losses.grpo_policy_loss(logps, logps, torch.tensor([1.0, -1.0]), epsilon_hgh=0.2, **keys)
