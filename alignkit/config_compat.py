@@ -71,7 +71,7 @@ SYNONYMS: dict[str, str] = {
     "response_length": "max_new_tokens",
     "kl_coef": "init_kl_coef (ppo) or beta (grpo)",
     "use_liger_kernel": "nothing (alignkit computes log-probs without the full logits' copies already)",
-    "padding_free": "packing (sft)",
+    "padding_free": "nothing: padding_free is a key of sft, rm, dpo and kto, not of the online stages",
     "ppo_buffer_size": "num_mini_batches",
     "pref_bco_weight": "loss_type: [sigmoid, bco_pair] with loss_weights",
     "mask_history": "completion_only_loss",

@@ -119,6 +119,15 @@ def test_one_table_of_stages() -> None:
         build_config({"stage": "dpx", **REQUIRED})
 
 
+def test_padding_free_is_a_key_of_the_offline_stages_only() -> None:
+    for stage in ("sft", "pt", "rm", "dpo", "kto"):
+        assert build_config({"stage": stage, **REQUIRED, "padding_free": True}).padding_free is True
+    with pytest.raises(
+        UserError, match=r"unknown key `padding_free` for stage `grpo` \(use nothing: padding_free"
+    ):
+        build_config({"stage": "grpo", **REQUIRED, **ONLINE, "padding_free": True})
+
+
 def test_kto_weights_resolve_without_writing_the_config() -> None:
     cfg = build_config({"stage": "kto", **REQUIRED, "desirable_weight": "auto", "undesirable_weight": 2})
     assert isinstance(cfg, KTOConfig) and cfg.auto_weights
