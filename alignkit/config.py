@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -87,13 +88,22 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> BaseCon
     return build_config(read_yaml(path, overrides), path or "command line")
 
 
-def config_to_dict(cfg: BaseConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def config_to_dict(cfg: BaseConfig, resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config's keys and values. `resolved`: values a stage derived at build time for keys the user left
+    to it (KTO's `auto` weights); they replace those keys in the returned copy, never in `cfg`."""
+    record = dataclasses.asdict(cfg)
+    unknown = sorted(set(resolved or {}) - set(record))
+    if unknown:
+        raise ValueError(f"resolved values for keys stage {cfg.stage} does not have: {', '.join(unknown)}")
+    record.update(resolved or {})
+    return record
 
 
-def save_config(cfg: BaseConfig, path: str) -> None:
+def save_config(cfg: BaseConfig, path: str, resolved: Mapping[str, Any] | None = None) -> None:
+    """The run's config.yaml: the config as built, with the stage's `resolved` values (see `config_to_dict`),
+    so that loading the file reproduces the run."""
     with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+        yaml.safe_dump(config_to_dict(cfg, resolved), fh, sort_keys=False)
 
 
 __all__ = [

@@ -16,7 +16,7 @@ import torch
 
 import alignkit
 from alignkit import losses, rl_losses
-from alignkit.config import build_config
+from alignkit.config import build_config, config_to_dict, load_config, save_config
 from alignkit.config_checks import validate
 from alignkit.config_schema import (
     CONFIG_CLASSES,
@@ -135,6 +135,21 @@ def test_kto_weights_resolve_without_writing_the_config() -> None:
     assert cfg.desirable_weight == "auto" and cfg.undesirable_weight == 2.0
     fixed = build_config({"stage": "kto", **REQUIRED, "desirable_weight": 1.5})
     assert not fixed.auto_weights and fixed.resolved_weights(9.0, 9.0) == (1.5, 1.0)
+
+
+def test_saved_config_records_the_stage_resolved_values(tmp_path: Path) -> None:
+    cfg = build_config({"stage": "kto", **REQUIRED, "desirable_weight": "auto", "undesirable_weight": "auto"})
+    resolved = dict(zip(("desirable_weight", "undesirable_weight"), cfg.resolved_weights(4.0, 1.0)))
+    save_config(cfg, str(tmp_path / "config.yaml"), resolved)
+    text = (tmp_path / "config.yaml").read_text(encoding="utf-8")
+    assert "desirable_weight: 4.0\nundesirable_weight: 1.0\n" in text
+    assert cfg.desirable_weight == "auto"  # the record changed, the config did not
+    again = load_config(str(tmp_path / "config.yaml"))  # the file reproduces the run
+    assert isinstance(again, KTOConfig) and not again.auto_weights
+    assert again.resolved_weights(0.0, 0.0) == (4.0, 1.0)
+    assert config_to_dict(cfg)["desirable_weight"] == "auto"
+    with pytest.raises(ValueError, match="stage kto does not have: desirable_weigth"):
+        config_to_dict(cfg, {"desirable_weigth": 4.0})
 
 
 # ---------------------------------------------------------------------------------------- loss keywords
