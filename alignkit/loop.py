@@ -1,9 +1,9 @@
 """The one training loop, shared by every stage.
 
 Built on `accelerate`: the same code runs in one process and under `accelerate launch` / `torchrun`.
-Batching is done here, not by a sampler, so that the update is a function of the *global* batch alone:
-each optimizer step takes G = per_device_batch x processes x accumulation rows of the epoch's order,
-and the loss is the sum of per-item losses over all of them divided by their total count. Hence batch
+Each optimizer step runs the micro-batches the stage makes for it (`Stage.micro_batches`, following the
+`Plan`: G = per_device_batch x processes x accumulation rows of the epoch's order per global batch), and the
+loss is the sum of per-item losses over all of them divided by their total count. Hence batch
 1 x accumulation 8 == batch 8 x accumulation 1, and 2 processes x batch 2 == 1 process x batch 4, and the
 data position after a resume is the global step alone.
 """
@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from alignkit.checkpoint import (
 from alignkit.config import BaseConfig, config_to_dict, save_config
 from alignkit.errors import UserError
 from alignkit.launch import _accelerator
-from alignkit.stages.base import Stage
+from alignkit.stages.base import MicroBatch, Plan, Stage, StepContext
 from alignkit.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
 
 log = logging.getLogger("alignkit")
@@ -40,30 +39,6 @@ log = logging.getLogger("alignkit")
 
 class TrainingDiverged(UserError):
     """Loss became NaN or inf."""
-
-
-def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    if not shuffle:
-        return list(range(n))
-    gen = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(n, generator=gen).tolist()
-
-
-def micro_batches(
-    order: list[int], step_in_epoch: int, bs: int, world: int, accum: int, rank: int
-) -> list[list[int]]:
-    """Row indices of this process's micro-batches for one optimizer step.
-
-    The global batch is order[k*G:(k+1)*G]; micro-batch j of process p is its slice j*world + p, so a short
-    last global batch is dealt over the processes with each row once (some micro-batches shorter). With
-    several processes every one of them returns `accum` micro-batches, since DDP needs the same number of
-    backward passes everywhere: a micro-batch left without a row is an empty list, which the loop runs as a
-    filler at weight 0. A single process just has fewer micro-batches.
-    """
-    size = bs * world * accum
-    rows = order[step_in_epoch * size : (step_in_epoch + 1) * size]
-    chunks = [rows[(j * world + rank) * bs : (j * world + rank + 1) * bs] for j in range(accum)]
-    return chunks if world > 1 else [c for c in chunks if c]
 
 
 def _optimizer(stage: Stage, cfg: BaseConfig) -> torch.optim.Optimizer:
@@ -89,44 +64,18 @@ def _peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-@dataclass
-class _Plan:
-    """How the steps map onto the data: G = bs x world x accum rows of the epoch's order per global batch."""
-
-    world: int
-    rank: int
-    bs: int
-    accum: int
-    online: bool  # online stages: each global batch of prompts is one rollout, then `upr` steps on it
-    upr: int
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-
-
-def _plan(cfg: BaseConfig, stage: Stage, accelerator: Any) -> _Plan:
-    world, bs, accum = (
-        accelerator.num_processes,
-        cfg.per_device_train_batch_size,
-        cfg.gradient_accumulation_steps,
-    )
-    online = getattr(stage, "online", False)
-    upr = stage.updates_per_rollout if online else 1
-    batches_per_epoch = max(1, math.ceil(len(stage.train_rows) / (bs * world * accum)))
-    steps_per_epoch = batches_per_epoch * upr
-    total_steps = (
-        cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
-    )
-    return _Plan(
-        world,
-        accelerator.process_index,
-        bs,
-        accum,
-        online,
-        upr,
-        batches_per_epoch,
-        steps_per_epoch,
-        total_steps,
+def _plan(cfg: BaseConfig, stage: Stage, accelerator: Any) -> Plan:
+    return Plan(
+        world=accelerator.num_processes,
+        rank=accelerator.process_index,
+        bs=cfg.per_device_train_batch_size,
+        accum=cfg.gradient_accumulation_steps,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        num_rows=len(stage.train_rows),
+        updates_per_batch=stage.updates_per_batch,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs,
     )
 
 
@@ -201,9 +150,9 @@ class _Run:
             len(stage.train_rows),
             p.total_steps,
             p.steps_per_epoch,
-            p.bs * p.world * p.accum,
+            p.global_batch,
         )
-        self.buffer: list[dict] | None = None  # online stages: the current rollout's samples
+        self.ctx = StepContext(p, self.model, accelerator.device, accelerator.autocast)
         self.window: list[dict[str, float]] = []
         self.num_tokens = self.tokens_since_start = 0
         self.t0 = time.perf_counter()
@@ -223,7 +172,7 @@ class _Run:
         self.model.train()
         with contextlib.closing(bar):
             for step in range(self.start_step, p.total_steps):
-                metrics = self.accumulate(step, *self.micro_batches(step))
+                metrics = self.accumulate(step, self.stage.micro_batches(step, self.ctx))
                 step_lr = self.update(metrics)
                 progress.steps += 1
                 bar.update(1)
@@ -237,42 +186,14 @@ class _Run:
         if self.writer:
             self.writer.close(failed=failed)
 
-    def micro_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
-        """This process's micro-batches for `step` and their weights. Weight 0 marks a filler, run only so
-        that every process makes the same number of backward passes: it adds nothing to the loss, the
-        gradient, the item count or the metrics."""
-        p, stage = self.plan, self.stage
-        rollout_index, update = divmod(step, p.upr)
-        epoch, k = divmod(rollout_index, p.batches_per_epoch)
-        order = epoch_order(len(stage.train_rows), epoch, self.cfg.seed, self.cfg.shuffle)
-        if not p.online:
-            chunks = micro_batches(order, k, p.bs, p.world, p.accum, p.rank)
-            batches = [stage.collate([stage.train_rows[i] for i in chunk or order[:1]]) for chunk in chunks]
-            return batches, [1.0 if chunk else 0.0 for chunk in chunks]
-        if update == 0 or self.buffer is None:  # the rollout phase: sample, score, keep the buffer
-            idx = [i for chunk in micro_batches(order, k, p.bs, p.world, p.accum, p.rank) for i in chunk]
-            # a process that a short last batch leaves without a prompt samples a filler one (weight 0)
-            stage.filler_rollout = not idx
-            rows = [stage.train_rows[i] for i in idx or order[:1]]
-            # under the steps' autocast: the log-probs a rollout stores are then the function the update
-            # computes (PPO's first ratio is 1), and the prepared model's float32 outputs meet a bf16 head
-            with self.accelerator.autocast():
-                self.buffer = stage.rollout(self.model, rows, self.accelerator.device)
-        chunks = stage.update_batches(self.buffer, update)
-        # an empty micro-batch (a small buffer on this process) runs a sample at weight 0, so that every
-        # process makes the same number of backward passes
-        weights = [0.0 if stage.filler_rollout or not chunk else 1.0 for chunk in chunks]
-        return [stage.collate(chunk or self.buffer[:1]) for chunk in chunks], weights
-
-    def accumulate(
-        self, step: int, batches: list[dict[str, torch.Tensor]], weights: list[float]
-    ) -> dict[str, float]:
+    def accumulate(self, step: int, micro: list[MicroBatch]) -> dict[str, float]:
         """Forward and backward over the micro-batches; the summed loss is divided by the global item count
         (x world, since DDP averages over processes), so any split over processes and accumulation gives the
         same update. Returns the step's metrics, reduced over processes."""
         accelerator, stage, model, world = self.accelerator, self.stage, self.model, self.plan.world
-        real = [b for b, w in zip(batches, weights) if w]
-        items = torch.tensor(float(sum(stage.count(b) for b in real)), device=accelerator.device)
+        items = torch.tensor(
+            float(sum(stage.count(m.batch) for m in micro if m.weight)), device=accelerator.device
+        )
         total_items = accelerator.reduce(items, reduction="sum").item()
         if total_items == 0:
             raise UserError(
@@ -280,19 +201,17 @@ class _Run:
             )
         acc: dict[str, list[torch.Tensor]] = {}
         tokens = 0
-        for j, batch in enumerate(batches):
-            batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-            sync = j == len(batches) - 1
+        for j, m in enumerate(micro):
+            batch = {key: v.to(accelerator.device) for key, v in m.batch.items()}
+            sync = j == len(micro) - 1
             ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
-                out = stage.step(model, batch) if weights[j] else stage.filler_step(model, batch)
-                loss = out.loss_sum * (weights[j] * world / total_items)
+                out = stage.step(model, batch) if m.weight else stage.filler_step(model, batch)
+                loss = out.loss_sum * (m.weight * world / total_items)
             accelerator.backward(loss)
             count = torch.tensor(float(stage.count(batch)))
-            add_metrics(
-                acc, {"loss": (out.loss_sum.detach().float(), count), **out.metrics}, bool(weights[j])
-            )
-            tokens += stage.num_tokens(batch) if weights[j] else 0
+            add_metrics(acc, {"loss": (out.loss_sum.detach().float(), count), **out.metrics}, bool(m.weight))
+            tokens += stage.num_tokens(batch) if m.weight else 0
         metrics = stage.finalize_metrics(reduce_metrics(accelerator, acc))
         if not math.isfinite(metrics["loss"]):
             raise TrainingDiverged(
@@ -339,7 +258,7 @@ class _Run:
                     peak_memory_mb=round(_peak_memory_mb(self.accelerator.device), 1),
                 )
         every = eval_every(cfg, p.steps_per_epoch)
-        evaluating = every and self.stage.eval_rows and not p.online  # online: eval with rollouts
+        evaluating = every and self.stage.eval_rows
         if evaluating and (done % every == 0 or done == p.total_steps):
             logged.update(evaluate(self.accelerator, self.stage, self.model, cfg))  # every process takes part
         if not logged:
@@ -350,9 +269,10 @@ class _Run:
         return record
 
     def maybe_save(self, done: int) -> None:
-        # online stages save at rollout boundaries only, so a resume starts with a fresh rollout
+        # only where a global batch is done (online stages: a rollout boundary), so a resume starts a fresh one
         cfg, p = self.cfg, self.plan
-        if cfg.save_steps and done % cfg.save_steps == 0 and done % p.upr == 0 and done < p.total_steps:
+        boundary = done % p.updates_per_batch == 0
+        if cfg.save_steps and done % cfg.save_steps == 0 and boundary and done < p.total_steps:
             save_checkpoint(
                 self.accelerator,
                 self.model,

@@ -70,7 +70,7 @@ def test_accumulation_equals_large_batch(tiny_model: str, tmp_path: Path) -> Non
 
 
 def test_shuffle_is_seeded_and_off_keeps_file_order() -> None:
-    from alignkit.loop import epoch_order, micro_batches
+    from alignkit.stages.base import epoch_order, micro_batches
 
     assert epoch_order(6, 0, 1, shuffle=False) == list(range(6))
     assert epoch_order(50, 0, 1, True) == epoch_order(50, 0, 1, True)
@@ -85,7 +85,7 @@ def test_shuffle_is_seeded_and_off_keeps_file_order() -> None:
 def test_short_last_batch_deals_each_row_once(world: int, bs: int, accum: int) -> None:
     """The short last global batch of 13 rows is split over the processes, each row once (no filler row is
     trained); every process still gets `accum` micro-batches, an empty one being a weight-0 filler."""
-    from alignkit.loop import micro_batches
+    from alignkit.stages.base import micro_batches
 
     order = list(range(13))
     size = world * bs * accum

@@ -1,15 +1,22 @@
 """What a stage gives the training loop.
 
-A stage builds what it needs from the config (`build`), turns a list of tokenised rows into a batch
-(`collate`), says over how many items its loss is averaged (`count`), and turns a batch into a summed
-loss plus metrics (`step`). The loop owns everything else: devices, accumulation, clipping, schedules,
-logging, checkpoints, resume.
+A stage builds what it needs from the config (`build`), makes each optimizer step's micro-batches
+(`micro_batches`: by default slices of the epoch's row order, `collate`d), says over how many items its loss
+is averaged (`count`), and turns a batch into a summed loss plus metrics (`step`). The loop owns everything
+else: devices, accumulation, clipping, schedules, logging, checkpoints, resume.
+
+Batching follows a `Plan`, not a sampler, so that the update is a function of the *global* batch alone:
+each global batch takes G = per_device_batch x processes x accumulation rows of the epoch's order, so
+batch 1 x accumulation 8 == batch 8 x accumulation 1, 2 processes x batch 2 == 1 process x batch 4, and the
+data position after a resume is the global step alone.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +44,95 @@ class StepOutput:
     metrics: Metrics
 
 
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def micro_batches(
+    order: list[int], step_in_epoch: int, bs: int, world: int, accum: int, rank: int
+) -> list[list[int]]:
+    """Row indices of this process's micro-batches for one global batch.
+
+    The global batch is order[k*G:(k+1)*G]; micro-batch j of process p is its slice j*world + p, so a short
+    last global batch is dealt over the processes with each row once (some micro-batches shorter). With
+    several processes every one of them returns `accum` micro-batches, since DDP needs the same number of
+    backward passes everywhere: a micro-batch left without a row is an empty list, which the loop runs as a
+    filler at weight 0. A single process just has fewer micro-batches.
+    """
+    size = bs * world * accum
+    rows = order[step_in_epoch * size : (step_in_epoch + 1) * size]
+    chunks = [rows[(j * world + rank) * bs : (j * world + rank + 1) * bs] for j in range(accum)]
+    return chunks if world > 1 else [c for c in chunks if c]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How optimizer steps map onto the train rows: each global batch of G = bs x world x accum rows of the
+    epoch's order serves `updates_per_batch` consecutive steps (1 offline; an online stage's rollout is reused)."""
+
+    world: int
+    rank: int
+    bs: int
+    accum: int
+    seed: int
+    shuffle: bool
+    num_rows: int
+    updates_per_batch: int
+    max_steps: int  # > 0 overrides num_train_epochs
+    num_train_epochs: float
+
+    @property
+    def global_batch(self) -> int:
+        return self.bs * self.world * self.accum
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, math.ceil(self.num_rows / self.global_batch))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch * self.updates_per_batch
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.num_train_epochs * self.steps_per_epoch))
+
+    def update_index(self, step: int) -> int:
+        """Which of its global batch's `updates_per_batch` steps `step` is (0: the first on a fresh batch)."""
+        return step % self.updates_per_batch
+
+    def row_chunks(self, step: int) -> tuple[list[list[int]], int]:
+        """This process's micro-batches of row indices for `step`'s global batch (see `micro_batches`), and
+        the row a filler runs on (the epoch's first)."""
+        epoch, k = divmod(step // self.updates_per_batch, self.batches_per_epoch)
+        order = epoch_order(self.num_rows, epoch, self.seed, self.shuffle)
+        return micro_batches(order, k, self.bs, self.world, self.accum, self.rank), order[0]
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward of a step. Weight 0 marks a filler, run only so that every process makes the same
+    number of backward passes: it adds nothing to the loss, the gradient, the item count or the metrics."""
+
+    batch: dict[str, torch.Tensor]
+    weight: float = 1.0
+
+
+@dataclass
+class StepContext:
+    """What a stage needs from the loop to make a step's micro-batches."""
+
+    plan: Plan
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager[Any]]  # the steps' autocast (bf16 / fp16 or none)
+
+
 class Stage:
     name = "base"
     kinds: tuple[str, ...] = ()  # Example kinds this stage trains on
@@ -47,9 +143,6 @@ class Stage:
         self.tokenizer: Any
         self.train_rows: list[dict] = []
         self.eval_rows: list[dict] | None = None
-        # set by the loop before an online stage's rollout: this process's prompts are a filler (a short last
-        # batch left it none), trained at weight 0; a rollout's own cross-process statistics leave it out
-        self.filler_rollout = False
 
     # -- built by the stage
     def build(self) -> None:
@@ -107,6 +200,20 @@ class Stage:
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps taken on each global batch (see `Plan`)."""
+        return 1
+
+    def micro_batches(self, step: int, ctx: StepContext) -> list[MicroBatch]:
+        """This process's micro-batches for `step`: its slices of the global batch, collated; a slice left
+        empty (a short last batch under several processes) is a filler on the epoch's first row."""
+        chunks, filler = ctx.plan.row_chunks(step)
+        return [
+            MicroBatch(self.collate([self.train_rows[i] for i in chunk or [filler]]), 1.0 if chunk else 0.0)
+            for chunk in chunks
+        ]
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Number of items the loss is averaged over (tokens for SFT, pairs for a reward model)."""

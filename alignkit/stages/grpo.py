@@ -31,7 +31,7 @@ class GRPOStage(OnlineStage):
         return load_policy(self.cfg)
 
     @property
-    def updates_per_rollout(self) -> int:
+    def updates_per_batch(self) -> int:
         return self.cfg.num_iterations
 
     @property

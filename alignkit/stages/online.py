@@ -1,9 +1,9 @@
 """What the online stages (GRPO family, PPO) share: prompts, rollouts, rewards, the update batches.
 
-An online stage has a rollout phase before its steps: the loop hands it the prompts of a global batch
-(`rollout`), the stage samples, scores and turns them into a buffer of samples, and the loop then runs
-`updates_per_rollout` optimizer steps over that buffer (`update_batches`), each the usual accumulate /
-clip / step. Loop and stage stay as they are for the offline stages.
+An online stage makes its micro-batches from a rollout: on the first step of each global batch of prompts
+it samples, scores and turns them into a buffer of samples (`rollout`, under the steps' autocast), and that
+step and the next `updates_per_batch - 1` train on the buffer (`update_batches`), each the usual accumulate /
+clip / step of the loop.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.config import BaseConfig
 from alignkit.data.batches import tokenize_chat, tokenize_text
 from alignkit.data.formats import Example
 from alignkit.errors import UserError
@@ -22,7 +23,7 @@ from alignkit.logprobs import TokenStats, completion_token_stats
 from alignkit.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
 from alignkit.rl_losses import dapo_overlong_penalty
 from alignkit.rollout import Samples, sample_hf, sequences
-from alignkit.stages.base import Stage
+from alignkit.stages.base import MicroBatch, Stage, StepContext
 
 log = logging.getLogger("alignkit")
 
@@ -35,11 +36,39 @@ def encode_prompt(ex: Example, tokenizer: Any) -> list[int]:
 
 class OnlineStage(Stage):
     kinds = ("prompt", "sft", "pair", "unpaired")  # only the prompt (and the extra columns) is used
-    online = True
 
-    @property
-    def updates_per_rollout(self) -> int:
-        return 1
+    def __init__(self, cfg: BaseConfig) -> None:
+        super().__init__(cfg)
+        self.buffer: list[dict] | None = None  # the current rollout's samples
+        # this process's prompts are a filler (a short last batch left it none), trained at weight 0; a
+        # rollout's own cross-process statistics leave it out
+        self.filler_rollout = False
+
+    def micro_batches(self, step: int, ctx: StepContext) -> list[MicroBatch]:
+        """A rollout on the first step of each global batch of prompts (and on the first after a resume), then
+        the buffer's `update_batches` for this step. An empty micro-batch (a small buffer on this process) and
+        every micro-batch of a filler rollout run at weight 0, so every process makes as many backward passes."""
+        update = ctx.plan.update_index(step)
+        if update == 0 or self.buffer is None:
+            chunks, filler = ctx.plan.row_chunks(step)
+            idx = [i for chunk in chunks for i in chunk]
+            self.filler_rollout = not idx  # a short last batch left this process no prompt: sample a filler
+            rows = [self.train_rows[i] for i in idx or [filler]]
+            # under the steps' autocast: the log-probs a rollout stores are then the function the update
+            # computes (PPO's first ratio is 1), and the prepared model's float32 outputs meet a bf16 head
+            with ctx.autocast():
+                self.buffer = self.rollout(ctx.model, rows, ctx.device)
+        return [
+            MicroBatch(
+                self.collate(chunk or self.buffer[:1]), 0.0 if self.filler_rollout or not chunk else 1.0
+            )
+            for chunk in self.update_batches(self.buffer, update)
+        ]
+
+    def rollout(self, model: nn.Module, rows: list[dict], device: torch.device) -> list[dict]:
+        """Sample completions of this process's prompts, score them, and return the buffer of samples the
+        update batches are cut from."""
+        raise NotImplementedError
 
     def rows(self, sources: str | list[str]) -> list[dict]:
         rows, too_long = [], 0

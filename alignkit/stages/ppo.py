@@ -130,7 +130,7 @@ class PPOStage(OnlineStage):
         return PolicyAndValue(load_policy(self.cfg), load_value_model(self.cfg, self.tokenizer))
 
     @property
-    def updates_per_rollout(self) -> int:
+    def updates_per_batch(self) -> int:
         return self.cfg.ppo_epochs * self.cfg.num_mini_batches
 
     def build(self) -> None:
