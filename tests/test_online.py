@@ -598,6 +598,25 @@ def test_ppo_trains_logs_saves_critic_and_resumes(tiny_model: str, tiny_rm: str,
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    "stage,keys", [("grpo", {"val_size": 2}), ("ppo", {"eval_dataset": "EVAL", "eval_steps": 1})]
+)
+def test_online_stages_refuse_eval_rows(
+    stage: str, keys: dict, tiny_model: str, tiny_rm: str, tmp_path: Path
+) -> None:
+    """Online stages do not evaluate on eval rows (yet): asking for them is an error before anything is
+    written, not a silent skip."""
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    keys = {k: data if v == "EVAL" else v for k, v in keys.items()}
+    base = {"stage": stage, "model_name_or_path": tiny_model, "dataset": data, "reward_model": tiny_rm}
+    key = next(iter(keys))
+    with pytest.raises(
+        UserError, match=rf"`{key}`: online stages \({stage}\) do not evaluate.*alignkit eval"
+    ):
+        run_stage(tmp_path, {**base, **keys, "max_steps": 1})
+    assert not (tmp_path / "out").exists()
+
+
 def test_ppo_needs_a_reward(tiny_model: str, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     with pytest.raises(UserError, match="give `reward_funcs`.*and/or a `reward_model`"):

@@ -94,6 +94,13 @@ class OnlineStage(Stage):
         return rows
 
     def build(self) -> None:
+        cfg = self.cfg
+        if cfg.eval_dataset or cfg.val_size:
+            key = "eval_dataset" if cfg.eval_dataset else "val_size"
+            raise UserError(
+                f"`{key}`: online stages ({cfg.stage}) do not evaluate on eval_dataset yet; use `alignkit eval` "
+                "on the saved model, or remove eval_dataset/val_size"
+            )
         super().build()
         # no dropout in RL (as TRL): the log-probs scored at rollout time and those of the first update must
         # be the same function, or the ratio is not 1 before any step (LoRA dropout, GPT-2-style models)
