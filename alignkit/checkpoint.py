@@ -102,11 +102,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        save_fn(unwrapped, tmp)  # the stage's own format: HF model (or adapter) + tokenizer
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    with full_weights(accelerator, model) as unwrapped:  # a sharded model is gathered by every process
+        optimizer_state = _optimizer_state(accelerator, model, optimizer)
+        if accelerator.is_main_process:
+            save_fn(unwrapped, tmp)  # the stage's own format: HF model (or adapter) + tokenizer
+            torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -117,6 +118,87 @@ def save_checkpoint(
         _prune(output_dir, save_total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _sharded(accelerator: Any) -> bool:
+    """Whether each process holds only part of the weights (FSDP, DeepSpeed)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+@contextlib.contextmanager
+def full_weights(accelerator: Any, model: nn.Module) -> Iterator[nn.Module]:
+    """The unwrapped model, for the main process to save with `save_pretrained` (or a stage's `save`).
+
+    Under FSDP / DeepSpeed each process holds a shard of the weights, so the full state dict is gathered
+    first (`accelerator.get_state_dict`: a collective, so *every* process must enter, the main one alone
+    would hang or fail) and, inside the block, every module with `save_pretrained` (the model; a PEFT
+    wrapper and its base; PPO's policy and value) returns its slice of it from `state_dict()` on the main
+    process. Without sharding this is just the unwrapped model.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if not _sharded(accelerator):
+        yield unwrapped
+        return
+    full = accelerator.get_state_dict(model)  # the full weights on the main process (on CPU)
+    patched: list[nn.Module] = []
+    if accelerator.is_main_process:
+        for prefix, module in unwrapped.named_modules():
+            if hasattr(module, "save_pretrained"):
+                head = f"{prefix}." if prefix else ""
+                part = {k[len(head) :]: v for k, v in full.items() if k.startswith(head)}
+                module.state_dict = _returns(part)
+                patched.append(module)
+    try:
+        yield unwrapped
+    finally:
+        for module in patched:
+            del module.state_dict  # the instance attribute: the class's own method again
+
+
+def _returns(state: dict[str, torch.Tensor]) -> Any:
+    def state_dict(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return dict(state)
+
+    return state_dict
+
+
+def _optimizer_state(accelerator: Any, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """The optimizer's state to save; under FSDP2 gathered in full (keyed by parameter name) on the main
+    process, a collective that every process enters."""
+    if not getattr(accelerator, "is_fsdp2", False):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer.optimizer, options=options)
+
+
+def _load_sharded(accelerator: Any, model: nn.Module, optimizer: Any, path: str) -> None:
+    """Resume under FSDP2: the main process reads the full weights and optimizer state of the checkpoint
+    and each process takes its shards from the broadcast."""
+    if not getattr(accelerator, "is_fsdp2", False):
+        raise UserError(
+            f"resuming {path} under DeepSpeed or FSDP1 is not supported; resume with FSDP2 "
+            "(configs/accelerate/fsdp2.yaml) or without sharding"
+        )
+    if hasattr(accelerator.unwrap_model(model), "peft_config"):
+        raise UserError(f"resuming a LoRA run under FSDP ({path}) is not supported; resume it without FSDP")
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    weights: dict[str, torch.Tensor] = {}
+    optim: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        weights = _read_weights(path)
+        optim = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer.optimizer, optim, options=options)
 
 
 def _prune(output_dir: str, save_total_limit: int | None) -> None:
@@ -130,8 +212,11 @@ def load_checkpoint(
     accelerator: Any, model: nn.Module, load_fn: Any, optimizer: Any, scheduler: Any, path: str
 ) -> dict:
     """Restore weights, optimizer, scheduler and RNG; return the saved trainer state."""
-    load_fn(accelerator.unwrap_model(model), path)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+    if _sharded(accelerator):
+        _load_sharded(accelerator, model, optimizer, path)
+    else:
+        load_fn(accelerator.unwrap_model(model), path)
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     rng = os.path.join(path, f"rng_state_{accelerator.process_index}.pth")
     if os.path.isfile(rng):
@@ -141,13 +226,25 @@ def load_checkpoint(
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
-    from safetensors.torch import load_file
-
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
         return
+    missing, unexpected = model.load_state_dict(_read_weights(path), strict=False)
+    # tied output embeddings are not saved separately
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    if unexpected or missing:
+        raise UserError(
+            f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A Hugging Face folder's full weights (model.safetensors, or every shard its index names)."""
+    from safetensors.torch import load_file
+
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):  # sharded: load every shard the index names
         with open(index, encoding="utf-8") as fh:
@@ -157,13 +254,7 @@ def _load_weights(model: nn.Module, path: str) -> None:
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update(load_file(os.path.join(path, shard)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied output embeddings are not saved separately
-    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
-    if unexpected or missing:
-        raise UserError(
-            f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    return state
 
 
 def refuse_to_overwrite(output_dir: str) -> None:

@@ -1,4 +1,4 @@
-"""Launching: the accelerate `Accelerator` a run trains under (precision, CPU process groups, DeepSpeed),
+"""Launching: the accelerate `Accelerator` a run trains under (precision, CPU process groups, FSDP, DeepSpeed),
 and what to run instead when a launcher started fewer processes than asked for."""
 
 from __future__ import annotations
@@ -49,25 +49,112 @@ def _accelerator(cfg: BaseConfig) -> Any:
     # Several runs in one Python process (the quickstart, notebooks, tests) may differ in precision; the
     # process group (PartialState) is kept.
     AcceleratorState._reset_state()
+    cpu = not torch.cuda.is_available()
+    _forget_fsdp(cpu)
     # Without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join a gloo group
     # only when accelerate is told it runs on CPU.
-    return Accelerator(
-        mixed_precision=precision, cpu=not torch.cuda.is_available(), deepspeed_plugin=_deepspeed(cfg)
-    )
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, deepspeed_plugin=_deepspeed(cfg, cpu))
+    if cpu and _env_flag("ACCELERATE_USE_FSDP"):
+        _fsdp_on_cpu(accelerator, precision)
+    _fit_deepspeed(accelerator, cfg)
+    return accelerator
 
 
-def _deepspeed(cfg: BaseConfig) -> Any:
-    """`deepspeed: CONFIG.json` (LLaMA-Factory's key) handed to accelerate's DeepSpeed plugin."""
-    if not cfg.deepspeed:
+def _forget_fsdp(cpu: bool) -> None:
+    """Give the kept process group its own type back after an FSDP run in this process.
+
+    An FSDP Accelerator writes DistributedType.FSDP into PartialState, which outlives `_reset_state`; the
+    next Accelerator would start from it and enable FSDP only from MULTI_CPU / MULTI_GPU, so a second run
+    (the quickstart, `compare`, tests) would fail in `prepare` without an FSDP plugin.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if PartialState._shared_state.get("distributed_type") == DistributedType.FSDP:
+        kind = DistributedType.MULTI_CPU if cpu else DistributedType.MULTI_GPU
+        PartialState._shared_state["distributed_type"] = kind
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("true", "1", "yes")
+
+
+def _fsdp_on_cpu(accelerator: Any, precision: str) -> None:
+    """Shard with FSDP2 over a CPU (gloo) process group, as `accelerate launch` with an FSDP config asked.
+
+    accelerate 1.15 turns ACCELERATE_USE_FSDP into `DistributedType.FSDP` only for GPU-like process groups
+    (AcceleratorState: MULTI_GPU, MULTI_NPU, MULTI_XPU, ...), never for MULTI_CPU, so without a GPU the run
+    would silently be plain DDP. torch's `fully_shard` works on gloo, so the state is switched here, before
+    anything is prepared; accelerate's FSDP2 path (prepare, clipping, `get_state_dict`) then runs unchanged.
+    """
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return  # one process: nothing to shard over
+    plugin = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise UserError(
+            f"`fsdp_version: {plugin.fsdp_version}` in the accelerate config: without a GPU alignkit shards "
+            "with FSDP2 only; set `fsdp_version: 2` (configs/accelerate/fsdp2.yaml) or launch on GPUs"
+        )
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    from accelerate.state import PartialState
+
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    log.info("FSDP2 over %d CPU processes (gloo)", accelerator.num_processes)
+
+
+def _deepspeed(cfg: BaseConfig, cpu: bool | None = None) -> Any:
+    """`deepspeed: CONFIG.json` (LLaMA-Factory's key) handed to accelerate's DeepSpeed plugin; a launch with
+    a DeepSpeed accelerate config (configs/accelerate/zero*.yaml) is checked the same way."""
+    launched = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    if not cfg.deepspeed and not launched:
         return None
     import importlib.util
 
+    asked = f"`deepspeed: {cfg.deepspeed}`" if cfg.deepspeed else "an accelerate DeepSpeed config (zero2/3)"
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError(
-            f"`deepspeed: {cfg.deepspeed}` needs DeepSpeed, which is not installed (`pip install deepspeed`, "
+            f"{asked} needs DeepSpeed, which is not installed (`pip install deepspeed`, "
             "with a CUDA toolkit); or leave the key out: alignkit runs on one device, or on several with "
-            "`accelerate launch` (DDP / FSDP)"
+            "`accelerate launch` (DDP / FSDP: configs/accelerate/fsdp2.yaml)"
         )
+    if cpu if cpu is not None else not torch.cuda.is_available():
+        raise UserError(
+            f"{asked} needs a GPU (accelerate runs DeepSpeed on GPUs only; on CPU it would silently train "
+            "without ZeRO); on CPU leave it out, or shard with configs/accelerate/fsdp2.yaml"
+        )
+    if not cfg.deepspeed:
+        return None  # accelerate builds the plugin from the launcher's variables
     from accelerate import DeepSpeedPlugin
 
     return DeepSpeedPlugin(hf_ds_config=cfg.deepspeed)
+
+
+def _fit_deepspeed(accelerator: Any, cfg: BaseConfig) -> None:
+    """Give DeepSpeed the loop's batch and clipping (not run here: DeepSpeed needs GPUs).
+
+    accelerate reads `train_micro_batch_size_per_gpu: auto` from a prepared dataloader, which the loop does
+    not use (it batches itself), so prepare() would stop; it is the per-device batch. The engine steps
+    the optimizer inside every `backward` unless told to accumulate, and then scales the loss by 1 /
+    accumulation itself, while the loop already divides by the global item count: so one backward per step.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if cfg.gradient_accumulation_steps > 1:
+        raise UserError(
+            f"`gradient_accumulation_steps: {cfg.gradient_accumulation_steps}` under DeepSpeed is not "
+            "supported (the engine would step at every micro-batch); raise `per_device_train_batch_size` "
+            "instead, or shard with configs/accelerate/fsdp2.yaml"
+        )
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+    ds["train_batch_size"] = cfg.per_device_train_batch_size * accelerator.num_processes
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = cfg.max_grad_norm or 0.0  # the engine clips; 0 turns clipping off

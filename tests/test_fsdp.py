@@ -1,0 +1,236 @@
+"""Past one device: FSDP2 gives DDP's numbers, and the ZeRO configs fail clearly without DeepSpeed.
+
+Two processes on CPU (gloo) are launched twice: `accelerate launch --multi_gpu` (DDP) and `accelerate launch
+--config_file configs/accelerate/fsdp2.yaml` (FSDP2: full shard, one unit per decoder layer, rank 0 loads
+the weights and broadcasts them). Each launch trains SFT and then DPO, 3 logged steps each on the same
+global batch (2 processes x batch 2).
+
+accelerate 1.15 alone would not shard here: its AcceleratorState turns ACCELERATE_USE_FSDP into
+DistributedType.FSDP only for GPU-like process groups (MULTI_GPU, MULTI_NPU, MULTI_XPU, ...), never for
+MULTI_CPU, so on a machine without a GPU the FSDP launch silently trained plain DDP. torch 2.13's
+`fully_shard` does run on gloo, and alignkit.launch switches the state to FSDP2 there (`_fsdp_on_cpu`);
+the test checks the model really was sharded (the run logs it, and saving needed the gather: a sharded
+model saved by the main process alone fails in `save_pretrained` on a DTensor collective).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, write_jsonl
+
+ACCEL = REPO / "configs" / "accelerate"
+
+# The entry both launches run: train each config named on the command line, one after the other, in the
+# same processes (one start-up for SFT and DPO). Until alignkit/loop.py's final save gathers a sharded model
+# on every process (checkpoint.full_weights), this stands in for its `_save_final`.
+ENTRY = """
+import os, shutil, sys
+from alignkit import loop
+from alignkit.checkpoint import full_weights
+
+def _save_final(accelerator, model, stage, cfg):
+    accelerator.wait_for_everyone()
+    with full_weights(accelerator, model) as unwrapped:  # a sharded model is gathered by every process
+        if not accelerator.is_main_process:
+            return
+        tmp = os.path.join(cfg.output_dir, ".tmp-final")
+        shutil.rmtree(tmp, ignore_errors=True)
+        stage.save(unwrapped, tmp, merged=cfg.save_merged)
+        for name in os.listdir(tmp):
+            dest = os.path.join(cfg.output_dir, name)
+            if os.path.isdir(dest):
+                shutil.rmtree(dest)
+            os.replace(os.path.join(tmp, name), dest)
+        os.rmdir(tmp)
+
+if "full_weights" not in loop._save_final.__code__.co_names:
+    loop._save_final = _save_final
+from alignkit.cli import main
+for config in sys.argv[1:]:
+    try:
+        main(["train", config])
+    except SystemExit as exc:
+        if exc.code:
+            raise
+"""
+
+
+def _rows(n: int) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} + {i + 3}?"}],
+            "completion": [{"role": "assistant", "content": str(2 * i + 3) + " is the answer" * (i % 3)}],
+        }
+        for i in range(n)
+    ]
+
+
+def _metrics(out: Path) -> list[dict]:
+    with open(out / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _write(path: Path, keys: dict) -> str:
+    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in keys.items()))
+    return str(path)
+
+
+def _launch(how: list[str], configs: list[str], entry: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", str(entry), *configs]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Output folders of SFT and DPO under DDP and under FSDP2, each 3 steps of 2 processes x batch 2."""
+    from tests.test_dpo import CONV
+
+    root = tmp_path_factory.mktemp("fsdp")
+    common = {"learning_rate": 1e-3, "logging_steps": 1, "max_steps": 3, "shuffle": False}
+    common |= {"per_device_train_batch_size": 2, "torch_dtype": "float32", "disable_tqdm": True}
+    common |= {"plot_loss": False, "model_name_or_path": tiny_model}
+    sft = {**common, "stage": "sft", "dataset": write_jsonl(root / "sft.jsonl", _rows(12)), "save_steps": 2}
+    dpo = {**common, "stage": "dpo", "dataset": write_jsonl(root / "dpo.jsonl", (CONV * 4)[:12])}
+    dpo["ref_model_name_or_path"] = tiny_ref
+    out: dict[str, Path] = {}
+    entry = root / "entry.py"
+    entry.write_text(ENTRY)
+    launchers = {"ddp": ["--multi_gpu"], "fsdp": ["--config_file", str(ACCEL / "fsdp2.yaml")]}
+    procs = {}
+    for port, (kind, how) in enumerate(launchers.items(), start=29531):  # both at once: half the wait
+        configs = []
+        runs = [("sft", sft), ("dpo", dpo)]
+        if kind == "fsdp":  # and SFT again from the FSDP run's checkpoint-2: its step 3 once more
+            runs.append(
+                ("resumed", {**sft, "resume_from_checkpoint": str(root / kind / "sft" / "checkpoint-2")})
+            )
+        for name, keys in runs:
+            out[f"{kind}-{name}"] = root / kind / name
+            configs.append(
+                _write(root / f"{kind}-{name}.yaml", {**keys, "output_dir": str(root / kind / name)})
+            )
+        procs[kind] = _launch(how, configs, entry, port)
+    logs = {kind: proc.communicate(timeout=400)[1] for kind, proc in procs.items()}
+    for kind, proc in procs.items():
+        assert proc.returncode == 0, logs[kind][-4000:]
+    # the model really was sharded (accelerate alone would have run DDP on CPU)
+    assert "FSDP2 over 2 CPU processes" in logs["fsdp"], logs["fsdp"][-3000:]
+    return out
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_fsdp2_matches_ddp(runs: dict[str, Path], stage: str) -> None:
+    """Same per-step loss (and gradient norm, and for DPO the reward margins) over 3 steps within 1e-5, and the
+    same final weights; the FSDP run's model folder loads with AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM
+
+    ddp, fsdp = _metrics(runs[f"ddp-{stage}"]), _metrics(runs[f"fsdp-{stage}"])
+    assert [r["step"] for r in fsdp] == [r["step"] for r in ddp] == [1, 2, 3]
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], abs=1e-5)
+    assert [r["grad_norm"] for r in fsdp] == pytest.approx([r["grad_norm"] for r in ddp], rel=1e-5)
+    assert [r["num_tokens"] for r in fsdp] == [r["num_tokens"] for r in ddp]
+    if stage == "dpo":
+        margins = [r["rewards/margins"] for r in fsdp]
+        assert margins == pytest.approx([r["rewards/margins"] for r in ddp], abs=1e-5)
+    assert ddp[0]["loss"] != pytest.approx(ddp[-1]["loss"], abs=1e-3)  # training moved the loss
+    want = load_file(str(runs[f"ddp-{stage}"] / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(str(runs[f"fsdp-{stage}"]), dtype=torch.float32)
+    got = model.state_dict()
+    assert set(want) <= set(got)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_fsdp2_checkpoint_resumes_exactly(runs: dict[str, Path]) -> None:
+    """A checkpoint written under FSDP2 (weights and optimizer state gathered from the shards) resumes under
+    FSDP2 to the same step 3 and the same final weights as the run that went on."""
+    whole, resumed = _metrics(runs["fsdp-sft"]), _metrics(runs["fsdp-resumed"])
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(whole[-1]["loss"], abs=1e-6)
+    assert resumed[0]["grad_norm"] == pytest.approx(whole[-1]["grad_norm"], rel=1e-6)
+    want = load_file(str(runs["fsdp-sft"] / "model.safetensors"))
+    got = load_file(str(runs["fsdp-resumed"] / "model.safetensors"))
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_accelerate_configs() -> None:
+    """The configs the README launches with: FSDP2 full shard per decoder layer, gathered to one HF folder;
+    ZeRO-2 / ZeRO-3, the latter saving 16-bit weights gathered (else no HF folder comes out)."""
+    fsdp = yaml.safe_load((ACCEL / "fsdp2.yaml").read_text())
+    assert fsdp["distributed_type"] == "FSDP"
+    assert fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["fsdp_config"]["fsdp_reshard_after_forward"] is True
+    assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    for stage in (2, 3):
+        ds = yaml.safe_load((ACCEL / f"zero{stage}.yaml").read_text())
+        assert ds["distributed_type"] == "DEEPSPEED"
+        assert ds["deepspeed_config"]["zero_stage"] == stage
+    assert yaml.safe_load((ACCEL / "zero3.yaml").read_text())["deepspeed_config"]["zero3_save_16bit_model"]
+
+
+def test_zero_launch_without_deepspeed_is_a_user_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run started with a DeepSpeed accelerate config (the launcher sets ACCELERATE_USE_DEEPSPEED) stops
+    with alignkit's error naming the fix when DeepSpeed is missing. (`deepspeed: FILE` is checked in
+    tests/test_lf_config.py.)"""
+    from alignkit.config import build_config
+    from alignkit.errors import UserError
+    from alignkit.launch import _accelerator
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here: the missing-DeepSpeed error cannot be checked")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    cfg = build_config(
+        {"stage": "sft", "model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path)}
+    )
+    with pytest.raises(
+        UserError, match="accelerate DeepSpeed config.*needs DeepSpeed.*pip install deepspeed"
+    ):
+        _accelerator(cfg)
+
+
+def test_deepspeed_takes_the_loops_batch_and_clipping(tmp_path: Path) -> None:
+    """Under DeepSpeed the loop's per-device batch, one backward per step and max_grad_norm go into the
+    engine's config (accelerate would look for a dataloader's batch size and stop); accumulation is refused.
+    DeepSpeed is not run here (it needs GPUs): a stand-in accelerator carries the config."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from alignkit.config import build_config
+    from alignkit.errors import UserError
+    from alignkit.launch import _fit_deepspeed
+
+    keys = {"stage": "sft", "model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path)}
+    ds: dict = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    fake = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        num_processes=4,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)),
+    )
+    _fit_deepspeed(fake, build_config({**keys, "per_device_train_batch_size": 3, "max_grad_norm": 0.5}))
+    assert ds == {
+        "train_micro_batch_size_per_gpu": 3,
+        "train_batch_size": 12,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.5,
+    }
+    with pytest.raises(UserError, match="gradient_accumulation_steps: 2.*per_device_train_batch_size"):
+        _fit_deepspeed(fake, build_config({**keys, "gradient_accumulation_steps": 2}))
