@@ -199,7 +199,7 @@ def test_training_with_prefix_sharing_logs_the_plain_losses(
         assert s["num_tokens"] == p["num_tokens"] > 0
 
 
-def test_a_flash_attention_model_is_refused() -> None:
+def test_a_flash_attention_or_sliding_window_model_is_refused() -> None:
     from types import SimpleNamespace
 
     from alignkit.data.shared_prefix import check_layout_support
@@ -209,3 +209,9 @@ def test_a_flash_attention_model_is_refused() -> None:
     check_layout_support(SimpleNamespace(prefix_sharing=False, padding_free=False), model)  # off: no check
     with pytest.raises(UserError, match="attn_implementation: sdpa"):
         check_layout_support(SimpleNamespace(prefix_sharing=True, padding_free=False), model)
+    model.config = SimpleNamespace(_attn_implementation="sdpa", sliding_window=16)
+    with pytest.raises(UserError, match="sliding window of 16"):
+        check_layout_support(SimpleNamespace(prefix_sharing=False, padding_free=True, max_length=32), model)
+    check_layout_support(SimpleNamespace(prefix_sharing=True, padding_free=True, max_length=16), model)
+    model.config.use_sliding_window = False  # Qwen2's config carries a window it does not use
+    check_layout_support(SimpleNamespace(prefix_sharing=True, padding_free=False, max_length=32), model)

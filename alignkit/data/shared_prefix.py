@@ -181,8 +181,18 @@ def model_mask(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return attention_mask_4d(batch["segment_ids"], batch["branch_ids"])
 
 
+def _sliding_window(config: Any) -> int | None:
+    """The attention window of a model that uses one in some layer, else None."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    return None if types is not None and "sliding_attention" not in types else int(window)
+
+
 def check_layout_support(cfg: Any, model: nn.Module) -> None:
-    """prefix_sharing / padding_free pass a 4-D attention mask: SDPA and eager take one, flash kernels do not."""
+    """prefix_sharing / padding_free pass a 4-D attention mask: SDPA and eager take one, flash kernels do not,
+    and a model's sliding window is not applied to it (exact only while no sequence is longer than the window)."""
     if not (getattr(cfg, "prefix_sharing", False) or getattr(cfg, "padding_free", False)):
         return
     impl = _attn_implementation(model)
@@ -190,4 +200,11 @@ def check_layout_support(cfg: Any, model: nn.Module) -> None:
         raise UserError(
             f"`prefix_sharing` / `padding_free` pass a 4-D attention mask, which `attn_implementation: {impl}` "
             "does not take; set `attn_implementation: sdpa` (or `eager`), or turn both keys off"
+        )
+    window = _sliding_window(getattr(getattr(model, "module", model), "config", None))
+    if window is not None and cfg.max_length > window:
+        raise UserError(
+            f"`prefix_sharing` / `padding_free`: this model attends within a sliding window of {window} tokens, "
+            f"which their 4-D mask does not apply; lower `max_length` ({cfg.max_length}) to at most {window}, "
+            "or turn both keys off"
         )
