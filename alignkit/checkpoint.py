@@ -201,6 +201,29 @@ def _load_sharded(accelerator: Any, model: nn.Module, optimizer: Any, path: str)
     set_optimizer_state_dict(model, optimizer.optimizer, optim, options=options)
 
 
+def merged_copy(model: nn.Module, output_dir: str) -> nn.Module:
+    """The adapter merged into a copy of its base, for `merged/`. A sharded model (FSDP: DTensor weights,
+    saved through `full_weights`) cannot be deep-copied; it is rebuilt from the adapter just
+    written to `output_dir` (resolve_model adds the adapters it was trained on top of)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alignkit.models import adapter_task_type, load_spec, resolve_model
+
+    kwargs: dict[str, Any] = {"dtype": next(model.parameters()).dtype}
+    loader = AutoModelForCausalLM
+    if adapter_task_type(output_dir) == "SEQ_CLS":
+        loader, kwargs["num_labels"] = AutoModelForSequenceClassification, model.config.num_labels
+    merged = load_spec(loader, resolve_model(output_dir), **kwargs)
+    merged.config.pad_token_id = model.config.pad_token_id
+    return merged
+
+
 def _prune(output_dir: str, save_total_limit: int | None) -> None:
     if not save_total_limit:
         return

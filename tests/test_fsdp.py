@@ -106,14 +106,15 @@ def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactor
     sft = {**common, "stage": "sft", "dataset": write_jsonl(root / "sft.jsonl", _rows(12)), "save_steps": 2}
     dpo = {**common, "stage": "dpo", "dataset": write_jsonl(root / "dpo.jsonl", (CONV * 4)[:12])}
     dpo["ref_model_name_or_path"] = tiny_ref
-    out: dict[str, Path] = {}
+    out: dict[str, Path] = {"tiny_model": Path(tiny_model)}
     entry = root / "entry.py"
     entry.write_text(ENTRY)
     launchers = {"ddp": ["--multi_gpu"], "fsdp": ["--config_file", str(ACCEL / "fsdp2.yaml")]}
     procs = {}
     for port, (kind, how) in enumerate(launchers.items(), start=29531):  # both at once: half the wait
         configs = []
-        runs = [("sft", sft), ("dpo", dpo)]
+        lora = {**sft, "finetuning_type": "lora", "lora_target": "all", "save_merged": True, "max_steps": 2}
+        runs = [("sft", sft), ("dpo", dpo), ("lora", lora)]
         if kind == "fsdp":  # and SFT again from the FSDP run's checkpoint-2: its step 3 once more
             runs.append(
                 ("resumed", {**sft, "resume_from_checkpoint": str(root / kind / "sft" / "checkpoint-2")})
@@ -153,6 +154,24 @@ def test_fsdp2_matches_ddp(runs: dict[str, Path], stage: str) -> None:
     assert set(want) <= set(got)
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_fsdp2_lora_saves_the_adapter_and_the_merged_model(runs: dict[str, Path]) -> None:
+    """LoRA under FSDP2: the adapter (gathered) and `merged/` (rebuilt from the saved adapter, since a sharded
+    model cannot be deep-copied) equal the DDP run's, and the merged model loads with AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM
+
+    ddp, fsdp = runs["ddp-lora"], runs["fsdp-lora"]
+    assert [r["loss"] for r in _metrics(fsdp)] == pytest.approx([r["loss"] for r in _metrics(ddp)], abs=1e-5)
+    for name in ("adapter_model.safetensors", "merged/model.safetensors"):
+        want, got = load_file(str(ddp / name)), load_file(str(fsdp / name))
+        assert set(got) == set(want) and want, name
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
+    base = load_file(str(Path(runs["tiny_model"]) / "model.safetensors"))
+    merged = AutoModelForCausalLM.from_pretrained(str(fsdp / "merged"), dtype=torch.float32).state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"  # the adapter's delta is in the merged weights
+    assert (merged[key] - base[key]).abs().max() > 1e-4
 
 
 def test_fsdp2_checkpoint_resumes_exactly(runs: dict[str, Path]) -> None:
