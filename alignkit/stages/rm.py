@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from alignkit.data.batches import build_rm_rows, collate_rm
+from alignkit.data.packed import collate_rm_padding_free
+from alignkit.errors import UserError
 from alignkit.losses import bradley_terry_loss
 from alignkit.models import load_reward_model
 from alignkit.stages.base import Stage, StepOutput
@@ -18,6 +20,35 @@ log = logging.getLogger("alignkit")
 def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(N,) scalar scores, read by the model at the last non-padding token of each row."""
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence-classification model, through DDP and peft wrappers (under LoRA it is
+    peft's trainable copy, `modules_to_save`)."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    for name in ("score", "classifier"):
+        head = getattr(inner, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise UserError(
+        f"padding_free: the reward model ({type(inner).__name__}) has no `score` head to read scores with; "
+        "set `padding_free: false`"
+    )
+
+
+def packed_scores(
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, score_index: torch.Tensor
+) -> torch.Tensor:
+    """(N,) scores of N sequences laid end to end in one row (`collate_rm_padding_free`).
+
+    The model's own forward runs (so DDP / peft see the call) with no attention mask: the restarting
+    position ids keep the sequences apart. Its pooled score is of the whole row, so the head is applied here
+    to the final hidden state at each sequence's `score_index`."""
+    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=True)
+    hidden = out.hidden_states[-1][0, score_index]  # (N, H)
+    return score_head(model)(hidden).squeeze(-1)
 
 
 class RewardStage(Stage):
@@ -35,13 +66,28 @@ class RewardStage(Stage):
         return rows
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.cfg.padding_free:
+            return collate_rm_padding_free(rows, self.tokenizer.pad_token_id)
         return collate_rm(rows, self.tokenizer.pad_token_id)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
+        if "score_index" in batch:
+            return batch["score_index"].shape[0] // 2
         return batch["input_ids"].shape[0] // 2
 
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        return int(batch["input_ids"].numel())
+
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B,) rewards, all chosen then all rejected, padded or padding-free."""
+        if "score_index" in batch:
+            return packed_scores(model, batch["input_ids"], batch["position_ids"], batch["score_index"])
+        return sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        rewards = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).float()
+        rewards = self.scores(model, batch).float()
         chosen, rejected = rewards.chunk(2)  # (B,), (B,)
         losses = bradley_terry_loss(
             chosen, rejected, batch.get("margin"), self.cfg.center_rewards_coefficient

@@ -8,11 +8,48 @@ import torch
 from torch import nn
 
 from alignkit.data.batches import IGNORE, build_sft_rows, collate_sft, pack_rows
+from alignkit.data.packed import concat_sft_rows
+from alignkit.logprobs import TokenStats, completion_token_stats
 from alignkit.losses import token_nll
 from alignkit.models import load_policy
 from alignkit.stages.base import Stage, StepOutput
 
 log = logging.getLogger("alignkit")
+
+
+def sft_token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenStats:
+    """Log-prob and top-1 hit of every labelled token (labels != -100, predicted from the position before).
+
+    The output layer runs on those positions only, in checkpointed chunks (`completion_token_stats`): the
+    (B, T, V) logits of the whole batch never exist. Packed and padding-free batches carry `position_ids`
+    and no attention mask; the model keeps their rows apart."""
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    return completion_token_stats(
+        model, batch["input_ids"], batch.get("attention_mask"), batch["labels"] != IGNORE, **extra
+    )
+
+
+def chunked_head_applies(model: nn.Module) -> bool:
+    """Whether the output layer is a plain weight (and bias) that the chunked head can apply as it is. A LoRA
+    adapter on the output layer (`lora_target` naming lm_head) is not: its delta would be left out."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    return head is not None and not hasattr(head, "base_layer")
+
+
+def full_logits_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+    """The step through the model's whole (B, T, V) logits: the fallback for an output layer that the
+    chunked head does not cover."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    labels = batch["labels"]
+    losses = token_nll(logits, labels)  # (B, T-1)
+    mask = labels[:, 1:] != IGNORE
+    with torch.no_grad():
+        correct = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask
+    return StepOutput(
+        loss_sum=losses.sum(),
+        metrics={"mean_token_accuracy": (correct.sum().float(), mask.sum().float())},
+    )
 
 
 class SFTStage(Stage):
@@ -36,6 +73,8 @@ class SFTStage(Stage):
         return rows
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.cfg.padding_free:  # one row, no padding: position ids keep the rows apart
+            rows = [concat_sft_rows(rows)]
         return collate_sft(rows, self.tokenizer.pad_token_id)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -47,15 +86,11 @@ class SFTStage(Stage):
         return int(batch["input_ids"].numel())
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-        labels = batch["labels"]
-        losses = token_nll(logits, labels)  # (B, T-1)
-        mask = labels[:, 1:] != IGNORE
-        with torch.no_grad():
-            correct = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask
-            n = mask.sum()
+        if not chunked_head_applies(model):
+            return full_logits_step(model, batch)
+        stats = sft_token_stats(model, batch)
+        n = torch.tensor(float(stats.logps.numel()))
         return StepOutput(
-            loss_sum=losses.sum(),
-            metrics={"mean_token_accuracy": (correct.sum().float(), n.float())},
+            loss_sum=-stats.logps.sum(),
+            metrics={"mean_token_accuracy": (stats.is_top1.sum().float(), n)},
         )
