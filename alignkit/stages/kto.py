@@ -1,4 +1,8 @@
-"""KTO: unpaired desirable / undesirable labels, loss-averse weighting, the KL reference point z0."""
+"""KTO: unpaired desirable / undesirable labels, loss-averse weighting, the KL reference point z0.
+
+`prefix_sharing` runs each row's KL completion in its prompt's pass (prompt + completion + KL completion, see
+`alignkit.data.shared_prefix`); `padding_free` the micro-batch as one row. Same numbers as the plain layout.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,10 @@
 
 The stage never branches on a loss's name: it reads each loss's `LossSpec` (does it need a reference?)
 and calls the pure functions in `alignkit.losses`.
+
+`prefix_sharing` runs each pair as one sequence, prompt + chosen + rejected (the prompt once; see
+`alignkit.data.shared_prefix`), `padding_free` the whole micro-batch as one row; the policy and the reference
+passes (precomputed or not) take the same layout, and every number equals the plain layout's to rounding.
 """
 
 from __future__ import annotations
