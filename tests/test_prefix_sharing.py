@@ -175,14 +175,23 @@ def _records(tmp_path: Path, stage: str, data: list[dict], **keys) -> list[dict]
 
 
 @pytest.mark.parametrize(
-    "stage,data,extra", [("dpo", PAIRS, {"precompute_ref_log_probs": True}), ("kto", UNPAIRED, {})]
+    "stage,data,layout",
+    [
+        ("dpo", PAIRS, {"prefix_sharing": True}),
+        ("kto", UNPAIRED, {"prefix_sharing": True, "padding_free": True}),
+    ],
 )
 def test_training_with_prefix_sharing_logs_the_plain_losses(
-    stage: str, data: list[dict], extra: dict, tiny_model: str, tiny_ref: str, tmp_path: Path
+    stage: str, data: list[dict], layout: dict, tiny_model: str, tiny_ref: str, tmp_path: Path
 ) -> None:
-    keys = {"model_name_or_path": tiny_model, "ref_model_name_or_path": tiny_ref, **extra}
+    """The public path, 2 steps of 2 micro-batches, the reference precomputed in the layout of the run."""
+    keys = {
+        "model_name_or_path": tiny_model,
+        "ref_model_name_or_path": tiny_ref,
+        "precompute_ref_log_probs": True,
+    }
     plain = _records(tmp_path / "plain", stage, data, **keys)
-    shared = _records(tmp_path / "shared", stage, data, prefix_sharing=True, padding_free=True, **keys)
+    shared = _records(tmp_path / "shared", stage, data, **layout, **keys)
     assert len(plain) == len(shared) == 2
     assert plain[1]["loss"] != pytest.approx(plain[0]["loss"], abs=1e-4)  # the second step moved
     for p, s in zip(plain, shared):
