@@ -98,14 +98,17 @@ def test_short_last_batch_deals_each_row_once(world: int, bs: int, accum: int) -
     ]
 
 
-def _launch_two(cfg_keys: dict, tmp_path: Path, port: int) -> list[dict]:
-    """Run `accelerate launch --multi_gpu --num_processes 2` on the config; return its metrics records."""
+def _launch_two(
+    cfg_keys: dict, tmp_path: Path, port: int, entry: list[str] | None = None, paths: tuple[str, ...] = ()
+) -> list[dict]:
+    """Run `accelerate launch --multi_gpu --num_processes 2` on the config; return its metrics records.
+    `entry` replaces `-m alignkit` (a script that takes the same arguments); `paths` join PYTHONPATH."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "two.yaml"
     out = tmp_path / "two"
     keys = {**cfg_keys, "output_dir": str(out), "disable_tqdm": True, "plot_loss": False}
     cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in keys.items()))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *paths])}
     cmd = [
         sys.executable,
         "-m",
@@ -121,8 +124,7 @@ def _launch_two(cfg_keys: dict, tmp_path: Path, port: int) -> list[dict]:
         "no",
         "--dynamo_backend",
         "no",
-        "-m",
-        "alignkit",
+        *(entry or ["-m", "alignkit"]),
         "train",
         str(cfg),
     ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,9 +20,61 @@ from alignkit.reference import Reference
 from alignkit.rl_losses import GRPO_RECIPES, group_advantages, grpo_policy_loss
 from alignkit.rollout import Samples
 from alignkit.stages.base import Metrics, StepOutput
-from alignkit.stages.online import OnlineStage
+from alignkit.stages.online import OnlineStage, gather_counts
 
 log = logging.getLogger("alignkit")
+
+
+@dataclass
+class Groups:
+    """Whole groups of a rollout: prompts, their samples (G each, grouped), total rewards and reward parts."""
+
+    rows: list[dict]
+    samples: Samples
+    total: torch.Tensor  # (rows x G,)
+    parts: dict[str, torch.Tensor]  # reward name -> (rows x G,)
+
+    def select(self, groups: list[int], g: int) -> Groups:
+        idx = [i * g + j for i in groups for j in range(g)]
+        return Groups(
+            [self.rows[i] for i in groups],
+            self.samples.select(idx),
+            self.total[idx],
+            {k: v[idx] for k, v in self.parts.items()},
+        )
+
+    def informative(self, g: int) -> Groups:
+        """The groups whose rewards are not all equal."""
+        return self.select([i for i, sd in enumerate(self.total.view(-1, g).std(dim=1)) if sd > 0], g)
+
+    def first(self, n: int, g: int) -> Groups:
+        return self.select(list(range(n)), g)
+
+    @staticmethod
+    def concat(pieces: list[Groups]) -> Groups:
+        return Groups(
+            [r for p in pieces for r in p.rows],
+            Samples.concat([p.samples for p in pieces]),
+            torch.cat([p.total for p in pieces]),
+            {k: torch.cat([p.parts[k] for p in pieces]) for k in pieces[0].parts},
+        )
+
+
+def share_groups(targets: list[int], found: list[int]) -> list[int]:
+    """How many of its informative groups each process keeps, so that together they keep
+    min(sum(targets), sum(found)): first up to its own target, then, in rank order, the others' shortfall."""
+    keep = [min(t, f) for t, f in zip(targets, found)]
+    short = min(sum(targets), sum(found)) - sum(keep)
+    for p, f in enumerate(found):
+        extra = min(f - keep[p], short)
+        keep[p] += extra
+        short -= extra
+    return keep
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class GRPOStage(OnlineStage):
@@ -64,11 +117,12 @@ class GRPOStage(OnlineStage):
         estimator, _ = GRPO_RECIPES[cfg.loss_type]
         samples = self.sample(model, rows, g)
         total, parts = self.rewards(rows, samples, g, device)
-        kept_rows, kept = list(rows), list(range(len(samples.completion_ids)))
+        kept = list(range(len(samples.completion_ids)))
         zero_std = (total.view(-1, g).std(dim=1) == 0).repeat_interleave(g).float()
         self.frac_zero_std = float(zero_std.mean())
         if self.dynamic_sampling:
-            kept_rows, samples, total, parts, _ = self._refill(model, rows, samples, total, parts, device)
+            batch = self._refill(model, Groups(rows, samples, total, parts), device)
+            samples, total, parts = batch.samples, batch.total, batch.parts
             kept = list(range(len(samples.completion_ids)))
             # the batch as sampled, before the refill: each sample carries the share, whose mean is logged
             zero_std = torch.full((len(kept),), self.frac_zero_std)
@@ -96,35 +150,40 @@ class GRPOStage(OnlineStage):
             s["advantage"] = float(adv[i])
         return buffer
 
-    def _refill(self, model: nn.Module, rows: list[dict], samples, total, parts, device):  # noqa: ANN001, ANN202
-        """DAPO's dynamic sampling: groups whose rewards are all equal teach nothing; replace them with groups
-        of freshly drawn prompts, up to `max_refill_rounds` rounds."""
+    def _refill(self, model: nn.Module, batch: Groups, device: torch.device) -> Groups:
+        """DAPO's dynamic sampling over the global batch: groups whose rewards are all equal teach nothing, so
+        rounds of freshly drawn prompts replace them until the processes together hold as many informative
+        groups as the global batch has prompts, or `max_refill_rounds` run out. Every process takes part in
+        every round (one sample and one reward call each, so collectives inside them match), draws the same
+        prompts from the shared generator and samples its share of them. The kept groups are then dealt by
+        `share_groups`; a process left none trains on its batch as a filler, at weight 0. If no process holds
+        an informative group, each keeps its batch (its advantages are zero)."""
         g = self.cfg.num_generations
-
-        def informative(batch_rows: list[dict], s: Samples, t: torch.Tensor, p: dict) -> tuple:  # noqa: ANN001
-            keep = [i for i, sd in enumerate(t.view(-1, g).std(dim=1)) if sd > 0]
-            idx = [i * g + j for i in keep for j in range(g)]
-            return [batch_rows[i] for i in keep], s.select(idx), t[idx], {k: v[idx] for k, v in p.items()}
-
-        pieces = [informative(rows, samples, total, parts)]
+        target = 0 if self.filler_rollout else len(batch.rows)  # a filler rollout's groups never count
+        pieces = [batch.informative(g)] if target else []
+        counts = gather_counts([target, sum(len(p.rows) for p in pieces)], device)
+        world, rank = len(counts), _rank()
+        goal = sum(c[0] for c in counts)
+        if world > 1 and goal:  # the global batch as sampled, before the refill
+            self.frac_zero_std = float(torch.tensor(float(goal - sum(c[1] for c in counts))) / goal)
         for _ in range(self.cfg.max_refill_rounds):
-            have = sum(len(pc[0]) for pc in pieces)
-            if have >= len(rows):
+            have = sum(c[1] for c in counts)
+            if have >= goal:
                 break
-            extra = self._refill_rng.sample(self.train_rows, min(len(rows) - have, len(self.train_rows)))
+            per_process = -(-(goal - have) // world)
+            drawn = self._refill_rng.sample(self.train_rows, min(per_process * world, len(self.train_rows)))
+            mine = drawn[rank::world]
+            extra = mine or drawn[:1]  # dealt none: sample one anyway (discarded), to take part in the round
             more = self.sample(model, extra, g)
-            pieces.append(informative(extra, more, *self.rewards(extra, more, g, device)))
-        kept_rows = [r for pc in pieces for r in pc[0]][: len(rows)]
-        if not kept_rows:  # nothing informative at all: keep the original batch (its advantages are zero)
-            return rows, samples, total, parts, torch.ones(len(total), dtype=torch.bool)
-        n = len(kept_rows) * g
-        return (
-            kept_rows,
-            Samples.concat([pc[1] for pc in pieces]).select(list(range(n))),
-            torch.cat([pc[2] for pc in pieces])[:n],
-            {k: torch.cat([pc[3][k] for pc in pieces])[:n] for k in parts},
-            torch.zeros(n, dtype=torch.bool),
-        )
+            piece = Groups(extra, more, *self.rewards(extra, more, g, device)).informative(g)
+            if target and mine:
+                pieces.append(piece)
+            counts = gather_counts([target, sum(len(p.rows) for p in pieces)], device)
+        keep = share_groups([c[0] for c in counts], [c[1] for c in counts])[rank]
+        if keep == 0:
+            self.filler_rollout = self.filler_rollout or any(c[1] for c in counts)
+            return batch
+        return Groups.concat(pieces).first(keep, g)
 
     def _attach_logps(self, model: nn.Module, buffer: list[dict], device: torch.device) -> None:
         """Sampling-time log-probs (for importance ratios when a rollout is reused) and reference log-probs."""

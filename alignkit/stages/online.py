@@ -28,6 +28,17 @@ from alignkit.stages.base import MicroBatch, Stage, StepContext
 log = logging.getLogger("alignkit")
 
 
+def gather_counts(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every process's `values` (as many on each), in rank order; [values] in a single process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.long, device=device)
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [t.tolist() for t in out]
+
+
 def encode_prompt(ex: Example, tokenizer: Any) -> list[int]:
     if isinstance(ex.prompt, list):
         return tokenize_chat(tokenizer, ex.prompt, add_generation_prompt=True, tools=ex.tools)
