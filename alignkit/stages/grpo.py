@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from alignkit.logprobs import per_row_sum
+from alignkit.logprobs import TokenStats, per_row_sum
 from alignkit.models import load_policy
 from alignkit.reference import Reference
 from alignkit.rl_losses import GRPO_RECIPES, group_advantages, grpo_policy_loss
@@ -23,6 +23,13 @@ from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage, gather_counts
 
 log = logging.getLogger("alignkit")
+
+
+class Recipe(NamedTuple):
+    """A loss type's pieces (see `GRPO_RECIPES`)."""
+
+    estimator: str  # the advantage estimator of `group_advantages`
+    aggregation: str  # how `grpo_policy_loss` aggregates per-token losses
 
 
 @dataclass
@@ -88,6 +95,10 @@ class GRPOStage(OnlineStage):
         return self.cfg.num_iterations
 
     @property
+    def recipe(self) -> Recipe:
+        return Recipe(*GRPO_RECIPES[self.cfg.loss_type])
+
+    @property
     def kl_in_reward(self) -> bool:
         """RLOO penalises the KL in the reward (per sequence), the rest of the family in the loss (per token)."""
         return self.cfg.loss_type == "rloo" and self.cfg.beta > 0
@@ -114,7 +125,6 @@ class GRPOStage(OnlineStage):
     @torch.no_grad()
     def rollout(self, model: nn.Module, rows: list[dict], device: torch.device) -> list[dict]:
         cfg, g = self.cfg, self.cfg.num_generations
-        estimator, _ = GRPO_RECIPES[cfg.loss_type]
         samples = self.sample(model, rows, g)
         total, parts = self.rewards(rows, samples, g, device)
         kept = list(range(len(samples.completion_ids)))
@@ -134,7 +144,7 @@ class GRPOStage(OnlineStage):
                 "reward": float(total[i]),
                 "truncated": samples.truncated[i],
                 "zero_std": float(zero_std[i]),
-                **{f"r/{k}": float(v[i]) for k, v in parts.items()},
+                **self.reward_entries(parts, i),
             }
             for i in index
         ]
@@ -145,7 +155,7 @@ class GRPOStage(OnlineStage):
                 s["kl"] = sum(o - r for o, r in zip(s["old_logps"], s.pop("ref_logps")))
                 seq_kl[i] = s["kl"]
             total = total - cfg.beta * seq_kl
-        adv = group_advantages(total, g, estimator)
+        adv = group_advantages(total, g, self.recipe.estimator)
         for i, s in zip(index, buffer):
             s["advantage"] = float(adv[i])
         return buffer
@@ -223,13 +233,11 @@ class GRPOStage(OnlineStage):
         batch["zero_std"] = torch.tensor([float(s["zero_std"]) for s in samples])
         if "kl" in samples[0]:
             batch["kl"] = torch.tensor([s["kl"] for s in samples])
-        for key in samples[0]:
-            if key.startswith("r/"):
-                batch[key] = torch.tensor([s[key] for s in samples])
+        self.collate_rewards(samples, batch)
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        if GRPO_RECIPES[self.cfg.loss_type][1] == "token":
+        if self.recipe.aggregation == "token":
             return int(batch["completion_mask"][:, 1:].sum())
         return batch["input_ids"].shape[0]
 
@@ -249,7 +257,7 @@ class GRPOStage(OnlineStage):
             old,
             batch["advantages"],
             rows,
-            GRPO_RECIPES[cfg.loss_type][1],
+            self.recipe.aggregation,
             cfg.epsilon,
             eps_high,
             cfg.max_new_tokens,
@@ -261,30 +269,24 @@ class GRPOStage(OnlineStage):
         return StepOutput(loss_sum=loss, metrics=self._metrics(batch, stats, lengths, clip_frac, kl))
 
     def _metrics(
-        self, batch: dict[str, torch.Tensor], stats, lengths: torch.Tensor, clip_frac, kl
-    ) -> Metrics:  # noqa: ANN001
+        self,
+        batch: dict[str, torch.Tensor],
+        stats: TokenStats,
+        lengths: torch.Tensor,
+        clip_frac: tuple[torch.Tensor, float],
+        kl: torch.Tensor | None,
+    ) -> Metrics:
         n = float(batch["input_ids"].shape[0])
-        r = batch["reward"]
         out: Metrics = {
-            "reward/mean": (r.sum(), n),
-            "_reward_sq": ((r**2).sum(), n),
+            **self.reward_metrics(batch["reward"], batch),
             "frac_reward_zero_std": (batch["zero_std"].sum(), n),
             "clip_ratio": clip_frac,
             "entropy": (stats.entropy.sum(), float(stats.entropy.numel())),
             "completion_length": (lengths.detach().sum(), n),
             "truncated_fraction": (batch["truncated"].sum(), n),
         }
-        for key in batch:
-            if key.startswith("r/"):
-                out[f"rewards/{key[2:]}/mean"] = (batch[key].sum(), n)
         if kl is not None:
             out["kl"] = (kl.detach().sum(), float(kl.numel()))
         elif "kl" in batch:  # RLOO: the sequence KL its reward was penalised with
             out["kl"] = (batch["kl"].sum(), n)
         return out
-
-    def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        if "_reward_sq" in metrics:
-            sq = metrics.pop("_reward_sq")
-            metrics["reward/std"] = max(sq - metrics["reward/mean"] ** 2, 0.0) ** 0.5
-        return metrics

@@ -23,7 +23,7 @@ from alignkit.logprobs import TokenStats, completion_token_stats
 from alignkit.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
 from alignkit.rl_losses import dapo_overlong_penalty
 from alignkit.rollout import Samples, sample_hf, sequences
-from alignkit.stages.base import MicroBatch, Stage, StepContext
+from alignkit.stages.base import Metrics, MicroBatch, Stage, StepContext
 
 log = logging.getLogger("alignkit")
 
@@ -212,6 +212,34 @@ class OnlineStage(Stage):
             self.tokenizer.pad_token_id,
         )
         return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+    # -- rewards in the buffer, the batch and the metrics (GRPO and PPO alike)
+    @staticmethod
+    def reward_entries(parts: dict[str, torch.Tensor], i: int) -> dict[str, float]:
+        """Sample i's reward components as buffer entries, "r/<name>"."""
+        return {f"r/{k}": float(v[i]) for k, v in parts.items()}
+
+    @staticmethod
+    def collate_rewards(samples: list[dict], batch: dict[str, torch.Tensor]) -> None:
+        """The samples' reward components into `batch`, one (B,) tensor each."""
+        for key in samples[0]:
+            if key.startswith("r/"):
+                batch[key] = torch.tensor([s[key] for s in samples])
+
+    @staticmethod
+    def reward_metrics(reward: torch.Tensor, batch: dict[str, torch.Tensor]) -> Metrics:
+        """Per sample: the logged reward's mean (and square, for `reward/std`), each component's mean."""
+        n = float(batch["input_ids"].shape[0])
+        out: Metrics = {"reward/mean": (reward.sum(), n), "_reward_sq": ((reward**2).sum(), n)}
+        for key in batch:
+            if key.startswith("r/"):
+                out[f"rewards/{key[2:]}/mean"] = (batch[key].sum(), n)
+        return out
+
+    def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        if "_reward_sq" in metrics:
+            metrics["reward/std"] = max(metrics.pop("_reward_sq") - metrics["reward/mean"] ** 2, 0.0) ** 0.5
+        return metrics
 
     def update_batches(self, buffer: list[dict], update: int) -> list[list[dict]]:
         """The whole buffer in `gradient_accumulation_steps` micro-batches (the same count on every process, so

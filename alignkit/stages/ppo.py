@@ -194,7 +194,7 @@ class PPOStage(OnlineStage):
                     "returns": returns[j, :n].tolist(),
                     "score": float(raw[i]),
                     "truncated": samples.truncated[i],
-                    **{f"r/{k}": float(p[i]) for k, p in parts.items()},
+                    **self.reward_entries(parts, i),
                 }
             )
         return buffer
@@ -238,9 +238,7 @@ class PPOStage(OnlineStage):
         batch["score"] = torch.tensor([s["score"] for s in samples])
         batch["truncated"] = torch.tensor([float(s["truncated"]) for s in samples])
         batch["response_length"] = torch.tensor([float(len(s["completion_ids"])) for s in samples])
-        for key in samples[0]:
-            if key.startswith("r/"):
-                batch[key] = torch.tensor([s[key] for s in samples])
+        self.collate_rewards(samples, batch)
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -266,8 +264,7 @@ class PPOStage(OnlineStage):
             resid = ret - values.detach()
             n = float(batch["input_ids"].shape[0])
             metrics: Metrics = {
-                "reward/mean": (batch["score"].sum(), n),
-                "_score_sq": ((batch["score"] ** 2).sum(), n),
+                **self.reward_metrics(batch["score"], batch),
                 "policy/clipfrac": (clipped.float().sum(), n_tok),
                 "policy/approxkl": ((0.5 * (stats.logps.detach() - batch["old_logps"]) ** 2).sum(), n_tok),
                 "value/loss": (vf.detach().sum(), n_tok),
@@ -281,14 +278,10 @@ class PPOStage(OnlineStage):
                 "response_length": (batch["response_length"].sum(), n),
                 "truncated_fraction": (batch["truncated"].sum(), n),
             }
-            for key in batch:
-                if key.startswith("r/"):
-                    metrics[f"rewards/{key[2:]}/mean"] = (batch[key].sum(), n)
         return StepOutput(loss_sum=loss.sum(), metrics=metrics)
 
     def finalize_metrics(self, m: dict[str, float]) -> dict[str, float]:
-        if "_score_sq" in m:
-            m["reward/std"] = max(m.pop("_score_sq") - m["reward/mean"] ** 2, 0.0) ** 0.5
+        m = super().finalize_metrics(m)
         if "_ret" in m:
             var_ret = m.pop("_ret_sq") - m.pop("_ret") ** 2
             var_res = m.pop("_resid_sq") - m.pop("_resid") ** 2
