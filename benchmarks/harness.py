@@ -1,32 +1,68 @@
-"""What the `*_vs_trl.py` benchmarks share: the model, peak memory, and running each side in its own process."""
+"""What the benchmarks share: the model built in place, peak memory, one alignkit run through its public path."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
-Runner = Callable[[str, argparse.Namespace, str], dict]
+
+# Qwen2 shapes: `cpu` keeps the real vocabulary (the output layer dominates, as in real models) on a small
+# backbone; `qwen2.5-0.5b` is that model's real shape (for a GPU).
+SHAPES = {
+    "cpu": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 1376},
+    "qwen2.5-0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "intermediate_size": 4864},
+}  # fmt: skip
+VOCAB = 151_936  # Qwen2's
 
 
-def build(model_dir: str, vocab: int, hidden: int, layers: int) -> None:
-    """The tiny Llama with its vocabulary grown to `vocab`, so the output layer weighs as in real models."""
-    from transformers import AutoModelForCausalLM
+def build_qwen2(model_dir: str, shape: str = "cpu", vocab: int = VOCAB, seed: int = 0) -> None:
+    """A randomly initialised Qwen2ForCausalLM of `shape` with `vocab` entries and alignkit's tiny BPE tokenizer
+    (its 512 ids are the first rows of the vocabulary; the softmax still runs over all `vocab` of them)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from alignkit.tiny import build_tiny
+    from alignkit.tiny import build_tokenizer
 
-    build_tiny(model_dir, hidden_size=hidden, layers=layers)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.resize_token_embeddings(vocab)
+    tok = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,  # as Qwen2.5-0.5B
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+        dtype="float32",
+        **SHAPES[shape],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+
+def build_reward_model(causal_dir: str, out_dir: str, seed: int = 0) -> None:
+    """The causal model's backbone with a seeded scalar head, saved once so both tools start from the same head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(causal_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(causal_dir, num_labels=1)
+    torch.nn.init.normal_(model.score.weight, std=0.02)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
 
 
 def peak_mb() -> float:
@@ -38,58 +74,23 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_alignkit(keys: dict, steps: int, out: str) -> dict:
-    """One alignkit run through the public path (config -> stage -> loop), fp32, data in file order, `steps`
-    steps logged once; returns the last metrics record."""
+def train_alignkit(keys: dict, steps: int, out: str) -> list[dict]:
+    """One alignkit run through the public path (config -> stage -> loop), data in file order, `steps` steps,
+    logged every step; returns the metrics records (metrics.jsonl)."""
     from alignkit.config import build_config
     from alignkit.loop import train
     from alignkit.stages import get_stage
 
     common = {
         "max_steps": steps,
-        "logging_steps": steps,
+        "logging_steps": 1,
         "output_dir": out,
         "disable_tqdm": True,
         "plot_loss": False,
-        "torch_dtype": "float32",
         "shuffle": False,
         "overwrite_output_dir": True,
     }
     cfg = build_config({**common, **keys})
-    return train(cfg, get_stage(cfg.stage)(cfg))
-
-
-def parser(steps: int) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--run", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    return p
-
-
-def compare(
-    script: str, argv: list[str], args: argparse.Namespace, sides: dict[str, Runner]
-) -> dict[str, dict]:
-    """In a child (`--run SIDE`): run that side and print its result. In the parent: build the model, run
-    each side in a fresh process (so peak memory is its own) and return {side: result}."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.run:
-        print("RESULT " + json.dumps(sides[args.run](args.model, args, tempfile.mkdtemp())))
-        sys.exit(0)
-    model_dir = tempfile.mkdtemp() + "/model"
-    build(model_dir, args.vocab, args.hidden, args.layers)
-    results = {}
-    for side in sides:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
-        cmd = [sys.executable, script, *argv, "--run", side, "--model", model_dir]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(line[0][7:])
-    a, t = results["alignkit"], results["trl"]
-    results["ratio"] = {"time": a["train_s"] / t["train_s"], "peak_memory": a["peak_mb"] / t["peak_mb"]}
-    return results
+    train(cfg, get_stage(cfg.stage)(cfg))
+    with open(Path(out) / "metrics.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
