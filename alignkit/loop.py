@@ -22,6 +22,7 @@ import torch
 
 from alignkit.checkpoint import (
     RunProgress,
+    full_weights,
     load_checkpoint,
     refuse_to_overwrite,
     resolve_resume,
@@ -139,10 +140,10 @@ class _Run:
         self.writer: MetricsWriter | None = None
         if accelerator.is_main_process:
             os.makedirs(cfg.output_dir, exist_ok=True)
-            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"), stage.resolved)
             resumed_at = self.start_step if resume_path else None
             self.writer = MetricsWriter(
-                cfg.output_dir, cfg.report_to, cfg.run_name, config_to_dict(cfg), resumed_at
+                cfg.output_dir, cfg.report_to, cfg.run_name, config_to_dict(cfg, stage.resolved), resumed_at
             )
         log.info(
             "stage %s: %d rows, %d steps (%d per epoch), global batch %d",
@@ -327,14 +328,15 @@ def evaluate(accelerator: Any, stage: Stage, model: torch.nn.Module, cfg: BaseCo
 def _save_final(accelerator: Any, model: torch.nn.Module, stage: Stage, cfg: BaseConfig) -> None:
     """Write the final model next to a temporary copy first, so a crash mid-save loses nothing."""
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    tmp = os.path.join(cfg.output_dir, ".tmp-final")
-    shutil.rmtree(tmp, ignore_errors=True)
-    stage.save(accelerator.unwrap_model(model), tmp, merged=cfg.save_merged)
-    for name in os.listdir(tmp):
-        dest = os.path.join(cfg.output_dir, name)
-        if os.path.isdir(dest):
-            shutil.rmtree(dest)
-        os.replace(os.path.join(tmp, name), dest)
-    os.rmdir(tmp)
+    with full_weights(accelerator, model) as unwrapped:  # a sharded model is gathered by every process
+        if not accelerator.is_main_process:
+            return
+        tmp = os.path.join(cfg.output_dir, ".tmp-final")
+        shutil.rmtree(tmp, ignore_errors=True)
+        stage.save(unwrapped, tmp, merged=cfg.save_merged)
+        for name in os.listdir(tmp):
+            dest = os.path.join(cfg.output_dir, name)
+            if os.path.isdir(dest):
+                shutil.rmtree(dest)
+            os.replace(os.path.join(tmp, name), dest)
+        os.rmdir(tmp)

@@ -32,30 +32,9 @@ from tests.conftest import REPO, write_jsonl
 ACCEL = REPO / "configs" / "accelerate"
 
 # The entry both launches run: train each config named on the command line, one after the other, in the
-# same processes (one start-up for SFT and DPO). Until alignkit/loop.py's final save gathers a sharded model
-# on every process (checkpoint.full_weights), this stands in for its `_save_final`.
+# same processes (one start-up for SFT and DPO).
 ENTRY = """
-import os, shutil, sys
-from alignkit import loop
-from alignkit.checkpoint import full_weights
-
-def _save_final(accelerator, model, stage, cfg):
-    accelerator.wait_for_everyone()
-    with full_weights(accelerator, model) as unwrapped:  # a sharded model is gathered by every process
-        if not accelerator.is_main_process:
-            return
-        tmp = os.path.join(cfg.output_dir, ".tmp-final")
-        shutil.rmtree(tmp, ignore_errors=True)
-        stage.save(unwrapped, tmp, merged=cfg.save_merged)
-        for name in os.listdir(tmp):
-            dest = os.path.join(cfg.output_dir, name)
-            if os.path.isdir(dest):
-                shutil.rmtree(dest)
-            os.replace(os.path.join(tmp, name), dest)
-        os.rmdir(tmp)
-
-if "full_weights" not in loop._save_final.__code__.co_names:
-    loop._save_final = _save_final
+import sys
 from alignkit.cli import main
 for config in sys.argv[1:]:
     try:
