@@ -250,7 +250,7 @@ def train_method(raw: dict[str, Any], source: str) -> TrainResult:
     if os.path.exists(os.path.join(out, FINGERPRINT_FILE)):
         os.remove(os.path.join(out, FINGERPRINT_FILE))
     _write_json(os.path.join(out, PENDING_FILE), {"fingerprint": fp})
-    cfg.resume_from_checkpoint = "auto" if resume else None
+    cfg = dataclasses.replace(cfg, resume_from_checkpoint="auto" if resume else None)
     t0 = time.perf_counter()
     train(cfg, get_stage(cfg.stage)(cfg))
     wall = round(time.perf_counter() - t0, 1)

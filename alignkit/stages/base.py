@@ -248,6 +248,12 @@ class Stage:
         """Metrics derived from the reduced ones (e.g. a margin of two means); identity by default."""
         return metrics
 
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """Values this stage derived at build time for config keys the user left to it (KTO's `auto`
+        weights); config.yaml records them, the config itself is never written."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """The stage's own training state beyond the weights (e.g. PPO's adaptive KL coefficient), saved in
         each checkpoint's trainer_state.json (JSON values only)."""

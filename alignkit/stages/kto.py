@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -127,20 +128,18 @@ class KTOStage(Stage):
                 f"every training row is {which} ({len(self.train_rows)} rows): KTO learns from the "
                 "contrast of both labels; add rows of the other label, or set `allow_single_label: true`"
             )
-        if "auto" in (cfg.desirable_weight, cfg.undesirable_weight):
-            w_d, w_u, why = kto_weights(n_d, n_u)
-            cfg.desirable_weight = w_d if cfg.desirable_weight == "auto" else cfg.desirable_weight
-            cfg.undesirable_weight = w_u if cfg.undesirable_weight == "auto" else cfg.undesirable_weight
+        auto_d, auto_u, why = kto_weights(n_d, n_u) if cfg.auto_weights else (1.0, 1.0, "")
+        self.weights: tuple[float, float] = cfg.resolved_weights(auto_d, auto_u)  # cfg keeps `auto`
+        if cfg.auto_weights:
             log.info(
                 "KTO weights: desirable_weight=%s undesirable_weight=%s (%d desirable, %d undesirable; %s)",
-                cfg.desirable_weight,
-                cfg.undesirable_weight,
+                *self.weights,
                 n_d,
                 n_u,
                 why,
             )
         if n_d and n_u:
-            ratio = cfg.desirable_weight * n_d / (cfg.undesirable_weight * n_u)
+            ratio = self.weights[0] * n_d / (self.weights[1] * n_u)
             lo, hi = KTO_RATIO_RANGE
             if not lo - 1e-3 <= ratio <= hi + 1e-3:  # weights are rounded to 4 decimals
                 w_d, w_u, _ = kto_weights(n_d, n_u)
@@ -154,6 +153,11 @@ class KTOStage(Stage):
                     w_d,
                     w_u,
                 )
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """The weights as trained (`auto` resolved from the label counts), recorded in config.yaml."""
+        return dict(zip(("desirable_weight", "undesirable_weight"), self.weights))
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -214,8 +218,8 @@ class KTOStage(Stage):
             desirable,
             kl,
             beta=cfg.beta,
-            desirable_weight=float(cfg.desirable_weight),
-            undesirable_weight=float(cfg.undesirable_weight),
+            desirable_weight=self.weights[0],
+            undesirable_weight=self.weights[1],
         )
         return StepOutput(
             loss_sum=losses.sum(), metrics=self._metrics(logps, logratios, desirable, kl, stats)
