@@ -39,13 +39,12 @@ def _head_transform(model: nn.Module) -> tuple[nn.Module, float | None, float | 
 def _chunk_logps(
     hidden: torch.Tensor,
     labels: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    head: nn.Module,
     softcap: float | None,
     scale: float | None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
-    logits = F.linear(hidden, weight, bias)  # (c, V)
+    logits = head(hidden)  # (c, V); a LoRA-wrapped head applies its adapter
     logits = logits if logits.dtype == torch.float64 else logits.float()  # half -> fp32; float64 kept
     if scale is not None:
         logits = logits * scale
@@ -83,7 +82,7 @@ def completion_token_stats(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     temperature: float = 1.0,
     **model_kwargs: Any,
 ) -> TokenStats:
@@ -107,7 +106,7 @@ def token_stats_at(
     predict_at: torch.Tensor,
     labels: torch.Tensor,
     rows: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     temperature: float = 1.0,
     **model_kwargs: Any,
 ) -> TokenStats:
@@ -126,32 +125,101 @@ def head_stats(
     h: torch.Tensor,
     labels: torch.Tensor,
     rows: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     temperature: float = 1.0,
 ) -> TokenStats:
-    """The output layer over hidden states `h` (N, H) in checkpointed chunks: the stats of `labels` (N,)."""
+    """The output layer over hidden states `h` (N, H) in chunks: the stats of `labels` (N,).
+
+    A plain linear head (every causal LM here, softcapped ones aside) runs through `_FusedHead`: one pass
+    per chunk forward, and a backward that recomputes the chunk's logits and writes their gradient directly.
+    A LoRA-wrapped or softcapped head runs chunk by chunk under activation checkpointing instead."""
     head, softcap, scale = _head_transform(getattr(model, "module", model))  # unwrap DDP for the weight
-    weight, bias = head.weight, getattr(head, "bias", None)
-    parts = []
-    for start in range(0, h.shape[0], chunk_size):
-        args = (
-            h[start : start + chunk_size],
-            labels[start : start + chunk_size],
-            weight,
-            bias,
-            softcap,
-            scale,
-            temperature,
-        )
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
-        else:
-            parts.append(_chunk_logps(*args))
-    if not parts:
+    if h.shape[0] == 0:
         empty = h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
         return TokenStats(empty, empty, empty, empty.bool(), rows)
+    if softcap is None and not hasattr(head, "base_layer"):
+        factor = (1.0 if scale is None else float(scale)) / temperature
+        bias = getattr(head, "bias", None)
+        logps, entropy, mean_logits, top1 = _FusedHead.apply(h, head.weight, bias, labels, factor, chunk_size)
+        return TokenStats(logps, mean_logits, entropy, top1, rows)
+    parts = []
+    for start in range(0, h.shape[0], chunk_size):
+        args = (h[start : start + chunk_size], labels[start : start + chunk_size], head, softcap, scale)
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_logps, *args, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(*args, temperature))
     logps, mean_logits, entropy, top1 = (torch.cat(p) for p in zip(*parts))
     return TokenStats(logps, mean_logits, entropy, top1, rows)
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factor: float) -> torch.Tensor:
+    z = F.linear(h, weight, bias)
+    z = z if z.dtype == torch.float64 else z.float()  # half -> fp32; float64 kept
+    return z if factor == 1.0 else z * factor
+
+
+class _FusedHead(torch.autograd.Function):
+    """logps and entropy (differentiable), mean logit and top-1 (not) of z = factor * (h @ W.T + b), chunked.
+
+    Forward keeps per token only log Z and E[z] (the entropy is log Z - E[z]); backward recomputes a chunk's
+    logits z and applies d logp / dz = onehot - p and d H / dz = -p (z - E[z]) in place, then the two GEMMs.
+    The straightforward autograd of `log_softmax(lm_head(h))` gives the same values and gradients."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, factor, chunk_size):  # noqa: ANN001, ANN205
+        out = [[] for _ in range(4)]  # logps, entropy, mean logits, top1
+        lse_all, ez_all = [], []
+        for start in range(0, h.shape[0], chunk_size):
+            z = _logits(h[start : start + chunk_size], weight, bias, factor)
+            y = labels[start : start + chunk_size, None]
+            lse = torch.logsumexp(z, dim=-1)
+            ez = torch.linalg.vecdot(torch.exp(z - lse[:, None]), z)  # E[z] under softmax(z)
+            out[0].append(z.gather(-1, y).squeeze(-1) - lse)
+            out[1].append(lse - ez)
+            out[2].append(z.mean(-1))
+            out[3].append(z.argmax(-1) == y.squeeze(-1))
+            lse_all.append(lse)
+            ez_all.append(ez)
+        ctx.save_for_backward(h, weight, bias, labels, torch.cat(lse_all), torch.cat(ez_all))
+        ctx.factor, ctx.chunk_size = factor, chunk_size
+        dev = h.device.type  # under autocast the forward's linear ran in its dtype: so does the backward's
+        ctx.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        logps, entropy, mean_logits, top1 = (torch.cat(o) for o in out)
+        ctx.mark_non_differentiable(mean_logits, top1)
+        return logps, entropy, mean_logits, top1
+
+    @staticmethod
+    def backward(ctx, g_logps, g_entropy, _g_mean, _g_top1):  # noqa: ANN001, ANN205
+        h, weight, bias, labels, lse, ez = ctx.saved_tensors
+        factor, chunk, dtype = ctx.factor, ctx.chunk_size, ctx.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
+        for start in range(0, h.shape[0], chunk):
+            end = min(start + chunk, h.shape[0])
+            hc = h[start:end].to(dtype)
+            z = _logits(hc, w, b, factor)
+            p = torch.exp(z - lse[start:end, None])  # softmax
+            g = g_logps[start:end, None].to(z.dtype) if g_logps is not None else None
+            if g_entropy is not None:  # dH/dz = -p (z - E[z]), plus dlogp/dz = onehot - p below
+                z.sub_(ez[start:end, None]).mul_(-g_entropy[start:end, None].to(z.dtype))
+                gz = p.mul_(z if g is None else z.sub_(g))
+            else:
+                gz = p.mul_(-g)
+            if g is not None:
+                gz.scatter_add_(-1, labels[start:end, None], g)
+            gz = (gz * factor if factor != 1.0 else gz).to(dtype)
+            if grad_h is not None:
+                grad_h[start:end] = gz @ w
+            if grad_w is not None:
+                grad_w.add_(gz.t() @ hc)
+            if grad_b is not None:
+                grad_b.add_(gz.sum(0))
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def per_row_sum(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
