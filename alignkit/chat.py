@@ -168,12 +168,8 @@ def resolve_settings(args: argparse.Namespace) -> ChatSettings:
         backend=backend,
         dtype=cfg.infer_dtype,
         trust_remote_code=cfg.trust_remote_code,
-        max_new_tokens=_first(
-            _flag(args, "max_new_tokens"), cfg.max_new_tokens, DEFAULTS["max_new_tokens"]
-        ),
-        temperature=_first(
-            _flag(args, "temperature"), greedy, cfg.temperature, DEFAULTS["temperature"]
-        ),
+        max_new_tokens=_first(_flag(args, "max_new_tokens"), cfg.max_new_tokens, DEFAULTS["max_new_tokens"]),
+        temperature=_first(_flag(args, "temperature"), greedy, cfg.temperature, DEFAULTS["temperature"]),
         top_p=_first(_flag(args, "top_p"), cfg.top_p, DEFAULTS["top_p"]),
         top_k=_first(cfg.top_k, 0),
     )
