@@ -29,6 +29,11 @@ class TokenStats:
     rows: torch.Tensor  # (N,) which batch row each token belongs to
 
 
+# The fused head is used from this vocabulary size on (every real model's): below it the logits are small and
+# the plain chunked path is kept, whose float32 rounding the tiny models' recipes (the quickstart) were tuned on.
+FUSED_MIN_VOCAB = 16_384
+
+
 def _head_transform(model: nn.Module) -> tuple[nn.Module, float | None, float | None]:
     config = getattr(model, "config", None)
     softcap = getattr(config, "final_logit_softcapping", None)
@@ -82,7 +87,7 @@ def completion_token_stats(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
     temperature: float = 1.0,
     **model_kwargs: Any,
 ) -> TokenStats:
@@ -106,7 +111,7 @@ def token_stats_at(
     predict_at: torch.Tensor,
     labels: torch.Tensor,
     rows: torch.Tensor,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
     temperature: float = 1.0,
     **model_kwargs: Any,
 ) -> TokenStats:
@@ -125,23 +130,26 @@ def head_stats(
     h: torch.Tensor,
     labels: torch.Tensor,
     rows: torch.Tensor,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
     temperature: float = 1.0,
 ) -> TokenStats:
     """The output layer over hidden states `h` (N, H) in chunks: the stats of `labels` (N,).
 
-    A plain linear head (every causal LM here, softcapped ones aside) runs through `_FusedHead`: one pass
-    per chunk forward, and a backward that recomputes the chunk's logits and writes their gradient directly.
-    A LoRA-wrapped or softcapped head runs chunk by chunk under activation checkpointing instead."""
+    A plain linear head of at least `FUSED_MIN_VOCAB` entries runs through `_FusedHead` (512-token chunks):
+    one pass per chunk forward, and a backward that recomputes the chunk's logits and writes their gradient
+    directly. A smaller, LoRA-wrapped or softcapped head runs in 1024-token chunks under activation
+    checkpointing instead."""
     head, softcap, scale = _head_transform(getattr(model, "module", model))  # unwrap DDP for the weight
     if h.shape[0] == 0:
         empty = h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
         return TokenStats(empty, empty, empty, empty.bool(), rows)
-    if softcap is None and not hasattr(head, "base_layer"):
+    if fused_head_applies(model):
+        chunk_size = chunk_size or 512
         factor = (1.0 if scale is None else float(scale)) / temperature
         bias = getattr(head, "bias", None)
         logps, entropy, mean_logits, top1 = _FusedHead.apply(h, head.weight, bias, labels, factor, chunk_size)
         return TokenStats(logps, mean_logits, entropy, top1, rows)
+    chunk_size = chunk_size or 1024
     parts = []
     for start in range(0, h.shape[0], chunk_size):
         args = (h[start : start + chunk_size], labels[start : start + chunk_size], head, softcap, scale)
@@ -151,6 +159,14 @@ def head_stats(
             parts.append(_chunk_logps(*args, temperature))
     logps, mean_logits, entropy, top1 = (torch.cat(p) for p in zip(*parts))
     return TokenStats(logps, mean_logits, entropy, top1, rows)
+
+
+def fused_head_applies(model: nn.Module) -> bool:
+    """Whether `head_stats` runs the fused head: a plain linear output layer (no LoRA on it, no softcap) of
+    at least `FUSED_MIN_VOCAB` entries."""
+    head, softcap, _ = _head_transform(getattr(model, "module", model))
+    plain = head is not None and softcap is None and not hasattr(head, "base_layer")
+    return plain and head.weight.shape[0] >= FUSED_MIN_VOCAB
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factor: float) -> torch.Tensor:

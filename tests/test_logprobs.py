@@ -66,3 +66,26 @@ def test_head_stats_applies_a_lora_adapter_on_the_output_layer() -> None:
     )
     torch.testing.assert_close(stats.logps, adapted)
     assert (stats.logps - base).abs().max() > 1e-3  # the adapter changes them: ignoring it would show
+
+
+def test_head_stats_takes_the_fused_path_from_a_real_vocabulary_size() -> None:
+    """At FUSED_MIN_VOCAB entries `head_stats` runs `_FusedHead` (same values as plain autograd); below it the
+    plain checkpointed path, so the tiny models' float32 numbers stay as they were."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignkit.logprobs import FUSED_MIN_VOCAB, fused_head_applies
+
+    torch.manual_seed(0)
+    for vocab, fused in ((FUSED_MIN_VOCAB, True), (512, False)):
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+        model = LlamaForCausalLM(cfg).double()
+        assert fused_head_applies(model) is fused
+        h = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+        y = torch.randint(0, vocab, (40,))
+        stats = head_stats(model, h, y, torch.zeros(40, dtype=torch.long))
+        (grad,) = torch.autograd.grad(stats.logps.sum(), h)
+        logp, _, _ = _plain(h, model.lm_head.weight, None, y, 1.0)
+        (ref_grad,) = torch.autograd.grad(logp.sum(), h)
+        torch.testing.assert_close(stats.logps, logp, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
