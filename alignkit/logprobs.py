@@ -49,7 +49,10 @@ def _chunk_logps(
     scale: float | None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
-    logits = head(hidden)  # (c, V); a LoRA-wrapped head applies its adapter
+    # a LoRA-wrapped head applies its adapter through its forward; a plain one is read as weight and bias (the
+    # module call segfaulted under FSDP2 on CPU, torch 2.13)
+    lora = hasattr(head, "base_layer")
+    logits = head(hidden) if lora else F.linear(hidden, head.weight, getattr(head, "bias", None))  # (c, V)
     logits = logits if logits.dtype == torch.float64 else logits.float()  # half -> fp32; float64 kept
     if scale is not None:
         logits = logits * scale
