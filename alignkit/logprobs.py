@@ -1,10 +1,11 @@
 """Per-token log-probs of the completion tokens, without the full `[B, T, V]` logits. Imports torch only.
 
 The backbone returns hidden states (B, T, H); only the positions that predict a completion token are kept
-(N of them), and the output layer runs over those in chunks of `chunk_size` rows, each under activation
-checkpointing: the forward keeps one (chunk, V) block at a time and the backward recomputes it. With a
-150k vocabulary the logits are the largest tensor of a step; here they never exist whole. Values equal
-the straightforward `log_softmax(lm_head(h))` to float32 rounding, and so do the gradients.
+(N of them), and the output layer runs over those in chunks of `chunk_size` rows: the forward keeps one
+(chunk, V) block at a time and the backward recomputes it (`_FusedHead` from `FUSED_MIN_VOCAB` entries on,
+activation checkpointing below it and for LoRA-wrapped or softcapped heads). With a 150k vocabulary the
+logits are the largest tensor of a step; here they never exist whole. Values equal the straightforward
+`log_softmax(lm_head(h))` to float32 rounding, and so do the gradients.
 """
 
 from __future__ import annotations
