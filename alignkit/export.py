@@ -111,8 +111,8 @@ def _check_keys(raw: dict[str, Any], path: str) -> None:
 
 def _yaml_settings(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     """Settings from a LLaMA-Factory merge config, and the key each came from."""
-    from alignkit.coerce import coerce
     from alignkit.config import load_yaml_mapping
+    from alignkit.config.coerce import coerce
 
     raw = load_yaml_mapping(path)
     _check_keys(raw, path)

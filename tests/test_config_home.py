@@ -17,8 +17,8 @@ import torch
 import alignkit
 from alignkit import losses, rl_losses
 from alignkit.config import build_config, config_to_dict, load_config, save_config
-from alignkit.config_checks import validate
-from alignkit.config_schema import (
+from alignkit.config.checks import validate
+from alignkit.config.schema import (
     CONFIG_CLASSES,
     STAGES,
     BaseConfig,
@@ -47,12 +47,12 @@ def _imports(module: str) -> set[str]:
 
 
 def test_config_modules_import_in_one_direction() -> None:
-    schema, checks, config = _imports("config_schema"), _imports("config_checks"), _imports("config")
-    assert not {"alignkit.config", "alignkit.config_checks"} & schema
-    assert "alignkit.config_schema" in checks and "alignkit.config" not in checks
-    assert {"alignkit.config_schema", "alignkit.config_checks"} <= config
-    assert not {"alignkit.config", "alignkit.config_checks", "alignkit.config_schema"} & _imports(
-        "config_compat"
+    schema, checks, config = _imports("config/schema"), _imports("config/checks"), _imports("config/load")
+    assert not {"alignkit.config", "alignkit.config.checks"} & schema
+    assert "alignkit.config.schema" in checks and "alignkit.config" not in checks
+    assert {"alignkit.config.schema", "alignkit.config.checks"} <= config
+    assert not {"alignkit.config", "alignkit.config.checks", "alignkit.config.schema"} & _imports(
+        "config/compat"
     )
 
 

@@ -1,4 +1,4 @@
-"""LLaMA-Factory's and TRL's YAML keys read with their meaning (alignkit/config_compat.py)."""
+"""LLaMA-Factory's and TRL's YAML keys read with their meaning (alignkit/config/compat.py)."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.coerce import flatten, parse_overrides
 from alignkit.config import CONFIG_CLASSES, BaseConfig, build_config, build_dataclass, load_yaml_mapping
+from alignkit.config.coerce import flatten, parse_overrides
 from alignkit.errors import UserError, did_you_mean
 from alignkit.evaluate.config import EvalConfig, validate
 

@@ -1,6 +1,6 @@
 """Stage registry: `stage:` in the config -> the class that builds and steps it.
 
-The stage names live in one table, `alignkit.config_schema.CONFIG_CLASSES`; here each config class names the
+The stage names live in one table, `alignkit.config.schema.CONFIG_CLASSES`; here each config class names the
 class that runs it (imported only when asked for).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from alignkit.config_schema import (
+from alignkit.config.schema import (
     CONFIG_CLASSES,
     STAGES,
     BaseConfig,

@@ -1,14 +1,14 @@
 """Value checks on a built config: impossible values are errors at load time, not surprises at step 300.
 
 Each names the key and, where one is close, suggests the valid value (`did_you_mean`). The checks only read:
-a field's value is normalised while the dataclass is built (`alignkit.config_schema`), never here.
+a field's value is normalised while the dataclass is built (`alignkit.config.schema`), never here.
 """
 
 from __future__ import annotations
 
 import os
 
-from alignkit.config_schema import (
+from alignkit.config.schema import (
     DATASET_FORMATS,
     FINETUNING_TYPES,
     REPORT_TO,

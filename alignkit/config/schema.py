@@ -2,7 +2,7 @@
 
 Every field is typed as the value it holds once built: `build_dataclass` coerces what YAML and `key=value`
 give into that type while the dataclass is built (a field marked `one_or_more` also takes a single value as a
-one-element list), so nothing rewrites a field afterwards. The value checks are in `alignkit.config_checks`,
+one-element list), so nothing rewrites a field afterwards. The value checks are in `alignkit.config.checks`,
 which imports this module; loading and saving are in `alignkit.config`, which imports both.
 """
 
@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.coerce import coerce
+from alignkit.config.coerce import coerce
 from alignkit.errors import UserError, did_you_mean
 
 FINETUNING_TYPES = ("full", "lora", "qlora", "freeze")

@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from alignkit.coerce import flatten, parse_overrides
-from alignkit.config_checks import validate
-from alignkit.config_compat import suggest, translate
-from alignkit.config_schema import (
+from alignkit.config.checks import validate
+from alignkit.config.coerce import flatten, parse_overrides
+from alignkit.config.compat import suggest, translate
+from alignkit.config.schema import (
     CONFIG_CLASSES,
     DATASET_FORMATS,
     FINETUNING_TYPES,
