@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import alignkit
-from alignkit import losses, rl_losses
 from alignkit.config import build_config, config_to_dict, load_config, save_config
 from alignkit.config.checks import validate
 from alignkit.config.schema import (
@@ -27,7 +26,9 @@ from alignkit.config.schema import (
     build_dataclass,
 )
 from alignkit.errors import UserError
-from alignkit.losses import DPO_LOSSES, KTO_LOSSES, PairLogps
+from alignkit.losses import preference as losses
+from alignkit.losses import rl as rl_losses
+from alignkit.losses.preference import DPO_LOSSES, KTO_LOSSES, PairLogps
 
 PACKAGE = Path(alignkit.__file__).parent
 REQUIRED = {"model_name_or_path": "m", "dataset": "d.jsonl"}

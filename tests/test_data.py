@@ -204,7 +204,7 @@ def test_packing_keeps_sequences_apart(tiny_model: str) -> None:
     """Loss of packed rows == loss of the same rows padded separately (no attention across rows)."""
     from transformers import AutoModelForCausalLM
 
-    from alignkit.losses import token_nll
+    from alignkit.losses.preference import token_nll
     from alignkit.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alignkit.errors import UserError
-from alignkit.losses import DPO_LOSSES, PairLogps, dpo_sigmoid
+from alignkit.losses.preference import DPO_LOSSES, PairLogps, dpo_sigmoid
 from tests.conftest import first_step, write_jsonl
 
 Q = ["What is 12 + 7?", "Name a colour of the sky.", "Say hello in French.", "Count to three."]

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from alignkit.errors import UserError
-from alignkit.rewards import exact_match, math_accuracy
-from alignkit.rl_losses import (
+from alignkit.losses.rl import (
     clipped_surrogate,
     clipped_value_loss,
     dapo_overlong_penalty,
@@ -25,6 +24,7 @@ from alignkit.rl_losses import (
     k3_kl,
     whiten,
 )
+from alignkit.rewards import exact_match, math_accuracy
 from tests.conftest import run_stage, write_jsonl
 
 

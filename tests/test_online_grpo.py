@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alignkit.errors import UserError
-from alignkit.rl_losses import (
+from alignkit.losses.rl import (
     grpo_policy_loss,
     k3_kl,
 )

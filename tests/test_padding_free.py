@@ -13,7 +13,7 @@ from alignkit.config import build_config
 from alignkit.data.batches import IGNORE
 from alignkit.data.packed import segment_index
 from alignkit.logprobs import per_row_sum
-from alignkit.losses import token_nll
+from alignkit.losses.preference import token_nll
 from alignkit.models import load_reward_model, load_tokenizer
 from tests.conftest import run_stage, write_jsonl
 

@@ -20,7 +20,7 @@ import torch
 
 from alignkit.config import PPOConfig
 from alignkit.logprobs import TokenStats
-from alignkit.rl_losses import (
+from alignkit.losses.rl import (
     clipped_surrogate,
     clipped_value_loss,
     gae,

@@ -122,7 +122,7 @@ def _validate_data(cfg: BaseConfig, source: str) -> None:
 
 
 def _validate_dpo(cfg: DPOConfig, source: str) -> None:
-    from alignkit.losses import DPO_LOSSES
+    from alignkit.losses.preference import DPO_LOSSES
 
     types_ = cfg.loss_type  # a list: `loss_type` is built as one (a single name is a list of one)
     for name in types_:
@@ -147,7 +147,7 @@ def _validate_dpo(cfg: DPOConfig, source: str) -> None:
 
 
 def _validate_kto(cfg: KTOConfig, source: str) -> None:
-    from alignkit.losses import KTO_LOSSES  # imports torch: only when a kto config is checked
+    from alignkit.losses.preference import KTO_LOSSES  # imports torch: only when a kto config is checked
 
     if cfg.loss_type not in KTO_LOSSES:
         raise UserError(
@@ -163,7 +163,7 @@ def _validate_kto(cfg: KTOConfig, source: str) -> None:
 
 
 def _validate_grpo(cfg: GRPOConfig, source: str) -> None:
-    from alignkit.rl_losses import GRPO_LOSS_TYPES
+    from alignkit.losses.rl import GRPO_LOSS_TYPES
 
     if cfg.loss_type not in GRPO_LOSS_TYPES:
         raise UserError(

@@ -158,7 +158,7 @@ class RMConfig(BaseConfig):
 
 @dataclass
 class DPOConfig(BaseConfig):
-    """The direct preference family: every loss in `alignkit.losses.DPO_LOSSES`, combinable."""
+    """The direct preference family: every loss in `alignkit.losses.preference.DPO_LOSSES`, combinable."""
 
     stage: str = "dpo"
     learning_rate: float = 1e-6

@@ -1,7 +1,7 @@
 """GRPO and its family: Dr. GRPO, DAPO, GSPO, RLOO. Group-relative advantages, no value model.
 
 Each loss type is a choice of advantage estimator and of how per-token losses are aggregated; the pieces
-are pure functions in `alignkit.rl_losses`.
+are pure functions in `alignkit.losses.rl`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from alignkit.logprobs import TokenStats, per_row_sum
+from alignkit.losses.rl import GRPO_RECIPES, group_advantages, grpo_policy_loss
 from alignkit.models import load_policy
 from alignkit.reference import Reference
-from alignkit.rl_losses import GRPO_RECIPES, group_advantages, grpo_policy_loss
 from alignkit.rollout import Samples
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage, gather_counts

@@ -20,7 +20,7 @@ from alignkit.data.inspect import KTO_RATIO_RANGE, kto_weights
 from alignkit.data.shared_prefix import check_layout_support, collate_shared_unpaired, model_mask
 from alignkit.errors import UserError
 from alignkit.logprobs import TokenStats, completion_token_stats, head_stats, hidden_states, per_row_sum
-from alignkit.losses import KTO_LOSSES
+from alignkit.losses.preference import KTO_LOSSES
 from alignkit.models import load_policy
 from alignkit.reference import Reference, precompute_splits
 from alignkit.stages.base import Metrics, Stage, StepOutput

@@ -14,6 +14,13 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
+from alignkit.losses.rl import (
+    clipped_surrogate,
+    clipped_value_loss,
+    pad_right,
+    ppo_advantages,
+    ppo_token_rewards,
+)
 from alignkit.models import (
     _from_pretrained,
     apply_finetuning,
@@ -23,13 +30,6 @@ from alignkit.models import (
     torch_dtype,
 )
 from alignkit.reference import Reference
-from alignkit.rl_losses import (
-    clipped_surrogate,
-    clipped_value_loss,
-    pad_right,
-    ppo_advantages,
-    ppo_token_rewards,
-)
 from alignkit.rollout import sequences
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage

@@ -1,7 +1,7 @@
 """Pairwise preference optimisation: DPO and its family, and the reference-free SimPO / CPO / ORPO.
 
 The stage never branches on a loss's name: it reads each loss's `LossSpec` (does it need a reference?)
-and calls the pure functions in `alignkit.losses`.
+and calls the pure functions in `alignkit.losses.preference`.
 
 `prefix_sharing` runs each pair as one sequence, prompt + chosen + rejected (the prompt once; see
 `alignkit.data.shared_prefix`), `padding_free` the whole micro-batch as one row; the policy and the reference
@@ -19,7 +19,7 @@ from alignkit.data.batches import build_pair_rows, collate_pairs
 from alignkit.data.shared_prefix import check_layout_support, collate_shared_pairs, model_mask
 from alignkit.errors import UserError
 from alignkit.logprobs import TokenStats, completion_token_stats, per_row_sum, token_stats_at
-from alignkit.losses import DPO_LOSSES, PairLogps
+from alignkit.losses.preference import DPO_LOSSES, PairLogps
 from alignkit.models import load_policy
 from alignkit.reference import Reference, precompute_splits
 from alignkit.stages.base import Metrics, Stage, StepOutput

@@ -10,7 +10,7 @@ from torch import nn
 from alignkit.data.batches import build_rm_rows, collate_rm
 from alignkit.data.packed import collate_rm_padding_free
 from alignkit.errors import UserError
-from alignkit.losses import bradley_terry_loss
+from alignkit.losses.preference import bradley_terry_loss
 from alignkit.models import load_reward_model
 from alignkit.stages.base import Stage, StepOutput
 

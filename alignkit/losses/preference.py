@@ -1,5 +1,5 @@
 """Every offline loss as a pure function over tensors (SFT, reward model, paired and unpaired preferences);
-the online-RL pieces are in `alignkit.rl_losses`.
+the online-RL pieces are in `alignkit.losses.rl`.
 
 Conventions: inputs are tensors and keyword hyperparameters; outputs are *per-item* losses (per token
 or per example) so that the loop can average over the whole accumulated batch, across processes, and
