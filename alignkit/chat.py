@@ -208,7 +208,7 @@ def _with_adapter(model: Any, tokenizer: Any, settings: ChatSettings) -> tuple[A
     """`--adapter` on the base `--model` (load_causal_lm takes one path: a base, or an adapter on its base)."""
     from peft import PeftModel
 
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     adapter = settings.adapter or ""
     if isinstance(model, PeftModel):
@@ -350,7 +350,7 @@ def _hf_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Mes
 def _vllm_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Messages], str], str]:
     """vLLM answers come whole (no token streaming). Untested here: no GPU on the machines the tests run on."""
     from alignkit.evaluate.models import adapter_base
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
     from alignkit.rollout import VLLMEngine, complete
 
     if settings.adapter or (os.path.isdir(settings.model) and adapter_base(settings.model)):

@@ -213,7 +213,7 @@ def merged_copy(model: nn.Module, output_dir: str) -> nn.Module:
         return copy.deepcopy(model).merge_and_unload()
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from alignkit.models import adapter_task_type, load_spec, resolve_model
+    from alignkit.modeling.load import adapter_task_type, load_spec, resolve_model
 
     kwargs: dict[str, Any] = {"dtype": next(model.parameters()).dtype}
     loader = AutoModelForCausalLM

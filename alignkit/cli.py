@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
             )
         return 0
     if args.command == "tiny":
-        from alignkit.tiny import build_tiny
+        from alignkit.modeling.tiny import build_tiny
 
         build_tiny(args.output_dir, args.vocab_size, args.hidden_size, args.layers, args.seed)
         print(f"tiny model written to {args.output_dir}")

@@ -231,7 +231,7 @@ def _base_of(settings: ExportSettings) -> str:
 
 def _preflight(settings: ExportSettings) -> tuple[str, str, str]:
     """(base, dtype, device), or a UserError before anything is loaded or written."""
-    from alignkit.models import _checkpoint_dtype
+    from alignkit.modeling.load import _checkpoint_dtype
 
     out = settings.output
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -268,7 +268,7 @@ def _load(settings: ExportSettings, base: str, device: str) -> tuple[nn.Module, 
     """The model to export in float32 (the merge adds the adapter's delta before one rounding to the export
     dtype), and the tokenizer: the adapter folder's when it has one (alignkit saves it there), else the base's."""
     from alignkit.evaluate.models import load_causal_lm
-    from alignkit.models import TOKENIZER_FILES, load_tokenizer
+    from alignkit.modeling.load import TOKENIZER_FILES, load_tokenizer
 
     model, tokenizer = load_causal_lm(base, "float32", settings.trust_remote_code)
     adapter = settings.adapter

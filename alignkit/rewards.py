@@ -201,7 +201,7 @@ class RewardModelScorer:
     ) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        from alignkit.models import load_spec, load_tokenizer
+        from alignkit.modeling.load import load_spec, load_tokenizer
 
         spec = self.spec(path, model_type)
         self.tokenizer = load_tokenizer(path, trust_remote_code)
@@ -221,7 +221,7 @@ class RewardModelScorer:
     @staticmethod
     def spec(path: str, model_type: str = "auto") -> Any:
         """The reward model's weights (a `ModelSpec`, every adapter merged), `reward_model_type` checked."""
-        from alignkit.models import ADAPTER_CONFIG, adapter_task_type, is_adapter, resolve_model
+        from alignkit.modeling.load import ADAPTER_CONFIG, adapter_task_type, is_adapter, resolve_model
 
         if model_type not in ("auto", "full", "lora"):
             raise UserError(

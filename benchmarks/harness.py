@@ -29,7 +29,7 @@ def build_qwen2(model_dir: str, shape: str = "cpu", vocab: int = VOCAB, seed: in
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from alignkit.tiny import build_tokenizer
+    from alignkit.modeling.tiny import build_tokenizer
 
     tok = build_tokenizer()
     config = Qwen2Config(

@@ -70,7 +70,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
-    from alignkit.tiny import build_tiny
+    from alignkit.modeling.tiny import build_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny(str(Path(tmp) / "model"), hidden_size=args.hidden, layers=args.layers)

@@ -46,7 +46,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny Llama with larger-than-usual init, so losses and rewards are far from uniform."""
-    from alignkit.tiny import build_tiny
+    from alignkit.modeling.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("tiny") / "model"), hidden_size=64, layers=2, init_std=0.2)
 

@@ -233,8 +233,8 @@ def test_adapter_list_merges_all_but_the_last_which_is_continued(
 ) -> None:
     from safetensors.torch import load_file
 
-    from alignkit.models import load_policy
-    from alignkit.reference import Reference
+    from alignkit.modeling.load import load_policy
+    from alignkit.modeling.reference import Reference
 
     cfg = _cfg(tiny_model, tmp_path, adapter_name_or_path=",".join(two_adapters))  # a comma-separated string
     policy = load_policy(cfg)
@@ -265,8 +265,8 @@ def test_merge_adapter_trains_a_fresh_lora_and_records_the_merged_ones(
     from transformers import AutoTokenizer
 
     from alignkit.evaluate.models import load_causal_lm
-    from alignkit.models import load_policy, save_model
-    from alignkit.reference import Reference
+    from alignkit.modeling.load import load_policy, save_model
+    from alignkit.modeling.reference import Reference
 
     cfg = _cfg(tiny_model, tmp_path, adapter_name_or_path=two_adapters, merge_adapter=True, lora_r=5)
     policy = load_policy(cfg)
@@ -302,7 +302,7 @@ def test_reward_model_type_must_match_the_folder(chain: dict[str, str], tiny_rm:
 def test_an_adapter_whose_base_is_gone_names_adapter_config(
     chain: dict[str, str], tiny_model: str, tmp_path: Path
 ) -> None:
-    from alignkit.models import TOKENIZER_FILES, load_policy, load_tokenizer
+    from alignkit.modeling.load import TOKENIZER_FILES, load_policy, load_tokenizer
 
     moved = tmp_path / "adapter"
     shutil.copytree(chain["sft"], moved)

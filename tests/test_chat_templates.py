@@ -11,8 +11,8 @@ from datetime import datetime
 
 import pytest
 
-from alignkit.chat_templates import TEMPLATES, require_chat_template, set_chat_template
 from alignkit.errors import UserError
+from alignkit.modeling.chat_templates import TEMPLATES, require_chat_template, set_chat_template
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -98,7 +98,7 @@ TOOL_CONV = [
 @pytest.fixture(scope="module")
 def tok():
     """The tiny tokenizer with a BOS, an EOS other than <|im_end|>, and Llama 3's turn tokens as special tokens."""
-    from alignkit.tiny import build_tokenizer
+    from alignkit.modeling.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens(

@@ -156,7 +156,7 @@ def test_missing_file_is_clear() -> None:
 
 def test_multi_turn_sft_trains_every_assistant_turn_only(tiny_model: str, tmp_path: Path) -> None:
     """The loss mask covers each assistant message (as the template's {% generation %} spans do), nothing else."""
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     msgs = [
@@ -178,7 +178,7 @@ def test_multi_turn_sft_trains_every_assistant_turn_only(tiny_model: str, tmp_pa
 
 def test_truncation_keeps_prompt_end_and_cuts_completion(tiny_model: str) -> None:
     from alignkit.data.formats import Example
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     ex = Example(
@@ -205,7 +205,7 @@ def test_packing_keeps_sequences_apart(tiny_model: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from alignkit.losses.preference import token_nll
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()

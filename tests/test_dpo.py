@@ -85,7 +85,7 @@ def test_dpo_first_step_matches_trl(
 
     from alignkit.data.batches import encode_dpo_pair
     from alignkit.data.formats import load_examples
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     mine = [encode_dpo_pair(ex, tok) for ex in load_examples(write_jsonl(tmp_path / "x.jsonl", rows))]
@@ -115,7 +115,7 @@ def test_token_ids_match_trl_on_real_sharegpt_and_implicit_prompts(
 ) -> None:
     from alignkit.data.batches import encode_dpo_pair
     from alignkit.data.formats import load_examples
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
     from tests.test_parity_trl import _sharegpt_to_trl
     from tests.trl_oracle import trl_first_step
 
@@ -180,7 +180,7 @@ def test_ipo_and_sft_terms_by_hand() -> None:
 def test_chunked_logprobs_equal_full_logits_values_and_grads(tiny_model: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from alignkit.logprobs import completion_token_stats, per_row_sum
+    from alignkit.modeling.logprobs import completion_token_stats, per_row_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = torch.randint(5, 500, (3, 11), generator=torch.Generator().manual_seed(0))
@@ -206,7 +206,7 @@ def test_chunked_logprobs_equal_full_logits_values_and_grads(tiny_model: str) ->
 
 def test_per_row_sum_rounds_once() -> None:
     """1,000 float32 log-probs per row: the float64 sum rounded once (float32 accumulation drifted 2 ulps)."""
-    from alignkit.logprobs import per_row_sum
+    from alignkit.modeling.logprobs import per_row_sum
 
     values = -6 * torch.rand(2000, generator=torch.Generator().manual_seed(0))  # (N,) float32
     got = per_row_sum(values, torch.arange(2).repeat_interleave(1000), 2)
@@ -247,7 +247,7 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny_model: str, tmp_path: 
 def test_precomputed_reference_is_cached_reused_and_keyed(
     tiny_model: str, tiny_ref: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from alignkit.reference import Reference
+    from alignkit.modeling.reference import Reference
 
     cache = tmp_path / "cache"
     common = {
@@ -297,7 +297,7 @@ def test_reference_cache_sees_a_change_in_the_middle_of_a_weight_file(
     tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The cache key covers every byte of the weights: a middle layer changed -> recomputed, new log-probs."""
-    from alignkit.tiny import build_tiny
+    from alignkit.modeling.tiny import build_tiny
 
     monkeypatch.setenv("ALIGNKIT_CACHE_DIR", str(tmp_path / "user_cache"))
     ref = build_tiny(str(tmp_path / "ref"), hidden_size=128, layers=3, init_std=0.2)
@@ -327,7 +327,7 @@ def test_weight_hash_is_remembered_by_path_size_and_mtime(
     """A 15 GB model is hashed once: an unchanged file is not read again; a touched one is."""
     import builtins
 
-    from alignkit import reference
+    from alignkit.modeling import reference
 
     user_cache = tmp_path / "user_cache"
     monkeypatch.setenv("ALIGNKIT_CACHE_DIR", str(user_cache))
@@ -372,7 +372,7 @@ def test_dpo_bad_inputs(tiny_model: str, tmp_path: Path) -> None:
 def test_identical_pairs_are_skipped_and_counted(tiny_model: str, caplog: pytest.LogCaptureFixture) -> None:
     from alignkit.data.batches import build_pair_rows
     from alignkit.data.formats import Example
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     exs = [Example(prompt="Q", chosen=" a", rejected=" b"), Example(prompt="Q", chosen=" a", rejected=" a")]
@@ -436,7 +436,7 @@ def test_orpo_matches_trl_odds_ratio_term() -> None:
 def test_reference_free_stage_never_loads_a_reference(
     loss_type: str, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from alignkit.reference import Reference
+    from alignkit.modeling.reference import Reference
 
     def no_load(self):  # noqa: ANN001, ANN202
         raise AssertionError("a reference model was loaded for a reference-free loss")

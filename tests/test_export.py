@@ -29,7 +29,7 @@ EVAL_METRICS = {
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny Llama with the usual init (0.02): its greedy answers are stable enough to compare int8 with."""
-    from alignkit.tiny import build_tiny
+    from alignkit.modeling.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("export_base") / "model"), hidden_size=64, layers=2, seed=0)
 

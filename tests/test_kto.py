@@ -66,7 +66,7 @@ def test_kto_first_step_matches_trl(
     assert abs(log["rewards/chosen"]) > 1e-3
     from alignkit.data.batches import build_unpaired_rows
     from alignkit.data.formats import load_examples
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     mine, _ = build_unpaired_rows(
         load_examples(write_jsonl(tmp_path / "x.jsonl", rows)), load_tokenizer(tiny_model), 1024, None, batch

@@ -40,7 +40,7 @@ def lf(shared_data: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tool_tokenizer() -> Any:
-    from alignkit.tiny import build_tokenizer
+    from alignkit.modeling.tiny import build_tokenizer
 
     tok = build_tokenizer()
     tok.chat_template = TOOL_TEMPLATE

@@ -1,4 +1,4 @@
-"""The output layer's fused chunked head (`alignkit.logprobs._FusedHead`) against plain autograd."""
+"""The output layer's fused chunked head (`alignkit.modeling.logprobs._FusedHead`) against plain autograd."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignkit.logprobs import _FusedHead, head_stats
+from alignkit.modeling.logprobs import _FusedHead, head_stats
 
 
 def _plain(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor, factor: float) -> tuple:
@@ -73,7 +73,7 @@ def test_head_stats_takes_the_fused_path_from_a_real_vocabulary_size() -> None:
     plain checkpointed path, so the tiny models' float32 numbers stay as they were."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignkit.logprobs import FUSED_MIN_VOCAB, fused_head_applies
+    from alignkit.modeling.logprobs import FUSED_MIN_VOCAB, fused_head_applies
 
     torch.manual_seed(0)
     for vocab, fused in ((FUSED_MIN_VOCAB, True), (512, False)):

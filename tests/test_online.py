@@ -181,7 +181,7 @@ def test_user_reward_function_and_failures(tmp_path: Path, monkeypatch: pytest.M
 def test_rollout_groups_truncation_and_eos(tiny_model: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
     from alignkit.rollout import sample_hf
 
     tok = load_tokenizer(tiny_model)
@@ -208,7 +208,7 @@ def test_rollout_returns_the_sampling_log_probs(tiny_model: str, temperature: fl
     from transformers import AutoModelForCausalLM
 
     from alignkit.data.batches import tokenize_chat
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
     from alignkit.rollout import sample_hf, sequences
 
     tok = load_tokenizer(tiny_model)
@@ -311,7 +311,7 @@ def test_sampling_temperature_divides_the_soft_capped_logits() -> None:
     """Gemma-2 caps its logits (tanh(l / cap) * cap) before sampling divides them by the temperature."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from alignkit.logprobs import completion_token_stats
+    from alignkit.modeling.logprobs import completion_token_stats
 
     torch.manual_seed(0)
     cfg = Gemma2Config(
@@ -360,7 +360,7 @@ def test_online_stages_switch_dropout_off(tiny_model: str, tiny_rm: str, tmp_pat
 
 
 def test_completions_are_cut_where_sampling_stopped(tiny_model: str) -> None:
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
     from alignkit.rollout import cut_completion
 
     tok = load_tokenizer(tiny_model)

@@ -92,7 +92,7 @@ def test_grpo_family_loss_on_a_fixed_rollout_is_the_pure_functions(
     from transformers import AutoModelForCausalLM
 
     from alignkit.data.batches import tokenize_chat
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
     from alignkit.stages.grpo import GRPOStage
 
     tok, model = load_tokenizer(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)

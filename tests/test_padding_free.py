@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 from alignkit.config import build_config
 from alignkit.data.batches import IGNORE
 from alignkit.data.packed import segment_index
-from alignkit.logprobs import per_row_sum
 from alignkit.losses.preference import token_nll
-from alignkit.models import load_reward_model, load_tokenizer
+from alignkit.modeling.load import load_reward_model, load_tokenizer
+from alignkit.modeling.logprobs import per_row_sum
 from tests.conftest import run_stage, write_jsonl
 
 Q = ["What is 12 + 7?", "Name a colour of the sky, please.", "Hi.", "Count to three, then stop counting."]
@@ -205,7 +205,7 @@ def test_sft_step_under_lora_equals_full_logits(target: list[str], tiny_model: s
     """LoRA off or on the output layer: the step's loss and accuracy are those of the model's own logits. (The
     tiny model's 512 entries take the full-logits step; `tests/test_logprobs.py` checks a LoRA-wrapped output
     layer in the chunked head.)"""
-    from alignkit.models import load_policy
+    from alignkit.modeling.load import load_policy
     from alignkit.stages.sft import chunked_head_applies
 
     stage, rows = _stage(tmp_path, "sft", tiny_model, SFT_ROWS, finetuning_type="lora", lora_target=target)

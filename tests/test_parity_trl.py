@@ -51,7 +51,7 @@ def test_sft_first_step_matches_trl(case: str, tiny_model: str, tmp_path: Path) 
     # and the token ids themselves
     from alignkit.data.batches import encode_sft
     from alignkit.data.formats import load_examples
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     mine = [encode_sft(ex, tok) for ex in load_examples(data)]
@@ -97,7 +97,7 @@ def test_reward_first_step_matches_trl(case: str, tiny_rm: str, tmp_path: Path) 
 
     from alignkit.data.batches import encode_rm_pair
     from alignkit.data.formats import load_examples
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     tok = load_tokenizer(tiny_rm)
     mine = [encode_rm_pair(ex, tok) for ex in load_examples(data)]
@@ -119,7 +119,7 @@ def test_reward_token_ids_on_real_sharegpt_file_match_trl(tiny_rm: str, shared_d
     """LLaMA-Factory's ShareGPT preference file, read unchanged, tokenises as TRL tokenises its converted rows."""
     from alignkit.data.batches import encode_rm_pair
     from alignkit.data.formats import load_examples
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     path = shared_data / "llamafactory" / "dpo_en_demo.json"
     raw = json.loads(path.read_text())[:12]
@@ -154,7 +154,7 @@ def test_grpo_family_loss_matches_trl(
     import torch
 
     from alignkit.config import build_config
-    from alignkit.logprobs import completion_token_stats
+    from alignkit.modeling.logprobs import completion_token_stats
     from alignkit.rollout import sequences
     from alignkit.stages import get_stage
 
@@ -274,7 +274,7 @@ def test_dpo_float64_first_step_matches_trl(
     case is batch 8 of ~1,000-token Chinese rows; in float32 its margins differ by up to ~1e-3 relative."""
     import torch
 
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
     from tests.test_dpo import CONV, METRICS
 
     if case == "long_chinese":
@@ -318,7 +318,7 @@ def test_auto_dtype_keeps_a_float64_checkpoint_in_float64(tiny_model: str, tmp_p
 
     from alignkit.config import BaseConfig, build_config
     from alignkit.errors import UserError
-    from alignkit.models import load_policy, torch_dtype
+    from alignkit.modeling.load import load_policy, torch_dtype
 
     f64 = str(tmp_path / "f64")
     AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).save_pretrained(f64)

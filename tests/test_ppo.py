@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from alignkit.config import PPOConfig
-from alignkit.logprobs import TokenStats
 from alignkit.losses.rl import (
     clipped_surrogate,
     clipped_value_loss,
@@ -29,6 +28,7 @@ from alignkit.losses.rl import (
     ppo_token_rewards,
     whiten,
 )
+from alignkit.modeling.logprobs import TokenStats
 from alignkit.rollout import Samples
 from alignkit.stages import ppo as ppo_module
 from alignkit.stages.ppo import PPOStage

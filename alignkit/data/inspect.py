@@ -81,7 +81,7 @@ class _Counter:
     def __init__(self, model: str | None) -> None:
         self.tokenizer = None
         if model:
-            from alignkit.models import load_tokenizer
+            from alignkit.modeling.load import load_tokenizer
 
             self.tokenizer = load_tokenizer(model)
         self.unit = "tokens" if self.tokenizer is not None else "words (no --model given)"

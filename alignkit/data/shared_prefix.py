@@ -10,7 +10,7 @@ one row (batch dimension 1, the mask block-diagonal over groups); otherwise each
 Each completion is a *logical row* (DPO: chosen i -> i, rejected i -> B + i, as in `collate_pairs`). The
 batch lists the completion tokens to score, in logical-row then token order: `predict_at` (flat index into
 the (R*T) positions whose hidden state predicts the token; a completion's first token is predicted from its
-prompt's last token), `labels` and `label_rows`. So `alignkit.logprobs.token_stats_at` gives the plain
+prompt's last token), `labels` and `label_rows`. So `alignkit.modeling.logprobs.token_stats_at` gives the plain
 layout's `TokenStats` entry for entry, and the losses and metrics are the plain layout's to float rounding.
 """
 

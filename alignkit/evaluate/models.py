@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
-from alignkit.models import (  # noqa: F401 - adapter_base: imported from here by export, chat, answers
+from alignkit.modeling.load import (  # noqa: F401 - adapter_base: imported from here by export, chat, answers
     _DTYPES,
     _checkpoint_dtype,
     adapter_base,

@@ -103,7 +103,7 @@ def _installed(module: str) -> bool:
 def _check_inputs(cfg: EvalConfig, plan: Plan) -> None:
     """What would otherwise fail after the answers were generated: a folder that is not there, lm-eval not
     installed."""
-    from alignkit.models import _check_model_path
+    from alignkit.modeling.load import _check_model_path
 
     paths = {"baseline": cfg.baseline, "reward_model": cfg.reward_model}
     if plan.run & {"kl", "preference_accuracy"}:

@@ -12,7 +12,7 @@ from torch import nn
 
 from alignkit.data.batches import build_pair_rows, build_sft_rows, pad
 from alignkit.data.formats import Example
-from alignkit.logprobs import completion_token_stats, per_row_sum
+from alignkit.modeling.logprobs import completion_token_stats, per_row_sum
 
 
 @torch.no_grad()

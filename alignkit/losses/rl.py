@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.logprobs import per_row_sum
+from alignkit.modeling.logprobs import per_row_sum
 
 
 def group_advantages(

@@ -51,7 +51,7 @@ class ModelPool:
         weights: bool = True,
     ) -> None:
         from alignkit.evaluate.models import load_causal_lm
-        from alignkit.models import is_peft
+        from alignkit.modeling.load import is_peft
 
         if weights:
             self.model, self.tokenizer = load_causal_lm(model_path, dtype, trust_remote_code, device)
@@ -79,7 +79,7 @@ class ModelPool:
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
-        from alignkit.models import is_peft
+        from alignkit.modeling.load import is_peft
 
         try:
             if is_peft(self.model):
@@ -111,7 +111,7 @@ def _config_only(path: str, trust_remote_code: bool) -> tuple[Any, Any]:
 
     from transformers import AutoConfig, GenerationConfig
 
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.load import load_tokenizer
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     try:

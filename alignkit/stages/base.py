@@ -147,8 +147,8 @@ class Stage:
     # -- built by the stage
     def build(self) -> None:
         """Tokenizer, then data (so bad rows fail fast, before a model is loaded), then the model."""
-        from alignkit.chat_templates import set_chat_template
-        from alignkit.models import load_tokenizer
+        from alignkit.modeling.chat_templates import set_chat_template
+        from alignkit.modeling.load import load_tokenizer
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
@@ -179,8 +179,8 @@ class Stage:
     def read_examples(self, sources: str | list[str]) -> Examples:
         """Every data set named (paths, hub ids, dataset_info.json names; a comma list), each cut to
         `max_samples`, converted to Examples; conversations need a chat template."""
-        from alignkit.chat_templates import require_chat_template
         from alignkit.data.files import split_sources
+        from alignkit.modeling.chat_templates import require_chat_template
 
         cfg = self.cfg
         examples = Examples()
@@ -234,7 +234,7 @@ class Stage:
 
     def save(self, model: nn.Module, output_dir: str, merged: bool = False) -> None:
         """Write the (unwrapped) model in Hugging Face format with the tokenizer."""
-        from alignkit.models import save_model
+        from alignkit.modeling.load import save_model
 
         save_model(model, self.tokenizer, output_dir, merged=merged)
 

@@ -19,10 +19,16 @@ from alignkit.data.formats import Example
 from alignkit.data.inspect import KTO_RATIO_RANGE, kto_weights
 from alignkit.data.shared_prefix import check_layout_support, collate_shared_unpaired, model_mask
 from alignkit.errors import UserError
-from alignkit.logprobs import TokenStats, completion_token_stats, head_stats, hidden_states, per_row_sum
 from alignkit.losses.preference import KTO_LOSSES
-from alignkit.models import load_policy
-from alignkit.reference import Reference, precompute_splits
+from alignkit.modeling.load import load_policy
+from alignkit.modeling.logprobs import (
+    TokenStats,
+    completion_token_stats,
+    head_stats,
+    hidden_states,
+    per_row_sum,
+)
+from alignkit.modeling.reference import Reference, precompute_splits
 from alignkit.stages.base import Metrics, Stage, StepOutput
 
 log = logging.getLogger("alignkit")

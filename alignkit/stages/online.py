@@ -19,8 +19,8 @@ from alignkit.config import BaseConfig
 from alignkit.data.batches import tokenize_chat, tokenize_text
 from alignkit.data.formats import Example
 from alignkit.errors import UserError
-from alignkit.logprobs import TokenStats, completion_token_stats
 from alignkit.losses.rl import dapo_overlong_penalty
+from alignkit.modeling.logprobs import TokenStats, completion_token_stats
 from alignkit.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
 from alignkit.rollout import Samples, sample_hf, sequences
 from alignkit.stages.base import Metrics, MicroBatch, Stage, StepContext

@@ -21,7 +21,7 @@ from alignkit.losses.rl import (
     ppo_advantages,
     ppo_token_rewards,
 )
-from alignkit.models import (
+from alignkit.modeling.load import (
     _from_pretrained,
     apply_finetuning,
     load_policy,
@@ -29,7 +29,7 @@ from alignkit.models import (
     save_model,
     torch_dtype,
 )
-from alignkit.reference import Reference
+from alignkit.modeling.reference import Reference
 from alignkit.rollout import sequences
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
@@ -57,7 +57,7 @@ def load_value_model(cfg: Any, tokenizer: Any) -> nn.Module:
     the critic starts from the reward model's weights and head, as in InstructGPT. The critic reads the
     policy's token ids, so a reward model with another vocabulary cannot be its backbone: the policy is.
     A LoRA reward model (or policy) adapter: the critic starts from its base with the adapter merged."""
-    from alignkit.models import load_tokenizer, resolve_model
+    from alignkit.modeling.load import load_tokenizer, resolve_model
     from alignkit.rewards import RewardModelScorer
 
     path = cfg.value_model_name_or_path or cfg.reward_model or cfg.model_name_or_path

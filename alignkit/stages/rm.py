@@ -11,7 +11,7 @@ from alignkit.data.batches import build_rm_rows, collate_rm
 from alignkit.data.packed import collate_rm_padding_free
 from alignkit.errors import UserError
 from alignkit.losses.preference import bradley_terry_loss
-from alignkit.models import load_reward_model
+from alignkit.modeling.load import load_reward_model
 from alignkit.stages.base import Stage, StepOutput
 
 log = logging.getLogger("alignkit")

@@ -9,9 +9,9 @@ from torch import nn
 
 from alignkit.data.batches import IGNORE, build_sft_rows, collate_sft, pack_rows
 from alignkit.data.packed import concat_sft_rows
-from alignkit.logprobs import TokenStats, completion_token_stats, fused_head_applies
 from alignkit.losses.preference import token_nll
-from alignkit.models import load_policy
+from alignkit.modeling.load import load_policy
+from alignkit.modeling.logprobs import TokenStats, completion_token_stats, fused_head_applies
 from alignkit.stages.base import Stage, StepOutput
 
 log = logging.getLogger("alignkit")
@@ -31,7 +31,7 @@ def sft_token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenSt
 
 def chunked_head_applies(model: nn.Module) -> bool:
     """Whether the step runs the output layer on the labelled tokens only (`completion_token_stats`): where
-    it is the fused head (`alignkit.logprobs.fused_head_applies`: a plain output layer of a real model's
+    it is the fused head (`alignkit.modeling.logprobs.fused_head_applies`: a plain output layer of a real model's
     vocabulary). A small vocabulary (the tiny models) keeps the whole logits, whose float32 rounding the
     quickstart's recipes were tuned on; a LoRA adapter on the output layer needs the module's own forward."""
     return fused_head_applies(model)

@@ -41,7 +41,7 @@ class Reference:
     """
 
     def __init__(self, cfg: BaseConfig, policy: nn.Module) -> None:
-        from alignkit.models import ModelSpec, resolve_model, training_spec
+        from alignkit.modeling.load import ModelSpec, resolve_model, training_spec
 
         self.cfg = cfg
         ref = getattr(cfg, "ref_model_name_or_path", None)
@@ -58,7 +58,7 @@ class Reference:
     def _load(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        from alignkit.models import load_spec, torch_dtype
+        from alignkit.modeling.load import load_spec, torch_dtype
 
         model = load_spec(
             AutoModelForCausalLM,
