@@ -256,7 +256,7 @@ def stream_answer(
 ) -> Any:
     """Sample one answer through `rollout.complete`, writing its text as the tokens are drawn; the Samples.
     Whatever the incremental decoding held back (a character cut between tokens) is written at the end."""
-    from alignkit.rollout import StepStreamer, TextStream, complete
+    from alignkit.generation.rollout import StepStreamer, TextStream, complete
 
     stream = TextStream(tokenizer)
     shown: list[str] = []
@@ -350,8 +350,8 @@ def _hf_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Mes
 def _vllm_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Messages], str], str]:
     """vLLM answers come whole (no token streaming). Untested here: no GPU on the machines the tests run on."""
     from alignkit.evaluate.models import adapter_base
+    from alignkit.generation.rollout import VLLMEngine, complete
     from alignkit.modeling.load import load_tokenizer
-    from alignkit.rollout import VLLMEngine, complete
 
     if settings.adapter or (os.path.isdir(settings.model) and adapter_base(settings.model)):
         raise UserError(

@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tiny model written to {args.output_dir}")
         return 0
     if args.command == "data" and getattr(args, "data_command", None) == "inspect":
-        from alignkit.data.inspect import inspect_data, render_report
+        from alignkit.data.report import inspect_data, render_report
 
         report = inspect_data(
             args.source,

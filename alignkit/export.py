@@ -341,7 +341,7 @@ def _quantize(
     """Load the merged folder quantized, save it as the export, reload it and compare greedy answers."""
     from transformers import BitsAndBytesConfig
 
-    from alignkit.rollout import complete
+    from alignkit.generation.rollout import complete
 
     if settings.quantize == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
@@ -397,7 +397,7 @@ def export_model(settings: ExportSettings) -> ExportResult:
     """Merge, write, check and (optionally) quantize. Every user mistake is found before anything is written;
     an export that does not reproduce the unmerged model's logits is a UserError that leaves the folder."""
     from alignkit.export_card import write_card
-    from alignkit.rollout import encode_prompts
+    from alignkit.generation.rollout import encode_prompts
 
     base, dtype, device = _preflight(settings)
     model, tokenizer = _load(settings, base, device)

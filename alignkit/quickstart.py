@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.compare.runs import train_method
-from alignkit.data.inspect import kto_weights
+from alignkit.data.report import kto_weights
 from alignkit.modeling.tiny import build_tiny
 from alignkit.quickstart_report import accuracy, reward_model_diagnosis, reward_trend, write_report
 from alignkit.task import Split, preference_rows, prompt_rows, sft_rows, split_problems, unpaired_rows

@@ -338,7 +338,7 @@ def _answers(path: str, prompts: list, max_new_tokens: int) -> list[str]:
     import torch
 
     from alignkit.evaluate.models import load_causal_lm
-    from alignkit.rollout import complete
+    from alignkit.generation.rollout import complete
 
     device = "cuda" if torch.cuda.is_available() else None
     model, tokenizer = load_causal_lm(path, device=device)

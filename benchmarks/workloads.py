@@ -208,7 +208,7 @@ def grpo_trl(model_dir: str, s: Setting, args: Any, out: str) -> dict:
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from alignkit.rewards import math_accuracy
+    from alignkit.generation.rewards import math_accuracy
 
     def reward(prompts: list, completions: list, answer: list, **_: object) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]

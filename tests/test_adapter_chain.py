@@ -121,7 +121,7 @@ def test_ppo_with_a_lora_reward_model_trained_from_the_sft_adapter(
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignkit.rewards import RewardModelScorer
+    from alignkit.generation.rewards import RewardModelScorer
 
     recorded = json.loads((Path(chain["rm"]) / "merged_adapters.json").read_text())
     assert recorded["merged_adapters"] == [str(Path(chain["sft"]).resolve())]
@@ -286,7 +286,7 @@ def test_merge_adapter_trains_a_fresh_lora_and_records_the_merged_ones(
 
 
 def test_reward_model_type_must_match_the_folder(chain: dict[str, str], tiny_rm: str, tmp_path: Path) -> None:
-    from alignkit.rewards import RewardModelScorer
+    from alignkit.generation.rewards import RewardModelScorer
 
     keys = {"stage": "ppo", "dataset": chain["prompts"], "model_name_or_path": chain["sft"], "max_steps": 1}
     with pytest.raises(UserError, match="reward_model_type: full` but reward_model .* is a LoRA adapter"):

@@ -49,7 +49,7 @@ def answers(stdout: str) -> list[str]:
 
 
 def greedy(model: Any, tokenizer: Any, messages: list[dict], max_new_tokens: int) -> str:
-    from alignkit.rollout import complete
+    from alignkit.generation.rollout import complete
 
     return complete(model, tokenizer, [messages], temperature=0.0, max_new_tokens=max_new_tokens).texts[0]
 

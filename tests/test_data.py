@@ -10,7 +10,7 @@ import torch
 
 from alignkit.data.batches import build_sft_rows, collate_sft, encode_sft, pack_rows
 from alignkit.data.formats import detect_format, load_examples, read_rows
-from alignkit.data.inspect import inspect_data, kto_weights
+from alignkit.data.report import inspect_data, kto_weights
 from alignkit.errors import UserError
 from tests.conftest import write_jsonl
 

@@ -75,8 +75,8 @@ def test_win_rate_counts_ties_as_half() -> None:
 # ---------------------------------------------------------------------------------------- on tiny models
 def test_eval_greedy_answers_and_accuracy_match_an_independent_run(tmp_path: Path, tiny_model: str) -> None:
     """The answers are the rollout engine's greedy ones; accuracy is math_accuracy over them, with n and CI."""
-    from alignkit.rewards import math_accuracy
-    from alignkit.rollout import complete
+    from alignkit.generation.rewards import math_accuracy
+    from alignkit.generation.rollout import complete
 
     data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     report = _eval(tmp_path, model=tiny_model, dataset=data)
@@ -111,7 +111,7 @@ def test_kl_estimate_matches_the_exact_one_token_kl(tmp_path: Path, tiny_model: 
         temperature=1.0,
         metrics=["kl"],
     )
-    from alignkit.rollout import encode_prompts
+    from alignkit.generation.rollout import encode_prompts
 
     model, tok = _load(tiny_model)
     ref, _ = _load(tiny_ref)
@@ -185,7 +185,7 @@ def test_preference_accuracy_and_perplexity_equal_direct_forward_passes(
 def test_reward_model_score_and_win_rate(
     tmp_path: Path, tiny_model: str, tiny_ref: str, tiny_rm: str
 ) -> None:
-    from alignkit.rewards import RewardModelScorer
+    from alignkit.generation.rewards import RewardModelScorer
 
     data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     report = _eval(tmp_path, model=tiny_model, baseline=tiny_ref, dataset=data, reward_model=tiny_rm)
@@ -204,7 +204,7 @@ def test_reward_model_score_and_win_rate(
 
 
 def test_mt_bench_questions_are_asked_turn_by_turn(tmp_path: Path, tiny_model: str) -> None:
-    from alignkit.rollout import complete
+    from alignkit.generation.rollout import complete
 
     questions = [
         {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it rhyme."]},
@@ -295,7 +295,7 @@ def test_pass_maj_and_consistency_end_to_end(
 
 
 def test_many_samples_are_drawn_in_batches_and_stay_grouped(tiny_model: str) -> None:
-    from alignkit.rollout import complete
+    from alignkit.generation.rollout import complete
 
     model, tok = _load(tiny_model)
     prompts = [[{"role": "user", "content": q["question"]}] for q in QUESTIONS[:2]]

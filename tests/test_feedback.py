@@ -156,7 +156,7 @@ def _votes(db: str, labels: list[bool], model: str = "m") -> str:
 
 def test_export_is_read_as_unpaired_and_inspected(tmp_path: Path) -> None:
     from alignkit.data.formats import load_examples
-    from alignkit.data.inspect import inspect_data
+    from alignkit.data.report import inspect_data
 
     db = _votes(str(tmp_path / "f.db"), [True, True, False, True])
     out = str(tmp_path / "kto.jsonl")

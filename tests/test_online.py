@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from alignkit.errors import UserError
+from alignkit.generation.rewards import exact_match, math_accuracy
 from alignkit.losses.rl import (
     clipped_surrogate,
     clipped_value_loss,
@@ -24,7 +25,6 @@ from alignkit.losses.rl import (
     k3_kl,
     whiten,
 )
-from alignkit.rewards import exact_match, math_accuracy
 from tests.conftest import run_stage, write_jsonl
 
 
@@ -147,7 +147,7 @@ def test_exact_match() -> None:
 
 
 def test_user_reward_function_and_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from alignkit.rewards import build_reward_funcs, check_columns, score
+    from alignkit.generation.rewards import build_reward_funcs, check_columns, score
 
     mod = tmp_path / "my_rewards.py"
     mod.write_text(
@@ -181,8 +181,8 @@ def test_user_reward_function_and_failures(tmp_path: Path, monkeypatch: pytest.M
 def test_rollout_groups_truncation_and_eos(tiny_model: str) -> None:
     from transformers import AutoModelForCausalLM
 
+    from alignkit.generation.rollout import sample_hf
     from alignkit.modeling.load import load_tokenizer
-    from alignkit.rollout import sample_hf
 
     tok = load_tokenizer(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -208,8 +208,8 @@ def test_rollout_returns_the_sampling_log_probs(tiny_model: str, temperature: fl
     from transformers import AutoModelForCausalLM
 
     from alignkit.data.batches import tokenize_chat
+    from alignkit.generation.rollout import sample_hf, sequences
     from alignkit.modeling.load import load_tokenizer
-    from alignkit.rollout import sample_hf, sequences
 
     tok = load_tokenizer(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -360,8 +360,8 @@ def test_online_stages_switch_dropout_off(tiny_model: str, tiny_rm: str, tmp_pat
 
 
 def test_completions_are_cut_where_sampling_stopped(tiny_model: str) -> None:
+    from alignkit.generation.rollout import cut_completion
     from alignkit.modeling.load import load_tokenizer
-    from alignkit.rollout import cut_completion
 
     tok = load_tokenizer(tiny_model)
     eos = tok.eos_token_id

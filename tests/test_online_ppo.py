@@ -101,8 +101,8 @@ def test_ppo_needs_a_reward(tiny_model: str, tmp_path: Path) -> None:
 
 def test_reward_model_scores_with_its_own_tokenizer(tiny_model: str, tiny_rm: str, tmp_path: Path) -> None:
     """A reward model whose tokenizer differs from the policy's reads text re-tokenised with its own."""
+    from alignkit.generation.rewards import RewardModelScorer
     from alignkit.modeling.tiny import build_tokenizer
-    from alignkit.rewards import RewardModelScorer
 
     other = tmp_path / "rm_other_tok"
     from transformers import AutoModelForSequenceClassification

@@ -154,8 +154,8 @@ def test_grpo_family_loss_matches_trl(
     import torch
 
     from alignkit.config import build_config
+    from alignkit.generation.rollout import sequences
     from alignkit.modeling.logprobs import completion_token_stats
-    from alignkit.rollout import sequences
     from alignkit.stages import get_stage
 
     g = torch.Generator().manual_seed(0)

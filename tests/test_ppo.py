@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from alignkit.config import PPOConfig
+from alignkit.generation.rollout import Samples
 from alignkit.losses.rl import (
     clipped_surrogate,
     clipped_value_loss,
@@ -29,7 +30,6 @@ from alignkit.losses.rl import (
     whiten,
 )
 from alignkit.modeling.logprobs import TokenStats
-from alignkit.rollout import Samples
 from alignkit.stages import ppo as ppo_module
 from alignkit.stages.ppo import PPOStage
 

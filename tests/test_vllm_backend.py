@@ -180,7 +180,7 @@ def test_lora_with_a_module_trained_in_full_pushes_its_trained_copy(tiny_model: 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from alignkit.rollout import vllm_weights
+    from alignkit.generation.rollout import vllm_weights
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     names = sorted(base.state_dict())

@@ -8,7 +8,7 @@ from typing import Any
 
 from alignkit.data.formats import Example
 from alignkit.evaluate.config import EvalConfig
-from alignkit.rollout import complete
+from alignkit.generation.rollout import complete
 
 
 def _messages(prompt: Any) -> list[dict]:
@@ -19,7 +19,7 @@ def vllm_engine(cfg: EvalConfig, path: str, model: Any, tokenizer: Any) -> Any:
     """A vLLM engine for `path` (GPU machines). An adapter folder is served as its base with the adapter merged
     in (the same weights push RL uses), so vLLM needs no LoRA support of its own."""
     from alignkit.evaluate.models import adapter_base
-    from alignkit.rollout import VLLMEngine
+    from alignkit.generation.rollout import VLLMEngine
 
     base = adapter_base(path) if os.path.isdir(path) else None
     engine = VLLMEngine(base or path, tokenizer, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)

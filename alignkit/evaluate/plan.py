@@ -53,7 +53,7 @@ def _held_out(
 
 
 def _accuracy_funcs(cfg: EvalConfig, examples: list[Example]) -> tuple[dict[str, Any], str]:
-    from alignkit.rewards import build_reward_funcs, check_columns
+    from alignkit.generation.rewards import build_reward_funcs, check_columns
 
     columns = {k for ex in examples for k in ex.extra}
     names = cfg.reward_funcs or (["math_accuracy"] if "answer" in columns else [])

@@ -24,7 +24,7 @@ from alignkit.evaluate.models import load_causal_lm
 from alignkit.evaluate.plan import Plan, plan_metrics
 from alignkit.evaluate.report import write_report
 from alignkit.evaluate.scoring import implicit_reward_margins, kl_per_sample, nll_per_row
-from alignkit.rollout import encode_prompts
+from alignkit.generation.rollout import encode_prompts
 
 log = logging.getLogger("alignkit")
 
@@ -47,7 +47,7 @@ def _columns(examples: list[Example]) -> dict[str, list[Any]]:
 
 
 def _task_scores(cfg: EvalConfig, plan: Plan, tok: Any, examples: list[Example], side: Side) -> None:
-    from alignkit.rewards import score
+    from alignkit.generation.rewards import score
 
     k = cfg.num_samples
     # the prompt as the model saw it (chat template applied), as the online stages hand it to rewards
@@ -164,7 +164,7 @@ def _text(value: Any) -> str:
 
 
 def reward_model_scores(cfg: EvalConfig, plan: Plan, examples: list[Example], sides: list[Side]) -> None:
-    from alignkit.rewards import RewardModelScorer
+    from alignkit.generation.rewards import RewardModelScorer
 
     scorer = RewardModelScorer(cfg.reward_model or "", trust_remote_code=cfg.trust_remote_code)
     on = torch.device(device())

@@ -46,7 +46,7 @@ class Server:
     def job(self, req: Sampling, prompts: list[Any], field: str) -> Job:
         """A request checked against the server's limits and tokenized: 404, 400 or 413 before it queues.
         `field` names the prompt's field in errors (`messages` or `prompt`)."""
-        from alignkit.rollout import encode_prompts
+        from alignkit.generation.rollout import encode_prompts
 
         if req.model not in self.pool.ids:
             served = ", ".join(self.pool.ids)

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.rollout import TextStream
+from alignkit.generation.rollout import TextStream
 from alignkit.serve.protocol import APIError
 
 log = logging.getLogger("alignkit")

@@ -139,7 +139,7 @@ class HFGenerate:
         self.pool = pool
 
     def __call__(self, batch: list[Job]) -> None:
-        from alignkit.rollout import RowsDone, sample_hf
+        from alignkit.generation.rollout import RowsDone, sample_hf
 
         first = batch[0]
         prompts = [job.prompt_of(row) for job in batch for row in job.rows]
@@ -164,7 +164,7 @@ class VLLMGenerate:
     """The same pass over vLLM's engine (GPU): answers come whole, then run through the same row logic."""
 
     def __init__(self, pool_path: str, tokenizer: Any, eos: set[int]) -> None:
-        from alignkit.rollout import VLLMEngine
+        from alignkit.generation.rollout import VLLMEngine
 
         self.engine = VLLMEngine(pool_path, tokenizer, gpu_memory_utilization=0.85)
         self.eos = eos

@@ -385,7 +385,7 @@ def export_kto(db: str, output: str, model: str | None = None) -> dict[str, int]
 
 def from_feedback_command(args: argparse.Namespace) -> int:
     """`alignkit data from-feedback DB --output OUT [--model ID]`: one summary line."""
-    from alignkit.data.inspect import kto_weights
+    from alignkit.data.report import kto_weights
 
     counts = export_kto(args.db, args.output, args.model)
     w_d, w_u, why = kto_weights(counts["up"], counts["down"])

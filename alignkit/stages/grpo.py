@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from alignkit.generation.rollout import Samples
 from alignkit.losses.rl import GRPO_RECIPES, group_advantages, grpo_policy_loss
 from alignkit.modeling.load import load_policy
 from alignkit.modeling.logprobs import TokenStats, per_row_sum
 from alignkit.modeling.reference import Reference
-from alignkit.rollout import Samples
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage, gather_counts
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from alignkit.data.batches import build_unpaired_rows, collate_unpaired
 from alignkit.data.formats import Example
-from alignkit.data.inspect import KTO_RATIO_RANGE, kto_weights
+from alignkit.data.report import KTO_RATIO_RANGE, kto_weights
 from alignkit.data.shared_prefix import check_layout_support, collate_shared_unpaired, model_mask
 from alignkit.errors import UserError
 from alignkit.losses.preference import KTO_LOSSES

@@ -19,10 +19,10 @@ from alignkit.config import BaseConfig
 from alignkit.data.batches import tokenize_chat, tokenize_text
 from alignkit.data.formats import Example
 from alignkit.errors import UserError
+from alignkit.generation.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
+from alignkit.generation.rollout import Samples, sample_hf, sequences
 from alignkit.losses.rl import dapo_overlong_penalty
 from alignkit.modeling.logprobs import TokenStats, completion_token_stats
-from alignkit.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
-from alignkit.rollout import Samples, sample_hf, sequences
 from alignkit.stages.base import Metrics, MicroBatch, Stage, StepContext
 
 log = logging.getLogger("alignkit")
@@ -144,7 +144,7 @@ class OnlineStage(Stage):
         self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * n, dtype=torch.float32)
         self.engine = None
         if cfg.rollout_backend == "vllm":
-            from alignkit.rollout import VLLMEngine
+            from alignkit.generation.rollout import VLLMEngine
 
             self.engine = VLLMEngine(cfg.model_name_or_path, self.tokenizer)
 

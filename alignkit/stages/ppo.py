@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
+from alignkit.generation.rollout import sequences
 from alignkit.losses.rl import (
     clipped_surrogate,
     clipped_value_loss,
@@ -30,7 +31,6 @@ from alignkit.modeling.load import (
     torch_dtype,
 )
 from alignkit.modeling.reference import Reference
-from alignkit.rollout import sequences
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
 
@@ -57,8 +57,8 @@ def load_value_model(cfg: Any, tokenizer: Any) -> nn.Module:
     the critic starts from the reward model's weights and head, as in InstructGPT. The critic reads the
     policy's token ids, so a reward model with another vocabulary cannot be its backbone: the policy is.
     A LoRA reward model (or policy) adapter: the critic starts from its base with the adapter merged."""
+    from alignkit.generation.rewards import RewardModelScorer
     from alignkit.modeling.load import load_tokenizer, resolve_model
-    from alignkit.rewards import RewardModelScorer
 
     path = cfg.value_model_name_or_path or cfg.reward_model or cfg.model_name_or_path
     if cfg.reward_model:  # reward_model_type checked before anything is loaded
