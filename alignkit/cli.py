@@ -294,8 +294,8 @@ def _quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from alignkit.config import load_config
-        from alignkit.loop import train
         from alignkit.stages import get_stage
+        from alignkit.training.loop import train
 
         cfg = load_config(args.config, args.overrides)
         record = train(cfg, get_stage(cfg.stage)(cfg))

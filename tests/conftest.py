@@ -79,8 +79,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 def run_stage(tmp_path: Path, keys: dict) -> tuple[dict, str]:
     """Train through the public path (config -> stage -> loop); return the last metrics record and output_dir."""
     from alignkit.config import build_config
-    from alignkit.loop import train
     from alignkit.stages import get_stage
+    from alignkit.training.loop import train
 
     keys = {"output_dir": str(tmp_path / "out"), "disable_tqdm": True, "plot_loss": False, **keys}
     cfg = build_config(keys)

@@ -244,7 +244,7 @@ ACCELERATE_CPU_2 = {
     ],
 )
 def test_single_process_cpu_launch_is_detected(env: dict[str, str], fires: bool) -> None:
-    from alignkit.launch import single_process_launch_hint
+    from alignkit.training.launch import single_process_launch_hint
 
     hint = single_process_launch_hint(env)
     if fires:
@@ -258,7 +258,7 @@ def test_single_process_cpu_launch_is_detected(env: dict[str, str], fires: bool)
 def test_accelerator_warns_on_a_single_process_cpu_launch(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    from alignkit.launch import _accelerator
+    from alignkit.training.launch import _accelerator
 
     for key, value in ACCELERATE_CPU_2.items():
         monkeypatch.setenv(key, value)

@@ -58,14 +58,14 @@ def _write(tmp: Path, raw: dict[str, Any]) -> str:
 
 
 class TrainSpy:
-    """Counts which methods `alignkit.loop.train` trains; fails the methods in `fail` once (an interruption)."""
+    """Counts which methods `alignkit.training.loop.train` trains; fails the methods in `fail` once (an interruption)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: tuple[str, ...] = ()) -> None:
-        import alignkit.loop
+        import alignkit.training.loop
 
         self.calls: list[str] = []
         self.fail = set(fail)
-        real = alignkit.loop.train
+        real = alignkit.training.loop.train
 
         def spy(cfg: Any, stage: Any) -> dict:
             name = os.path.basename(cfg.output_dir)
@@ -75,7 +75,7 @@ class TrainSpy:
                 raise KeyboardInterrupt  # as Ctrl-C before the run's first step
             return real(cfg, stage)
 
-        monkeypatch.setattr(alignkit.loop, "train", spy)
+        monkeypatch.setattr(alignkit.training.loop, "train", spy)
 
 
 def _run(path: str, overrides: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:

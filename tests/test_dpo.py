@@ -216,8 +216,8 @@ def test_per_row_sum_rounds_once() -> None:
 
 def test_lora_reference_is_the_adapter_disabled_base(tiny_model: str, tmp_path: Path) -> None:
     from alignkit.config import build_config
-    from alignkit.loop import train
     from alignkit.stages.preference import PreferenceStage
+    from alignkit.training.loop import train
 
     data = write_jsonl(tmp_path / "d.jsonl", CONV)
     cfg = build_config(

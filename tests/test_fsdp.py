@@ -8,7 +8,7 @@ global batch (2 processes x batch 2).
 accelerate 1.15 alone would not shard here: its AcceleratorState turns ACCELERATE_USE_FSDP into
 DistributedType.FSDP only for GPU-like process groups (MULTI_GPU, MULTI_NPU, MULTI_XPU, ...), never for
 MULTI_CPU, so on a machine without a GPU the FSDP launch silently trained plain DDP. torch 2.13's
-`fully_shard` does run on gloo, and alignkit.launch switches the state to FSDP2 there (`_fsdp_on_cpu`);
+`fully_shard` does run on gloo, and alignkit.training.launch switches the state to FSDP2 there (`_fsdp_on_cpu`);
 the test checks the model really was sharded (the run logs it, and saving needed the gather: a sharded
 model saved by the main process alone fails in `save_pretrained` on a DTensor collective).
 """
@@ -190,7 +190,7 @@ def test_zero_launch_without_deepspeed_is_a_user_error(
     tests/test_lf_config.py.)"""
     from alignkit.config import build_config
     from alignkit.errors import UserError
-    from alignkit.launch import _accelerator
+    from alignkit.training.launch import _accelerator
 
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("DeepSpeed is installed here: the missing-DeepSpeed error cannot be checked")
@@ -214,7 +214,7 @@ def test_deepspeed_takes_the_loops_batch_and_clipping(tmp_path: Path) -> None:
 
     from alignkit.config import build_config
     from alignkit.errors import UserError
-    from alignkit.launch import _fit_deepspeed
+    from alignkit.training.launch import _fit_deepspeed
 
     keys = {"stage": "sft", "model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path)}
     ds: dict = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}

@@ -28,8 +28,8 @@ GPU = pytest.mark.skipif(
 def _train(tmp_path: Path, keys: dict) -> tuple[dict, object]:
     """`run_stage`, returning the stage too (to look at the model it trained)."""
     from alignkit.config import build_config
-    from alignkit.loop import train
     from alignkit.stages import get_stage
+    from alignkit.training.loop import train
 
     cfg = build_config(
         {"output_dir": str(tmp_path / "out"), "disable_tqdm": True, "plot_loss": False, **keys}

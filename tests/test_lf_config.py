@@ -178,7 +178,7 @@ def test_stage_pt_and_quantization_bit() -> None:
 
 
 def test_eval_keys() -> None:
-    from alignkit.loop import eval_every
+    from alignkit.training.loop import eval_every
 
     cfg = build_config(_lf(val_size=0.1, eval_strategy="steps", eval_steps=500))
     assert (cfg.val_size, eval_every(cfg, 37)) == (0.1, 500)
@@ -195,7 +195,7 @@ def test_eval_keys() -> None:
 
 
 def test_resume_from_checkpoint_true_means_the_newest(tmp_path: Path) -> None:
-    from alignkit.checkpoint import STATE_FILE, resolve_resume
+    from alignkit.training.checkpoint import STATE_FILE, resolve_resume
 
     cfg = build_config(_lf(resume_from_checkpoint=True))
     assert cfg.resume_from_checkpoint == "true"
@@ -209,7 +209,7 @@ def test_resume_from_checkpoint_true_means_the_newest(tmp_path: Path) -> None:
 
 
 def test_deepspeed_key(tmp_path: Path) -> None:
-    from alignkit.launch import _deepspeed
+    from alignkit.training.launch import _deepspeed
 
     with pytest.raises(UserError, match="deepspeed: nowhere.json.*not a file"):
         build_config(_lf(deepspeed="nowhere.json"))

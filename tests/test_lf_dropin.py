@@ -19,8 +19,8 @@ import yaml
 from transformers import AutoTokenizer
 
 from alignkit.config import load_config
-from alignkit.loop import train
 from alignkit.stages import get_stage
+from alignkit.training.loop import train
 
 MODEL = """\
 ### model

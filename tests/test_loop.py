@@ -308,7 +308,7 @@ def test_metrics_file_and_final_model(tiny_model: str, tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_model: str, tmp_path: Path) -> None:
-    from alignkit.loop import TrainingDiverged
+    from alignkit.training.loop import TrainingDiverged
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows(16))
     with pytest.raises(TrainingDiverged, match=r"step [34]: the loss is (nan|inf).*learning rate") as info:
@@ -414,7 +414,7 @@ def test_failed_run_after_some_steps_keeps_its_files_aside_and_spares_a_shared_p
     `failed-<time>/`, where they block no re-run; a parent folder made for it that another run also writes
     into is not removed; a failure after the final model is written keeps the model."""
     from alignkit.stages.sft import SFTStage
-    from alignkit.tracking import MetricsWriter
+    from alignkit.training.tracking import MetricsWriter
 
     data = write_jsonl(tmp_path / "d.jsonl", _rows(8))
     keys = _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=3)

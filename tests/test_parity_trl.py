@@ -261,7 +261,7 @@ def _long_chinese_pairs(shared_data: Path, tok: object, n: int = 8) -> list[dict
 
 
 # Computed in float64 on both sides but logged through one float32 rounding (<= 6e-8 relative): alignkit's
-# loop sums the logged loss as float32 (alignkit/loop.py), TRL divides token counts in float32.
+# loop sums the logged loss as float32 (alignkit/training/loop.py), TRL divides token counts in float32.
 FLOAT32_LOGGED = {"loss": 1e-7, "mean_token_accuracy": 1e-7}
 
 

@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from alignkit.checkpoint import list_checkpoints
 from alignkit.config import BaseConfig, build_config, config_to_dict
 from alignkit.errors import UserError
 from alignkit.evaluate.config import EvalConfig
+from alignkit.training.checkpoint import list_checkpoints
 
 log = logging.getLogger("alignkit")
 
@@ -230,8 +230,8 @@ def train_method(raw: dict[str, Any], source: str) -> TrainResult:
     """Train the run `raw` describes (flat keys, as for build_config) unless its output_dir already holds a
     finished run with the same fingerprint. A run started with the same fingerprint that left checkpoints
     is resumed from the newest; otherwise stale checkpoints go, and the run trains from the start."""
-    from alignkit.loop import train
     from alignkit.stages import get_stage
+    from alignkit.training.loop import train
 
     cfg = build_config({**raw, "overwrite_output_dir": True}, source)
     out = cfg.output_dir

@@ -436,7 +436,7 @@ def save_model(model: nn.Module, tokenizer: Any, output_dir: str, merged: bool =
         with open(os.path.join(output_dir, MERGED_ADAPTERS), "w", encoding="utf-8") as fh:
             json.dump({"merged_adapters": merged_in}, fh, indent=2)
     if merged and is_peft(model):
-        from alignkit.checkpoint import merged_copy
+        from alignkit.training.checkpoint import merged_copy
 
         merged_model = merged_copy(model, output_dir)
         merged_model.save_pretrained(os.path.join(output_dir, "merged"), safe_serialization=True)

@@ -240,7 +240,7 @@ class Stage:
 
     def load_weights(self, model: nn.Module, path: str) -> None:
         """Restore the weights `save` wrote (checkpoints)."""
-        from alignkit.checkpoint import _load_weights
+        from alignkit.training.checkpoint import _load_weights
 
         _load_weights(model, path)
 

@@ -295,7 +295,7 @@ class PPOStage(OnlineStage):
         model.value.save_pretrained(os.path.join(output_dir, "value_model"), safe_serialization=True)
 
     def load_weights(self, model: nn.Module, path: str) -> None:
-        from alignkit.checkpoint import _load_weights
+        from alignkit.training.checkpoint import _load_weights
 
         _load_weights(model.policy, path)
         _load_weights(model.value, os.path.join(path, "value_model"))

@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
-from alignkit.checkpoint import (
+from alignkit.config import BaseConfig, config_to_dict, save_config
+from alignkit.errors import UserError
+from alignkit.stages.base import MicroBatch, Plan, Stage, StepContext
+from alignkit.training.checkpoint import (
     RunProgress,
     full_weights,
     load_checkpoint,
@@ -29,11 +32,8 @@ from alignkit.checkpoint import (
     save_checkpoint,
     undo_on_failure,
 )
-from alignkit.config import BaseConfig, config_to_dict, save_config
-from alignkit.errors import UserError
-from alignkit.launch import _accelerator
-from alignkit.stages.base import MicroBatch, Plan, Stage, StepContext
-from alignkit.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
+from alignkit.training.launch import _accelerator
+from alignkit.training.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
 
 log = logging.getLogger("alignkit")
 
