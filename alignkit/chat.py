@@ -196,7 +196,7 @@ def load_chat_model(settings: ChatSettings) -> tuple[Any, Any]:
     """(model on the GPU when there is one, else the CPU; tokenizer) for the HF backend."""
     import torch
 
-    from alignkit.evaluate.models import load_causal_lm
+    from alignkit.evaluation.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(settings.model, settings.dtype, settings.trust_remote_code)
     if settings.adapter:
@@ -349,7 +349,7 @@ def _hf_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Mes
 
 def _vllm_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Messages], str], str]:
     """vLLM answers come whole (no token streaming). Untested here: no GPU on the machines the tests run on."""
-    from alignkit.evaluate.models import adapter_base
+    from alignkit.evaluation.models import adapter_base
     from alignkit.generation.rollout import VLLMEngine, complete
     from alignkit.modeling.load import load_tokenizer
 

@@ -346,18 +346,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_eval_command(args: argparse.Namespace) -> int:
     if args.command == "eval":
-        from alignkit.evaluate.run import eval_command
+        from alignkit.evaluation.run import eval_command
 
         return eval_command(args)
     if args.command == "sxs":
-        from alignkit.sxs import sxs_command
+        from alignkit.evaluation.sxs import sxs_command
 
         return sxs_command(args)
     if args.command == "compare":
         from alignkit.compare import compare_command
 
         return compare_command(args)
-    from alignkit.sxs import from_votes_command
+    from alignkit.evaluation.sxs import from_votes_command
 
     return from_votes_command(args)
 

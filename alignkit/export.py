@@ -205,7 +205,7 @@ def _check_dtype_runs(dtype: str, device: str, flag: str) -> None:
 
 
 def _base_of(settings: ExportSettings) -> str:
-    from alignkit.evaluate.models import adapter_base
+    from alignkit.evaluation.models import adapter_base
 
     adapter = settings.adapter
     if adapter is not None:
@@ -267,7 +267,7 @@ def _preflight(settings: ExportSettings) -> tuple[str, str, str]:
 def _load(settings: ExportSettings, base: str, device: str) -> tuple[nn.Module, Any]:
     """The model to export in float32 (the merge adds the adapter's delta before one rounding to the export
     dtype), and the tokenizer: the adapter folder's when it has one (alignkit saves it there), else the base's."""
-    from alignkit.evaluate.models import load_causal_lm
+    from alignkit.evaluation.models import load_causal_lm
     from alignkit.modeling.load import TOKENIZER_FILES, load_tokenizer
 
     model, tokenizer = load_causal_lm(base, "float32", settings.trust_remote_code)

@@ -191,7 +191,7 @@ def _training_section(
 def _eval_section(found: tuple[str, dict[str, Any]] | None) -> list[str]:
     if found is None:
         return []
-    from alignkit.evaluate.report import render_table
+    from alignkit.evaluation.report import render_table
 
     path, report = found
     baseline = report.get("baseline_metrics") if isinstance(report.get("baseline_metrics"), dict) else None

@@ -264,7 +264,7 @@ def test_merge_adapter_trains_a_fresh_lora_and_records_the_merged_ones(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from alignkit.evaluate.models import load_causal_lm
+    from alignkit.evaluation.models import load_causal_lm
     from alignkit.modeling.load import load_policy, save_model
     from alignkit.modeling.reference import Reference
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from alignkit.config import build_dataclass
-from alignkit.evaluate import metrics as M
-from alignkit.evaluate.config import EvalConfig, validate
-from alignkit.evaluate.run import run_eval
+from alignkit.evaluation import metrics as M
+from alignkit.evaluation.config import EvalConfig, validate
+from alignkit.evaluation.run import run_eval
 from tests.conftest import write_jsonl
 
 QUESTIONS = [{"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"} for i in range(5)]

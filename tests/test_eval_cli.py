@@ -182,7 +182,7 @@ def test_reference_equal_to_the_model_and_nothing_to_measure(
 def test_inputs_are_checked_before_any_answer_is_generated(
     tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import alignkit.evaluate.run as run
+    import alignkit.evaluation.run as run
 
     monkeypatch.setattr(run, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
     data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
@@ -235,8 +235,8 @@ def test_mt_bench_every_turn_is_graded(tmp_path: Path, tiny_model: str) -> None:
 
 def test_samples_are_written_worst_first() -> None:
     from alignkit.data.formats import Example
-    from alignkit.evaluate.report import sample_rows
-    from alignkit.evaluate.run import Side
+    from alignkit.evaluation.report import sample_rows
+    from alignkit.evaluation.run import Side
 
     examples = [Example(prompt=f"q{i}", where=f"line {i}") for i in range(4)]
     side = Side("model", "m", texts=[["a"]] * 4, conversations=[[{}, {}]] * 4)

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from alignkit.errors import UserError
-from alignkit.evaluate.judge import Judge, api_key_from_env, summarize_grades, summarize_pairwise
-from alignkit.evaluate.judge_prompts import parse_pairwise, parse_rating
+from alignkit.evaluation.judge import Judge, api_key_from_env, summarize_grades, summarize_pairwise
+from alignkit.evaluation.judge_prompts import parse_pairwise, parse_rating
 from alignkit.stats import bootstrap_mean_ci
 
 # respond(request body, 1-based request number) -> (status, JSON payload), or None to drop the connection

@@ -125,7 +125,7 @@ def share(a: list[int], b: list[int]) -> float:
 def test_accuracy_equals_direct_computation(
     tiny_model: str, task_dir: str, picks: dict[str, list[int]]
 ) -> None:
-    from alignkit.evaluate.general import run_lm_eval
+    from alignkit.evaluation.general import run_lm_eval
 
     tasks = ["alignkit_tiny_group", "alignkit_tiny_mc_adapter"]
     rows = run_lm_eval(tiny_model, tasks, include_path=task_dir)
@@ -152,7 +152,7 @@ def test_accuracy_equals_direct_computation(
 def test_adapter_folder_is_applied(
     tiny_model: str, adapter: str, task_dir: str, picks: dict[str, list[int]]
 ) -> None:
-    from alignkit.evaluate.general import run_lm_eval
+    from alignkit.evaluation.general import run_lm_eval
 
     assert picks["adapter"] != picks["base"]  # the adapter changes answers, so skipping it would show
     tasks = ["alignkit_tiny_mc", "alignkit_tiny_mc_base", "alignkit_tiny_mc_adapter"]
@@ -164,7 +164,7 @@ def test_adapter_folder_is_applied(
 
 
 def test_missing_lm_eval_names_the_extra(monkeypatch: pytest.MonkeyPatch, tiny_model: str) -> None:
-    from alignkit.evaluate.general import run_lm_eval
+    from alignkit.evaluation.general import run_lm_eval
 
     # `import lm_eval` now fails as it does where the extra is not installed
     monkeypatch.setitem(sys.modules, "lm_eval", None)
@@ -178,7 +178,7 @@ def test_unknown_task_is_named_with_a_suggestion(
 ) -> None:
     import lm_eval.tasks
 
-    from alignkit.evaluate.general import run_lm_eval
+    from alignkit.evaluation.general import run_lm_eval
 
     # lm-eval's ~15k built-in task files take many seconds to index: here only the test's folder is indexed.
     tm = functools.partial(lm_eval.tasks.TaskManager, include_defaults=False)

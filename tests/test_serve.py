@@ -55,7 +55,7 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 def _reference(path: str, prompts: list, max_new_tokens: int, adapter: str | None = None) -> list[str]:
     """The rollout engine's greedy answers in this process: what the server must return."""
-    from alignkit.evaluate.models import load_causal_lm
+    from alignkit.evaluation.models import load_causal_lm
     from alignkit.generation.rollout import complete
 
     model, tok = load_causal_lm(adapter or path)

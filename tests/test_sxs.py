@@ -12,8 +12,8 @@ import pytest
 
 from alignkit.cli import main
 from alignkit.data.formats import load_examples
+from alignkit.evaluation.sxs import tally, votes_to_data, write_page
 from alignkit.stats import bootstrap_mean_ci, wilson_interval
-from alignkit.sxs import tally, votes_to_data, write_page
 from tests.conftest import write_jsonl
 
 MODEL, BASELINE = "out/secret-dpo-model", "out/secret-sft-baseline"
@@ -262,7 +262,7 @@ def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path) -> None:
 
 
 def test_sxs_command_on_tiny_models(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
-    from alignkit.evaluate.models import load_causal_lm
+    from alignkit.evaluation.models import load_causal_lm
     from alignkit.generation.rollout import complete
 
     questions = ["2+2?", "Name a colour.", "Hi!"]

@@ -18,7 +18,7 @@ from typing import Any
 from alignkit.config import CONFIG_CLASSES, BaseConfig, build_config, build_dataclass, load_yaml_mapping
 from alignkit.config.coerce import flatten, parse_overrides
 from alignkit.errors import UserError, did_you_mean
-from alignkit.evaluate.config import EvalConfig, validate
+from alignkit.evaluation.config import EvalConfig, validate
 
 SECTIONS = ("methods", "eval")
 COMPARE_KEYS = ("allow_unequal_budget",)  # keys of compare itself, not of training

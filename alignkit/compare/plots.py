@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from alignkit.compare.report import LENGTH_RATIO_LIMIT, WIN_RATES
-from alignkit.evaluate.report import metric_rank
+from alignkit.evaluation.report import metric_rank
 from alignkit.training.tracking import read_metrics
 
 # (metrics.jsonl key, panel title): a panel is drawn only when some method logged the key

@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any
 
-from alignkit.evaluate.report import metric_rank
+from alignkit.evaluation.report import metric_rank
 from alignkit.stats import paired_bootstrap
 
 # per-prompt scores that are a win against the baseline (1 / 0.5 / 0): compared with an even split, 0.5

@@ -24,7 +24,7 @@ from typing import Any
 
 from alignkit.config import BaseConfig, build_config, config_to_dict
 from alignkit.errors import UserError
-from alignkit.evaluate.config import EvalConfig
+from alignkit.evaluation.config import EvalConfig
 from alignkit.training.checkpoint import list_checkpoints
 
 log = logging.getLogger("alignkit")
@@ -121,22 +121,18 @@ def _reward_modules(names: list[str] | None) -> dict[str, Any]:
 # training loop and stages out of the eval code.
 NOT_TRAINING_CODE = (
     "compare",
-    "evaluate",
-    "templates",
+    "evaluation",
     "quickstart.py",
     "quickstart_report.py",
-    "sxs.py",
     "cli.py",
 )
 NOT_EVAL_CODE = (
     "compare",
     "stages",
-    "templates",
     "quickstart.py",
     "quickstart_report.py",
-    "sxs.py",
     "cli.py",
-    "loop.py",
+    "training",
 )
 LIBRARIES = ("torch", "transformers", "accelerate", "peft")
 
@@ -263,7 +259,7 @@ def train_method(raw: dict[str, Any], source: str) -> TrainResult:
 
 def eval_method(cfg: EvalConfig) -> tuple[dict[str, Any], bool]:
     """(eval.json's dict, whether it ran now). An eval of the same model files with the same keys is reused."""
-    from alignkit.evaluate.run import run_eval
+    from alignkit.evaluation.run import run_eval
 
     fp = eval_fingerprint(cfg)
     mark = os.path.join(cfg.output_dir, FINGERPRINT_FILE)

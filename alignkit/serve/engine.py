@@ -50,7 +50,7 @@ class ModelPool:
         trust_remote_code: bool = False,
         weights: bool = True,
     ) -> None:
-        from alignkit.evaluate.models import load_causal_lm
+        from alignkit.evaluation.models import load_causal_lm
         from alignkit.modeling.load import is_peft
 
         if weights:

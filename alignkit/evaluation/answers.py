@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from alignkit.data.formats import Example
-from alignkit.evaluate.config import EvalConfig
+from alignkit.evaluation.config import EvalConfig
 from alignkit.generation.rollout import complete
 
 
@@ -18,7 +18,7 @@ def _messages(prompt: Any) -> list[dict]:
 def vllm_engine(cfg: EvalConfig, path: str, model: Any, tokenizer: Any) -> Any:
     """A vLLM engine for `path` (GPU machines). An adapter folder is served as its base with the adapter merged
     in (the same weights push RL uses), so vLLM needs no LoRA support of its own."""
-    from alignkit.evaluate.models import adapter_base
+    from alignkit.evaluation.models import adapter_base
     from alignkit.generation.rollout import VLLMEngine
 
     base = adapter_base(path) if os.path.isdir(path) else None

@@ -17,13 +17,13 @@ import torch
 
 from alignkit.data.formats import Example, load_examples
 from alignkit.errors import UserError
-from alignkit.evaluate import metrics as M
-from alignkit.evaluate.answers import generate, sample_for_kl, turn_prefixes, vllm_engine
-from alignkit.evaluate.config import EvalConfig, eval_config
-from alignkit.evaluate.models import load_causal_lm
-from alignkit.evaluate.plan import Plan, plan_metrics
-from alignkit.evaluate.report import write_report
-from alignkit.evaluate.scoring import implicit_reward_margins, kl_per_sample, nll_per_row
+from alignkit.evaluation import metrics as M
+from alignkit.evaluation.answers import generate, sample_for_kl, turn_prefixes, vllm_engine
+from alignkit.evaluation.config import EvalConfig, eval_config
+from alignkit.evaluation.models import load_causal_lm
+from alignkit.evaluation.plan import Plan, plan_metrics
+from alignkit.evaluation.report import write_report
+from alignkit.evaluation.scoring import implicit_reward_margins, kl_per_sample, nll_per_row
 from alignkit.generation.rollout import encode_prompts
 
 log = logging.getLogger("alignkit")
@@ -193,7 +193,7 @@ def reward_model_scores(cfg: EvalConfig, plan: Plan, examples: list[Example], si
 def judge_scores(cfg: EvalConfig, plan: Plan, sides: list[Side]) -> None:
     """MT-Bench style: every assistant turn graded 1-10 with the conversation before it (a prompt's score is
     the mean of its turns); pairwise verdicts on whole conversations, in both orders."""
-    from alignkit.evaluate.judge import summarize_grades, summarize_pairwise
+    from alignkit.evaluation.judge import summarize_grades, summarize_pairwise
 
     judge = make_judge(cfg)
     if "judge_score" in plan.run:
@@ -217,7 +217,7 @@ def judge_scores(cfg: EvalConfig, plan: Plan, sides: list[Side]) -> None:
 
 
 def make_judge(cfg: EvalConfig) -> Any:
-    from alignkit.evaluate.judge import Judge
+    from alignkit.evaluation.judge import Judge
 
     return Judge(
         cfg.judge_base_url or "",
@@ -233,7 +233,7 @@ def make_judge(cfg: EvalConfig) -> Any:
 def judge_key(cfg: EvalConfig) -> str | None:
     """The judge's API key from the environment variable `judge_api_key_env` names. The default variable may
     be unset (a local endpoint without a key); one the user named must be set."""
-    from alignkit.evaluate.judge import api_key_from_env
+    from alignkit.evaluation.judge import api_key_from_env
 
     name = cfg.judge_api_key_env
     if name == EvalConfig.judge_api_key_env and not os.environ.get(name or ""):
@@ -249,7 +249,7 @@ def load_rows(cfg: EvalConfig) -> list[Example]:
 
 
 def _lm_eval(cfg: EvalConfig, sides: list[Side]) -> None:
-    from alignkit.evaluate.general import run_lm_eval
+    from alignkit.evaluation.general import run_lm_eval
 
     for side in sides:
         rows = run_lm_eval(

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from alignkit.errors import UserError
-from alignkit.evaluate.judge_prompts import grade_messages, pairwise_messages, parse_pairwise, parse_rating
+from alignkit.evaluation.judge_prompts import grade_messages, pairwise_messages, parse_pairwise, parse_rating
 
 # the order-swapped request shows b as assistant A, so its labels map the other way round
 _FIRST = {"A": "a", "B": "b", "C": "tie"}

@@ -87,7 +87,9 @@ def write_page(
                 "baseline_answer": theirs,
             }
         )
-    template = resources.files("alignkit").joinpath("templates/sxs.html").read_text(encoding="utf-8")
+    template = (
+        resources.files("alignkit.evaluation").joinpath("templates/sxs.html").read_text(encoding="utf-8")
+    )
     html = template.replace(PLACEHOLDER, _script_json({"page_id": page_id, "items": page_items}))
     os.makedirs(output_dir, exist_ok=True)
     key_path = os.path.join(output_dir, "sxs_key.json")
@@ -337,7 +339,7 @@ def _answers(path: str, prompts: list, max_new_tokens: int) -> list[str]:
     """Greedy answers of one model; the model is freed before the next one loads."""
     import torch
 
-    from alignkit.evaluate.models import load_causal_lm
+    from alignkit.evaluation.models import load_causal_lm
     from alignkit.generation.rollout import complete
 
     device = "cuda" if torch.cuda.is_available() else None

@@ -8,7 +8,7 @@ from typing import Any
 
 from alignkit.data.formats import Example, load_examples
 from alignkit.errors import UserError
-from alignkit.evaluate.config import METRICS, EvalConfig
+from alignkit.evaluation.config import METRICS, EvalConfig
 
 
 @dataclass
@@ -115,7 +115,7 @@ def _check_inputs(cfg: EvalConfig, plan: Plan) -> None:
             except UserError as exc:
                 raise UserError(f"`{key}`: {exc}") from exc
     if "lm_eval" in plan.run and not _installed("lm_eval"):
-        from alignkit.evaluate.general import MISSING
+        from alignkit.evaluation.general import MISSING
 
         raise UserError(MISSING)
 
