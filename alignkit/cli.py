@@ -354,7 +354,7 @@ def _run_eval_command(args: argparse.Namespace) -> int:
 
         return sxs_command(args)
     if args.command == "compare":
-        from alignkit.compare import compare_command
+        from alignkit.comparison import compare_command
 
         return compare_command(args)
     from alignkit.evaluation.sxs import from_votes_command

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.compare.runs import train_method
+from alignkit.comparison.runs import train_method
 from alignkit.data.report import kto_weights
 from alignkit.modeling.tiny import build_tiny
 from alignkit.quickstart_report import accuracy, reward_model_diagnosis, reward_trend, write_report

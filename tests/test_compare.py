@@ -216,7 +216,7 @@ def _paired(diff: float, lo: float, hi: float) -> dict[str, Any]:
     ],
 )
 def test_reward_hacking_flags(vs: dict, ratio: float, expected: list[str]) -> None:
-    from alignkit.compare.report import reward_hacking
+    from alignkit.comparison.report import reward_hacking
 
     metrics = {"length_ratio": {"value": ratio, "n": 100, "ci95": [ratio - 0.1, ratio + 0.1]}}
     reasons = reward_hacking(vs, metrics)
@@ -231,7 +231,7 @@ def test_reward_hacking_flags(vs: dict, ratio: float, expected: list[str]) -> No
 
 
 def test_versus_baseline_pairs_by_prompt_and_reads_win_rates_against_an_even_split() -> None:
-    from alignkit.compare.report import versus_baseline
+    from alignkit.comparison.report import versus_baseline
 
     model = {
         "accuracy": [1.0, 1.0, 0.0, 1.0],
@@ -246,7 +246,7 @@ def test_versus_baseline_pairs_by_prompt_and_reads_win_rates_against_an_even_spl
 
 
 def test_budget_counts_steps_times_global_batch_and_online_rollouts() -> None:
-    from alignkit.compare.runs import budget, check_budgets
+    from alignkit.comparison.runs import budget, check_budgets
     from alignkit.config import build_config
     from alignkit.errors import UserError
 
@@ -279,7 +279,7 @@ def test_budget_counts_steps_times_global_batch_and_online_rollouts() -> None:
 
 
 def test_fingerprint_follows_data_content_and_ignores_run_artefacts(tmp_path: Path) -> None:
-    from alignkit.compare.runs import path_fingerprint
+    from alignkit.comparison.runs import path_fingerprint
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
     first = path_fingerprint(data)
@@ -300,7 +300,7 @@ def test_fingerprint_follows_data_content_and_ignores_run_artefacts(tmp_path: Pa
 
 
 def test_a_run_made_by_other_training_code_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from alignkit.compare import runs
+    from alignkit.comparison import runs
     from alignkit.config import build_config
 
     cfg = build_config({"stage": "dpo", "model_name_or_path": "m", "dataset": "d.jsonl", "max_steps": 3})

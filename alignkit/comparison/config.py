@@ -181,7 +181,7 @@ def _looks_local(value: str) -> bool:
 
 def _check_local_paths(cfg: CompareConfig, ecfg: EvalConfig) -> None:
     """A missing file fails now, not after the methods before it have trained."""
-    from alignkit.compare.runs import EVAL_INPUTS, TRAIN_INPUTS
+    from alignkit.comparison.runs import EVAL_INPUTS, TRAIN_INPUTS
 
     checks = [(f"methods.{m.name}", k, getattr(m.cfg, k, None)) for m in cfg.methods for k in TRAIN_INPUTS]
     checks += [("eval", k, getattr(ecfg, k)) for k in EVAL_INPUTS if k != "model"]

@@ -120,14 +120,14 @@ def _reward_modules(names: list[str] | None) -> dict[str, Any]:
 # cannot change a trained model (the eval, compare, the CLI) is left out of the training code, and the
 # training loop and stages out of the eval code.
 NOT_TRAINING_CODE = (
-    "compare",
+    "comparison",
     "evaluation",
     "quickstart.py",
     "quickstart_report.py",
     "cli.py",
 )
 NOT_EVAL_CODE = (
-    "compare",
+    "comparison",
     "stages",
     "quickstart.py",
     "quickstart_report.py",
@@ -280,7 +280,7 @@ def budget(cfg: BaseConfig, processes: int = 1) -> dict[str, Any]:
     """Optimizer steps x global batch, and what a row of that batch is. Online stages count prompts: one
     rollout samples a global batch of prompts (GRPO `num_generations` times each, PPO once) and
     `updates_per_rollout` optimizer steps reuse it, so fresh prompts are steps / updates_per_rollout x batch."""
-    from alignkit.compare.config import BATCH_UNITS
+    from alignkit.comparison.config import BATCH_UNITS
 
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
     steps = cfg.max_steps if cfg.max_steps > 0 else None

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any
 
-from alignkit.compare.report import LENGTH_RATIO_LIMIT, WIN_RATES
+from alignkit.comparison.report import LENGTH_RATIO_LIMIT, WIN_RATES
 from alignkit.evaluation.report import metric_rank
 from alignkit.training.tracking import read_metrics
 
