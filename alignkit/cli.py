@@ -364,18 +364,18 @@ def _run_eval_command(args: argparse.Namespace) -> int:
 
 def _run_ship_command(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from alignkit.serve.command import serve_command
+        from alignkit.ship.serve.command import serve_command
 
         return serve_command(args)
     if args.command == "chat":
-        from alignkit.chat import chat_command
+        from alignkit.ship.chat import chat_command
 
         return chat_command(args)
     if args.command == "export":
-        from alignkit.export import export_command
+        from alignkit.ship.export import export_command
 
         return export_command(args)
-    from alignkit.serve.feedback import from_feedback_command
+    from alignkit.ship.serve.feedback import from_feedback_command
 
     return from_feedback_command(args)
 

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from alignkit.chat import (
+from alignkit.cli import _parser, main
+from alignkit.errors import UserError
+from alignkit.ship.chat import (
     ChatSettings,
     Conversation,
     chat_command,
@@ -23,8 +25,6 @@ from alignkit.chat import (
     run_chat,
     stream_answer,
 )
-from alignkit.cli import _parser, main
-from alignkit.errors import UserError
 
 HELLO = [{"role": "user", "content": "hello"}]
 

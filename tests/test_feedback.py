@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from alignkit.errors import UserError
-from alignkit.serve.feedback import FeedbackStore, export_kto
+from alignkit.ship.serve.feedback import FeedbackStore, export_kto
 from tests.conftest import REPO, run_stage
 
 SYSTEM = {"role": "system", "content": "Answer briefly."}
@@ -92,7 +92,7 @@ def test_rows_survive_kill_9(tmp_path: Path) -> None:
     db = tmp_path / "feedback.db"
     script = (
         "import sys, time\n"
-        "from alignkit.serve.feedback import FeedbackStore\n"
+        "from alignkit.ship.serve.feedback import FeedbackStore\n"
         "s = FeedbackStore(sys.argv[1])\n"
         "s.log_completion('c1', 'm', [{'role': 'user', 'content': 'hi'}], ['hello', 'hey'], 5, {'n': 2})\n"
         "s.add_feedback('c1', 'down', 'rude', index=1)\n"

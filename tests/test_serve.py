@@ -288,7 +288,7 @@ def test_feedback_on_a_request_with_several_prompts(client: openai.OpenAI, serve
 def test_feedback_is_stored_and_becomes_kto_rows(
     client: openai.OpenAI, server: ServerProcess, tmp_path: Path
 ) -> None:
-    from alignkit.serve.feedback import export_kto
+    from alignkit.ship.serve.feedback import export_kto
 
     up = client.chat.completions.create(model="tiny", messages=HI, max_tokens=6, temperature=0)
     down = client.chat.completions.create(model="lora", messages=HI, max_tokens=6, temperature=0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from alignkit.generation.rollout import TextStream
-from alignkit.serve.batcher import Batcher, Job, Row, on_step_for
+from alignkit.ship.serve.batcher import Batcher, Job, Row, on_step_for
 
 
 class CharTokenizer:

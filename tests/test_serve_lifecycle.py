@@ -66,7 +66,7 @@ def test_full_queue_is_503_and_sigterm_drains_in_flight(tiny_model: str, tmp_pat
 
 
 def test_stored_rows_survive_kill_9(tiny_model: str, tmp_path: Path) -> None:
-    from alignkit.serve.feedback import export_kto
+    from alignkit.ship.serve.feedback import export_kto
 
     db = tmp_path / "log.db"
     args = ["--model", tiny_model, "--served-model-name", "m", "--log-db", str(db)]

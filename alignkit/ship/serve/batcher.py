@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.generation.rollout import TextStream
-from alignkit.serve.protocol import APIError
+from alignkit.ship.serve.protocol import APIError
 
 log = logging.getLogger("alignkit")
 _seq = itertools.count()

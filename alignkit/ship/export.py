@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError, did_you_mean
-from alignkit.export_card import ExportResult, QuantReport, agreement
+from alignkit.ship.export_card import ExportResult, QuantReport, agreement
 
 log = logging.getLogger("alignkit")
 
@@ -396,8 +396,8 @@ def _verify(result: ExportResult, scale: float, folder: str) -> None:
 def export_model(settings: ExportSettings) -> ExportResult:
     """Merge, write, check and (optionally) quantize. Every user mistake is found before anything is written;
     an export that does not reproduce the unmerged model's logits is a UserError that leaves the folder."""
-    from alignkit.export_card import write_card
     from alignkit.generation.rollout import encode_prompts
+    from alignkit.ship.export_card import write_card
 
     base, dtype, device = _preflight(settings)
     model, tokenizer = _load(settings, base, device)
@@ -433,7 +433,7 @@ def export_model(settings: ExportSettings) -> ExportResult:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from alignkit.export_card import render_summary
+    from alignkit.ship.export_card import render_summary
 
     result = export_model(settings_from_args(args))
     print(render_summary(result, LOGIT_PROBES))

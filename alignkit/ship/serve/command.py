@@ -29,10 +29,10 @@ def build_server(args: argparse.Namespace) -> tuple[object, list[str]]:
     before the model loads."""
     import torch
 
-    from alignkit.serve.app import Server, build_app
-    from alignkit.serve.batcher import Batcher
-    from alignkit.serve.engine import HFGenerate, ModelPool, VLLMGenerate, parse_adapters, vllm_available
-    from alignkit.serve.metrics import Metrics
+    from alignkit.ship.serve.app import Server, build_app
+    from alignkit.ship.serve.batcher import Batcher
+    from alignkit.ship.serve.engine import HFGenerate, ModelPool, VLLMGenerate, parse_adapters, vllm_available
+    from alignkit.ship.serve.metrics import Metrics
 
     _check_limits(args)
     adapters = parse_adapters(args.adapter)
@@ -45,7 +45,7 @@ def build_server(args: argparse.Namespace) -> tuple[object, list[str]]:
             )
     store = None
     if args.log_db:
-        from alignkit.serve.feedback import FeedbackStore
+        from alignkit.ship.serve.feedback import FeedbackStore
 
         store = FeedbackStore(args.log_db)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
-from alignkit.serve.batcher import Job, on_step_for
+from alignkit.ship.serve.batcher import Job, on_step_for
 
 log = logging.getLogger("alignkit")
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from alignkit.export import ExportSettings
+    from alignkit.ship.export import ExportSettings
 
 
 @dataclass

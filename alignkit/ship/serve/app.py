@@ -18,10 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from alignkit.serve.batcher import Batcher, Job
-from alignkit.serve.engine import ModelPool
-from alignkit.serve.metrics import Metrics, MetricsAndAuth
-from alignkit.serve.protocol import (
+from alignkit.ship.serve.batcher import Batcher, Job
+from alignkit.ship.serve.engine import ModelPool
+from alignkit.ship.serve.metrics import Metrics, MetricsAndAuth
+from alignkit.ship.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
