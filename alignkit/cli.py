@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command in ("serve", "chat", "export") or getattr(args, "data_command", None) == "from-feedback":
         return _run_ship_command(args)
     if args.command == "quickstart":
-        from alignkit.quickstart import METHODS, run_quickstart
+        from alignkit.quickstart.run import METHODS, run_quickstart
 
         methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
         unknown = [m for m in methods or () if m not in METHODS]

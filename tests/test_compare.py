@@ -23,7 +23,7 @@ def even_length(prompts: Sequence[str], completions: Sequence[str], **_: Any) ->
 
 
 def _config(tmp: Path, model: str, rm: str, **changes: Any) -> dict[str, Any]:
-    from alignkit.task import preference_rows, prompt_rows, split_problems
+    from alignkit.quickstart.task import preference_rows, prompt_rows, split_problems
 
     split = split_problems(0)
     pairs = write_jsonl(tmp / "pairs.jsonl", preference_rows(split.train, 24, seed=0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignkit.task import Problem, parse_answer, preference_rows, sft_rows, split_problems
+from alignkit.quickstart.task import Problem, parse_answer, preference_rows, sft_rows, split_problems
 
 
 def test_split_keeps_both_orders_of_a_problem_on_one_side() -> None:
@@ -46,7 +46,7 @@ def test_task_data_is_systematically_wrong_on_carries() -> None:
 
 
 def test_quickstart_rewrites_its_data_when_rerun_with_another_seed(tmp_path: Path) -> None:
-    from alignkit.quickstart import Context, _pairs
+    from alignkit.quickstart.run import Context, _pairs
 
     split = split_problems(0)
     first = Context(str(tmp_path), 0, split, base_model="unused")
@@ -65,7 +65,7 @@ def test_quickstart_every_method_lifts_the_sft_model(tmp_path: Path) -> None:
     7`, README) with a margin, so floating-point differences between machines do not flip them: a lift that
     is small on some seed (PPO with the learned reward model: +0.02 on seed 1) is asserted only as far as it
     holds everywhere."""
-    from alignkit.quickstart import run_quickstart
+    from alignkit.quickstart.run import run_quickstart
 
     report = run_quickstart(str(tmp_path / "qs"), seed=0)
     saved = json.loads((tmp_path / "qs" / "report.json").read_text())

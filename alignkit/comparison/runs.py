@@ -122,15 +122,13 @@ def _reward_modules(names: list[str] | None) -> dict[str, Any]:
 NOT_TRAINING_CODE = (
     "comparison",
     "evaluation",
-    "quickstart.py",
-    "quickstart_report.py",
+    "quickstart",
     "cli.py",
 )
 NOT_EVAL_CODE = (
     "comparison",
     "stages",
-    "quickstart.py",
-    "quickstart_report.py",
+    "quickstart",
     "cli.py",
     "training",
 )

@@ -21,8 +21,15 @@ from typing import Any
 from alignkit.comparison.runs import train_method
 from alignkit.data.report import kto_weights
 from alignkit.modeling.tiny import build_tiny
-from alignkit.quickstart_report import accuracy, reward_model_diagnosis, reward_trend, write_report
-from alignkit.task import Split, preference_rows, prompt_rows, sft_rows, split_problems, unpaired_rows
+from alignkit.quickstart.report import accuracy, reward_model_diagnosis, reward_trend, write_report
+from alignkit.quickstart.task import (
+    Split,
+    preference_rows,
+    prompt_rows,
+    sft_rows,
+    split_problems,
+    unpaired_rows,
+)
 
 log = logging.getLogger("alignkit")
 

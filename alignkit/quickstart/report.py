@@ -11,8 +11,8 @@ import os
 from typing import Any
 
 from alignkit.generation.rollout import complete
+from alignkit.quickstart.task import Problem, parse_answer
 from alignkit.stats import wilson_interval
-from alignkit.task import Problem, parse_answer
 
 
 def accuracy(model_dir: str, problems: list[Problem]) -> dict[str, Any]:
