@@ -1,4 +1,4 @@
-from alignkit.cli import main
+from alignkit.cli.main import main
 
 if __name__ == "__main__":
     main()

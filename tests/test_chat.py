@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from alignkit.cli import _parser, main
+from alignkit.cli.main import _parser, main
 from alignkit.errors import UserError
 from alignkit.ship.chat import (
     ChatSettings,

@@ -79,7 +79,7 @@ class TrainSpy:
 
 
 def _run(path: str, overrides: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    from alignkit.cli import main
+    from alignkit.cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(["compare", path, *overrides])
@@ -341,7 +341,7 @@ def test_a_run_made_by_other_training_code_is_not_reused(monkeypatch: pytest.Mon
 def test_config_mistakes_are_one_message_and_exit_code_2(
     tmp_path: Path, change: dict, message: str, capsys: pytest.CaptureFixture
 ) -> None:
-    from alignkit.cli import main
+    from alignkit.cli.main import main
 
     raw = {**_config(tmp_path, "unused-model", "unused-rm"), **change}
     with pytest.raises(SystemExit) as exc:

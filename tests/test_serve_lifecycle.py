@@ -87,7 +87,7 @@ def test_stored_rows_survive_kill_9(tiny_model: str, tmp_path: Path) -> None:
 
 
 def _exit(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    from alignkit.cli import main
+    from alignkit.cli.main import main
 
     with pytest.raises(SystemExit) as exc:
         main(argv)

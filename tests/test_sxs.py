@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.cli import main
+from alignkit.cli.main import main
 from alignkit.data.formats import load_examples
 from alignkit.evaluation.sxs import tally, votes_to_data, write_page
 from alignkit.stats import bootstrap_mean_ci, wilson_interval
