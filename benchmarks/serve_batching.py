@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.serve_helpers import running  # noqa: E402  (the server process the tests use)
+from tests.ship.serve_helpers import running  # noqa: E402  (the server process the tests use)
 
 
 def _side(url: str, clients: int, requests: int, max_tokens: int) -> dict:

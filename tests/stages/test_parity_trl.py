@@ -275,7 +275,7 @@ def test_dpo_float64_first_step_matches_trl(
     import torch
 
     from alignkit.modeling.load import load_tokenizer
-    from tests.test_dpo import CONV, METRICS
+    from tests.stages.test_dpo import CONV, METRICS
 
     if case == "long_chinese":
         rows = _long_chinese_pairs(request.getfixturevalue("shared_data"), load_tokenizer(tiny_model))

@@ -12,7 +12,7 @@ import torch
 
 from alignkit.errors import UserError
 from tests.conftest import first_step, run_stage, write_jsonl
-from tests.test_online import PROMPTS
+from tests.generation.test_online import PROMPTS
 
 
 def test_ppo_trains_logs_saves_critic_and_resumes(tiny_model: str, tiny_rm: str, tmp_path: Path) -> None:

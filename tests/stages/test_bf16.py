@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_stage, write_jsonl
-from tests.test_dpo import CONV as PAIRS
-from tests.test_kto import CONV as UNPAIRED
-from tests.test_online import PROMPTS
+from tests.generation.test_online import PROMPTS
+from tests.stages.test_dpo import CONV as PAIRS
+from tests.stages.test_kto import CONV as UNPAIRED
 
 SFT_ROWS = [
     {

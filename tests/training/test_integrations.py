@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_stage, write_jsonl
-from tests.test_loop import _fail, _metrics, _rows, _sft
+from tests.training.test_loop import _fail, _metrics, _rows, _sft
 
 GPU = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -133,7 +133,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(
 ) -> None:
     """One step with `gradient_checkpointing: true` has the loss, gradient norm (1e-6) and every parameter's
     gradient (1e-5) of one without."""
-    from tests.test_dpo import CONV
+    from tests.stages.test_dpo import CONV
 
     rows = _rows(8) if stage == "sft" else CONV
     keys = {

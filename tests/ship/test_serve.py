@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve_helpers import KEY, ServerProcess, make_adapter, running
+from tests.ship.serve_helpers import KEY, ServerProcess, make_adapter, running
 
 openai = pytest.importorskip("openai", reason="the server tests use the openai client: pip install openai")
 

@@ -175,7 +175,7 @@ def _pref_keys(tiny_model: str, tiny_ref: str, data: str) -> dict:
 def test_two_processes_dpo(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
     """DPO's per-pair loss splits over processes exactly, also over a short last global batch (15 pairs: 3 in
     the last one, dealt 2 + 1)."""
-    from tests.test_dpo import CONV
+    from tests.stages.test_dpo import CONV
 
     keys = _pref_keys(tiny_model, tiny_ref, write_jsonl(tmp_path / "p.jsonl", (CONV * 4)[:15]))
     run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
@@ -192,7 +192,7 @@ def test_two_processes_kto_leaves_the_filler_out_of_z0(
 ) -> None:
     """With the weights held still (learning rate 0), the last step of 2 processes x batch 2 on 9 rows (one
     real row, one filler) equals the last step of one process x batch 2: the same row alone, z0 from it."""
-    from tests.test_kto import CONV as KTO_ROWS
+    from tests.stages.test_kto import CONV as KTO_ROWS
 
     data = write_jsonl(tmp_path / "k.jsonl", (KTO_ROWS * 2)[:9])
     keys = {**_pref_keys(tiny_model, tiny_ref, data), "stage": "kto", "learning_rate": 0.0}

@@ -153,7 +153,7 @@ def test_two_processes_average_z0_as_one_process_over_the_global_batch(
     batches, at a z0 well above the clamp at 0 (the nudged reference). A z0 from each process's own rows would
     not: 1 process x batch 2 x accumulation 2 computes exactly that (one z0 per micro-batch of 2), and its loss
     differs here (each half's rows are scored against their own half's z0), so the test tells the two apart."""
-    from tests.test_loop import _launch_two
+    from tests.training.test_loop import _launch_two
 
     keys = {
         "stage": "kto",

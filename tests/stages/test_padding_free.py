@@ -203,7 +203,7 @@ def test_training_run_padding_free_logs_the_padded_loss(
 @pytest.mark.parametrize("target", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
 def test_sft_step_under_lora_equals_full_logits(target: list[str], tiny_model: str, tmp_path: Path) -> None:
     """LoRA off or on the output layer: the step's loss and accuracy are those of the model's own logits. (The
-    tiny model's 512 entries take the full-logits step; `tests/test_logprobs.py` checks a LoRA-wrapped output
+    tiny model's 512 entries take the full-logits step; `tests/modeling/test_logprobs.py` checks a LoRA-wrapped output
     layer in the chunked head.)"""
     from alignkit.modeling.load import load_policy
     from alignkit.stages.sft import chunked_head_applies

@@ -16,7 +16,7 @@ from alignkit.losses.rl import (
     k3_kl,
 )
 from tests.conftest import run_stage, write_jsonl
-from tests.test_online import PROMPTS
+from tests.generation.test_online import PROMPTS
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import run_stage, write_jsonl
-from tests.test_loop import _launch_two
-from tests.test_online import PROMPTS
+from tests.generation.test_online import PROMPTS
+from tests.training.test_loop import _launch_two
 
 
 def test_share_groups_by_hand() -> None:

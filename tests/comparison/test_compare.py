@@ -43,7 +43,7 @@ def _config(tmp: Path, model: str, rm: str, **changes: Any) -> dict[str, Any]:
         "eval": {
             "dataset": prompts,
             "max_new_tokens": 4,
-            "reward_funcs": ["tests.test_compare:even_length"],
+            "reward_funcs": ["tests.comparison.test_compare:even_length"],
             "reward_model": rm,
         },
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve_helpers import running
+from tests.ship.serve_helpers import running
 
 openai = pytest.importorskip("openai", reason="the server tests use the openai client: pip install openai")
 

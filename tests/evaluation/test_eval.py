@@ -312,7 +312,7 @@ def test_vllm_backend_samples_the_answers(
     """`rollout_backend: vllm` hands the prompts to vLLM once, with the eval's sampling settings."""
     import types
 
-    from tests.test_vllm_backend import FakeLLM, FakeSamplingParams
+    from tests.generation.test_vllm_backend import FakeLLM, FakeSamplingParams
 
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams, module.__version__ = FakeLLM, FakeSamplingParams, "0.11.0"

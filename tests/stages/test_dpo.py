@@ -116,7 +116,7 @@ def test_token_ids_match_trl_on_real_sharegpt_and_implicit_prompts(
     from alignkit.data.batches import encode_dpo_pair
     from alignkit.data.formats import load_examples
     from alignkit.modeling.load import load_tokenizer
-    from tests.test_parity_trl import _sharegpt_to_trl
+    from tests.stages.test_parity_trl import _sharegpt_to_trl
     from tests.trl_oracle import trl_first_step
 
     tok = load_tokenizer(tiny_model)

@@ -76,7 +76,7 @@ def _launch(how: list[str], configs: list[str], entry: Path, port: int) -> subpr
 @pytest.fixture(scope="module")
 def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Output folders of SFT and DPO under DDP and under FSDP2, each 3 steps of 2 processes x batch 2."""
-    from tests.test_dpo import CONV
+    from tests.stages.test_dpo import CONV
 
     root = tmp_path_factory.mktemp("fsdp")
     common = {"learning_rate": 1e-3, "logging_steps": 1, "max_steps": 3, "shuffle": False}
@@ -187,7 +187,7 @@ def test_zero_launch_without_deepspeed_is_a_user_error(
 ) -> None:
     """A run started with a DeepSpeed accelerate config (the launcher sets ACCELERATE_USE_DEEPSPEED) stops
     with alignkit's error naming the fix when DeepSpeed is missing. (`deepspeed: FILE` is checked in
-    tests/test_lf_config.py.)"""
+    tests/config/test_lf_config.py.)"""
     from alignkit.config import build_config
     from alignkit.errors import UserError
     from alignkit.training.launch import _accelerator
