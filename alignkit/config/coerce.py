@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from typing import Any, Union
@@ -112,3 +113,15 @@ def flatten(raw: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[str(key)] = value
     return flat
+
+
+def split_sources(sources: str | list[str]) -> list[str]:
+    """Data sources one by one: a list as given, a string split on commas ("identity,alpaca_en_demo", as
+    LLaMA-Factory's `dataset` key) unless the whole string names an existing file or folder."""
+    out: list[str] = []
+    for source in [sources] if isinstance(sources, str) else sources:
+        if "," in source and not os.path.exists(source):
+            out += [part.strip() for part in source.split(",") if part.strip()]
+        else:
+            out.append(source)
+    return out

@@ -190,7 +190,7 @@ def pack_rows(rows: list[dict], max_length: int, seed: int = 0) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- pairs
-def _full_ids(tokenizer: Any, prompt: Any, completion: Any, tools: list[dict] | None = None) -> list[int]:
+def full_ids(tokenizer: Any, prompt: Any, completion: Any, tools: list[dict] | None = None) -> list[int]:
     """Token ids of prompt + completion as one sequence (string concatenation + EOS, or the whole chat)."""
     if isinstance(completion, str):
         return tokenize_text(tokenizer, str(prompt) + _with_eos(completion, tokenizer))
@@ -201,8 +201,8 @@ def _full_ids(tokenizer: Any, prompt: Any, completion: Any, tools: list[dict] | 
 def encode_rm_pair(ex: Example, tokenizer: Any) -> dict[str, Any]:
     """Reward-model pair: each side is the whole sequence (prompt + completion), scored at its last token."""
     return {
-        "chosen_ids": _full_ids(tokenizer, ex.prompt, ex.chosen, ex.tools),
-        "rejected_ids": _full_ids(tokenizer, ex.prompt, ex.rejected, ex.tools),
+        "chosen_ids": full_ids(tokenizer, ex.prompt, ex.chosen, ex.tools),
+        "rejected_ids": full_ids(tokenizer, ex.prompt, ex.rejected, ex.tools),
         "margin": ex.margin,
     }
 
@@ -246,8 +246,8 @@ def encode_dpo_pair(ex: Example, tokenizer: Any) -> dict[str, Any]:
 
     Chosen and rejected keep their own ids after it, so the prompt can be run once for both (prefix sharing).
     """
-    full_c = _full_ids(tokenizer, ex.prompt, ex.chosen, ex.tools)
-    full_r = _full_ids(tokenizer, ex.prompt, ex.rejected, ex.tools)
+    full_c = full_ids(tokenizer, ex.prompt, ex.chosen, ex.tools)
+    full_r = full_ids(tokenizer, ex.prompt, ex.rejected, ex.tools)
     p = _prompt_ids(tokenizer, ex.prompt, not isinstance(ex.chosen, str), ex.tools)
     n = min(common_prefix_length(p, full_c), common_prefix_length(p, full_r))
     return {"prompt_ids": p[:n], "chosen_ids": full_c[n:], "rejected_ids": full_r[n:]}
@@ -309,7 +309,7 @@ def collate_pairs(rows: list[dict], pad_token_id: int, max_length: int) -> dict[
 # ------------------------------------------------------------------------------------------ unpaired
 def encode_unpaired(ex: Example, tokenizer: Any) -> dict[str, Any]:
     """Prompt / completion split at the longest shared token prefix (as for pairs), plus the label."""
-    full = _full_ids(tokenizer, ex.prompt, ex.completion, ex.tools)
+    full = full_ids(tokenizer, ex.prompt, ex.completion, ex.tools)
     p = _prompt_ids(tokenizer, ex.prompt, not isinstance(ex.completion, str), ex.tools)
     n = common_prefix_length(p, full)
     return {"prompt_ids": p[:n], "completion_ids": full[n:], "label": bool(ex.label)}

@@ -119,18 +119,6 @@ def looks_like_hub_id(name: str) -> bool:
     )
 
 
-def split_sources(sources: str | list[str]) -> list[str]:
-    """Data sources one by one: a list as given, a string split on commas ("identity,alpaca_en_demo", as
-    LLaMA-Factory's `dataset` key) unless the whole string names an existing file or folder."""
-    out: list[str] = []
-    for source in [sources] if isinstance(sources, str) else sources:
-        if "," in source and not os.path.exists(source):
-            out += [part.strip() for part in source.split(",") if part.strip()]
-        else:
-            out.append(source)
-    return out
-
-
 def read_rows(
     source: str, split: str = "train", subset: str | None = None, folder: str | None = None
 ) -> tuple[list[dict], list[str]]:

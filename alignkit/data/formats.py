@@ -14,15 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.data.files import (
-    DROPPED,
-    MEDIA,
-    Dropped,
-    parse_tools,
-    read_rows,
-    split_sources,
-    strip_placeholders,
-)
+from alignkit.config.coerce import split_sources
+from alignkit.data.files import DROPPED, MEDIA, Dropped, parse_tools, read_rows, strip_placeholders
 from alignkit.data.registry import LFDataset, Messages, content_of, locate, messages_of, sharegpt_turns
 from alignkit.errors import UserError
 
@@ -188,7 +181,7 @@ def _check_completion(value: Text | None, where: str, name: str) -> None:
         raise UserError(f"{where}: `{name}` is empty; remove the row or fill it in")
 
 
-def _label(value: Any, where: str, key: str) -> bool:
+def parse_label(value: Any, where: str, key: str) -> bool:
     if isinstance(value, bool):
         return value
     raise UserError(f"{where}: `{key}` must be true or false (a boolean), got {value!r}")
@@ -280,7 +273,7 @@ def _ex_messages_preference(row: dict, where: str, ex: Example) -> None:
 def _ex_unpaired(row: dict, where: str, ex: Example) -> None:
     key = "label" if "label" in row else "kto_tag"
     _need(row, (key,), where, "unpaired")
-    ex.label = _label(row[key], where, key)
+    ex.label = parse_label(row[key], where, key)
     if "messages" in row:
         msgs = messages_of(row["messages"], where, "messages")
         if not msgs or msgs[-1]["role"] != "assistant":
@@ -298,13 +291,13 @@ def _ex_sharegpt_kto(row: dict, where: str, ex: Example) -> None:
     if not msgs or msgs[-1]["role"] != "assistant":
         raise UserError(f"{where}: `conversations` must end with the assistant turn that `kto_tag` judges")
     ex.prompt, ex.completion = _system(row) + msgs[:-1], msgs[-1:]
-    ex.label = _label(row["kto_tag"], where, "kto_tag")
+    ex.label = parse_label(row["kto_tag"], where, "kto_tag")
 
 
 def _ex_alpaca_kto(row: dict, where: str, ex: Example) -> None:
     _need(row, ("instruction", "output", "kto_tag"), where, "alpaca_kto")
     _ex_alpaca(row, where, ex)
-    ex.label = _label(row["kto_tag"], where, "kto_tag")
+    ex.label = parse_label(row["kto_tag"], where, "kto_tag")
 
 
 def _ex_prompt_only(row: dict, where: str, ex: Example) -> None:

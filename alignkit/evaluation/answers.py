@@ -18,8 +18,8 @@ def _messages(prompt: Any) -> list[dict]:
 def vllm_engine(cfg: EvalConfig, path: str, model: Any, tokenizer: Any) -> Any:
     """A vLLM engine for `path` (GPU machines). An adapter folder is served as its base with the adapter merged
     in (the same weights push RL uses), so vLLM needs no LoRA support of its own."""
-    from alignkit.evaluation.models import adapter_base
     from alignkit.generation.rollout import VLLMEngine
+    from alignkit.modeling.resolve import adapter_base
 
     base = adapter_base(path) if os.path.isdir(path) else None
     engine = VLLMEngine(base or path, tokenizer, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)

@@ -50,7 +50,7 @@ def run_lm_eval(
     # Names are checked before the model loads, so a typo costs seconds, not a model load.
     manager = _task_manager(TaskManager, list(tasks), include_path)
 
-    from alignkit.evaluation.models import load_causal_lm
+    from alignkit.modeling.load import load_causal_lm
 
     model, tokenizer = load_causal_lm(model_path, torch_dtype, trust_remote_code, device)
     hf_logger = logging.getLogger(HFLM.__module__)

@@ -103,7 +103,7 @@ def _installed(module: str) -> bool:
 def _check_inputs(cfg: EvalConfig, plan: Plan) -> None:
     """What would otherwise fail after the answers were generated: a folder that is not there, lm-eval not
     installed."""
-    from alignkit.modeling.load import _check_model_path
+    from alignkit.modeling.resolve import check_model_path
 
     paths = {"baseline": cfg.baseline, "reward_model": cfg.reward_model}
     if plan.run & {"kl", "preference_accuracy"}:
@@ -111,7 +111,7 @@ def _check_inputs(cfg: EvalConfig, plan: Plan) -> None:
     for key, path in paths.items():
         if path:
             try:
-                _check_model_path(path)
+                check_model_path(path)
             except UserError as exc:
                 raise UserError(f"`{key}`: {exc}") from exc
     if "lm_eval" in plan.run and not _installed("lm_eval"):

@@ -20,11 +20,11 @@ from alignkit.errors import UserError
 from alignkit.evaluation import metrics as M
 from alignkit.evaluation.answers import generate, sample_for_kl, turn_prefixes, vllm_engine
 from alignkit.evaluation.config import EvalConfig, eval_config
-from alignkit.evaluation.models import load_causal_lm
 from alignkit.evaluation.plan import Plan, plan_metrics
 from alignkit.evaluation.report import write_report
 from alignkit.evaluation.scoring import implicit_reward_margins, kl_per_sample, nll_per_row
 from alignkit.generation.rollout import encode_prompts
+from alignkit.modeling.load import load_causal_lm
 
 log = logging.getLogger("alignkit")
 
@@ -113,12 +113,14 @@ def device() -> str:
 
 def _should_refuse(examples: list[Example]) -> list[bool | None] | None:
     """The `should_refuse` column as booleans (rows without it in neither group), or None when no row has it."""
-    from alignkit.data.formats import _label
+    from alignkit.data.formats import parse_label
 
     values = [ex.extra.get("should_refuse") for ex in examples]
     if all(v is None for v in values):
         return None
-    return [None if v is None else _label(v, ex.where, "should_refuse") for v, ex in zip(values, examples)]
+    return [
+        None if v is None else parse_label(v, ex.where, "should_refuse") for v, ex in zip(values, examples)
+    ]
 
 
 def _answers(

@@ -339,8 +339,8 @@ def _answers(path: str, prompts: list, max_new_tokens: int) -> list[str]:
     """Greedy answers of one model; the model is freed before the next one loads."""
     import torch
 
-    from alignkit.evaluation.models import load_causal_lm
     from alignkit.generation.rollout import complete
+    from alignkit.modeling.load import load_causal_lm
 
     device = "cuda" if torch.cuda.is_available() else None
     model, tokenizer = load_causal_lm(path, device=device)

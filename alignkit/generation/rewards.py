@@ -221,7 +221,7 @@ class RewardModelScorer:
     @staticmethod
     def spec(path: str, model_type: str = "auto") -> Any:
         """The reward model's weights (a `ModelSpec`, every adapter merged), `reward_model_type` checked."""
-        from alignkit.modeling.load import ADAPTER_CONFIG, adapter_task_type, is_adapter, resolve_model
+        from alignkit.modeling.resolve import ADAPTER_CONFIG, adapter_task_type, is_adapter, resolve_model
 
         if model_type not in ("auto", "full", "lora"):
             raise UserError(
@@ -251,7 +251,7 @@ class RewardModelScorer:
     def __call__(
         self, prompts: list[Any], completions: list[str], device: torch.device, batch_size: int = 64
     ) -> torch.Tensor:
-        from alignkit.data.batches import _full_ids, pad
+        from alignkit.data.batches import full_ids, pad
 
         if next(self.model.parameters()).device != device:
             self.model.to(device)
@@ -260,7 +260,7 @@ class RewardModelScorer:
             body: Any = (
                 [{"role": "assistant", "content": completion}] if isinstance(prompt, list) else completion
             )
-            seqs.append(_full_ids(self.tokenizer, prompt, body))
+            seqs.append(full_ids(self.tokenizer, prompt, body))
         scores = []
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i : i + batch_size]

@@ -374,7 +374,7 @@ def vllm_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     own `get_delta_weight`), on new tensors, so the training model keeps its adapter and its base weights bit
     for bit (an in-place merge and unmerge would round them in bf16).
     """
-    from alignkit.modeling.load import is_peft
+    from alignkit.modeling.resolve import is_peft
 
     state = model.state_dict()
     if not is_peft(model):

@@ -1,18 +1,26 @@
-"""Load policies, reward models and tokenizers; apply LoRA / QLoRA / freezing; save in HF format."""
+"""Load policies, reward models, models to evaluate and tokenizers; apply LoRA / QLoRA / freezing."""
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from alignkit.config import BaseConfig
 from alignkit.errors import UserError
+from alignkit.modeling.resolve import (
+    ModelSpec,
+    check_model_path,
+    existing_base,
+    is_adapter,
+    resolve_model,
+    training_spec,
+    weights_path,
+)
 
-_DTYPES = {
+DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -20,182 +28,13 @@ _DTYPES = {
 }
 
 
-def _check_model_path(path: str, adapter_ok: bool = True) -> None:
-    """A model folder, hub id or (with `adapter_ok`) LoRA adapter folder whose base is there; else UserError."""
-    if not path:
-        raise UserError("`model_name_or_path` is empty")
-    if adapter_ok and is_adapter(path):
-        return _check_model_path(_existing_base(path), adapter_ok=False)
-    if os.path.exists(path):
-        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(
-                f"model path {path} is not a Hugging Face model folder (no config.json in it); "
-                "make one with `alignkit tiny DIR` or give a hub id"
-            )
-        return
-    parts = path.split("/")
-    if path.startswith((".", "/", "~")) or len(parts) != 2:
-        raise UserError(
-            f"model path {path} does not exist (give a local model folder or a hub id such as "
-            "`Qwen/Qwen2.5-0.5B-Instruct`)"
-        )
-
-
-def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
+def from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
     """Call a transformers `from_pretrained`; a missing hub id or no network becomes a UserError."""
-    _check_model_path(path, adapter_ok=False)  # an adapter folder is resolved first (`resolve_model`)
+    check_model_path(path, adapter_ok=False)  # an adapter folder is resolved first (`resolve_model`)
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise UserError(f"could not load {path}: {exc}".split("\n")[0]) from exc
-
-
-# --- LoRA adapter folders: where a model is asked for, an adapter folder (adapter_config.json) works too ------
-
-ADAPTER_CONFIG = "adapter_config.json"
-# Beside an adapter trained on a base with adapters merged into it: those, in order (its adapter_config.json
-# names the bare base); `resolve_model` merges them first wherever the adapter is loaded.
-MERGED_ADAPTERS = "merged_adapters.json"
-
-
-class ModelSpec(NamedTuple):
-    """The weights a model is made of: a full model, adapters merged into it in order, one adapter on top that
-    training continues (None: a fresh LoRA, or no LoRA)."""
-
-    base: str
-    merge: tuple[str, ...]
-    resume: str | None
-
-    @property
-    def adapters(self) -> tuple[str, ...]:
-        return self.merge + ((self.resume,) if self.resume else ())
-
-
-def is_adapter(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
-
-
-def _adapter_config(path: str) -> dict[str, Any]:
-    config = os.path.join(path, ADAPTER_CONFIG)
-    with open(config, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{config} is not a JSON object ({exc}); re-save the adapter with peft") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{config} is not a JSON object; re-save the adapter with peft")
-    return data
-
-
-def adapter_base(path: str) -> str | None:
-    """The base model an adapter folder names, or None when `path` is not an adapter folder."""
-    if not is_adapter(path):
-        return None
-    base = _adapter_config(path).get("base_model_name_or_path")
-    if not base:
-        raise UserError(
-            f"{os.path.join(path, ADAPTER_CONFIG)}: no `base_model_name_or_path`; set it to the base model "
-            "the adapter was trained on"
-        )
-    return base
-
-
-def adapter_task_type(path: str) -> str | None:
-    """peft's task_type of an adapter folder (CAUSAL_LM, SEQ_CLS, ...); None when unknown (a hub id)."""
-    return _adapter_config(path).get("task_type") if is_adapter(path) else None
-
-
-def _existing_base(path: str) -> str:
-    """An adapter folder's base; a local base that is not there is a UserError naming adapter_config.json."""
-    base = adapter_base(path) or path
-    if not os.path.exists(base) and base.startswith((".", "/", "~")):
-        raise UserError(
-            f"adapter {path} was trained on {base}, which does not exist here; edit `base_model_name_or_path` "
-            f"in {os.path.join(path, ADAPTER_CONFIG)} to where the base model is"
-        )
-    if is_adapter(base):
-        raise UserError(
-            f"{os.path.join(path, ADAPTER_CONFIG)}: `base_model_name_or_path` {base} is itself an adapter; "
-            "name the full base model there"
-        )
-    return base
-
-
-def _weights_path(path: str) -> str:
-    """Where a model's config.json is: the base of an adapter folder, else the path itself."""
-    return (adapter_base(path) or path) if os.path.isdir(path) else path
-
-
-def _merged_before(adapter: str) -> list[str]:
-    """The adapters MERGED_ADAPTERS says were merged into the base under `adapter`."""
-    record = os.path.join(adapter, MERGED_ADAPTERS)
-    if not os.path.isfile(record):
-        return []
-    try:
-        with open(record, encoding="utf-8") as fh:
-            merged = list(json.load(fh)["merged_adapters"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{record}: not a list of `merged_adapters` ({exc}); fix or delete the file") from exc
-    for path in merged:
-        if not os.path.exists(path) and path.startswith((".", "/", "~")):
-            raise UserError(
-                f"adapter {adapter} was trained on its base with {path} merged in, which does not exist here; "
-                f"edit `merged_adapters` in {record} to where that adapter is"
-            )
-    return merged
-
-
-def resolve_model(
-    path: str,
-    adapters: str | list[str] | None = None,
-    continue_last: bool = False,
-    key: str = "model_name_or_path",
-) -> ModelSpec:
-    """The one place a model path plus adapters becomes weights to load (LLaMA-Factory's rule): `path` may be an
-    adapter folder (its base read from adapter_config.json) and `adapters` (adapter_name_or_path) are applied on
-    top; every adapter is merged except the last, which is continued when `continue_last`."""
-    from alignkit.data.files import split_sources  # as `dataset`: an existing path is never split
-
-    listed = ([path] if is_adapter(path) else []) + (split_sources(adapters) if adapters else [])
-    chain: list[str] = []
-    for i, adapter in enumerate(listed):
-        where = key if i == 0 and listed[0] == path else "adapter_name_or_path"
-        if (os.path.exists(adapter) or adapter.startswith((".", "/", "~"))) and not is_adapter(adapter):
-            what = "is not a LoRA adapter folder" if os.path.exists(adapter) else "does not exist"
-            raise UserError(
-                f"`{where}`: {adapter} {what} (a folder with {ADAPTER_CONFIG}); give a folder a LoRA run "
-                "saved, or a full model as `model_name_or_path`"
-            )
-        for item in [*_merged_before(adapter), adapter]:
-            item = os.path.abspath(item) if os.path.exists(item) else item
-            if item not in chain:
-                chain.append(item)
-    base = _existing_base(path) if is_adapter(path) else path
-    resume = chain[-1] if continue_last and chain else None
-    return ModelSpec(base, tuple(chain[:-1] if resume else chain), resume)
-
-
-def training_spec(cfg: BaseConfig, task_type: str, path: str | None = None) -> ModelSpec:
-    """The weights a trainable model starts from. Under lora / qlora the last adapter is continued (its weights
-    trainable) unless `merge_adapter: true`, or it was trained for another head (an SFT adapter under a
-    reward model: merged into the backbone, and a fresh LoRA trained); under full / freeze all are merged."""
-    lora = cfg.finetuning_type in ("lora", "qlora")
-    adapters = cfg.adapter_name_or_path if path is None else None
-    spec = resolve_model(path or cfg.model_name_or_path, adapters, lora and not cfg.merge_adapter)
-    if spec.resume and adapter_task_type(spec.resume) not in (None, task_type):
-        spec = ModelSpec(spec.base, spec.adapters, None)
-    heads = [a for a in spec.adapters if task_type == "CAUSAL_LM" and adapter_task_type(a) == "SEQ_CLS"]
-    if heads:  # a reward model's adapter (a score head) cannot become part of a language model
-        raise UserError(
-            f"adapter {heads[0]} is a reward model's (task_type SEQ_CLS); a policy needs a causal LM: give a "
-            "full model or an SFT adapter, and the reward model as `reward_model`"
-        )
-    if cfg.finetuning_type == "qlora" and spec.merge:
-        raise UserError(
-            f"finetuning_type: qlora cannot merge adapters into 4-bit weights ({', '.join(spec.merge)}); "
-            "merge them first (`alignkit export`) and train on the merged model, or use `finetuning_type: lora`"
-        )
-    return spec
 
 
 def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
@@ -215,13 +54,13 @@ def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
 
 def load_spec(loader: Any, spec: ModelSpec, **kwargs: Any) -> nn.Module:
     """The base through `loader` with every adapter of `spec.merge` merged (`spec.resume` is not applied)."""
-    model = _from_pretrained(loader, spec.base, **kwargs)
+    model = from_pretrained(loader, spec.base, **kwargs)
     for adapter in spec.merge:
         model = merge_adapter(model, adapter)
     return model
 
 
-def _checkpoint_dtype(path: str) -> str | None:
+def checkpoint_dtype(path: str) -> str | None:
     """The dtype a checkpoint's config.json records (`dtype`, or `torch_dtype` before transformers v5)."""
     from transformers import PretrainedConfig
 
@@ -237,10 +76,10 @@ def torch_dtype(cfg: BaseConfig) -> torch.dtype:
     """The dtype every model of the run is loaded in. `auto`: bfloat16 under `bf16: true`, float64 for a
     float64 checkpoint (the policy's), else float32 (half-precision checkpoints train in float32)."""
     if cfg.torch_dtype != "auto":
-        return _DTYPES[cfg.torch_dtype]
+        return DTYPES[cfg.torch_dtype]
     if cfg.bf16:
         return torch.bfloat16
-    if _checkpoint_dtype(_weights_path(cfg.model_name_or_path)) == "float64":
+    if checkpoint_dtype(weights_path(cfg.model_name_or_path)) == "float64":
         return torch.float64
     return torch.float32
 
@@ -284,11 +123,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     if is_adapter(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        path = _existing_base(path)
+        path = existing_base(path)
     if os.path.isdir(path):
         tok = _local_tokenizer(AutoTokenizer, path, trust_remote_code)
     else:
-        tok = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+        tok = from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # Llama-style tokenizers ship without one; padding is always masked out
         tok.pad_token = tok.eos_token
     return tok
@@ -422,22 +261,30 @@ def freeze_but_last_layers(model: nn.Module, n: int) -> None:
         head.requires_grad_(True)
 
 
-def is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
+def _dtype(path: str, torch_dtype: str) -> torch.dtype:
+    if torch_dtype != "auto":
+        return DTYPES[torch_dtype]
+    return torch.float64 if checkpoint_dtype(path) == "float64" else torch.float32
 
 
-def save_model(model: nn.Module, tokenizer: Any, output_dir: str, merged: bool = False) -> None:
-    """HF format: full weights as safetensors, or the LoRA adapter (plus `merged/` on request)."""
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    merged_in = getattr(model, "alignkit_merged_adapters", None) if is_peft(model) else None
-    if merged_in:  # the adapter sits on base + these: resolve_model merges them first wherever it is loaded
-        with open(os.path.join(output_dir, MERGED_ADAPTERS), "w", encoding="utf-8") as fh:
-            json.dump({"merged_adapters": merged_in}, fh, indent=2)
-    if merged and is_peft(model):
-        from alignkit.training.checkpoint import merged_copy
+def load_causal_lm(
+    path: str, torch_dtype: str = "auto", trust_remote_code: bool = False, device: str | None = None
+) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer). An adapter folder is loaded onto its base with peft; its tokenizer is the
+    adapter folder's when it has one (alignkit saves it there), else the base's."""
+    from transformers import AutoModelForCausalLM
 
-        merged_model = merged_copy(model, output_dir)
-        merged_model.save_pretrained(os.path.join(output_dir, "merged"), safe_serialization=True)
-        tokenizer.save_pretrained(os.path.join(output_dir, "merged"))
+    if path and not os.path.exists(path) and path.startswith((".", "/", "~")):
+        raise UserError(f"model folder {path} does not exist")
+    # an adapter trained on a base with other adapters merged in (merged_adapters.json): those merged first
+    spec = resolve_model(path, continue_last=True)
+    dtype = _dtype(spec.base, torch_dtype)
+    model = load_spec(AutoModelForCausalLM, spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    if spec.resume is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.resume)
+    tokenizer = load_tokenizer(path, trust_remote_code)  # an adapter folder's own, else its base's
+    if device:
+        model.to(device)
+    return model.eval().requires_grad_(False), tokenizer

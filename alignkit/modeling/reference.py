@@ -41,7 +41,7 @@ class Reference:
     """
 
     def __init__(self, cfg: BaseConfig, policy: nn.Module) -> None:
-        from alignkit.modeling.load import ModelSpec, resolve_model, training_spec
+        from alignkit.modeling.resolve import ModelSpec, resolve_model, training_spec
 
         self.cfg = cfg
         ref = getattr(cfg, "ref_model_name_or_path", None)

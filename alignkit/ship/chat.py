@@ -59,7 +59,7 @@ _LLAMA_FACTORY_ONLY = (
     "vllm_enforce_eager",
 )
 _BACKENDS = {"huggingface": "hf", "hf": "hf", "vllm": "vllm"}
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # cli.py's defaults of the sampling flags: argparse cannot tell `--temperature 0.7` from no flag, so a flag
 # still at its default leaves the YAML's value in place (a flag defaulting to None needs no such rule)
 DEFAULTS = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9}
@@ -148,8 +148,8 @@ def resolve_settings(args: argparse.Namespace) -> ChatSettings:
             f"{source}: `infer_backend: {cfg.infer_backend}` is not a backend"
             f"{did_you_mean(cfg.infer_backend, _BACKENDS)}; choose huggingface or vllm"
         )
-    if cfg.infer_dtype not in _DTYPES:
-        raise UserError(f"{source}: `infer_dtype: {cfg.infer_dtype}`: choose one of {', '.join(_DTYPES)}")
+    if cfg.infer_dtype not in DTYPES:
+        raise UserError(f"{source}: `infer_dtype: {cfg.infer_dtype}`: choose one of {', '.join(DTYPES)}")
     adapter = getattr(args, "adapter", None) or cfg.adapter_name_or_path
     if adapter and "," in adapter:
         raise UserError(f"{source or '--adapter'}: one adapter at a time (got {adapter})")
@@ -196,7 +196,7 @@ def load_chat_model(settings: ChatSettings) -> tuple[Any, Any]:
     """(model on the GPU when there is one, else the CPU; tokenizer) for the HF backend."""
     import torch
 
-    from alignkit.evaluation.models import load_causal_lm
+    from alignkit.modeling.load import load_causal_lm
 
     model, tokenizer = load_causal_lm(settings.model, settings.dtype, settings.trust_remote_code)
     if settings.adapter:
@@ -349,9 +349,9 @@ def _hf_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Mes
 
 def _vllm_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Messages], str], str]:
     """vLLM answers come whole (no token streaming). Untested here: no GPU on the machines the tests run on."""
-    from alignkit.evaluation.models import adapter_base
     from alignkit.generation.rollout import VLLMEngine, complete
     from alignkit.modeling.load import load_tokenizer
+    from alignkit.modeling.resolve import adapter_base
 
     if settings.adapter or (os.path.isdir(settings.model) and adapter_base(settings.model)):
         raise UserError(

@@ -205,7 +205,7 @@ def _check_dtype_runs(dtype: str, device: str, flag: str) -> None:
 
 
 def _base_of(settings: ExportSettings) -> str:
-    from alignkit.evaluation.models import adapter_base
+    from alignkit.modeling.resolve import adapter_base
 
     adapter = settings.adapter
     if adapter is not None:
@@ -231,7 +231,7 @@ def _base_of(settings: ExportSettings) -> str:
 
 def _preflight(settings: ExportSettings) -> tuple[str, str, str]:
     """(base, dtype, device), or a UserError before anything is loaded or written."""
-    from alignkit.modeling.load import _checkpoint_dtype
+    from alignkit.modeling.load import checkpoint_dtype
 
     out = settings.output
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -256,7 +256,7 @@ def _preflight(settings: ExportSettings) -> tuple[str, str, str]:
     if settings.shard_size_gb <= 0:
         raise UserError(f"{settings.name('shard_size_gb')}: {settings.shard_size_gb}; give GB > 0")
     device = _resolve_device(settings)
-    dtype = settings.dtype or _FROM_TORCH_NAME.get(str(_checkpoint_dtype(base)), "fp32")
+    dtype = settings.dtype or _FROM_TORCH_NAME.get(str(checkpoint_dtype(base)), "fp32")
     _check_dtype_runs(dtype, device, settings.name("dtype"))
     return base, dtype, device
 
@@ -267,8 +267,7 @@ def _preflight(settings: ExportSettings) -> tuple[str, str, str]:
 def _load(settings: ExportSettings, base: str, device: str) -> tuple[nn.Module, Any]:
     """The model to export in float32 (the merge adds the adapter's delta before one rounding to the export
     dtype), and the tokenizer: the adapter folder's when it has one (alignkit saves it there), else the base's."""
-    from alignkit.evaluation.models import load_causal_lm
-    from alignkit.modeling.load import TOKENIZER_FILES, load_tokenizer
+    from alignkit.modeling.load import TOKENIZER_FILES, load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(base, "float32", settings.trust_remote_code)
     adapter = settings.adapter

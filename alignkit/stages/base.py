@@ -179,7 +179,7 @@ class Stage:
     def read_examples(self, sources: str | list[str]) -> Examples:
         """Every data set named (paths, hub ids, dataset_info.json names; a comma list), each cut to
         `max_samples`, converted to Examples; conversations need a chat template."""
-        from alignkit.data.files import split_sources
+        from alignkit.config.coerce import split_sources
         from alignkit.modeling.chat_templates import require_chat_template
 
         cfg = self.cfg
@@ -234,15 +234,15 @@ class Stage:
 
     def save(self, model: nn.Module, output_dir: str, merged: bool = False) -> None:
         """Write the (unwrapped) model in Hugging Face format with the tokenizer."""
-        from alignkit.modeling.load import save_model
+        from alignkit.modeling.save import save_model
 
         save_model(model, self.tokenizer, output_dir, merged=merged)
 
     def load_weights(self, model: nn.Module, path: str) -> None:
         """Restore the weights `save` wrote (checkpoints)."""
-        from alignkit.training.checkpoint import _load_weights
+        from alignkit.modeling.save import load_weights
 
-        _load_weights(model, path)
+        load_weights(model, path)
 
     def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Metrics derived from the reduced ones (e.g. a margin of two means); identity by default."""

@@ -22,15 +22,9 @@ from alignkit.losses.rl import (
     ppo_advantages,
     ppo_token_rewards,
 )
-from alignkit.modeling.load import (
-    _from_pretrained,
-    apply_finetuning,
-    load_policy,
-    load_spec,
-    save_model,
-    torch_dtype,
-)
+from alignkit.modeling.load import apply_finetuning, from_pretrained, load_policy, load_spec, torch_dtype
 from alignkit.modeling.reference import Reference
+from alignkit.modeling.save import save_model
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
 
@@ -58,7 +52,8 @@ def load_value_model(cfg: Any, tokenizer: Any) -> nn.Module:
     policy's token ids, so a reward model with another vocabulary cannot be its backbone: the policy is.
     A LoRA reward model (or policy) adapter: the critic starts from its base with the adapter merged."""
     from alignkit.generation.rewards import RewardModelScorer
-    from alignkit.modeling.load import load_tokenizer, resolve_model
+    from alignkit.modeling.load import load_tokenizer
+    from alignkit.modeling.resolve import resolve_model
 
     path = cfg.value_model_name_or_path or cfg.reward_model or cfg.model_name_or_path
     if cfg.reward_model:  # reward_model_type checked before anything is loaded
@@ -95,7 +90,7 @@ def _token_classifier(spec: Any, cfg: Any) -> nn.Module:
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     kwargs = {"dtype": torch_dtype(cfg), "num_labels": 1, "trust_remote_code": cfg.trust_remote_code}
-    model = _from_pretrained(AutoModelForTokenClassification, spec.base, **kwargs)
+    model = from_pretrained(AutoModelForTokenClassification, spec.base, **kwargs)
     if not spec.merge:
         return model
     merged = load_spec(AutoModelForSequenceClassification, spec, **kwargs)
@@ -295,7 +290,7 @@ class PPOStage(OnlineStage):
         model.value.save_pretrained(os.path.join(output_dir, "value_model"), safe_serialization=True)
 
     def load_weights(self, model: nn.Module, path: str) -> None:
-        from alignkit.training.checkpoint import _load_weights
+        from alignkit.modeling.save import load_weights
 
-        _load_weights(model.policy, path)
-        _load_weights(model.value, os.path.join(path, "value_model"))
+        load_weights(model.policy, path)
+        load_weights(model.value, os.path.join(path, "value_model"))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
+from alignkit.modeling.save import read_weights
 
 log = logging.getLogger("alignkit")
 
@@ -194,34 +195,11 @@ def _load_sharded(accelerator: Any, model: nn.Module, optimizer: Any, path: str)
     weights: dict[str, torch.Tensor] = {}
     optim: dict[str, Any] = {}
     if accelerator.is_main_process:
-        weights = _read_weights(path)
+        weights = read_weights(path)
         optim = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer.optimizer, optim, options=options)
-
-
-def merged_copy(model: nn.Module, output_dir: str) -> nn.Module:
-    """The adapter merged into a copy of its base, for `merged/`. A sharded model (FSDP: DTensor weights,
-    saved through `full_weights`) cannot be deep-copied; it is rebuilt from the adapter just
-    written to `output_dir` (resolve_model adds the adapters it was trained on top of)."""
-    from torch.distributed.tensor import DTensor
-
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
-        import copy
-
-        return copy.deepcopy(model).merge_and_unload()
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from alignkit.modeling.load import adapter_task_type, load_spec, resolve_model
-
-    kwargs: dict[str, Any] = {"dtype": next(model.parameters()).dtype}
-    loader = AutoModelForCausalLM
-    if adapter_task_type(output_dir) == "SEQ_CLS":
-        loader, kwargs["num_labels"] = AutoModelForSequenceClassification, model.config.num_labels
-    merged = load_spec(loader, resolve_model(output_dir), **kwargs)
-    merged.config.pad_token_id = model.config.pad_token_id
-    return merged
 
 
 def _prune(output_dir: str, save_total_limit: int | None) -> None:
@@ -246,38 +224,6 @@ def load_checkpoint(
         _set_rng_state(torch.load(rng, weights_only=False))
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
         return json.load(fh)
-
-
-def _load_weights(model: nn.Module, path: str) -> None:
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
-        return
-    missing, unexpected = model.load_state_dict(_read_weights(path), strict=False)
-    # tied output embeddings are not saved separately
-    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
-    if unexpected or missing:
-        raise UserError(
-            f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-
-
-def _read_weights(path: str) -> dict[str, torch.Tensor]:
-    """A Hugging Face folder's full weights (model.safetensors, or every shard its index names)."""
-    from safetensors.torch import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):  # sharded: load every shard the index names
-        with open(index, encoding="utf-8") as fh:
-            shards = sorted(set(json.load(fh)["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state.update(load_file(os.path.join(path, shard)))
-    return state
 
 
 def refuse_to_overwrite(output_dir: str) -> None:

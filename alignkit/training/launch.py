@@ -36,7 +36,7 @@ def single_process_launch_hint(env: Mapping[str, str]) -> str | None:
     )
 
 
-def _accelerator(cfg: BaseConfig) -> Any:
+def make_accelerator(cfg: BaseConfig) -> Any:
     from accelerate import Accelerator
 
     hint = single_process_launch_hint(os.environ)

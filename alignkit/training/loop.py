@@ -32,7 +32,7 @@ from alignkit.training.checkpoint import (
     save_checkpoint,
     undo_on_failure,
 )
-from alignkit.training.launch import _accelerator
+from alignkit.training.launch import make_accelerator
 from alignkit.training.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
 
 log = logging.getLogger("alignkit")
@@ -87,7 +87,7 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
     that fails later but before a checkpoint moves its files into `failed-<time>/`; either way the same
     command can simply be run again. One that fails after a checkpoint keeps it for a resume.
     """
-    accelerator = _accelerator(cfg)
+    accelerator = make_accelerator(cfg)
     if cfg.fp16 and accelerator.device.type == "cpu":
         # accelerate's fp16 (autocast + loss scaler) is a GPU feature: on CPU it would train in float32
         raise UserError(

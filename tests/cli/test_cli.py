@@ -258,7 +258,7 @@ def test_single_process_cpu_launch_is_detected(env: dict[str, str], fires: bool)
 def test_accelerator_warns_on_a_single_process_cpu_launch(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    from alignkit.training.launch import _accelerator
+    from alignkit.training.launch import make_accelerator
 
     for key, value in ACCELERATE_CPU_2.items():
         monkeypatch.setenv(key, value)
@@ -266,7 +266,7 @@ def test_accelerator_warns_on_a_single_process_cpu_launch(
         monkeypatch.delenv(key, raising=False)
     cfg = load_config(_yaml(tmp_path / "c.yaml", stage="sft", model_name_or_path="m", dataset="d.jsonl"))
     with caplog.at_level("WARNING", logger="alignkit"):
-        accelerator = _accelerator(cfg)
+        accelerator = make_accelerator(cfg)
     assert accelerator.num_processes == 1
     assert [r.getMessage() for r in caplog.records if "torchrun --nproc_per_node N" in r.getMessage()]
 

@@ -262,8 +262,8 @@ def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path) -> None:
 
 
 def test_sxs_command_on_tiny_models(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
-    from alignkit.evaluation.models import load_causal_lm
     from alignkit.generation.rollout import complete
+    from alignkit.modeling.load import load_causal_lm
 
     questions = ["2+2?", "Name a colour.", "Hi!"]
     rows = [

@@ -264,9 +264,9 @@ def test_merge_adapter_trains_a_fresh_lora_and_records_the_merged_ones(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from alignkit.evaluation.models import load_causal_lm
-    from alignkit.modeling.load import load_policy, save_model
+    from alignkit.modeling.load import load_causal_lm, load_policy
     from alignkit.modeling.reference import Reference
+    from alignkit.modeling.save import save_model
 
     cfg = _cfg(tiny_model, tmp_path, adapter_name_or_path=two_adapters, merge_adapter=True, lora_r=5)
     policy = load_policy(cfg)

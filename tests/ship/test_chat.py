@@ -56,7 +56,7 @@ def greedy(model: Any, tokenizer: Any, messages: list[dict], max_new_tokens: int
 
 @pytest.fixture(scope="module")
 def base(tiny_model: str) -> tuple[Any, Any]:
-    from alignkit.evaluation.models import load_causal_lm
+    from alignkit.modeling.load import load_causal_lm
 
     return load_causal_lm(tiny_model)
 
@@ -79,7 +79,7 @@ def adapter(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def with_adapter(adapter: str) -> tuple[Any, Any]:
-    from alignkit.evaluation.models import load_causal_lm
+    from alignkit.modeling.load import load_causal_lm
 
     return load_causal_lm(adapter)  # the adapter folder as the model: its base read from adapter_config.json
 

@@ -55,8 +55,8 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 def _reference(path: str, prompts: list, max_new_tokens: int, adapter: str | None = None) -> list[str]:
     """The rollout engine's greedy answers in this process: what the server must return."""
-    from alignkit.evaluation.models import load_causal_lm
     from alignkit.generation.rollout import complete
+    from alignkit.modeling.load import load_causal_lm
 
     model, tok = load_causal_lm(adapter or path)
     return complete(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0).texts

@@ -190,7 +190,7 @@ def test_zero_launch_without_deepspeed_is_a_user_error(
     tests/config/test_lf_config.py.)"""
     from alignkit.config import build_config
     from alignkit.errors import UserError
-    from alignkit.training.launch import _accelerator
+    from alignkit.training.launch import make_accelerator
 
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("DeepSpeed is installed here: the missing-DeepSpeed error cannot be checked")
@@ -201,7 +201,7 @@ def test_zero_launch_without_deepspeed_is_a_user_error(
     with pytest.raises(
         UserError, match="accelerate DeepSpeed config.*needs DeepSpeed.*pip install deepspeed"
     ):
-        _accelerator(cfg)
+        make_accelerator(cfg)
 
 
 def test_deepspeed_takes_the_loops_batch_and_clipping(tmp_path: Path) -> None:

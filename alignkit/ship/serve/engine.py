@@ -50,8 +50,8 @@ class ModelPool:
         trust_remote_code: bool = False,
         weights: bool = True,
     ) -> None:
-        from alignkit.evaluation.models import load_causal_lm
-        from alignkit.modeling.load import is_peft
+        from alignkit.modeling.load import load_causal_lm
+        from alignkit.modeling.resolve import is_peft
 
         if weights:
             self.model, self.tokenizer = load_causal_lm(model_path, dtype, trust_remote_code, device)
@@ -79,7 +79,7 @@ class ModelPool:
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
-        from alignkit.modeling.load import is_peft
+        from alignkit.modeling.resolve import is_peft
 
         try:
             if is_peft(self.model):

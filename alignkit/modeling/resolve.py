@@ -1,0 +1,185 @@
+"""Where a model's weights come from: a model folder, a hub id, or a LoRA adapter folder (its base read from
+adapter_config.json) with the adapters it was trained on; which of them are merged and which one training
+continues."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+from alignkit.config import BaseConfig
+from alignkit.config.coerce import split_sources
+from alignkit.errors import UserError
+
+
+def check_model_path(path: str, adapter_ok: bool = True) -> None:
+    """A model folder, hub id or (with `adapter_ok`) LoRA adapter folder whose base is there; else UserError."""
+    if not path:
+        raise UserError("`model_name_or_path` is empty")
+    if adapter_ok and is_adapter(path):
+        return check_model_path(existing_base(path), adapter_ok=False)
+    if os.path.exists(path):
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(
+                f"model path {path} is not a Hugging Face model folder (no config.json in it); "
+                "make one with `alignkit tiny DIR` or give a hub id"
+            )
+        return
+    parts = path.split("/")
+    if path.startswith((".", "/", "~")) or len(parts) != 2:
+        raise UserError(
+            f"model path {path} does not exist (give a local model folder or a hub id such as "
+            "`Qwen/Qwen2.5-0.5B-Instruct`)"
+        )
+
+
+# --- LoRA adapter folders: where a model is asked for, an adapter folder (adapter_config.json) works too ------
+
+ADAPTER_CONFIG = "adapter_config.json"
+# Beside an adapter trained on a base with adapters merged into it: those, in order (its adapter_config.json
+# names the bare base); `resolve_model` merges them first wherever the adapter is loaded.
+MERGED_ADAPTERS = "merged_adapters.json"
+
+
+class ModelSpec(NamedTuple):
+    """The weights a model is made of: a full model, adapters merged into it in order, one adapter on top that
+    training continues (None: a fresh LoRA, or no LoRA)."""
+
+    base: str
+    merge: tuple[str, ...]
+    resume: str | None
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.merge + ((self.resume,) if self.resume else ())
+
+
+def is_peft(model: Any) -> bool:
+    """Whether `model` carries peft (LoRA) adapters."""
+    return hasattr(model, "peft_config")
+
+
+def is_adapter(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def _adapter_config(path: str) -> dict[str, Any]:
+    config = os.path.join(path, ADAPTER_CONFIG)
+    with open(config, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{config} is not a JSON object ({exc}); re-save the adapter with peft") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{config} is not a JSON object; re-save the adapter with peft")
+    return data
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model an adapter folder names, or None when `path` is not an adapter folder."""
+    if not is_adapter(path):
+        return None
+    base = _adapter_config(path).get("base_model_name_or_path")
+    if not base:
+        raise UserError(
+            f"{os.path.join(path, ADAPTER_CONFIG)}: no `base_model_name_or_path`; set it to the base model "
+            "the adapter was trained on"
+        )
+    return base
+
+
+def adapter_task_type(path: str) -> str | None:
+    """peft's task_type of an adapter folder (CAUSAL_LM, SEQ_CLS, ...); None when unknown (a hub id)."""
+    return _adapter_config(path).get("task_type") if is_adapter(path) else None
+
+
+def existing_base(path: str) -> str:
+    """An adapter folder's base; a local base that is not there is a UserError naming adapter_config.json."""
+    base = adapter_base(path) or path
+    if not os.path.exists(base) and base.startswith((".", "/", "~")):
+        raise UserError(
+            f"adapter {path} was trained on {base}, which does not exist here; edit `base_model_name_or_path` "
+            f"in {os.path.join(path, ADAPTER_CONFIG)} to where the base model is"
+        )
+    if is_adapter(base):
+        raise UserError(
+            f"{os.path.join(path, ADAPTER_CONFIG)}: `base_model_name_or_path` {base} is itself an adapter; "
+            "name the full base model there"
+        )
+    return base
+
+
+def weights_path(path: str) -> str:
+    """Where a model's config.json is: the base of an adapter folder, else the path itself."""
+    return (adapter_base(path) or path) if os.path.isdir(path) else path
+
+
+def _merged_before(adapter: str) -> list[str]:
+    """The adapters MERGED_ADAPTERS says were merged into the base under `adapter`."""
+    record = os.path.join(adapter, MERGED_ADAPTERS)
+    if not os.path.isfile(record):
+        return []
+    try:
+        with open(record, encoding="utf-8") as fh:
+            merged = list(json.load(fh)["merged_adapters"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{record}: not a list of `merged_adapters` ({exc}); fix or delete the file") from exc
+    for path in merged:
+        if not os.path.exists(path) and path.startswith((".", "/", "~")):
+            raise UserError(
+                f"adapter {adapter} was trained on its base with {path} merged in, which does not exist here; "
+                f"edit `merged_adapters` in {record} to where that adapter is"
+            )
+    return merged
+
+
+def resolve_model(
+    path: str,
+    adapters: str | list[str] | None = None,
+    continue_last: bool = False,
+    key: str = "model_name_or_path",
+) -> ModelSpec:
+    """The one place a model path plus adapters becomes weights to load (LLaMA-Factory's rule): `path` may be an
+    adapter folder (its base read from adapter_config.json) and `adapters` (adapter_name_or_path) are applied on
+    top; every adapter is merged except the last, which is continued when `continue_last`."""
+    listed = ([path] if is_adapter(path) else []) + (split_sources(adapters) if adapters else [])
+    chain: list[str] = []
+    for i, adapter in enumerate(listed):
+        where = key if i == 0 and listed[0] == path else "adapter_name_or_path"
+        if (os.path.exists(adapter) or adapter.startswith((".", "/", "~"))) and not is_adapter(adapter):
+            what = "is not a LoRA adapter folder" if os.path.exists(adapter) else "does not exist"
+            raise UserError(
+                f"`{where}`: {adapter} {what} (a folder with {ADAPTER_CONFIG}); give a folder a LoRA run "
+                "saved, or a full model as `model_name_or_path`"
+            )
+        for item in [*_merged_before(adapter), adapter]:
+            item = os.path.abspath(item) if os.path.exists(item) else item
+            if item not in chain:
+                chain.append(item)
+    base = existing_base(path) if is_adapter(path) else path
+    resume = chain[-1] if continue_last and chain else None
+    return ModelSpec(base, tuple(chain[:-1] if resume else chain), resume)
+
+
+def training_spec(cfg: BaseConfig, task_type: str, path: str | None = None) -> ModelSpec:
+    """The weights a trainable model starts from. Under lora / qlora the last adapter is continued (its weights
+    trainable) unless `merge_adapter: true`, or it was trained for another head (an SFT adapter under a
+    reward model: merged into the backbone, and a fresh LoRA trained); under full / freeze all are merged."""
+    lora = cfg.finetuning_type in ("lora", "qlora")
+    adapters = cfg.adapter_name_or_path if path is None else None
+    spec = resolve_model(path or cfg.model_name_or_path, adapters, lora and not cfg.merge_adapter)
+    if spec.resume and adapter_task_type(spec.resume) not in (None, task_type):
+        spec = ModelSpec(spec.base, spec.adapters, None)
+    heads = [a for a in spec.adapters if task_type == "CAUSAL_LM" and adapter_task_type(a) == "SEQ_CLS"]
+    if heads:  # a reward model's adapter (a score head) cannot become part of a language model
+        raise UserError(
+            f"adapter {heads[0]} is a reward model's (task_type SEQ_CLS); a policy needs a causal LM: give a "
+            "full model or an SFT adapter, and the reward model as `reward_model`"
+        )
+    if cfg.finetuning_type == "qlora" and spec.merge:
+        raise UserError(
+            f"finetuning_type: qlora cannot merge adapters into 4-bit weights ({', '.join(spec.merge)}); "
+            "merge them first (`alignkit export`) and train on the merged model, or use `finetuning_type: lora`"
+        )
+    return spec
