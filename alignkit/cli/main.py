@@ -372,7 +372,7 @@ def _run_ship_command(args: argparse.Namespace) -> int:
 
         return chat_command(args)
     if args.command == "export":
-        from alignkit.ship.export import export_command
+        from alignkit.ship.export.merge import export_command
 
         return export_command(args)
     from alignkit.ship.serve.feedback import from_feedback_command

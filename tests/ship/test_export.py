@@ -260,7 +260,7 @@ def test_quantize_int8_and_int4_agree_with_the_full_model(adapter: str, tmp_path
 
 
 def test_agreement_counts_positions_up_to_the_longer_answer() -> None:
-    from alignkit.ship.export_card import agreement
+    from alignkit.ship.export.card import agreement
 
     exact, tokens = agreement([[1, 2, 3], [4, 5], [7]], [[1, 2, 3], [4, 6, 9], [7]])
     assert exact == pytest.approx(2 / 3) and tokens == pytest.approx(5 / 7)

@@ -9,12 +9,11 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-if TYPE_CHECKING:
-    from alignkit.ship.export import ExportSettings
+from alignkit.ship.export.settings import ExportSettings
 
 
 @dataclass
