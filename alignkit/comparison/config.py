@@ -27,16 +27,6 @@ SET_BY_COMPARE = ("output_dir", "model_name_or_path", "overwrite_output_dir", "r
 EVAL_SET_BY_COMPARE = ("model", "output_dir")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-# how a stage's global batch counts: what one row of its batch is
-BATCH_UNITS = {
-    "sft": "examples",
-    "rm": "pairs",
-    "dpo": "pairs",
-    "kto": "unpaired rows (a pair gives two)",
-    "grpo": "prompts",
-    "ppo": "prompts",
-}
-
 
 @dataclass
 class Method:
@@ -181,7 +171,7 @@ def _looks_local(value: str) -> bool:
 
 def _check_local_paths(cfg: CompareConfig, ecfg: EvalConfig) -> None:
     """A missing file fails now, not after the methods before it have trained."""
-    from alignkit.comparison.runs import EVAL_INPUTS, TRAIN_INPUTS
+    from alignkit.comparison.fingerprint import EVAL_INPUTS, TRAIN_INPUTS
 
     checks = [(f"methods.{m.name}", k, getattr(m.cfg, k, None)) for m in cfg.methods for k in TRAIN_INPUTS]
     checks += [("eval", k, getattr(ecfg, k)) for k in EVAL_INPUTS if k != "model"]

@@ -11,8 +11,6 @@ resumes where it stopped; a method interrupted after a checkpoint continues from
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 import logging
 import math
@@ -22,163 +20,23 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from alignkit.config import BaseConfig, build_config, config_to_dict
+from alignkit.comparison.fingerprint import (
+    FINGERPRINT_FILE,
+    PENDING_FILE,
+    changed,
+    eval_fingerprint,
+    train_fingerprint,
+)
+from alignkit.config import BaseConfig, build_config
 from alignkit.errors import UserError
 from alignkit.evaluation.config import EvalConfig
+from alignkit.stages import get_stage
 from alignkit.training.checkpoint import list_checkpoints
+from alignkit.training.loop import train
 
 log = logging.getLogger("alignkit")
 
-FINGERPRINT_FILE = "compare_fingerprint.json"
-PENDING_FILE = ".compare_pending.json"  # written before training: a later run may resume its checkpoints
-# keys that change what a run prints or where it lives, not what it learns
-COSMETIC = (
-    "output_dir",
-    "overwrite_output_dir",
-    "resume_from_checkpoint",
-    "disable_tqdm",
-    "report_to",
-    "run_name",
-)
-TRAIN_INPUTS = (
-    "model_name_or_path",
-    "dataset",
-    "eval_dataset",
-    "ref_model_name_or_path",
-    "reward_model",
-    "value_model_name_or_path",
-)
-EVAL_INPUTS = (
-    "model",
-    "baseline",
-    "dataset",
-    "reward_model",
-    "ref_model_name_or_path",
-    "preference_dataset",
-    "perplexity_dataset",
-    "lm_eval_include_path",
-)
-HASH_LIMIT = 64 << 20  # files up to this size are hashed; larger ones (weights) by size and mtime
-# what a run writes beside its model: not part of the model a later run starts from
-SKIP_FILES = ("metrics.jsonl", "loss.png", "config.yaml", FINGERPRINT_FILE, PENDING_FILE)
-SKIP_DIRS = ("eval", "runs", "wandb", "ref_logps", "merged", "__pycache__", ".git")
-SKIP_DIR_PREFIXES = ("checkpoint-", ".tmp-checkpoint-", "failed-")
 MODEL_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
-
-
-def _file_fingerprint(path: str) -> list[Any]:
-    size = os.path.getsize(path)
-    if size > HASH_LIMIT:
-        return [size, os.stat(path).st_mtime_ns]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return [size, h.hexdigest()]
-
-
-def _files(root: str) -> list[str]:
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(SKIP_DIR_PREFIXES))
-        found += [os.path.join(folder, f) for f in sorted(files) if f not in SKIP_FILES]
-    return found
-
-
-def path_fingerprint(path: Any) -> Any:
-    """A file's sha256 (size and mtime past 64 MB); a folder's, file by file (run artefacts left out); a hub
-    id's name (offline, the name is all there is to know)."""
-    if isinstance(path, (list, tuple)):
-        return [path_fingerprint(p) for p in path]
-    if not path:
-        return None
-    if os.path.isfile(path):
-        return _file_fingerprint(path)
-    if os.path.isdir(path):
-        return {os.path.relpath(f, path): _file_fingerprint(f) for f in _files(path)}
-    return {"not_local": str(path)}
-
-
-def _reward_modules(names: list[str] | None) -> dict[str, Any]:
-    """A user's `module:function` reward is code the run depends on: its source file counts as an input."""
-    import importlib.util
-
-    out: dict[str, Any] = {}
-    for name in names or []:
-        if ":" not in name:
-            continue
-        try:
-            spec = importlib.util.find_spec(name.split(":")[0])
-        except (ImportError, ValueError):
-            spec = None
-        origin = getattr(spec, "origin", None)
-        out[name] = path_fingerprint(origin) if origin and os.path.isfile(origin) else None
-    return out
-
-
-# alignkit's own code counts as an input: a run made by other training (or eval) code is not reused. What
-# cannot change a trained model (the eval, compare, the CLI) is left out of the training code, and the
-# training loop and stages out of the eval code.
-NOT_TRAINING_CODE = (
-    "comparison",
-    "evaluation",
-    "quickstart",
-    "cli.py",
-)
-NOT_EVAL_CODE = (
-    "comparison",
-    "stages",
-    "quickstart",
-    "cli.py",
-    "training",
-)
-LIBRARIES = ("torch", "transformers", "accelerate", "peft")
-
-
-@functools.lru_cache(maxsize=4)
-def code_fingerprint(exclude: tuple[str, ...]) -> dict[str, Any]:
-    """sha256 of alignkit's source (less `exclude`, top-level names) and the versions of the libraries the
-    numbers depend on. Computed once per process: the code does not change under a running compare."""
-    import importlib.metadata
-
-    import alignkit
-
-    root = os.path.dirname(os.path.abspath(alignkit.__file__))
-    h = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for name in sorted(files):
-            rel = os.path.relpath(os.path.join(folder, name), root)
-            if name.endswith(".py") and rel.split(os.sep)[0] not in exclude:
-                h.update(rel.encode() + b"\0")
-                with open(os.path.join(folder, name), "rb") as fh:
-                    h.update(fh.read())
-    versions: dict[str, Any] = {}
-    for lib in LIBRARIES:
-        try:
-            versions[lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            versions[lib] = None
-    return {"alignkit_source": h.hexdigest(), **versions}
-
-
-def _plain(value: Any) -> Any:
-    """As it reads back from JSON, so a stored fingerprint compares equal to a fresh one."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def train_fingerprint(cfg: BaseConfig) -> dict[str, Any]:
-    config = {k: v for k, v in config_to_dict(cfg).items() if k not in COSMETIC}
-    inputs = {k: path_fingerprint(getattr(cfg, k, None)) for k in TRAIN_INPUTS}
-    inputs["reward_funcs"] = _reward_modules(getattr(cfg, "reward_funcs", None))
-    return _plain({"config": config, "inputs": inputs, "code": code_fingerprint(NOT_TRAINING_CODE)})
-
-
-def eval_fingerprint(cfg: EvalConfig) -> dict[str, Any]:
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
-    inputs = {k: path_fingerprint(getattr(cfg, k)) for k in EVAL_INPUTS}
-    inputs["reward_funcs"] = _reward_modules(cfg.reward_funcs)
-    return _plain({"config": config, "inputs": inputs, "code": code_fingerprint(NOT_EVAL_CODE)})
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -197,18 +55,6 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)  # a crash never leaves half a mark
 
 
-def changed(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """What differs between two fingerprints, for the log line that says why a method runs again."""
-    if not old or "fingerprint" not in old:
-        return ["no finished run"]
-    before = old["fingerprint"]
-    out = []
-    for part, label in (("config", "key"), ("inputs", "input"), ("code", "code")):
-        a, b = before.get(part, {}), new.get(part, {})
-        out += [f"{label} `{k}` changed" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return out or ["fingerprint format"]
-
-
 @dataclass
 class TrainResult:
     run_dir: str
@@ -225,7 +71,6 @@ def train_method(raw: dict[str, Any], source: str) -> TrainResult:
     finished run with the same fingerprint. A run started with the same fingerprint that left checkpoints
     is resumed from the newest; otherwise stale checkpoints go, and the run trains from the start."""
     from alignkit.stages import get_stage
-    from alignkit.training.loop import train
 
     cfg = build_config({**raw, "overwrite_output_dir": True}, source)
     out = cfg.output_dir
@@ -276,29 +121,26 @@ def eval_method(cfg: EvalConfig) -> tuple[dict[str, Any], bool]:
 
 def budget(cfg: BaseConfig, processes: int = 1) -> dict[str, Any]:
     """Optimizer steps x global batch, and what a row of that batch is. Online stages count prompts: one
-    rollout samples a global batch of prompts (GRPO `num_generations` times each, PPO once) and
-    `updates_per_rollout` optimizer steps reuse it, so fresh prompts are steps / updates_per_rollout x batch."""
-    from alignkit.comparison.config import BATCH_UNITS
-
+    rollout samples a global batch of prompts (`samples_per_prompt` times each) and `updates_per_batch`
+    optimizer steps reuse it, so fresh prompts are steps / updates_per_batch x batch."""
+    stage = get_stage(cfg.stage)(cfg)  # its facts only: nothing is built
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
     steps = cfg.max_steps if cfg.max_steps > 0 else None
     out: dict[str, Any] = {
         "stage": cfg.stage,
         "optimizer_steps": steps,
         "global_batch": batch,
-        "unit": BATCH_UNITS.get(cfg.stage, "rows"),
+        "unit": stage.batch_unit,
         "steps_x_batch": steps * batch if steps else None,
     }
     if steps is None:
         out["num_train_epochs"] = cfg.num_train_epochs
-    if cfg.stage in ("grpo", "ppo") and steps:
-        upr = cfg.num_iterations if cfg.stage == "grpo" else cfg.ppo_epochs * cfg.num_mini_batches
-        per_prompt = cfg.num_generations if cfg.stage == "grpo" else 1
-        rollouts = math.ceil(steps / upr)
+    if stage.online and steps:
+        rollouts = math.ceil(steps / stage.updates_per_batch)
         out.update(
-            updates_per_rollout=upr,
+            updates_per_rollout=stage.updates_per_batch,
             prompts_sampled=rollouts * batch,
-            completions_sampled=rollouts * batch * per_prompt,
+            completions_sampled=rollouts * batch * stage.samples_per_prompt,
         )
     return out
 

@@ -1,42 +1,31 @@
-"""Stage registry: `stage:` in the config -> the class that builds and steps it.
-
-The stage names live in one table, `alignkit.config.schema.CONFIG_CLASSES`; here each config class names the
-class that runs it (imported only when asked for).
-"""
+"""The stages: `stage:` in the config -> the class that builds and steps it, with its facts (config class,
+batch unit, online or not) on the class. Adding a stage is its config class (`alignkit.config.stages`), its
+runner here, and a test that the two tables agree (tests/stages/test_registry.py)."""
 
 from __future__ import annotations
 
-import importlib
-
-from alignkit.config.schema import (
-    CONFIG_CLASSES,
-    STAGES,
-    BaseConfig,
-    DPOConfig,
-    GRPOConfig,
-    KTOConfig,
-    PPOConfig,
-    PTConfig,
-    RMConfig,
-    SFTConfig,
-)
-from alignkit.errors import UserError
+from alignkit.config import CONFIG_CLASSES, STAGES
+from alignkit.errors import UserError, did_you_mean
 from alignkit.stages.base import Stage
+from alignkit.stages.grpo import GRPOStage
+from alignkit.stages.kto import KTOStage
+from alignkit.stages.ppo import PPOStage
+from alignkit.stages.preference import PreferenceStage
+from alignkit.stages.rm import RewardStage
+from alignkit.stages.sft import PTStage, SFTStage
 
-RUNNERS: dict[type[BaseConfig], str] = {
-    SFTConfig: "alignkit.stages.sft:SFTStage",
-    PTConfig: "alignkit.stages.sft:SFTStage",
-    RMConfig: "alignkit.stages.rm:RewardStage",
-    DPOConfig: "alignkit.stages.preference:PreferenceStage",
-    KTOConfig: "alignkit.stages.kto:KTOStage",
-    GRPOConfig: "alignkit.stages.grpo:GRPOStage",
-    PPOConfig: "alignkit.stages.ppo:PPOStage",
+RUNNERS: dict[str, type[Stage]] = {
+    cls.name: cls for cls in (SFTStage, PTStage, RewardStage, PreferenceStage, KTOStage, PPOStage, GRPOStage)
 }
 
 
 def get_stage(name: str) -> type[Stage]:
     """The class that runs `stage: name`."""
-    if name not in CONFIG_CLASSES:
-        raise UserError(f"stage `{name}` is not available yet; available: {', '.join(STAGES)}")
-    module, cls = RUNNERS[CONFIG_CLASSES[name]].split(":")
-    return getattr(importlib.import_module(module), cls)
+    if name not in RUNNERS:
+        raise UserError(
+            f"`stage: {name}` is not a stage{did_you_mean(name, STAGES)}; valid: {', '.join(STAGES)}"
+        )
+    return RUNNERS[name]
+
+
+__all__ = ["CONFIG_CLASSES", "RUNNERS", "Stage", "get_stage"]

@@ -134,7 +134,13 @@ class StepContext:
 
 
 class Stage:
-    name = "base"
+    """The contract between a stage and the loop, and the facts about a stage the rest of alignkit reads
+    (`name`, `config_class`, `batch_unit`, `online`) instead of branching on its name."""
+
+    name = "base"  # the `stage:` key
+    config_class: type[BaseConfig] = BaseConfig  # its keys (alignkit.config.stages)
+    batch_unit = "rows"  # what one row of its global batch is (compare's budgets, the console's forms)
+    online = False  # samples its own batches (a rollout per global batch of prompts)
     kinds: tuple[str, ...] = ()  # Example kinds this stage trains on
 
     def __init__(self, cfg: BaseConfig) -> None:

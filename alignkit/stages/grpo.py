@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from alignkit.config import GRPOConfig
 from alignkit.generation.rollout import Samples
 from alignkit.losses.rl import GRPO_RECIPES, group_advantages, grpo_policy_loss
 from alignkit.modeling.load import load_policy
@@ -86,9 +87,14 @@ def _rank() -> int:
 
 class GRPOStage(OnlineStage):
     name = "grpo"
+    config_class = GRPOConfig
 
     def load_model(self) -> nn.Module:
         return load_policy(self.cfg)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.cfg.num_generations
 
     @property
     def updates_per_batch(self) -> int:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from alignkit.config import KTOConfig
 from alignkit.data.batches import build_unpaired_rows, collate_unpaired
 from alignkit.data.formats import Example
 from alignkit.data.report import KTO_RATIO_RANGE, kto_weights
@@ -95,6 +96,8 @@ def _mean_over_processes(value: torch.Tensor, real: bool = True) -> torch.Tensor
 
 class KTOStage(Stage):
     name = "kto"
+    config_class = KTOConfig
+    batch_unit = "unpaired rows (a pair gives two)"
     kinds = ("unpaired", "pair")
 
     @property

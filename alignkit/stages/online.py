@@ -46,6 +46,8 @@ def encode_prompt(ex: Example, tokenizer: Any) -> list[int]:
 
 
 class OnlineStage(Stage):
+    batch_unit = "prompts"
+    online = True
     kinds = ("prompt", "sft", "pair", "unpaired")  # only the prompt (and the extra columns) is used
 
     def __init__(self, cfg: BaseConfig) -> None:
@@ -54,6 +56,11 @@ class OnlineStage(Stage):
         # this process's prompts are a filler (a short last batch left it none), trained at weight 0; a
         # rollout's own cross-process statistics leave it out
         self.filler_rollout = False
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """Completions sampled per prompt in a rollout."""
+        return 1
 
     def micro_batches(self, step: int, ctx: StepContext) -> list[MicroBatch]:
         """A rollout on the first step of each global batch of prompts (and on the first after a resume), then

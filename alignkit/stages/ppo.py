@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.config import PPOConfig
 from alignkit.errors import UserError
 from alignkit.generation.rollout import sequences
 from alignkit.losses.rl import (
@@ -120,6 +121,7 @@ def _split(flat: torch.Tensor, lengths: list[int]) -> list[list[float]]:
 
 class PPOStage(OnlineStage):
     name = "ppo"
+    config_class = PPOConfig
 
     def load_model(self) -> nn.Module:
         return PolicyAndValue(load_policy(self.cfg), load_value_model(self.cfg, self.tokenizer))

@@ -15,6 +15,7 @@ import logging
 import torch
 from torch import nn
 
+from alignkit.config import DPOConfig
 from alignkit.data.batches import build_pair_rows, collate_pairs
 from alignkit.data.shared_prefix import check_layout_support, collate_shared_pairs, model_mask
 from alignkit.errors import UserError
@@ -60,6 +61,8 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str
 
 class PreferenceStage(Stage):
     name = "dpo"
+    config_class = DPOConfig
+    batch_unit = "pairs"
     kinds = ("pair",)
 
     def load_model(self) -> nn.Module:

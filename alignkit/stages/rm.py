@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 
+from alignkit.config import RMConfig
 from alignkit.data.batches import build_rm_rows, collate_rm
 from alignkit.data.packed import collate_rm_padding_free
 from alignkit.errors import UserError
@@ -53,6 +54,8 @@ def packed_scores(
 
 class RewardStage(Stage):
     name = "rm"
+    config_class = RMConfig
+    batch_unit = "pairs"
     kinds = ("pair",)
 
     def load_model(self) -> nn.Module:

@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 
+from alignkit.config import PTConfig, SFTConfig
 from alignkit.data.batches import IGNORE, build_sft_rows, collate_sft, pack_rows
 from alignkit.data.packed import concat_sft_rows
 from alignkit.losses.preference import token_nll
@@ -55,6 +56,8 @@ def full_logits_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOu
 
 class SFTStage(Stage):
     name = "sft"
+    config_class = SFTConfig
+    batch_unit = "examples"
     kinds = ("sft",)
 
     def load_model(self) -> nn.Module:
@@ -95,3 +98,10 @@ class SFTStage(Stage):
             loss_sum=-stats.logps.sum(),
             metrics={"mean_token_accuracy": (stats.is_top1.sum().float(), n)},
         )
+
+
+class PTStage(SFTStage):
+    """LLaMA-Factory's `stage: pt`: SFT on plain text, every token trained (its config's defaults)."""
+
+    name = "pt"
+    config_class = PTConfig

@@ -58,14 +58,15 @@ def _write(tmp: Path, raw: dict[str, Any]) -> str:
 
 
 class TrainSpy:
-    """Counts which methods `alignkit.training.loop.train` trains; fails the methods in `fail` once (an interruption)."""
+    """Counts which methods compare trains (`alignkit.training.loop.train` as compare's runs call it); fails the
+    methods in `fail` once (an interruption)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: tuple[str, ...] = ()) -> None:
-        import alignkit.training.loop
+        from alignkit.comparison import runs
 
         self.calls: list[str] = []
         self.fail = set(fail)
-        real = alignkit.training.loop.train
+        real = runs.train
 
         def spy(cfg: Any, stage: Any) -> dict:
             name = os.path.basename(cfg.output_dir)
@@ -75,7 +76,7 @@ class TrainSpy:
                 raise KeyboardInterrupt  # as Ctrl-C before the run's first step
             return real(cfg, stage)
 
-        monkeypatch.setattr(alignkit.training.loop, "train", spy)
+        monkeypatch.setattr(runs, "train", spy)
 
 
 def _run(path: str, overrides: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -279,7 +280,7 @@ def test_budget_counts_steps_times_global_batch_and_online_rollouts() -> None:
 
 
 def test_fingerprint_follows_data_content_and_ignores_run_artefacts(tmp_path: Path) -> None:
-    from alignkit.comparison.runs import path_fingerprint
+    from alignkit.comparison.fingerprint import path_fingerprint
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
     first = path_fingerprint(data)
@@ -300,18 +301,40 @@ def test_fingerprint_follows_data_content_and_ignores_run_artefacts(tmp_path: Pa
 
 
 def test_a_run_made_by_other_training_code_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from alignkit.comparison import runs
+    from alignkit.comparison import fingerprint as fp
     from alignkit.config import build_config
 
     cfg = build_config({"stage": "dpo", "model_name_or_path": "m", "dataset": "d.jsonl", "max_steps": 3})
-    before = {"fingerprint": runs.train_fingerprint(cfg)}
-    assert runs.changed(before, runs.train_fingerprint(cfg)) == ["fingerprint format"]  # nothing differs
+    before = {"fingerprint": fp.train_fingerprint(cfg)}
+    assert fp.changed(before, fp.train_fingerprint(cfg)) == ["fingerprint format"]  # nothing differs
     cfg.beta = 0.2
-    assert runs.changed(before, runs.train_fingerprint(cfg)) == ["key `beta` changed"]
+    assert fp.changed(before, fp.train_fingerprint(cfg)) == ["key `beta` changed"]
     cfg.beta = 0.1
-    code = {**runs.code_fingerprint(runs.NOT_TRAINING_CODE), "alignkit_source": "edited"}
-    monkeypatch.setattr(runs, "code_fingerprint", lambda exclude: code)
-    assert runs.changed(before, runs.train_fingerprint(cfg)) == ["code `alignkit_source` changed"]
+    code = {**fp.code_fingerprint(fp.TRAINING_ENTRY), "alignkit_source": "edited"}
+    monkeypatch.setattr(fp, "code_fingerprint", lambda entries: code)
+    assert fp.changed(before, fp.train_fingerprint(cfg)) == ["code `alignkit_source` changed"]
+
+
+def test_code_fingerprint_covers_what_a_run_imports_and_nothing_else() -> None:
+    """Editing the server, the CLI, compare itself or the quickstart leaves finished runs valid; editing a stage,
+    a loss or the loop does not. The modules are found by following imports, not from a hand-kept list."""
+    from alignkit.comparison.fingerprint import EVAL_ENTRY, TRAINING_ENTRY, imported_modules
+
+    training, evaluation = set(imported_modules(TRAINING_ENTRY)), set(imported_modules(EVAL_ENTRY))
+    stages = {"sft", "rm", "preference", "kto", "online", "grpo", "ppo"}
+    assert {f"alignkit.stages.{s}" for s in stages} <= training
+    assert {"alignkit.training.loop", "alignkit.losses.preference", "alignkit.losses.rl"} <= training
+    assert {"alignkit.modeling.logprobs", "alignkit.generation.rollout", "alignkit.data.batches"} <= training
+    assert {
+        "alignkit.evaluation.run",
+        "alignkit.evaluation.metrics",
+        "alignkit.generation.rollout",
+    } <= evaluation
+    for code in (training, evaluation):
+        faces = {m for m in code if m.startswith(("alignkit.ship", "alignkit.cli", "alignkit.comparison"))}
+        assert not faces and "alignkit.quickstart.run" not in code, faces
+    assert not {m for m in training if m.startswith("alignkit.evaluation")}
+    assert not {m for m in evaluation if m.startswith(("alignkit.training", "alignkit.stages"))}
 
 
 @pytest.mark.parametrize(

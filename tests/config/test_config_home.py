@@ -104,18 +104,10 @@ def test_validation_only_reads(stage: str) -> None:
     assert dataclasses.asdict(cfg) == before
 
 
-def test_one_table_of_stages() -> None:
-    from alignkit.stages import RUNNERS, get_stage
-    from alignkit.stages.preference import PreferenceStage
-    from alignkit.stages.sft import SFTStage
-
+def test_stage_name_is_checked_with_a_suggestion() -> None:
     assert STAGES == ("sft", "pt", "rm", "dpo", "kto", "ppo", "grpo")
-    assert set(RUNNERS) == set(CONFIG_CLASSES.values())
     for name, cls in CONFIG_CLASSES.items():
         assert cls().stage == name  # each class's own `stage` default is its key
-    assert get_stage("pt") is SFTStage and get_stage("dpo") is PreferenceStage
-    with pytest.raises(UserError, match=r"available: sft, pt, rm, dpo, kto, ppo, grpo"):
-        get_stage("dpx")
     with pytest.raises(UserError, match=r"not a stage \(did you mean `dpo`\?\); valid stages: sft, pt, rm"):
         build_config({"stage": "dpx", **REQUIRED})
 
