@@ -5,8 +5,8 @@ validated at load time: an unknown key, a wrong type or an impossible value is a
 names the key and, where one is close, suggests the valid one. Once `build_config` returns, the config
 is what the run reads and nothing writes to it.
 
-Layout (no import circle): `config_schema` holds the dataclasses and how a field's value is built;
-`config_checks` imports it and checks the values; this module imports both and loads, builds and saves.
+Layout (no import circle): `schema` holds the shared keys and how a field's value is built, `stages` one
+class per stage (each checks its own values), and this module loads, builds and saves.
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ from typing import Any
 
 import yaml
 
-from alignkit.config.checks import validate
 from alignkit.config.coerce import flatten, parse_overrides
 from alignkit.config.compat import suggest, translate
 from alignkit.config.schema import (
-    CONFIG_CLASSES,
     DATASET_FORMATS,
     FINETUNING_TYPES,
     REPORT_TO,
     SCHEDULERS,
-    STAGES,
     BaseConfig,
+    build_dataclass,
+)
+from alignkit.config.stages import (
+    CONFIG_CLASSES,
+    STAGES,
     DPOConfig,
     GRPOConfig,
     KTOConfig,
@@ -37,7 +39,6 @@ from alignkit.config.schema import (
     PTConfig,
     RMConfig,
     SFTConfig,
-    build_dataclass,
     stage_keys,
 )
 from alignkit.errors import UserError, did_you_mean
@@ -53,7 +54,7 @@ def build_config(raw: dict[str, Any], source: str = "config") -> BaseConfig:
             f"valid stages: {', '.join(STAGES)}"
         )
     cfg = build_dataclass(CONFIG_CLASSES[stage], raw, source, f"for stage `{stage}`", suggest)
-    validate(cfg, source)
+    cfg.check(source)
     return cfg
 
 

@@ -1,14 +1,16 @@
-"""The run configuration's schema: one flat dataclass per stage and the one table of stages.
+"""The keys every stage shares (`BaseConfig`, with the checks of their values) and how a config dataclass is
+built from a flat mapping.
 
 Every field is typed as the value it holds once built: `build_dataclass` coerces what YAML and `key=value`
 give into that type while the dataclass is built (a field marked `one_or_more` also takes a single value as a
-one-element list), so nothing rewrites a field afterwards. The value checks are in `alignkit.config.checks`,
-which imports this module; loading and saving are in `alignkit.config`, which imports both.
+one-element list), so nothing rewrites a field afterwards. A config checks its own values (`check`: it only
+reads); each stage's class in `alignkit.config.stages` adds its keys and their checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,44 @@ DATASET_FORMATS = (
     "prompt_only",
     "mt_bench",
 )
+
+
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+# keys every stage has, and the values they may take
+CHOICES: dict[str, tuple[str, ...]] = {
+    "finetuning_type": FINETUNING_TYPES,
+    "report_to": REPORT_TO,
+    "lr_scheduler_type": SCHEDULERS,
+    "dataset_format": DATASET_FORMATS,
+    "torch_dtype": TORCH_DTYPES,
+    "eval_strategy": ("no", "steps", "epoch"),
+}
+POSITIVE = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "logging_steps",
+    "lora_r",
+)
+NON_NEGATIVE = (
+    "learning_rate",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "num_train_epochs",
+    "lora_dropout",
+    "freeze_trainable_layers",
+)
+
+
+def check_choice(source: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    """`value` is one of `choices` (None passes), else a UserError naming the key, with a suggestion."""
+    if value is not None and value not in choices:
+        raise UserError(
+            f"{source}: `{key}: {value}` is not valid{did_you_mean(str(value), choices)}; "
+            f"choose one of: {', '.join(choices)}"
+        )
 
 
 def one_or_more(default: str) -> Any:
@@ -129,163 +169,57 @@ class BaseConfig:
     disable_tqdm: bool = False
     plot_loss: bool = True
 
-
-@dataclass
-class SFTConfig(BaseConfig):
-    stage: str = "sft"
-    learning_rate: float = 2e-5
-    packing: bool = False  # several rows in one sequence, attention kept apart by position_ids
-    completion_only_loss: bool = True  # loss only on completion/assistant tokens
-    padding_free: bool = False  # each micro-batch as one row, position_ids restarting per original row
-
-
-@dataclass
-class PTConfig(SFTConfig):
-    """LLaMA-Factory's `stage: pt`: plain language modelling on text (every token trained)."""
-
-    stage: str = "pt"
-    dataset_format: str = "text"
-    completion_only_loss: bool = False
-
-
-@dataclass
-class RMConfig(BaseConfig):
-    stage: str = "rm"
-    learning_rate: float = 1e-5
-    center_rewards_coefficient: float | None = None  # adds coef * mean((r_c + r_r)^2)
-    padding_free: bool = False  # each micro-batch as one row, position_ids restarting per original row
-
-
-@dataclass
-class DPOConfig(BaseConfig):
-    """The direct preference family: every loss in `alignkit.losses.preference.DPO_LOSSES`, combinable."""
-
-    stage: str = "dpo"
-    learning_rate: float = 1e-6
-    beta: float = 0.1
-    loss_type: list[str] = one_or_more("sigmoid")  # one loss or several, combined
-    loss_weights: list[float] | None = None  # one per loss_type (MPO-style mixes); default all 1
-    label_smoothing: float = 0.0  # cDPO with `sigmoid`; epsilon of robust / exo_pair / aot
-    reference_free: bool = False  # reference log-probs taken as 0
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    discopop_tau: float = 0.05
-    simpo_gamma: float = 0.5  # SimPO target margin (in units of beta)
-    cpo_alpha: float = 1.0  # weight of the NLL term in CPO / SimPO
-    orpo_beta: float = 0.1  # lambda of ORPO's odds-ratio term
-    ref_model_name_or_path: str | None = None  # default: the starting policy
-    precompute_ref_log_probs: bool = False
-    ref_cache_dir: str | None = None  # default: output_dir/ref_logps
-    padding_free: bool = False  # each micro-batch as one row, position_ids restarting per original row
-    prefix_sharing: bool = False  # the prompt runs once for both completions (one row, a 4-D mask)
+    def check(self, source: str = "config") -> None:
+        """Impossible values are errors at load time, not surprises at step 300. Stages extend this (calling
+        super) with their own keys; a check only reads."""
+        for key, choices in CHOICES.items():
+            check_choice(source, key, getattr(self, key), choices)
+        for key in POSITIVE:
+            if getattr(self, key) <= 0:
+                raise UserError(f"{source}: `{key}` must be > 0, got {getattr(self, key)}")
+        for key in NON_NEGATIVE:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise UserError(f"{source}: `{key}` must be >= 0, got {getattr(self, key)}")
+        check_data_keys(self, source)
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UserError(f"{source}: `warmup_ratio` must be in [0, 1], got {self.warmup_ratio}")
+        if not self.model_name_or_path:
+            raise UserError(f"{source}: `model_name_or_path` is required (a local directory or a hub id)")
+        if not self.dataset:
+            raise UserError(f"{source}: `dataset` is required (a file, a list of files, or a hub id)")
+        if self.bf16 and self.fp16:
+            raise UserError(f"{source}: `bf16` and `fp16` are both true; choose one")
+        if self.torch_dtype == "float64" and (self.bf16 or self.fp16):  # autocast computes in half precision
+            half = "bf16" if self.bf16 else "fp16"
+            raise UserError(
+                f"{source}: `torch_dtype: float64` with `{half}: true` computes in {half}; drop one"
+            )
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise UserError(
+                f"{source}: `max_prompt_length` ({self.max_prompt_length}) must be smaller than "
+                f"`max_length` ({self.max_length})"
+            )
 
 
-@dataclass
-class KTOConfig(BaseConfig):
-    """Kahneman-Tversky Optimisation on unpaired good/bad labels (paired data is split automatically)."""
+def check_data_keys(cfg: BaseConfig, source: str) -> None:
+    """The keys that pick and split rows (LLaMA-Factory's max_samples and val_size among them)."""
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise UserError(f"{source}: `max_samples` must be >= 1, got {cfg.max_samples}")
+    if cfg.val_size < 0 or (cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size)):
+        raise UserError(
+            f"{source}: `val_size` must be a fraction in [0, 1) or a whole number of rows, got {cfg.val_size}"
+        )
+    if cfg.val_size and cfg.eval_dataset:
+        raise UserError(f"{source}: `val_size` and `eval_dataset` both set the eval rows; keep one")
+    if cfg.eval_strategy in ("steps", "epoch") and not (cfg.eval_dataset or cfg.val_size):
+        raise UserError(f"{source}: `eval_strategy: {cfg.eval_strategy}` needs `eval_dataset` or `val_size`")
+    if getattr(cfg, "reward_model_type", "auto") != "auto" and not getattr(cfg, "reward_model", None):
+        raise UserError(f"{source}: `reward_model_type` is set but `reward_model` is not")
+    if cfg.deepspeed is not None and not os.path.isfile(cfg.deepspeed):
+        raise UserError(
+            f"{source}: `deepspeed: {cfg.deepspeed}` is not a file (give a DeepSpeed JSON config)"
+        )
 
-    stage: str = "kto"
-    learning_rate: float = 1e-6
-    beta: float = 0.1
-    loss_type: str = "kto"  # kto | apo_zero_unpaired
-    desirable_weight: float | str = 1.0  # lambda_D, or `auto` (from the label counts, KTO paper sec. 4.2)
-    undesirable_weight: float | str = 1.0  # lambda_U, or `auto`
-    allow_single_label: bool = False  # train although every row has the same label
-    ref_model_name_or_path: str | None = None
-    precompute_ref_log_probs: bool = False
-    ref_cache_dir: str | None = None
-    padding_free: bool = False  # each micro-batch as one row, position_ids restarting per original row
-    prefix_sharing: bool = False  # the KL completion shares its prompt's pass (one row, a 4-D mask)
-
-    @property
-    def auto_weights(self) -> bool:
-        """Whether a weight is `auto` (the stage derives it from the label counts)."""
-        return "auto" in (self.desirable_weight, self.undesirable_weight)
-
-    def resolved_weights(self, auto_desirable: float, auto_undesirable: float) -> tuple[float, float]:
-        """(desirable_weight, undesirable_weight) as numbers: a set weight as set, an `auto` one the given
-        value. The stage keeps the result on itself; the config keeps what the user wrote."""
-        d, u = self.desirable_weight, self.undesirable_weight
-        return (auto_desirable if d == "auto" else float(d), auto_undesirable if u == "auto" else float(u))
-
-
-@dataclass
-class OnlineConfig(BaseConfig):
-    """Keys of the online stages (rollouts, rewards)."""
-
-    learning_rate: float = 1e-6
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_strings: list[str] | None = None
-    rollout_backend: str = "hf"  # hf | vllm
-    reward_funcs: list[str] | None = None  # math_accuracy, exact_match, format, length, or module:function
-    reward_weights: list[float] | None = None  # one per reward function (and a last one for reward_model)
-    reward_model: str | None = (
-        None  # a model trained by `stage: rm` (full or LoRA adapter), or any sequence-classification model
-    )
-    reward_model_type: str = "auto"  # auto | full | lora: auto reads the folder (adapter_config.json: lora)
-    format_pattern: str = r"<think>.*</think>.*"
-    length_target: int = 512  # `length` reward: penalty for characters past this
-    missing_eos_penalty: float | None = None  # subtracted from the reward of truncated completions
-    ref_model_name_or_path: str | None = None
-    per_device_eval_batch_size: int = 64
-
-
-@dataclass
-class GRPOConfig(OnlineConfig):
-    stage: str = "grpo"
-    num_generations: int = 8
-    loss_type: str = "grpo"  # grpo | dr_grpo | dapo | gspo | rloo
-    beta: float = 0.0  # KL to the reference; 0 loads no reference model
-    use_bias_correction_kl: bool = (
-        True  # weight the k3 KL by the importance ratio (DeepSeek-V3.2; TRL's default)
-    )
-    epsilon: float = 0.2  # clip range (epsilon_low)
-    epsilon_high: float | None = None  # DAPO clip-higher; default: epsilon
-    num_iterations: int = 1  # updates per rollout (importance ratios against the sampling log-probs)
-    dynamic_sampling: bool | None = (
-        None  # DAPO: refill groups whose rewards are all equal; default on for dapo
-    )
-    max_refill_rounds: int = 3
-    overlong_buffer_len: int | None = None  # DAPO soft overlong punishment over the last N tokens
-    overlong_penalty_factor: float = 1.0
-
-
-@dataclass
-class PPOConfig(OnlineConfig):
-    """RLHF with PPO: actor, critic (value head), frozen reference, reward model and/or verifiable rewards."""
-
-    stage: str = "ppo"
-    value_model_name_or_path: str | None = None  # default: the reward model, else the policy
-    init_kl_coef: float = 0.05
-    target_kl: float | None = None  # adaptive KL controller target; None keeps init_kl_coef fixed
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    ppo_epochs: int = 4
-    num_mini_batches: int = 1
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    reward_clip: float | None = None
-
-
-# The one table of stages: `stage:` -> its config class. Every other list of stages derives from it.
-CONFIG_CLASSES: dict[str, type[BaseConfig]] = {
-    "sft": SFTConfig,
-    "pt": PTConfig,
-    "rm": RMConfig,
-    "dpo": DPOConfig,
-    "kto": KTOConfig,
-    "ppo": PPOConfig,
-    "grpo": GRPOConfig,
-}
-STAGES = tuple(CONFIG_CLASSES)
 
 T = typing.TypeVar("T")
 
@@ -322,7 +256,3 @@ def _listed(value: Any) -> Any:
     if value is None or isinstance(value, list) or (isinstance(value, str) and "," in value):
         return value
     return [value]
-
-
-def stage_keys(stage: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(CONFIG_CLASSES[stage])]

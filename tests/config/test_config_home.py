@@ -16,15 +16,8 @@ import torch
 
 import alignkit
 from alignkit.config import build_config, config_to_dict, load_config, save_config
-from alignkit.config.checks import validate
-from alignkit.config.schema import (
-    CONFIG_CLASSES,
-    STAGES,
-    BaseConfig,
-    DPOConfig,
-    KTOConfig,
-    build_dataclass,
-)
+from alignkit.config.schema import BaseConfig, build_dataclass
+from alignkit.config.stages import CONFIG_CLASSES, STAGES, DPOConfig, KTOConfig
 from alignkit.errors import UserError
 from alignkit.losses import preference as losses
 from alignkit.losses import rl as rl_losses
@@ -48,11 +41,11 @@ def _imports(module: str) -> set[str]:
 
 
 def test_config_modules_import_in_one_direction() -> None:
-    schema, checks, config = _imports("config/schema"), _imports("config/checks"), _imports("config/load")
-    assert not {"alignkit.config", "alignkit.config.checks"} & schema
-    assert "alignkit.config.schema" in checks and "alignkit.config" not in checks
-    assert {"alignkit.config.schema", "alignkit.config.checks"} <= config
-    assert not {"alignkit.config", "alignkit.config.checks", "alignkit.config.schema"} & _imports(
+    schema, stages, load = _imports("config/schema"), _imports("config/stages"), _imports("config/load")
+    assert not {"alignkit.config", "alignkit.config.stages", "alignkit.config.load"} & schema
+    assert "alignkit.config.schema" in stages and not {"alignkit.config", "alignkit.config.load"} & stages
+    assert {"alignkit.config.schema", "alignkit.config.stages"} <= load
+    assert not {"alignkit.config", "alignkit.config.stages", "alignkit.config.schema"} & _imports(
         "config/compat"
     )
 
@@ -100,7 +93,7 @@ def test_validation_only_reads(stage: str) -> None:
         keys["desirable_weight"] = "auto"
     cfg = _guarded(CONFIG_CLASSES[stage], keys)
     before = dataclasses.asdict(cfg)
-    validate(cfg, "t")  # raises on any write
+    cfg.check("t")  # raises on any write
     assert dataclasses.asdict(cfg) == before
 
 
