@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from alignkit.config.schema import BaseConfig, check_choice, one_or_more
 from alignkit.errors import UserError, did_you_mean
-from alignkit.losses.preference import DPO_LOSSES, KTO_LOSSES
+from alignkit.losses.preference import DPO_LOSSES
 from alignkit.losses.rl import GRPO_LOSS_TYPES
+from alignkit.losses.unpaired import KTO_LOSSES
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 

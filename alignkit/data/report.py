@@ -8,45 +8,7 @@ from typing import Any
 
 from alignkit.data.batches import tokenize_chat
 from alignkit.data.formats import Example, Text, describe_format, load_examples
-
-KTO_RATIO_RANGE = (
-    1.0,
-    4.0 / 3.0,
-)  # Ethayarajh et al. 2024, sec. 4.2: lambda_D n_D / (lambda_U n_U) in [1, 4/3]
-
-
-def kto_weights(
-    n_desirable: int, n_undesirable: int, target: float | None = None
-) -> tuple[float, float, str]:
-    """(desirable_weight, undesirable_weight, why) for the KTO paper's range of lambda_D n_D / (lambda_U n_U).
-
-    The paper recommends a ratio in [1, 4/3]. By default the weight of the larger class stays 1 and the
-    other moves just enough to bring the ratio into the range (no change when it already is). With
-    `target` (a ratio inside the range) the smaller class's weight is set to reach exactly that ratio.
-    """
-    if n_desirable == 0 or n_undesirable == 0:
-        return 1.0, 1.0, "only one label class present: weights cannot balance it"
-    ratio = n_desirable / n_undesirable
-    lo, hi = KTO_RATIO_RANGE
-    if target is not None:
-        if not lo <= target <= hi:
-            raise ValueError(f"target ratio {target} is outside [1, 4/3]")
-        if ratio < target:
-            w = round(target / ratio, 4)
-            return w, 1.0, f"n_D/n_U = {ratio:.3f}: desirable_weight = {w} sets the ratio to {target:.3f}"
-        w = round(ratio / target, 4)
-        return 1.0, w, f"n_D/n_U = {ratio:.3f}: undesirable_weight = {w} sets the ratio to {target:.3f}"
-    if lo <= ratio <= hi:
-        return 1.0, 1.0, f"n_D/n_U = {ratio:.3f} is already in [1, 4/3]"
-    if ratio < lo:  # fewer desirable rows: up-weight them
-        w = round(n_undesirable / n_desirable * lo, 4)
-        return w, 1.0, f"n_D/n_U = {ratio:.3f} < 1: desirable_weight = n_U/n_D = {w} brings the ratio to 1"
-    w = round(n_desirable / (n_undesirable * hi), 4)  # more desirable rows: up-weight the undesirable ones
-    return (
-        1.0,
-        w,
-        f"n_D/n_U = {ratio:.3f} > 4/3: undesirable_weight = 3 n_D / (4 n_U) = {w} brings the ratio to 4/3",
-    )
+from alignkit.losses.unpaired import kto_weights
 
 
 def _render(value: Text | None) -> str:

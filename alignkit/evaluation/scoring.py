@@ -12,7 +12,8 @@ from torch import nn
 
 from alignkit.data.batches import build_pair_rows, build_sft_rows, pad
 from alignkit.data.formats import Example
-from alignkit.modeling.logprobs import completion_token_stats, per_row_sum
+from alignkit.losses.tokens import per_row_sum
+from alignkit.modeling.logprobs import completion_token_stats
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""Every offline loss as a pure function over tensors (SFT, reward model, paired and unpaired preferences);
-the online-RL pieces are in `alignkit.losses.rl`.
+"""The paired-preference losses as pure functions over tensors: the reward model's Bradley-Terry loss and the
+DPO family (DPO and its variants, SimPO, CPO, ORPO) in one registry. Unpaired labels (KTO) are in
+`alignkit.losses.unpaired`, SFT's NLL in `alignkit.losses.tokens`, the online-RL pieces in `alignkit.losses.rl`.
 
 Conventions: inputs are tensors and keyword hyperparameters; outputs are *per-item* losses (per token
 or per example) so that the loop can average over the whole accumulated batch, across processes, and
@@ -8,35 +9,13 @@ get the same update whatever the split into micro-batches and processes.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from alignkit.errors import did_you_mean
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token negative log-likelihood per position.
-
-    logits (B, T, V), labels (B, T) aligned with the inputs (the shift happens here: position t predicts
-    token t+1). Returns (B, T-1) losses, 0 where the label is ignored.
-    """
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    losses = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=ignore_index,
-        reduction="none",
-    )
-    return losses.view_as(shift_labels)
+from alignkit.losses.registry import Registered, registry
 
 
 def bradley_terry_loss(
@@ -268,47 +247,8 @@ def orpo(p: PairLogps, *, orpo_beta: float = 0.1) -> torch.Tensor:
     return _nll_term(p) - orpo_beta * F.logsigmoid(log_odds.float())
 
 
-@functools.cache
-def reads(loss: Callable[..., torch.Tensor]) -> frozenset[str]:
-    """The hyperparameters a loss reads: its keyword-only parameters (the signature is the declaration)."""
-    params = inspect.signature(loss).parameters.values()
-    return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
-
-
 @dataclass(frozen=True)
-class _Registered:
-    """A loss in a registry, called as `spec.fn(*inputs, **hyper)` with the hyperparameters of the whole
-    registry: the loss gets those it reads; a keyword no loss of the registry reads is a TypeError (a
-    misspelling is never dropped silently)."""
-
-    loss: Callable[..., torch.Tensor]
-    known: frozenset[str] | None = field(
-        default=None, kw_only=True
-    )  # set by `registry`; None: the loss's own
-
-    def fn(self, *inputs: Any, **hyper: Any) -> torch.Tensor:
-        own = reads(self.loss)
-        known = own if self.known is None else self.known
-        unknown = [key for key in hyper if key not in known]
-        if unknown:
-            raise TypeError(
-                f"{self.loss.__name__}: unknown loss keyword `{unknown[0]}`{did_you_mean(unknown[0], known)}; "
-                f"known: {', '.join(sorted(known))}"
-            )
-        return self.loss(*inputs, **{key: value for key, value in hyper.items() if key in own})
-
-
-S = TypeVar("S", bound=_Registered)
-
-
-def registry(specs: dict[str, S]) -> dict[str, S]:
-    """The specs, each told every hyperparameter some loss among them reads."""
-    known = frozenset().union(*(reads(spec.loss) for spec in specs.values()))
-    return {name: dataclasses.replace(spec, known=known) for name, spec in specs.items()}
-
-
-@dataclass(frozen=True)
-class LossSpec(_Registered):
+class LossSpec(Registered):
     """A loss and what it needs; stages read these flags and never branch on a loss's name."""
 
     needs_reference: bool = True
@@ -338,53 +278,5 @@ DPO_LOSSES: dict[str, LossSpec] = registry(
         "simpo": LossSpec(simpo, needs_reference=False),
         "cpo": LossSpec(cpo, needs_reference=False),
         "orpo": LossSpec(orpo, needs_reference=False),
-    }
-)
-
-
-# ------------------------------------------------------------------------------------- unpaired losses
-def kto_loss(
-    logratios: torch.Tensor,
-    desirable: torch.Tensor,
-    kl: torch.Tensor,
-    *,
-    beta: float,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> torch.Tensor:
-    """KTO (Ethayarajh et al. 2024, eq. 8) per row.
-
-    logratios (B,) policy minus reference log-prob of each completion; desirable (B,) bool; kl the detached
-    reference point z0 (scalar). Desirable rows: w_D (1 - s(beta (r - z0))); undesirable: w_U (1 - s(beta (z0 - r))).
-    """
-    good = desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))
-    bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios)))
-    return torch.where(desirable, good, bad)
-
-
-def apo_zero_unpaired_loss(
-    logratios: torch.Tensor,
-    desirable: torch.Tensor,
-    kl: torch.Tensor,
-    *,
-    beta: float,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> torch.Tensor:
-    """APO-zero for unpaired labels (D'Oosterlinck et al. 2024): push desirable up, undesirable down; no z0."""
-    good = desirable_weight * (1 - torch.sigmoid(beta * logratios))
-    bad = undesirable_weight * torch.sigmoid(beta * logratios)
-    return torch.where(desirable, good, bad)
-
-
-@dataclass(frozen=True)
-class UnpairedLossSpec(_Registered):
-    uses_kl: bool = True  # needs the mismatched-pair reference point z0
-
-
-KTO_LOSSES: dict[str, UnpairedLossSpec] = registry(
-    {
-        "kto": UnpairedLossSpec(kto_loss, uses_kl=True),
-        "apo_zero_unpaired": UnpairedLossSpec(apo_zero_unpaired_loss, uses_kl=False),
     }
 )

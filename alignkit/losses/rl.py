@@ -1,35 +1,17 @@
-"""The online-RL pieces as pure functions over tensors: group advantages, clipped surrogate and value losses, KL
-estimators, PPO's per-token rewards, GAE, whitening, DAPO's overlong penalty, and the GRPO family's policy loss
-with its registry.
+"""The online-RL pieces as pure functions over tensors: clipped surrogate and value losses, KL estimators, PPO's
+per-token rewards, GAE, whitening, DAPO's overlong penalty; and the GRPO family as two registries, advantage
+estimators and objectives (`GRPO_LOSSES`), with the policy loss that calls an objective's pieces.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, KeysView
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
 import torch
 
-from alignkit.modeling.logprobs import per_row_sum
-
-
-def group_advantages(
-    rewards: torch.Tensor, num_generations: int, estimator: str = "grpo", eps: float = 1e-4
-) -> torch.Tensor:
-    """Advantages relative to each prompt's group of `num_generations` completions; rewards (N,) grouped.
-
-    grpo: (r - mean) / (std + eps) (Shao et al. 2024, DeepSeekMath eq. 3, unbiased std as TRL);
-    dr_grpo: r - mean, no std scaling (Liu et al. 2025, "Understanding R1-Zero-like training");
-    rloo: r minus the mean of the *other* completions (Ahmadian et al. 2024, eq. 6).
-    """
-    r = rewards.view(-1, num_generations)
-    mean = r.mean(dim=1, keepdim=True)
-    if estimator == "grpo":
-        adv = (r - mean) / (r.std(dim=1, keepdim=True) + eps)
-    elif estimator == "dr_grpo":
-        adv = r - mean
-    elif estimator == "rloo":
-        adv = r - (r.sum(dim=1, keepdim=True) - r) / (num_generations - 1)
-    else:
-        raise ValueError(f"unknown advantage estimator {estimator}")
-    return adv.reshape(-1)
+from alignkit.losses.tokens import per_row_sum
 
 
 def clipped_surrogate(
@@ -150,21 +132,221 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) ->
     return out * mask
 
 
-# loss_type -> (advantage estimator for `group_advantages`, aggregation for `grpo_policy_loss`)
-#   seq_mean: mean over each completion's tokens, then over completions (GRPO, Shao et al. 2024, eq. 3)
-#   max_len:  sum over tokens / max_new_tokens per completion (Dr. GRPO, Liu et al. 2025: no length bias)
-#   token:    sum over all tokens / all tokens (DAPO, Yu et al. 2025, eq. 8)
-#   sequence: one importance ratio per completion, exp(mean_t log ratio) (GSPO, Zheng et al. 2025, eq. 7)
-#   sequence_sum: the whole completion's probability ratio, exp(sum_t log ratio), clipped, mean over
-#             completions; the KL goes into the reward, not the loss (RLOO, Ahmadian et al. 2024; TRL's RLOOTrainer)
-GRPO_RECIPES: dict[str, tuple[str, str]] = {
-    "grpo": ("grpo", "seq_mean"),
-    "dr_grpo": ("dr_grpo", "max_len"),
-    "dapo": ("grpo", "token"),
-    "gspo": ("grpo", "sequence"),
-    "rloo": ("rloo", "sequence_sum"),
+# ================================================================================ the GRPO family
+# Two registries in verl's shape (`register_adv_est`, `register_policy_loss` in verl/trainer/ppo/core_algos.py):
+# advantage estimators by name, and GRPO-family objectives by name, each a frozen spec of pure functions and
+# the facts the stage reads. A new variant is one spec (one function if it needs a new piece), one registry
+# line, one test; nothing else branches on its name.
+#
+# Shapes: N completion tokens of a micro-batch, flattened row by row; B completions; `rows` (N,) gives each
+# token's completion index.
+
+AdvantageEstimator = Callable[[torch.Tensor, int], torch.Tensor]
+"""(rewards (N,) in consecutive groups of `num_generations`, num_generations) -> advantages (N,)."""
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_adv_est(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator: make an advantage estimator available under `name` (each name is registered once)."""
+
+    def add(fn: AdvantageEstimator) -> AdvantageEstimator:
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator `{name}` is already registered")
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return add
+
+
+@register_adv_est("grpo")
+def grpo_advantages(rewards: torch.Tensor, num_generations: int, eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean) / (std + eps) within each group (Shao et al. 2024, DeepSeekMath eq. 3), the unbiased std as
+    TRL. rewards (N,) -> (N,)."""
+    r = rewards.view(-1, num_generations)  # (groups, G)
+    mean = r.mean(dim=1, keepdim=True)
+    return ((r - mean) / (r.std(dim=1, keepdim=True) + eps)).reshape(-1)
+
+
+@register_adv_est("dr_grpo")
+def dr_grpo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """r - mean within each group, no std scaling (Liu et al. 2025, "Understanding R1-Zero-like training",
+    sec. 3.1: dividing by the std favours groups that are nearly all right or all wrong). (N,) -> (N,)."""
+    r = rewards.view(-1, num_generations)  # (groups, G)
+    return (r - r.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+@register_adv_est("rloo")
+def rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """r minus the mean of the *other* completions of its group (Ahmadian et al. 2024, eq. 6). (N,) -> (N,)."""
+    r = rewards.view(-1, num_generations)  # (groups, G)
+    return (r - (r.sum(dim=1, keepdim=True) - r) / (num_generations - 1)).reshape(-1)
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, estimator: str = "grpo") -> torch.Tensor:
+    """The registered advantage estimator `estimator` over rewards (N,) grouped by prompt -> (N,)."""
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(
+            f"unknown advantage estimator {estimator}; registered: {', '.join(ADVANTAGE_ESTIMATORS)}"
+        )
+    return ADVANTAGE_ESTIMATORS[estimator](rewards, num_generations)
+
+
+class PolicyTerms(NamedTuple):
+    """A micro-batch's clipped surrogate at one importance-ratio level."""
+
+    token_loss: torch.Tensor  # (N,) per token; 0 where the ratio is taken per completion
+    seq_loss: torch.Tensor  # (B,) per completion; 0 where the ratio is taken per token
+    clipped: torch.Tensor  # (N,) or (B,) bool, at the ratio's level: where the clip was active
+    ratio: torch.Tensor  # (N,) each token's importance ratio (its completion's, at sequence level)
+
+
+ImportanceRatio = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float], PolicyTerms
+]
+"""(logps (N,), old_logps (N,), advantages (B,), rows (N,), epsilon_low, epsilon_high) -> PolicyTerms."""
+
+
+def _lengths(tokens: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) completion tokens per row, at least 1 (a divisor)."""
+    return per_row_sum(torch.ones_like(tokens), rows, n).clamp(min=1)
+
+
+def token_ratio(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    rows: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> PolicyTerms:
+    """One ratio pi / pi_old per token, clipped per token (GRPO, Shao et al. 2024, eq. 3, as PPO)."""
+    token_loss, clipped = clipped_surrogate(logps, old_logps, advantages[rows], epsilon_low, epsilon_high)
+    seq_loss = torch.zeros(advantages.shape[0], dtype=logps.dtype, device=logps.device)  # (B,)
+    return PolicyTerms(token_loss, seq_loss, clipped, torch.exp(logps - old_logps))
+
+
+def _sequence_terms(
+    seq_log_ratio: torch.Tensor,
+    logps: torch.Tensor,
+    advantages: torch.Tensor,
+    rows: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> PolicyTerms:
+    """The surrogate of one log-ratio (B,) per completion, clipped as a whole; its tokens carry no loss."""
+    seq_loss, clipped = clipped_surrogate(
+        seq_log_ratio, torch.zeros_like(seq_log_ratio), advantages, epsilon_low, epsilon_high
+    )
+    return PolicyTerms(torch.zeros_like(logps), seq_loss, clipped, torch.exp(seq_log_ratio)[rows])
+
+
+def sequence_mean_ratio(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    rows: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> PolicyTerms:
+    """One ratio per completion, the geometric mean of its token ratios, exp(mean_t log ratio) (GSPO,
+    Zheng et al. 2025, eq. 7): the length-normalised sequence likelihood ratio."""
+    n = advantages.shape[0]
+    seq_log_ratio = per_row_sum(logps - old_logps, rows, n) / _lengths(logps, rows, n)  # (B,)
+    return _sequence_terms(seq_log_ratio, logps, advantages, rows, epsilon_low, epsilon_high)
+
+
+def sequence_sum_ratio(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    rows: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> PolicyTerms:
+    """The whole completion's probability ratio, exp(sum_t log ratio), clipped as a whole (RLOO as TRL's
+    RLOOTrainer; Ahmadian et al. 2024 treat the completion as one action)."""
+    seq_log_ratio = per_row_sum(logps - old_logps, rows, advantages.shape[0])  # (B,)
+    return _sequence_terms(seq_log_ratio, logps, advantages, rows, epsilon_low, epsilon_high)
+
+
+Aggregation = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(token_loss (N,), seq_loss (B,), rows (N,), max_new_tokens) -> the micro-batch's loss sum (scalar). A
+per-completion loss counts as its value on each of the completion's tokens. The loop divides the sum by the
+completions (or tokens, as the spec's `average_over` says) of the whole global batch. Named as verl's
+`loss_agg_mode`s."""
+
+
+def seq_mean_token_mean(
+    token_loss: torch.Tensor, seq_loss: torch.Tensor, rows: torch.Tensor, max_new_tokens: int
+) -> torch.Tensor:
+    """Each completion's mean over its tokens, summed over completions (GRPO, Shao et al. 2024, eq. 3:
+    1/G sum_i 1/|o_i| sum_t)."""
+    n = seq_loss.shape[0]
+    return (per_row_sum(token_loss, rows, n) / _lengths(token_loss, rows, n)).sum() + seq_loss.sum()
+
+
+def seq_mean_token_sum_norm(
+    token_loss: torch.Tensor, seq_loss: torch.Tensor, rows: torch.Tensor, max_new_tokens: int
+) -> torch.Tensor:
+    """Each completion's token sum over the constant `max_new_tokens`, summed over completions (Dr. GRPO,
+    Liu et al. 2025, sec. 3.1: dividing by |o_i| favours short right answers and long wrong ones)."""
+    lengths = _lengths(token_loss, rows, seq_loss.shape[0])
+    return (token_loss.sum() + (seq_loss * lengths).sum()) / max_new_tokens
+
+
+def token_mean(
+    token_loss: torch.Tensor, seq_loss: torch.Tensor, rows: torch.Tensor, max_new_tokens: int
+) -> torch.Tensor:
+    """Summed over every token of the micro-batch, the loop dividing by the global batch's tokens (DAPO,
+    Yu et al. 2025, eq. 8: the token-level policy gradient loss, long completions weigh more)."""
+    return token_loss.sum() + (seq_loss * _lengths(token_loss, rows, seq_loss.shape[0])).sum()
+
+
+@dataclass(frozen=True)
+class GRPOLossSpec:
+    """A GRPO-family objective: its pieces (pure functions) and the facts the stage reads, which never branches
+    on a loss's name."""
+
+    # group rewards (N,) -> advantages (N,), one per completion
+    advantages: AdvantageEstimator
+    # the level the importance ratio is taken and clipped at: token, sequence mean or sequence sum
+    importance_ratio: ImportanceRatio
+    # per-token and per-completion losses -> the micro-batch's loss sum
+    aggregation: Aggregation
+    # what the loop divides that sum by, counted over the whole global batch
+    average_over: Literal["completions", "tokens"] = "completions"
+    # beta * each sequence's KL comes off its reward before the advantages (not beta * k3 per token in the loss)
+    kl_in_reward: bool = False
+    # DAPO's dynamic sampling (refill groups whose rewards are all equal) is on unless the config says otherwise
+    dynamic_sampling: bool = False
+
+
+GRPO_LOSSES: dict[str, GRPOLossSpec] = {
+    # Shao et al. 2024 (DeepSeekMath), eq. 3
+    "grpo": GRPOLossSpec(grpo_advantages, token_ratio, seq_mean_token_mean),
+    # Liu et al. 2025: neither the std nor the completion length divides
+    "dr_grpo": GRPOLossSpec(dr_grpo_advantages, token_ratio, seq_mean_token_sum_norm),
+    # Yu et al. 2025: token-level loss, dynamic sampling (clip-higher and the overlong penalty are config keys)
+    "dapo": GRPOLossSpec(
+        grpo_advantages, token_ratio, token_mean, average_over="tokens", dynamic_sampling=True
+    ),
+    # Zheng et al. 2025: one length-normalised ratio per completion
+    "gspo": GRPOLossSpec(grpo_advantages, sequence_mean_ratio, seq_mean_token_mean),
+    # Ahmadian et al. 2024 as TRL's RLOOTrainer: leave-one-out baseline, the KL in the reward
+    "rloo": GRPOLossSpec(rloo_advantages, sequence_sum_ratio, seq_mean_token_mean, kl_in_reward=True),
 }
-GRPO_LOSS_TYPES = tuple(GRPO_RECIPES)
+# the valid `loss_type`s: a live view, so that a variant registered after the config module bound this name is
+# valid at once (a tuple would go stale)
+GRPO_LOSS_TYPES: KeysView[str] = GRPO_LOSSES.keys()
+
+
+def register_policy_loss(name: str, spec: GRPOLossSpec) -> GRPOLossSpec:
+    """Make a GRPO-family objective available as `loss_type: <name>` (each name is registered once)."""
+    if name in GRPO_LOSSES:
+        raise ValueError(f"GRPO-family loss `{name}` is already registered")
+    GRPO_LOSSES[name] = spec
+    return spec
 
 
 def grpo_policy_loss(
@@ -172,7 +354,7 @@ def grpo_policy_loss(
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
     rows: torch.Tensor,
-    aggregation: str,
+    spec: GRPOLossSpec,
     epsilon_low: float,
     epsilon_high: float,
     max_new_tokens: int,
@@ -180,42 +362,20 @@ def grpo_policy_loss(
     beta: float = 0.0,
     kl_bias_correction: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The GRPO family's clipped policy loss, summed over completions (or tokens, for `token`).
+    """A GRPO-family clipped policy loss, summed: the caller divides by the completions (or tokens, as
+    `spec.average_over` says) of the whole global batch.
 
     logps, old_logps, ref_logps: (N,) completion-token log-probs, flattened; rows: (N,) completion index of
-    each token; advantages: (B,) one per completion. The caller divides by the number of completions (or of
-    tokens, for `token`) summed over the whole global batch. With `ref_logps`, beta * k3 KL is added per token,
+    each token; advantages: (B,) one per completion. With `ref_logps`, beta * k3 KL is added per token,
     weighted by the importance ratio when `kl_bias_correction` (DeepSeek-V3.2, eq. 7: the unbiased gradient
     of the reverse KL when samples come from the old policy; TRL's `use_bias_correction_kl`, on by default).
     Returns (loss sum, was_clipped per token or per completion, per-token k3 KL or None).
     """
-    n = advantages.shape[0]
-    lengths = per_row_sum(torch.ones_like(logps), rows, n).clamp(min=1)
-    if aggregation == "sequence_sum" and ref_logps is not None:
-        raise ValueError("sequence_sum (RLOO) takes its KL penalty in the reward, not in the loss")
-    if aggregation in ("sequence", "sequence_sum"):
-        seq_log_ratio = per_row_sum(logps - old_logps, rows, n)
-        if aggregation == "sequence":
-            seq_log_ratio = seq_log_ratio / lengths
-        seq_loss, clipped = clipped_surrogate(
-            seq_log_ratio, torch.zeros_like(seq_log_ratio), advantages, epsilon_low, epsilon_high
-        )
-        token_loss = torch.zeros_like(logps)
-        ratio = torch.exp(seq_log_ratio)[rows]
-    else:
-        token_loss, clipped = clipped_surrogate(logps, old_logps, advantages[rows], epsilon_low, epsilon_high)
-        seq_loss = torch.zeros(n, dtype=logps.dtype, device=logps.device)
-        ratio = torch.exp(logps - old_logps)
-    kl = None
+    if spec.kl_in_reward and ref_logps is not None:
+        raise ValueError("this loss takes its KL penalty in the reward, not in the loss")
+    terms = spec.importance_ratio(logps, old_logps, advantages, rows, epsilon_low, epsilon_high)
+    token_loss, kl = terms.token_loss, None  # (N,)
     if ref_logps is not None:
-        kl = k3_kl(logps, ref_logps)
-        token_loss = token_loss + beta * (kl * ratio if kl_bias_correction else kl)
-    if aggregation in ("seq_mean", "sequence", "sequence_sum"):
-        loss = (per_row_sum(token_loss, rows, n) / lengths).sum() + seq_loss.sum()
-    elif aggregation == "max_len":
-        loss = token_loss.sum() / max_new_tokens
-    elif aggregation == "token":
-        loss = token_loss.sum()
-    else:
-        raise ValueError(f"unknown aggregation {aggregation}")
-    return loss, clipped, kl
+        kl = k3_kl(logps, ref_logps)  # (N,)
+        token_loss = token_loss + beta * (kl * terms.ratio if kl_bias_correction else kl)
+    return spec.aggregation(token_loss, terms.seq_loss, rows, max_new_tokens), terms.clipped, kl

@@ -240,13 +240,3 @@ class _FusedHead(torch.autograd.Function):
             if grad_b is not None:
                 grad_b.add_(gz.sum(0))
         return grad_h, grad_w, grad_b, None, None, None
-
-
-def per_row_sum(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """(N,) token values -> (B,) sums per row, accumulated in float64 and rounded once to `values.dtype`.
-
-    index_add adds a row's ~1,000 token log-probs one by one; in float32 a sum of thousands drifts by several
-    ulps (~5e-4), all of which lands in a DPO margin, a small difference of such sums (1e-4 of it, measured)."""
-    wide = torch.float32 if values.device.type == "mps" else torch.float64  # MPS has no float64
-    total = torch.zeros(n_rows, dtype=wide, device=values.device)
-    return total.index_add(0, rows, values.to(wide)).to(values.dtype)

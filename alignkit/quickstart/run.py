@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.comparison.runs import train_method
-from alignkit.data.report import kto_weights
+from alignkit.losses.unpaired import kto_weights
 from alignkit.modeling.tiny import build_tiny
 from alignkit.quickstart.report import accuracy, reward_model_diagnosis, reward_trend, write_report
 from alignkit.quickstart.task import (

@@ -1,7 +1,8 @@
 """GRPO and its family: Dr. GRPO, DAPO, GSPO, RLOO. Group-relative advantages, no value model.
 
-Each loss type is a choice of advantage estimator and of how per-token losses are aggregated; the pieces
-are pure functions in `alignkit.losses.rl`.
+Each loss type is a spec in `alignkit.losses.rl.GRPO_LOSSES`: its advantage estimator, importance-ratio level
+and aggregation (pure functions), and the facts this stage reads (what the loss is averaged over, whether the
+KL goes into the reward, whether dynamic sampling is on by default). The stage never branches on the name.
 """
 
 from __future__ import annotations
@@ -9,28 +10,22 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from alignkit.config import GRPOConfig
 from alignkit.generation.rollout import Samples
-from alignkit.losses.rl import GRPO_RECIPES, group_advantages, grpo_policy_loss
+from alignkit.losses.rl import GRPO_LOSSES, GRPOLossSpec, grpo_policy_loss
+from alignkit.losses.tokens import per_row_sum
 from alignkit.modeling.load import load_policy
-from alignkit.modeling.logprobs import TokenStats, per_row_sum
+from alignkit.modeling.logprobs import TokenStats
 from alignkit.modeling.reference import Reference
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage, gather_counts
 
 log = logging.getLogger("alignkit")
-
-
-class Recipe(NamedTuple):
-    """A loss type's pieces (see `GRPO_RECIPES`)."""
-
-    estimator: str  # the advantage estimator of `group_advantages`
-    aggregation: str  # how `grpo_policy_loss` aggregates per-token losses
 
 
 @dataclass
@@ -101,18 +96,19 @@ class GRPOStage(OnlineStage):
         return self.cfg.num_iterations
 
     @property
-    def recipe(self) -> Recipe:
-        return Recipe(*GRPO_RECIPES[self.cfg.loss_type])
+    def spec(self) -> GRPOLossSpec:
+        """The loss type's pieces and facts (read at use, so a variant registered after `build` is found)."""
+        return GRPO_LOSSES[self.cfg.loss_type]
 
     @property
     def kl_in_reward(self) -> bool:
-        """RLOO penalises the KL in the reward (per sequence), the rest of the family in the loss (per token)."""
-        return self.cfg.loss_type == "rloo" and self.cfg.beta > 0
+        """Whether the KL is penalised in the reward (per sequence, as RLOO) rather than in the loss (per token)."""
+        return self.spec.kl_in_reward and self.cfg.beta > 0
 
     @property
     def dynamic_sampling(self) -> bool:
         ds = self.cfg.dynamic_sampling
-        return self.cfg.loss_type == "dapo" if ds is None else ds
+        return self.spec.dynamic_sampling if ds is None else ds
 
     def build(self) -> None:
         super().build()
@@ -155,13 +151,13 @@ class GRPOStage(OnlineStage):
             for i in index
         ]
         self._attach_logps(model, buffer, device)
-        if self.kl_in_reward:  # RLOO: reward - beta * sum_t (log pi - log ref), before the baseline
+        if self.kl_in_reward:  # reward - beta * sum_t (log pi - log ref), before the baseline (RLOO)
             seq_kl = torch.zeros_like(total)
             for i, s in zip(index, buffer):
                 s["kl"] = sum(o - r for o, r in zip(s["old_logps"], s.pop("ref_logps")))
                 seq_kl[i] = s["kl"]
             total = total - cfg.beta * seq_kl
-        adv = group_advantages(total, g, self.recipe.estimator)
+        adv = self.spec.advantages(total, g)
         for i, s in zip(index, buffer):
             s["advantage"] = float(adv[i])
         return buffer
@@ -243,7 +239,7 @@ class GRPOStage(OnlineStage):
         return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        if self.recipe.aggregation == "token":
+        if self.spec.average_over == "tokens":
             return int(batch["completion_mask"][:, 1:].sum())
         return batch["input_ids"].shape[0]
 
@@ -263,7 +259,7 @@ class GRPOStage(OnlineStage):
             old,
             batch["advantages"],
             rows,
-            self.recipe.aggregation,
+            self.spec,
             cfg.epsilon,
             eps_high,
             cfg.max_new_tokens,
@@ -293,6 +289,6 @@ class GRPOStage(OnlineStage):
         }
         if kl is not None:
             out["kl"] = (kl.detach().sum(), float(kl.numel()))
-        elif "kl" in batch:  # RLOO: the sequence KL its reward was penalised with
+        elif "kl" in batch:  # KL in the reward (RLOO): the sequence KL the reward was penalised with
             out["kl"] = (batch["kl"].sum(), n)
         return out

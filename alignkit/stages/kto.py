@@ -17,18 +17,12 @@ from torch import nn
 from alignkit.config import KTOConfig
 from alignkit.data.batches import build_unpaired_rows, collate_unpaired
 from alignkit.data.formats import Example
-from alignkit.data.report import KTO_RATIO_RANGE, kto_weights
 from alignkit.data.shared_prefix import check_layout_support, collate_shared_unpaired, model_mask
 from alignkit.errors import UserError
-from alignkit.losses.preference import KTO_LOSSES
+from alignkit.losses.tokens import per_row_sum
+from alignkit.losses.unpaired import KTO_LOSSES, KTO_RATIO_RANGE, kto_weights
 from alignkit.modeling.load import load_policy
-from alignkit.modeling.logprobs import (
-    TokenStats,
-    completion_token_stats,
-    head_stats,
-    hidden_states,
-    per_row_sum,
-)
+from alignkit.modeling.logprobs import TokenStats, completion_token_stats, head_stats, hidden_states
 from alignkit.modeling.reference import Reference, precompute_splits
 from alignkit.stages.base import Metrics, Stage, StepOutput
 

@@ -20,8 +20,9 @@ from alignkit.data.batches import build_pair_rows, collate_pairs
 from alignkit.data.shared_prefix import check_layout_support, collate_shared_pairs, model_mask
 from alignkit.errors import UserError
 from alignkit.losses.preference import DPO_LOSSES, PairLogps
+from alignkit.losses.tokens import per_row_sum
 from alignkit.modeling.load import load_policy
-from alignkit.modeling.logprobs import TokenStats, completion_token_stats, per_row_sum, token_stats_at
+from alignkit.modeling.logprobs import TokenStats, completion_token_stats, token_stats_at
 from alignkit.modeling.reference import Reference, precompute_splits
 from alignkit.stages.base import Metrics, Stage, StepOutput
 

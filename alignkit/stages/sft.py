@@ -10,7 +10,7 @@ from torch import nn
 from alignkit.config import PTConfig, SFTConfig
 from alignkit.data.batches import IGNORE, build_sft_rows, collate_sft, pack_rows
 from alignkit.data.packed import concat_sft_rows
-from alignkit.losses.preference import token_nll
+from alignkit.losses.tokens import token_nll
 from alignkit.modeling.load import load_policy
 from alignkit.modeling.logprobs import TokenStats, completion_token_stats, fused_head_applies
 from alignkit.stages.base import Stage, StepOutput

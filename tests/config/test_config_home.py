@@ -19,9 +19,10 @@ from alignkit.config import build_config, config_to_dict, load_config, save_conf
 from alignkit.config.schema import BaseConfig, build_dataclass
 from alignkit.config.stages import CONFIG_CLASSES, STAGES, DPOConfig, KTOConfig
 from alignkit.errors import UserError
-from alignkit.losses import preference as losses
+from alignkit.losses import registry as losses
 from alignkit.losses import rl as rl_losses
-from alignkit.losses.preference import DPO_LOSSES, KTO_LOSSES, PairLogps
+from alignkit.losses.preference import DPO_LOSSES, PairLogps
+from alignkit.losses.unpaired import KTO_LOSSES
 
 PACKAGE = Path(alignkit.__file__).parent
 REQUIRED = {"model_name_or_path": "m", "dataset": "d.jsonl"}
@@ -222,7 +223,9 @@ def test_no_loss_drops_keywords(module: object) -> None:
 
 def test_rl_loss_rejects_a_misspelled_keyword() -> None:
     logps = torch.tensor([-1.0, -2.0, -1.5])
-    keys = dict(rows=torch.tensor([0, 0, 1]), aggregation="token", epsilon_low=0.2, max_new_tokens=4)
+    keys = dict(
+        rows=torch.tensor([0, 0, 1]), spec=rl_losses.GRPO_LOSSES["dapo"], epsilon_low=0.2, max_new_tokens=4
+    )
     loss, _, _ = rl_losses.grpo_policy_loss(logps, logps, torch.tensor([1.0, -1.0]), epsilon_high=0.2, **keys)
     assert loss.item() == pytest.approx(-1.0 - 1.0 + 1.0)  # ratio 1: -A per token, summed
     with pytest.raises(TypeError, match="epsilon_hgh"):

@@ -10,8 +10,9 @@ import torch
 
 from alignkit.data.batches import build_sft_rows, collate_sft, encode_sft, pack_rows
 from alignkit.data.formats import detect_format, load_examples, read_rows
-from alignkit.data.report import inspect_data, kto_weights
+from alignkit.data.report import inspect_data
 from alignkit.errors import UserError
+from alignkit.losses.unpaired import kto_weights
 from tests.conftest import write_jsonl
 
 
@@ -204,7 +205,7 @@ def test_packing_keeps_sequences_apart(tiny_model: str) -> None:
     """Loss of packed rows == loss of the same rows padded separately (no attention across rows)."""
     from transformers import AutoModelForCausalLM
 
-    from alignkit.losses.preference import token_nll
+    from alignkit.losses.tokens import token_nll
     from alignkit.modeling.load import load_tokenizer
 
     tok = load_tokenizer(tiny_model)

@@ -1,12 +1,12 @@
-"""Online RL: advantage estimators and losses by hand, rewards (GSM8K's real answers), rollouts.
+"""Online RL: rewards (GSM8K's real answers), rollouts, dynamic sampling.
 
-The runs through the loop are in test_online_grpo.py and test_online_ppo.py.
+The losses by hand are in tests/losses/test_rl.py; the runs through the loop in tests/stages/test_online_grpo.py
+and tests/stages/test_online_ppo.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -15,115 +15,7 @@ import torch
 
 from alignkit.errors import UserError
 from alignkit.generation.rewards import exact_match, math_accuracy
-from alignkit.losses.rl import (
-    clipped_surrogate,
-    clipped_value_loss,
-    dapo_overlong_penalty,
-    gae,
-    group_advantages,
-    grpo_policy_loss,
-    k3_kl,
-    whiten,
-)
 from tests.conftest import run_stage, write_jsonl
-
-
-# ----------------------------------------------------------------------------------- pure functions
-def test_group_advantages_by_hand() -> None:
-    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of 4
-    grpo = group_advantages(r, 4, "grpo")
-    std = math.sqrt(((0.5**2) * 4) / 3)  # unbiased std of [1, 0, 0, 1]
-    assert grpo[:4].tolist() == pytest.approx(
-        [0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 1 + [-0.5 / (std + 1e-4), 0.5 / (std + 1e-4)], rel=1e-5
-    )
-    assert grpo[4:].tolist() == [0.0] * 4  # a group with one reward teaches nothing
-    assert group_advantages(r, 4, "dr_grpo")[:4].tolist() == [0.5, -0.5, -0.5, 0.5]
-    # RLOO: r_i - mean of the other three
-    assert group_advantages(r, 4, "rloo")[:4].tolist() == pytest.approx(
-        [1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3]
-    )
-
-
-def test_clipped_surrogate_and_clip_higher() -> None:
-    logp, old = torch.log(torch.tensor([1.5, 0.5, 1.1])), torch.zeros(3)  # ratios 1.5, 0.5, 1.1
-    adv = torch.tensor([1.0, -1.0, 1.0])
-    loss, clipped = clipped_surrogate(logp, old, adv, 0.2, 0.2)
-    assert loss.tolist() == pytest.approx([-1.2, 0.8, -1.1], rel=1e-6)  # min(r A, clip(r) A), negated
-    assert clipped.tolist() == [True, True, False]
-    loss_hi, clipped_hi = clipped_surrogate(logp, old, adv, 0.2, 0.6)  # DAPO clip-higher lets 1.5 through
-    assert loss_hi[0].item() == pytest.approx(-1.5) and not clipped_hi[0]
-
-
-def test_grpo_family_aggregations_by_hand() -> None:
-    """Two completions of 2 and 3 tokens, token ratios [1.5, 0.9] and [1.0, 1.3, 0.7], advantages 1 and -2,
-    clip range 0.2. Per-token clipped losses: [-1.2, -0.9] and [2.0, 2.6, 1.6] (the pessimistic term for A < 0)."""
-    ratios = [1.5, 0.9, 1.0, 1.3, 0.7]
-    logps = torch.log(torch.tensor(ratios))
-    old = torch.zeros(5)
-    rows = torch.tensor([0, 0, 1, 1, 1])
-    adv = torch.tensor([1.0, -2.0])
-
-    def loss(aggregation: str, **kw: object) -> tuple[float, list[bool]]:
-        out, clipped, _ = grpo_policy_loss(logps, old, adv, rows, aggregation, 0.2, 0.2, 4, **kw)
-        return out.item(), clipped.tolist()
-
-    seq_mean, clipped = loss("seq_mean")  # GRPO: per-completion token mean, summed over completions
-    assert seq_mean == pytest.approx((-1.2 - 0.9) / 2 + (2.0 + 2.6 + 1.6) / 3, rel=1e-6)
-    assert clipped == [True, False, False, False, True]
-    assert loss("max_len")[0] == pytest.approx((-2.1 + 6.2) / 4, rel=1e-6)  # Dr. GRPO: / max_new_tokens
-    assert loss("token")[0] == pytest.approx(-2.1 + 6.2, rel=1e-6)  # DAPO: token sum (the loop divides)
-    # GSPO: one ratio per completion, the geometric mean of its token ratios, clipped as a whole
-    s0, s1 = math.sqrt(1.5 * 0.9), (1.0 * 1.3 * 0.7) ** (1 / 3)
-    gspo, seq_clipped = loss("sequence")
-    assert gspo == pytest.approx(-s0 * 1.0 + s1 * 2.0, rel=1e-6) and seq_clipped == [False, False]
-    # RLOO: the whole completion's ratio, 1.35 (clipped to 1.2, A > 0) and 0.91; the KL is in the reward
-    rloo, seq_clipped = loss("sequence_sum")
-    assert rloo == pytest.approx(-1.2 * 1.0 + 0.91 * 2.0, rel=1e-6) and seq_clipped == [True, False]
-    with pytest.raises(ValueError, match="KL penalty in the reward"):
-        loss("sequence_sum", ref_logps=old, beta=0.1)
-    # beta * k3 KL per token, added before aggregation; with ref = old, k3 = 1/r + log r - 1; by default
-    # weighted by the (unclipped) ratio r (DeepSeek-V3.2's bias correction), else not
-    k3 = [1 / r + math.log(r) - 1 for r in ratios]
-    with_kl, _ = loss("token", ref_logps=old, beta=0.1)
-    assert with_kl == pytest.approx(4.1 + 0.1 * sum(r * k for r, k in zip(ratios, k3)), rel=1e-6)
-    plain_kl, _ = loss("token", ref_logps=old, beta=0.1, kl_bias_correction=False)
-    assert plain_kl == pytest.approx(4.1 + 0.1 * sum(k3), rel=1e-6)
-    # the gradient flows through the policy log-probs: d/dlogp of -r*A at an unclipped token is -r*A
-    lp = logps.clone().requires_grad_(True)
-    grpo_policy_loss(lp, old, adv, rows, "token", 0.2, 0.2, 4)[0].backward()
-    assert lp.grad.tolist() == pytest.approx([0.0, -0.9, 2.0, 2.6, 0.0], abs=1e-6)
-
-
-def test_clipped_value_loss_by_hand() -> None:
-    values, old, ret = (
-        torch.tensor([1.0, 0.5, 2.0]),
-        torch.tensor([0.5, 0.5, 1.0]),
-        torch.tensor([2.0, 0.0, 1.5]),
-    )
-    vf = clipped_value_loss(values, old, ret, 0.2)
-    # clipped values 0.7, 0.5, 1.2; the larger of the two squared errors, halved
-    assert vf.tolist() == pytest.approx([0.5 * 1.3**2, 0.5 * 0.5**2, 0.5 * 0.5**2], rel=1e-6)
-
-
-def test_k3_kl_overlong_gae_whiten_by_hand() -> None:
-    kl = k3_kl(torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -1.5]))
-    assert kl.tolist() == pytest.approx([0.0, math.exp(0.5) - 0.5 - 1], rel=1e-6)
-    pen = dapo_overlong_penalty(torch.tensor([10, 12, 14, 16]), max_new_tokens=16, buffer_len=4)
-    assert pen.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0])
-    # GAE with gamma=1, lam=1 gives returns-to-go minus the value; mask stops at each row's end
-    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 2.0, 0.0]])
-    values = torch.tensor([[0.2, 0.4, 0.6], [0.1, 0.3, 9.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
-    assert adv[0].tolist() == pytest.approx([1 - 0.2, 1 - 0.4, 1 - 0.6])
-    assert adv[1].tolist() == pytest.approx([2.5 - 0.1, 2.0 - 0.3, 0.0])
-    assert ret[1].tolist() == pytest.approx([2.5, 2.0, 0.0])
-    adv2, _ = gae(rewards, values, mask, gamma=0.9, lam=0.5)
-    d2 = 1.0 - 0.6
-    d1 = 0.0 + 0.9 * 0.6 - 0.4
-    assert adv2[0, 1].item() == pytest.approx(d1 + 0.45 * d2)
-    w = whiten(torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 1.0, 0.0]))
-    assert w[:3].mean().item() == pytest.approx(0.0, abs=1e-6) and w[3].item() == 0.0
 
 
 # ------------------------------------------------------------------------------------------ rewards

@@ -180,7 +180,8 @@ def test_ipo_and_sft_terms_by_hand() -> None:
 def test_chunked_logprobs_equal_full_logits_values_and_grads(tiny_model: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from alignkit.modeling.logprobs import completion_token_stats, per_row_sum
+    from alignkit.losses.tokens import per_row_sum
+    from alignkit.modeling.logprobs import completion_token_stats
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = torch.randint(5, 500, (3, 11), generator=torch.Generator().manual_seed(0))
@@ -206,7 +207,7 @@ def test_chunked_logprobs_equal_full_logits_values_and_grads(tiny_model: str) ->
 
 def test_per_row_sum_rounds_once() -> None:
     """1,000 float32 log-probs per row: the float64 sum rounded once (float32 accumulation drifted 2 ulps)."""
-    from alignkit.modeling.logprobs import per_row_sum
+    from alignkit.losses.tokens import per_row_sum
 
     values = -6 * torch.rand(2000, generator=torch.Generator().manual_seed(0))  # (N,) float32
     got = per_row_sum(values, torch.arange(2).repeat_interleave(1000), 2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignkit.errors import UserError
-from alignkit.losses.preference import KTO_LOSSES, kto_loss
+from alignkit.losses.unpaired import KTO_LOSSES, kto_loss
 from tests.conftest import first_step, run_stage, write_jsonl
 
 Q = ["What is 12 + 7?", "Name a colour of the sky.", "Say hello in French.", "Count to three.", "Spell cat."]

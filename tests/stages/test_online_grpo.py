@@ -1,5 +1,5 @@
-"""GRPO family runs through the loop: each loss type trains and logs, its loss on a fixed rollout, RLOO's KL
-in the reward, bad inputs and config errors."""
+"""GRPO family runs through the loop: each loss type trains and logs, its loss on a fixed rollout, a variant
+registered from outside trains with the stage untouched, RLOO's KL in the reward, bad inputs and config errors."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ import torch
 
 from alignkit.errors import UserError
 from alignkit.losses.rl import (
+    GRPO_LOSSES,
+    GRPOLossSpec,
     grpo_policy_loss,
     k3_kl,
+    register_policy_loss,
+    sequence_mean_ratio,
+    token_mean,
 )
 from tests.conftest import run_stage, write_jsonl
 from tests.generation.test_online import PROMPTS
+from tests.losses.test_rl import WRITTEN_OUT
 
 
 @pytest.mark.parametrize(
@@ -71,45 +77,44 @@ def test_grpo_family_trains_and_logs(loss_type: str, extra: dict, tiny_model: st
         assert records[1]["step"] == 2
 
 
-# each loss type's aggregation, written out here (not read from GRPO_RECIPES) so a wrong registry entry fails
-AGGREGATIONS = {
-    "grpo": "seq_mean",
-    "dr_grpo": "max_len",
-    "dapo": "token",
-    "gspo": "sequence",
-    "rloo": "sequence_sum",
-}
-
-
-@pytest.mark.parametrize("loss_type", list(AGGREGATIONS))
-def test_grpo_family_loss_on_a_fixed_rollout_is_the_pure_functions(
-    loss_type: str, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A fixed rollout (2 prompts x 2 completions of 1-4 tokens, advantages, sampling-time and reference
-    log-probs): the loss the loop logs is `grpo_policy_loss` (checked by hand above) of this type's aggregation
-    on the policy's log-probs, computed here by a plain forward pass at the sampling temperature, divided by the
-    completions (tokens, for DAPO); and it is no other type's value."""
+def _fixed_completions(tiny_model: str) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+    """2 prompts x 2 completions of 1-4 tokens, and the policy's log-prob of each completion token at
+    temperature 0.7, row by row, (10,), by a plain forward pass."""
     from transformers import AutoModelForCausalLM
 
     from alignkit.data.batches import tokenize_chat
     from alignkit.modeling.load import load_tokenizer
-    from alignkit.stages.grpo import GRPOStage
 
     tok, model = load_tokenizer(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
     prompts = [tokenize_chat(tok, r["prompt"], add_generation_prompt=True) for r in PROMPTS[:2]]
     prompt_ids = [prompts[0], prompts[0], prompts[1], prompts[1]]
     completions = [[11, 12], [13, 14, 15], [16], [17, 18, 19, 20]]
-    logps = []  # (10,) the policy's log-prob of each completion token at temperature 0.7, row by row
+    logps = []
     with torch.no_grad():
         for p, c in zip(prompt_ids, completions):
             logits = model(input_ids=torch.tensor([p + c])).logits[0] / 0.7
             logps += [torch.log_softmax(logits[len(p) - 1 + t], -1)[c_t] for t, c_t in enumerate(c)]
-    logps = torch.stack(logps)
+    return prompt_ids, completions, torch.stack(logps)
+
+
+@pytest.mark.parametrize("loss_type", list(WRITTEN_OUT))
+def test_grpo_family_loss_on_a_fixed_rollout_is_the_pure_functions(
+    loss_type: str, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fixed rollout (2 prompts x 2 completions of 1-4 tokens, advantages, sampling-time and reference
+    log-probs): the loss the loop logs is `grpo_policy_loss` (checked by hand in tests/losses/test_rl.py) of this
+    type's pieces (written out there, not read from the registry) on the policy's log-probs, computed here by a
+    plain forward pass at the sampling temperature, divided by the completions (tokens, for DAPO); and it is no
+    other type's value."""
+    from alignkit.stages.grpo import GRPOStage
+
+    prompt_ids, completions, logps = _fixed_completions(tiny_model)
     rows = torch.tensor([i for i, c in enumerate(completions) for _ in c])
     old = logps - torch.log(torch.tensor([1.5, 0.9, 1.0, 1.3, 0.7, 1.1, 0.85, 1.25, 0.95, 1.05]))  # ratios
     ref = logps + torch.tensor([0.3, -0.2, 0.1, 0.0, -0.4, 0.25, 0.05, -0.1, 0.2, -0.3])
     adv = torch.tensor([1.0, -2.0, 0.5, -0.5])
-    beta = 0.0 if loss_type == "rloo" else 0.1  # RLOO's KL goes into the reward, before the advantages
+    # a KL in the reward (RLOO) comes before the advantages, which are fixed here: none
+    beta = 0.0 if WRITTEN_OUT[loss_type].kl_in_reward else 0.1
     buffer = [
         {
             "prompt_ids": p,
@@ -144,17 +149,70 @@ def test_grpo_family_loss_on_a_fixed_rollout_is_the_pure_functions(
         },
     )
 
-    def expected(aggregation: str) -> float:
-        kl_ref = ref if beta and aggregation != "sequence_sum" else None
-        loss, _, _ = grpo_policy_loss(logps, old, adv, rows, aggregation, 0.2, 0.28, 4, kl_ref, beta)
-        return loss.item() / (10 if aggregation == "token" else 4)
+    def expected(spec: GRPOLossSpec) -> float:
+        kl_ref = ref if beta and not spec.kl_in_reward else None
+        loss, _, _ = grpo_policy_loss(logps, old, adv, rows, spec, 0.2, 0.28, 4, kl_ref, beta)
+        return loss.item() / (10 if spec.average_over == "tokens" else 4)
 
-    assert record["loss"] == pytest.approx(expected(AGGREGATIONS[loss_type]), rel=1e-5, abs=1e-6)
-    for other in AGGREGATIONS.values():
-        if other != AGGREGATIONS[loss_type]:
-            assert abs(record["loss"] - expected(other)) > 1e-3, other
+    assert record["loss"] == pytest.approx(expected(WRITTEN_OUT[loss_type]), rel=1e-5, abs=1e-6)
+    for other, spec in WRITTEN_OUT.items():
+        if other != loss_type:
+            assert abs(record["loss"] - expected(spec)) > 1e-3, other
     if beta:
         assert record["kl"] == pytest.approx(k3_kl(logps, ref).mean().item(), rel=1e-5)
+
+
+def test_a_registered_variant_trains_with_the_stage_untouched(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A toy GRPO-family objective, one new piece (the sign of the centred reward as advantage) and registered
+    ones (GSPO's sequence-mean ratio, DAPO's token mean), registered through `register_policy_loss`:
+    `loss_type: toy` validates and trains a step. At the first update every ratio is 1, so each completion's
+    surrogate is -A, in {-1, 0, 1}: the toy advantages reached the loss; and the logged loss is the
+    aggregation's sums over the global batch's tokens, as `average_over` says."""
+    seen: list[tuple[float, int]] = []  # (loss sum, tokens) per micro-batch
+    surrogates: list[float] = []
+
+    def sign_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+        r = rewards.view(-1, num_generations)  # (groups, G)
+        return torch.sign(r - r.mean(dim=1, keepdim=True)).reshape(-1)
+
+    def spied_token_mean(
+        token_loss: torch.Tensor, seq_loss: torch.Tensor, rows: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
+        out = token_mean(token_loss, seq_loss, rows, max_new_tokens)
+        seen.append((out.item(), token_loss.numel()))
+        surrogates.extend(seq_loss.tolist())
+        return out
+
+    (tmp_path / "varied_rewards.py").write_text(
+        "def char_sum(prompts, completions, **kw):\n    return [float(sum(map(ord, c)) % 7) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    toy = GRPOLossSpec(sign_advantages, sequence_mean_ratio, spied_token_mean, average_over="tokens")
+    try:
+        register_policy_loss("toy", toy)
+        record, _ = run_stage(
+            tmp_path,
+            {
+                "stage": "grpo",
+                "model_name_or_path": tiny_model,
+                "dataset": write_jsonl(tmp_path / "p.jsonl", PROMPTS),
+                "loss_type": "toy",
+                "reward_funcs": ["varied_rewards:char_sum"],
+                "num_generations": 4,
+                "per_device_train_batch_size": 2,
+                "max_new_tokens": 4,
+                "max_steps": 1,
+                "logging_steps": 1,
+                "torch_dtype": "float32",
+            },
+        )
+    finally:
+        GRPO_LOSSES.pop("toy", None)
+    assert surrogates and set(surrogates) <= {-1.0, 0.0, 1.0} and any(surrogates)
+    assert record["loss"] == pytest.approx(sum(s for s, _ in seen) / sum(n for _, n in seen), rel=1e-5)
+    assert record["loss"] != 0.0
 
 
 def test_grpo_learns_a_verifiable_reward(tiny_model: str, tmp_path: Path) -> None:

@@ -12,9 +12,8 @@ from transformers import AutoModelForCausalLM
 from alignkit.config import build_config
 from alignkit.data.batches import IGNORE
 from alignkit.data.packed import segment_index
-from alignkit.losses.preference import token_nll
+from alignkit.losses.tokens import per_row_sum, token_nll
 from alignkit.modeling.load import load_reward_model, load_tokenizer
-from alignkit.modeling.logprobs import per_row_sum
 from tests.conftest import run_stage, write_jsonl
 
 Q = ["What is 12 + 7?", "Name a colour of the sky, please.", "Hi.", "Count to three, then stop counting."]
