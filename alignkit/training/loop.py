@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from alignkit.training.checkpoint import (
     save_checkpoint,
     undo_on_failure,
 )
+from alignkit.training.events import Callback, Reporter, StopSignal
 from alignkit.training.launch import make_accelerator
 from alignkit.training.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
 
@@ -80,8 +82,14 @@ def _plan(cfg: BaseConfig, stage: Stage, accelerator: Any) -> Plan:
     )
 
 
-def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
-    """Run the stage to the end; return the final metrics record.
+def train(
+    cfg: BaseConfig,
+    stage: Stage,
+    callbacks: Sequence[Callback] | None = None,
+    stop: StopSignal | None = None,
+) -> dict[str, Any]:
+    """Run the stage to the end (or until `stop` is set: see `alignkit.training.events`); return the last
+    metrics record. `callbacks` receive the run's events in this process.
 
     A run that fails before its first optimizer step leaves `output_dir` as it was (`undo_on_failure`); one
     that fails later but before a checkpoint moves its files into `failed-<time>/`; either way the same
@@ -101,10 +109,11 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
         refuse_to_overwrite(cfg.output_dir)
     with undo_on_failure(cfg.output_dir, enabled=accelerator.is_main_process) as progress:
         stage.build()  # every input is checked here, before the loop writes to output_dir
-        run = _Run(cfg, stage, accelerator, resume_path)
+        run = _Run(cfg, stage, accelerator, resume_path, callbacks, stop)
         try:
             record = run.loop(progress)
-            _save_final(accelerator, run.model, stage, cfg)
+            if not run.stopped:
+                _save_final(accelerator, run.model, stage, cfg)
             progress.finished = True
         except BaseException:
             run.close(failed=True)  # a tracker's run is marked failed and ended (MLflow's would stay active)
@@ -112,13 +121,22 @@ def train(cfg: BaseConfig, stage: Stage) -> dict[str, Any]:
         run.close()
     if accelerator.is_main_process and cfg.plot_loss:
         plot_loss(cfg.output_dir)
+    run.report("end", run.done, record=record, stopped=run.stopped)
     return record
 
 
 class _Run:
     """One run's model, optimizer and running totals; `loop` trains to the end."""
 
-    def __init__(self, cfg: BaseConfig, stage: Stage, accelerator: Any, resume_path: str | None) -> None:
+    def __init__(
+        self,
+        cfg: BaseConfig,
+        stage: Stage,
+        accelerator: Any,
+        resume_path: str | None,
+        callbacks: Sequence[Callback] | None = None,
+        stop: StopSignal | None = None,
+    ) -> None:
         from transformers import get_scheduler
 
         self.cfg, self.stage, self.accelerator = cfg, stage, accelerator
@@ -154,6 +172,18 @@ class _Run:
             p.global_batch,
         )
         self.ctx = StepContext(p, self.model, accelerator.device, accelerator.autocast)
+        self.report = Reporter(callbacks, p.total_steps, accelerator.is_main_process)
+        self.stop, self.stopped, self.done = stop, False, self.start_step
+        self.report(
+            "start",
+            self.start_step,
+            stage=stage.name,
+            rows=len(stage.train_rows),
+            total_steps=p.total_steps,
+            steps_per_epoch=p.steps_per_epoch,
+            global_batch=p.global_batch,
+            resumed_at=self.start_step if resume_path else None,
+        )
         self.window: list[dict[str, float]] = []
         self.num_tokens = self.tokens_since_start = 0
         self.t0 = time.perf_counter()
@@ -176,12 +206,33 @@ class _Run:
                 metrics = self.accumulate(step, self.stage.micro_batches(step, self.ctx))
                 step_lr = self.update(metrics)
                 progress.steps += 1
+                self.done = step + 1
+                elapsed = time.perf_counter() - self.t0
                 bar.update(1)
-                rate = self.tokens_since_start / max(time.perf_counter() - self.t0, 1e-9)
+                rate = self.tokens_since_start / max(elapsed, 1e-9)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{step_lr:.2e}", tok_s=f"{rate:.0f}")
-                record = self.log(step + 1, metrics, step_lr) or record
-                self.maybe_save(step + 1)
+                self.report("step", self.done, loss=metrics["loss"], learning_rate=step_lr, elapsed_s=elapsed)
+                record = self.log(self.done, metrics, step_lr) or record
+                if self.stop_requested(self.done):
+                    self.stopped = True
+                    path = self.maybe_save(self.done, force=True)
+                    self.report("stopped", self.done, checkpoint=path)
+                    log.info("stopped at step %d on request; checkpoint in %s", self.done, path)
+                    break
+                self.maybe_save(self.done)
         return record
+
+    def stop_requested(self, done: int) -> bool:
+        """Whether to stop after step `done`: asked for, at a point where a checkpoint can be written (a global
+        batch done), before the last step (which ends the run anyway). Every process takes the main one's
+        answer, so they stop together."""
+        p = self.plan
+        if done % p.updates_per_batch or done >= p.total_steps:
+            return False
+        flag = torch.tensor(float(bool(self.stop and self.stop.is_set())), device=self.accelerator.device)
+        if p.world > 1:
+            flag = self.accelerator.reduce(flag, reduction="max")
+        return bool(flag.item())
 
     def close(self, failed: bool = False) -> None:
         if self.writer:
@@ -267,14 +318,20 @@ class _Run:
         record = {"step": done, "epoch": round(done / p.steps_per_epoch, 4), **logged}
         if self.writer:
             self.writer.write(record)
+        self.report("log", done, **record)
+        evaluated = {k: v for k, v in record.items() if k.startswith("eval_")}
+        if evaluated:
+            self.report("eval", done, **evaluated)
         return record
 
-    def maybe_save(self, done: int) -> None:
-        # only where a global batch is done (online stages: a rollout boundary), so a resume starts a fresh one
+    def maybe_save(self, done: int, force: bool = False) -> str | None:
+        """Write checkpoint-`done` every `save_steps` (or when `force`d), only where a global batch is done
+        (online stages: a rollout boundary), so a resume starts a fresh one; return its path."""
         cfg, p = self.cfg, self.plan
         boundary = done % p.updates_per_batch == 0
-        if cfg.save_steps and done % cfg.save_steps == 0 and boundary and done < p.total_steps:
-            save_checkpoint(
+        due = force or bool(cfg.save_steps and done % cfg.save_steps == 0)
+        if due and boundary and done < p.total_steps:
+            path = save_checkpoint(
                 self.accelerator,
                 self.model,
                 self.stage.save,
@@ -285,6 +342,9 @@ class _Run:
                 {"epoch": done / p.steps_per_epoch, "stage": self.stage.state_dict()},
                 cfg.save_total_limit,
             )
+            self.report("checkpoint", done, path=path)
+            return path
+        return None
 
 
 def eval_every(cfg: BaseConfig, steps_per_epoch: int) -> int | None:
