@@ -1,4 +1,4 @@
-from alignkit.cli.main import main
+from alignkit.cli import main
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,6 @@ was interrupted, or run again after one method's keys changed, redoes only what 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from typing import Any
@@ -18,7 +17,7 @@ from alignkit.errors import UserError
 
 log = logging.getLogger("alignkit")
 
-__all__ = ["compare_command", "run_compare", "train_method", "TrainResult", "load_compare_config"]
+__all__ = ["run_compare", "train_method", "TrainResult", "load_compare_config"]
 
 
 def _processes() -> int:
@@ -59,13 +58,3 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     report["plots"] = plots
     report["table"] = write_report(cfg.output_dir, report, plots)
     return report
-
-
-def compare_command(args: argparse.Namespace) -> int:
-    cfg = load_compare_config(args.config, list(args.overrides or []))
-    report = run_compare(cfg)
-    print(report["table"])
-    for name, reasons in report["reward_hacking"]["flagged"].items():
-        print(f"reward hacking? {name}: {'; '.join(reasons)}")
-    print(f"\nwritten: {cfg.output_dir}/report.md, report.json, {', '.join(report['plots'])}")
-    return 0

@@ -119,8 +119,31 @@ def _method_raw(name: str, keys: Any, shared: dict[str, Any], output_dir: str, s
 
 
 def load_compare_config(path: str, overrides: list[str] | None = None) -> CompareConfig:
-    """Read, check and resolve a compare config: every method's training config and the eval keys."""
-    raw = apply_overrides(load_yaml_mapping(path), list(overrides or []))
+    """A compare YAML with the command line's `key=value` overrides (see `apply_overrides`)."""
+    return build_compare_config(apply_overrides(load_yaml_mapping(path), list(overrides or [])), path)
+
+
+def compare_config(config: Any, keys: dict[str, Any] | None = None) -> CompareConfig:
+    """A compare config from a YAML path or a mapping, with `keys` on top: a shared key replaces the file's, a
+    section (`methods`, `eval`) given as a mapping is merged into the file's key by key."""
+    if isinstance(config, CompareConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        raw, source = load_yaml_mapping(os.fspath(config)), os.fspath(config)
+    elif isinstance(config, dict):
+        raw, source = copy.deepcopy(config), "compare config"
+    else:
+        raise UserError(f"compare: give a YAML path or a mapping (got {type(config).__name__})")
+    for key, value in (keys or {}).items():
+        if key in SECTIONS and isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **copy.deepcopy(value)}
+        else:
+            raw[key] = copy.deepcopy(value)
+    return build_compare_config(raw, source)
+
+
+def build_compare_config(raw: dict[str, Any], path: str) -> CompareConfig:
+    """Check and resolve a compare config: every method's training config and the eval keys."""
     shared = flatten({k: v for k, v in raw.items() if k not in SECTIONS and k not in COMPARE_KEYS})
     _check_top_level(raw, path)
     methods_raw = raw.get("methods")

@@ -325,3 +325,35 @@ def strip_placeholders(text: str) -> str:
     for tag in PLACEHOLDERS:
         out = out.replace(tag, "")
     return out.strip() if out != text else text
+
+
+def rows_file(rows: Any, what: str = "dataset") -> str:
+    """A data set handed over in memory (a `datasets.Dataset`, or a list of dicts in any format alignkit reads)
+    as a JSONL file in the user cache, named by its content: the run's config records a path that reproduces
+    it, and the same rows always give the same file (so compare's fingerprints stay equal)."""
+    import hashlib
+
+    from alignkit.config.cache import user_cache_dir
+
+    if hasattr(rows, "to_list"):  # datasets.Dataset
+        rows = rows.to_list()
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(
+            f"`{what}`: give a file path, a datasets.Dataset or a list of dicts (got {type(rows).__name__})"
+        )
+    if not rows:
+        raise UserError(f"`{what}`: the list of rows is empty")
+    try:
+        text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    except TypeError as exc:
+        raise UserError(f"`{what}`: rows must hold JSON values (text, numbers, lists, dicts): {exc}") from exc
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+    folder = os.path.join(user_cache_dir(), "datasets")
+    path = os.path.join(folder, f"{digest}.jsonl")
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    return path

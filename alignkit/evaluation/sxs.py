@@ -11,7 +11,6 @@ also reported on its own, since many of them say both models fail on those promp
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import gc
 import json
@@ -307,18 +306,12 @@ def _export(votes_path: str, key_path: str | None, output_dir: str) -> tuple[str
     return dpo_path, kto_path, "\n".join(lines)
 
 
-def votes_to_data(votes_path: str, key_path: str | None, output_dir: str) -> tuple[str, str]:
+def votes_to_data(votes_path: str, key_path: str | None, output_dir: str) -> dict[str, str]:
     """Write `dpo.jsonl` ({prompt, chosen, rejected}) and `kto.jsonl` ({prompt, completion, label}) into
-    `output_dir`, in the conversational form when the prompts were messages; return both paths."""
-    dpo_path, kto_path, _ = _export(votes_path, key_path, output_dir)
-    return dpo_path, kto_path
-
-
-def from_votes_command(args: argparse.Namespace) -> int:
-    """`alignkit data from-votes VOTES [--key KEY] [--output-dir DIR]`."""
-    _, _, summary = _export(args.votes, args.key, args.output_dir)
-    print(summary)
-    return 0
+    `output_dir`, in the conversational form when the prompts were messages; return both paths and a summary
+    for people ({"dpo", "kto", "summary"})."""
+    dpo_path, kto_path, summary = _export(votes_path, key_path, output_dir)
+    return {"dpo": dpo_path, "kto": kto_path, "summary": summary}
 
 
 # -------------------------------------------------------------------------------------------------- sxs
@@ -352,35 +345,31 @@ def _answers(path: str, prompts: list, max_new_tokens: int) -> list[str]:
     return texts
 
 
-def _generate_page(args: argparse.Namespace) -> int:
+def sxs_page(
+    model: str,
+    baseline: str,
+    dataset: str,
+    max_samples: int = 100,
+    max_new_tokens: int = 256,
+    output_dir: str = "sxs",
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Answer the first `max_samples` prompts of `dataset` with both models and write the blind review page
+    (sxs.html) and its key (sxs_key.json); return {"page", "key", "items"}. `seed` orders the sides (random
+    when None; kept in the key)."""
     from alignkit.data.formats import load_examples
 
-    missing = [flag for flag in ("model", "baseline", "dataset") if not getattr(args, flag)]
+    missing = [name for name, v in (("model", model), ("baseline", baseline), ("dataset", dataset)) if not v]
     if missing:
         raise UserError(
             f"alignkit sxs needs {', '.join('--' + m for m in missing)} "
             "(e.g. alignkit sxs --model out/dpo --baseline out/sft --dataset prompts.jsonl)"
         )
-    if args.max_samples < 1 or args.max_new_tokens < 1:
+    if max_samples < 1 or max_new_tokens < 1:
         raise UserError("--max-samples and --max-new-tokens must be at least 1")
-    prompts = [_prompt_of(ex) for ex in load_examples(args.dataset)[: args.max_samples]]
-    answers_model = _answers(args.model, prompts, args.max_new_tokens)
-    answers_baseline = _answers(args.baseline, prompts, args.max_new_tokens)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)  # kept in the key
-    page = write_page(
-        args.output_dir, prompts, answers_model, answers_baseline, args.model, args.baseline, seed
-    )
-    key = os.path.join(args.output_dir, "sxs_key.json")
-    print(f"wrote {page} ({len(prompts)} items; model names hidden, sides shuffled)")
-    print(f"wrote {key}: keep it, it un-blinds the votes; send reviewers only the page")
-    print(f"then: alignkit sxs tally votes.json --key {key}")
-    return 0
-
-
-def sxs_command(args: argparse.Namespace) -> int:
-    """`alignkit sxs --model A --baseline B --dataset FILE` writes the page; `alignkit sxs tally VOTES` tallies."""
-    if getattr(args, "sxs_command", None) == "tally":
-        result = tally(args.votes, args.key)
-        print(json.dumps(result, indent=2) if args.json else render_tally(result))
-        return 0
-    return _generate_page(args)
+    prompts = [_prompt_of(ex) for ex in load_examples(dataset)[:max_samples]]
+    answers_model = _answers(model, prompts, max_new_tokens)
+    answers_baseline = _answers(baseline, prompts, max_new_tokens)
+    seed = seed if seed is not None else random.SystemRandom().randrange(2**31)  # kept in the key
+    page = write_page(output_dir, prompts, answers_model, answers_baseline, model, baseline, seed)
+    return {"page": page, "key": os.path.join(output_dir, "sxs_key.json"), "items": len(prompts)}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from alignkit.errors import UserError
+from alignkit.errors import UserError, did_you_mean
 
 RewardFn = Callable[..., list[float]]
 
@@ -102,25 +102,41 @@ def load_user_function(spec: str) -> RewardFn:
     return fn
 
 
-BUILTIN = ("math_accuracy", "exact_match", "format", "length")
+# The built-in reward functions by name, each made from (format_pattern, length_target).
+BUILTIN_REWARDS: dict[str, Callable[[str, int], RewardFn]] = {
+    "math_accuracy": lambda pattern, target: math_accuracy,
+    "exact_match": lambda pattern, target: exact_match,
+    "format": lambda pattern, target: make_format_reward(pattern),
+    "length": lambda pattern, target: make_length_reward(target),
+}
+BUILTIN = tuple(BUILTIN_REWARDS)
 
 
-def build_reward_funcs(names: Sequence[str], format_pattern: str, length_target: int) -> dict[str, RewardFn]:
+def reward_name(fn: RewardFn) -> str:
+    """The name a reward function handed over as a Python callable is recorded under in the run's config:
+    `module:function` when it can be imported so, else its own name."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if module and qualname and "<" not in qualname and "." not in qualname:
+        return f"{module}:{qualname}"
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def build_reward_funcs(
+    names: Sequence[str],
+    format_pattern: str,
+    length_target: int,
+    given: dict[str, RewardFn] | None = None,
+) -> dict[str, RewardFn]:
+    """name -> function: `given` ones (callables handed to the library), built-ins, then `module:function`."""
     funcs: dict[str, RewardFn] = {}
     for name in names:
-        if name == "math_accuracy":
-            funcs[name] = math_accuracy
-        elif name == "exact_match":
-            funcs[name] = exact_match
-        elif name == "format":
-            funcs[name] = make_format_reward(format_pattern)
-        elif name == "length":
-            funcs[name] = make_length_reward(length_target)
+        if given and name in given:
+            funcs[name] = given[name]
+        elif name in BUILTIN_REWARDS:
+            funcs[name] = BUILTIN_REWARDS[name](format_pattern, length_target)
         elif ":" in name:
             funcs[name] = load_user_function(name)
         else:
-            from alignkit.errors import did_you_mean
-
             raise UserError(
                 f"reward function `{name}` is not built in{did_you_mean(name, BUILTIN)}; built-ins: "
                 f"{', '.join(BUILTIN)}, or give your own as module:function"

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from alignkit.config import BaseConfig
+from alignkit.config.cache import user_cache_dir
 
 log = logging.getLogger("alignkit")
 
@@ -86,14 +87,6 @@ class Reference:
 _HASH_CHUNK = 8 << 20  # bytes read at a time: a 15 GB file is streamed, never held in memory
 
 
-def _user_cache_dir() -> str:
-    """`$ALIGNKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/alignkit`, else `~/.cache/alignkit`."""
-    if os.environ.get("ALIGNKIT_CACHE_DIR"):
-        return os.environ["ALIGNKIT_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "alignkit")
-
-
 def _hash_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -130,7 +123,7 @@ def content_hash(path: str) -> str:
     """
     full = os.path.abspath(path)
     stat = os.stat(full)
-    index_path = os.path.join(_user_cache_dir(), "weight_hashes.json")
+    index_path = os.path.join(user_cache_dir(), "weight_hashes.json")
     index = _load_index(index_path)
     entry = index.get(full)
     if isinstance(entry, list) and entry[:2] == [stat.st_size, stat.st_mtime_ns]:

@@ -8,7 +8,6 @@ from a LLaMA-Factory inference YAML (`model_name_or_path`, `adapter_name_or_path
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -123,17 +122,17 @@ def read_inference_config(path: str) -> InferenceConfig:
     return build_dataclass(InferenceConfig, raw, path)
 
 
-def _flag(args: argparse.Namespace, name: str) -> Any:
-    """A flag's value, or None when it was not given (the flags have no defaults: the YAML's value wins
-    over a default, a given flag over the YAML)."""
-    return getattr(args, name, None)
+GIVEN = ("model", "adapter", "system", "max_new_tokens", "temperature", "top_p")
 
 
-def resolve_settings(args: argparse.Namespace) -> ChatSettings:
-    """Flags and the YAML (if given) merged into one `ChatSettings`: flags win, then the YAML, then defaults."""
-    source = getattr(args, "config", None)
+def chat_settings(source: str | None = None, **given: Any) -> ChatSettings:
+    """The settings given (flags or keyword arguments; None: not given) and the YAML (if any) merged into one
+    `ChatSettings`: given settings win, then the YAML, then the defaults."""
+    unknown = [key for key in given if key not in GIVEN]
+    if unknown:
+        raise UserError(f"chat: unknown setting `{unknown[0]}`{did_you_mean(unknown[0], GIVEN)}")
     cfg = read_inference_config(source) if source else InferenceConfig()
-    model = getattr(args, "model", None) or cfg.model_name_or_path
+    model = given.get("model") or cfg.model_name_or_path
     if not model:
         where = f"`model_name_or_path:` in {source}" if source else "a LLaMA-Factory inference YAML"
         raise UserError(f"no model to chat with: give --model DIR or {where}")
@@ -150,7 +149,7 @@ def resolve_settings(args: argparse.Namespace) -> ChatSettings:
         )
     if cfg.infer_dtype not in DTYPES:
         raise UserError(f"{source}: `infer_dtype: {cfg.infer_dtype}`: choose one of {', '.join(DTYPES)}")
-    adapter = getattr(args, "adapter", None) or cfg.adapter_name_or_path
+    adapter = given.get("adapter") or cfg.adapter_name_or_path
     if adapter and "," in adapter:
         raise UserError(f"{source or '--adapter'}: one adapter at a time (got {adapter})")
     if adapter and cfg.finetuning_type in ("full", "freeze"):
@@ -158,7 +157,7 @@ def resolve_settings(args: argparse.Namespace) -> ChatSettings:
             f"{source}: `finetuning_type: {cfg.finetuning_type}` has no adapter, but `adapter_name_or_path` "
             "(or --adapter) is set; use finetuning_type: lora, or drop the adapter"
         )
-    system = args.system if getattr(args, "system", None) is not None else cfg.default_system
+    system = given["system"] if given.get("system") is not None else cfg.default_system
     greedy = 0.0 if not cfg.do_sample else None
     settings = ChatSettings(
         model=model,
@@ -168,9 +167,9 @@ def resolve_settings(args: argparse.Namespace) -> ChatSettings:
         backend=backend,
         dtype=cfg.infer_dtype,
         trust_remote_code=cfg.trust_remote_code,
-        max_new_tokens=_first(_flag(args, "max_new_tokens"), cfg.max_new_tokens, DEFAULTS["max_new_tokens"]),
-        temperature=_first(_flag(args, "temperature"), greedy, cfg.temperature, DEFAULTS["temperature"]),
-        top_p=_first(_flag(args, "top_p"), cfg.top_p, DEFAULTS["top_p"]),
+        max_new_tokens=_first(given.get("max_new_tokens"), cfg.max_new_tokens, DEFAULTS["max_new_tokens"]),
+        temperature=_first(given.get("temperature"), greedy, cfg.temperature, DEFAULTS["temperature"]),
+        top_p=_first(given.get("top_p"), cfg.top_p, DEFAULTS["top_p"]),
         top_k=_first(cfg.top_k, 0),
     )
     _check_sampling(settings)
@@ -386,9 +385,32 @@ def _vllm_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[M
     return reply, "vllm"
 
 
-def chat_command(args: argparse.Namespace) -> int:
-    settings = resolve_settings(args)
-    source = getattr(args, "config", None)
+def answer_once(settings: ChatSettings, messages: Messages, source: str | None = None) -> tuple[str, bool]:
+    """(the answer to `messages`, whether it stopped at max_new_tokens): one turn, nothing printed."""
+    from alignkit.generation.rollout import complete
+
+    if settings.backend == "vllm":
+        raise UserError(
+            "chat: one-turn answers run on the transformers backend; use infer_backend: huggingface"
+        )
+    model, tokenizer = load_chat_model(settings)
+    check_chat_template(tokenizer, settings, source)
+    system = [{"role": "system", "content": settings.system}] if settings.system else []
+    samples = complete(
+        model,
+        tokenizer,
+        [system + list(messages)],
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+    )
+    return samples.texts[0], bool(samples.truncated[0])
+
+
+def run_terminal_chat(source: str | None = None, **given: Any) -> int:
+    """`alignkit chat`: a conversation on standard input and output until /exit or end of input."""
+    settings = chat_settings(source, **given)
     make_reply = _vllm_reply if settings.backend == "vllm" else _hf_reply
     log.info("loading %s%s", settings.model, f" with adapter {settings.adapter}" if settings.adapter else "")
     reply, where = make_reply(settings, source)

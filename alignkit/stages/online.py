@@ -19,7 +19,13 @@ from alignkit.config import BaseConfig
 from alignkit.data.batches import tokenize_chat, tokenize_text
 from alignkit.data.formats import Example
 from alignkit.errors import UserError
-from alignkit.generation.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
+from alignkit.generation.rewards import (
+    RewardFn,
+    RewardModelScorer,
+    build_reward_funcs,
+    check_columns,
+    score,
+)
 from alignkit.generation.rollout import Samples, sample_hf, sequences
 from alignkit.losses.rl import dapo_overlong_penalty
 from alignkit.modeling.logprobs import TokenStats, completion_token_stats
@@ -50,8 +56,10 @@ class OnlineStage(Stage):
     online = True
     kinds = ("prompt", "sft", "pair", "unpaired")  # only the prompt (and the extra columns) is used
 
-    def __init__(self, cfg: BaseConfig) -> None:
+    def __init__(self, cfg: BaseConfig, reward_funcs: dict[str, RewardFn] | None = None) -> None:
+        """`reward_funcs`: functions handed over in Python, by the names `cfg.reward_funcs` lists them under."""
         super().__init__(cfg)
+        self.given_reward_funcs = dict(reward_funcs or {})
         self.buffer: list[dict] | None = None  # the current rollout's samples
         # this process's prompts are a filler (a short last batch left it none), trained at weight 0; a
         # rollout's own cross-process statistics leave it out
@@ -137,7 +145,9 @@ class OnlineStage(Stage):
 
     def build_rewards(self) -> None:
         cfg = self.cfg
-        self.reward_funcs = build_reward_funcs(cfg.reward_funcs or [], cfg.format_pattern, cfg.length_target)
+        self.reward_funcs = build_reward_funcs(
+            cfg.reward_funcs or [], cfg.format_pattern, cfg.length_target, self.given_reward_funcs
+        )
         columns = set(self.train_rows[0]["columns"])
         check_columns(self.reward_funcs, columns, f"dataset {cfg.dataset}")
         self.reward_scorer = (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.cli.main import main
+from alignkit.cli import main
 from alignkit.config import load_config
 from alignkit.errors import UserError
 from tests.conftest import REPO, write_jsonl

@@ -80,7 +80,7 @@ class TrainSpy:
 
 
 def _run(path: str, overrides: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    from alignkit.cli.main import main
+    from alignkit.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["compare", path, *overrides])
@@ -364,7 +364,7 @@ def test_code_fingerprint_covers_what_a_run_imports_and_nothing_else() -> None:
 def test_config_mistakes_are_one_message_and_exit_code_2(
     tmp_path: Path, change: dict, message: str, capsys: pytest.CaptureFixture
 ) -> None:
-    from alignkit.cli.main import main
+    from alignkit.cli import main
 
     raw = {**_config(tmp_path, "unused-model", "unused-rm"), **change}
     with pytest.raises(SystemExit) as exc:

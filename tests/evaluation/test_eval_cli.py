@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.cli.main import main
+from alignkit.cli import main
 from tests.conftest import write_jsonl
 from tests.evaluation.test_eval import QUESTIONS, _eval, _samples
 

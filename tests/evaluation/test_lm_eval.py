@@ -199,7 +199,7 @@ def test_eval_command_reports_lm_eval_rows(
     """`alignkit eval` with `lm_eval_tasks` and no dataset: the harness's rows land in eval.json, per model."""
     import json
 
-    from alignkit.cli.main import main
+    from alignkit.cli import main
 
     out = tmp_path / "eval"
     argv = ["eval", "--model", tiny_model, "--output-dir", str(out), "lm_eval_tasks=[alignkit_tiny_mc]"]

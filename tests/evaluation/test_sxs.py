@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.cli.main import main
+from alignkit.cli import main
 from alignkit.data.formats import load_examples
 from alignkit.evaluation.sxs import tally, votes_to_data, write_page
 from alignkit.stats import bootstrap_mean_ci, wilson_interval
@@ -175,10 +175,12 @@ def test_from_votes_writes_pairs_and_kto_rows_train_reads(
         (PROMPTS[3], "chat", False),  # both bad: two undesirable rows
         (PROMPTS[3], "chien", False),
     ]  # item 4's identical answers give no rows: one text both desirable and undesirable would contradict
-    assert votes_to_data(path, str(tmp_path / "sxs" / "sxs_key.json"), str(tmp_path / "again")) == (
+    again = votes_to_data(path, str(tmp_path / "sxs" / "sxs_key.json"), str(tmp_path / "again"))
+    assert (again["dpo"], again["kto"]) == (
         str(tmp_path / "again" / "dpo.jsonl"),
         str(tmp_path / "again" / "kto.jsonl"),
     )
+    assert again["summary"].startswith(f"wrote 2 DPO pairs (the winner as chosen) to {again['dpo']}")
 
 
 def test_empty_answers_are_left_out_of_the_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import subprocess
@@ -13,20 +14,31 @@ from typing import Any
 import pytest
 import yaml
 
-from alignkit.cli.main import _parser, main
+from alignkit.cli import main
+from alignkit.cli.main import build_parser
 from alignkit.errors import UserError
 from alignkit.ship.chat import (
+    GIVEN,
     ChatSettings,
     Conversation,
-    chat_command,
+    chat_settings,
     check_chat_template,
     load_chat_model,
-    resolve_settings,
     run_chat,
+    run_terminal_chat,
     stream_answer,
 )
 
 HELLO = [{"role": "user", "content": "hello"}]
+
+
+def _settings(args: argparse.Namespace) -> ChatSettings:
+    """The settings `alignkit chat ARGS` resolves (flags over the YAML over the defaults)."""
+    return chat_settings(args.config, **{key: getattr(args, key, None) for key in GIVEN})
+
+
+def _chat(args: argparse.Namespace) -> int:
+    return run_terminal_chat(args.config, **{key: getattr(args, key, None) for key in GIVEN})
 
 
 def chat(*args: str, stdin: str) -> tuple[int, str, str]:
@@ -259,16 +271,16 @@ def test_flags_win_over_the_yaml(tmp_path: Path) -> None:
         "top_p": 0.5,
     }
     config.write_text(yaml.safe_dump({**keys, "top_k": 20}))
-    from_yaml = resolve_settings(_parser().parse_args(["chat", str(config)]))
+    from_yaml = _settings(build_parser().parse_args(["chat", str(config)]))
     assert (from_yaml.model, from_yaml.system, from_yaml.max_new_tokens) == ("m", "Y", 6)
     assert (from_yaml.temperature, from_yaml.top_p, from_yaml.top_k) == (0.9, 0.5, 20)
     flags = ["--model", "n", "--system", "X", "--max-new-tokens", "3", "--temperature", "0.2"]
-    mixed = resolve_settings(_parser().parse_args(["chat", str(config), *flags]))
+    mixed = _settings(build_parser().parse_args(["chat", str(config), *flags]))
     assert (mixed.model, mixed.system, mixed.max_new_tokens, mixed.temperature) == ("n", "X", 3, 0.2)
     assert mixed.top_p == 0.5  # no --top-p: the YAML's
     config.write_text(yaml.safe_dump({**keys, "do_sample": False}))
-    assert resolve_settings(_parser().parse_args(["chat", str(config)])).temperature == 0.0
-    defaults = resolve_settings(_parser().parse_args(["chat", "--model", "m"]))
+    assert _settings(build_parser().parse_args(["chat", str(config)])).temperature == 0.0
+    defaults = _settings(build_parser().parse_args(["chat", "--model", "m"]))
     assert (defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.system) == (
         512,
         0.7,
@@ -291,7 +303,7 @@ def test_bad_yaml_values(tmp_path: Path, keys: dict, message: str) -> None:
     config = tmp_path / "chat.yaml"
     config.write_text(yaml.safe_dump({"model_name_or_path": "m", **keys}))
     with pytest.raises(UserError) as error:
-        resolve_settings(_parser().parse_args(["chat", str(config)]))
+        _settings(build_parser().parse_args(["chat", str(config)]))
     assert message in str(error.value)
 
 
@@ -305,7 +317,7 @@ def test_vllm_backend_without_vllm_names_the_extra(tiny_model: str, tmp_path: Pa
     config = tmp_path / "chat.yaml"
     config.write_text(yaml.safe_dump({"model_name_or_path": tiny_model, "infer_backend": "vllm"}))
     with pytest.raises(UserError) as error:
-        chat_command(_parser().parse_args(["chat", str(config)]))
+        _chat(build_parser().parse_args(["chat", str(config)]))
     assert "pip install 'alignkit[vllm]'" in str(error.value)
 
 

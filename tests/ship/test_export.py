@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from alignkit.cli.main import main
+from alignkit.cli import main
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 EVAL_METRICS = {

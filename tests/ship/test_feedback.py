@@ -207,7 +207,7 @@ def test_kto_trains_on_exported_rows(tiny_model: str, tmp_path: Path) -> None:
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    from alignkit.cli.main import main
+    from alignkit.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(args)

@@ -66,7 +66,7 @@ def rollout(self, model, rows, device):
 
 
 GRPOStage.rollout, GRPOStage.sample = rollout, sample
-from alignkit.cli.main import main
+from alignkit.cli import main
 
 main(sys.argv[1:])
 """

@@ -35,7 +35,7 @@ ACCEL = REPO / "configs" / "accelerate"
 # same processes (one start-up for SFT and DPO).
 ENTRY = """
 import sys
-from alignkit.cli.main import main
+from alignkit.cli import main
 for config in sys.argv[1:]:
     try:
         main(["train", config])

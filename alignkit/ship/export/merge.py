@@ -6,7 +6,6 @@ model's. Settings come from flags or from LLaMA-Factory's merge YAML keys (flags
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from torch import nn
 
 from alignkit.errors import UserError
 from alignkit.ship.export.card import ExportResult, QuantReport, agreement
-from alignkit.ship.export.settings import ExportSettings, export_settings
+from alignkit.ship.export.settings import ExportSettings
 
 log = logging.getLogger("alignkit")
 
@@ -288,21 +287,3 @@ def export_model(settings: ExportSettings) -> ExportResult:
         result.weight_files = weight_files(out)
     result.card = write_card(result, settings)
     return result
-
-
-def export_command(args: argparse.Namespace) -> int:
-    from alignkit.ship.export.card import render_summary
-
-    settings = export_settings(
-        getattr(args, "config", None),
-        model=args.model,
-        adapter=args.adapter,
-        output=args.output,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        shard_size_gb=args.shard_size,
-        device=args.device,
-    )
-    result = export_model(settings)
-    print(render_summary(result, LOGIT_PROBES))
-    return 0

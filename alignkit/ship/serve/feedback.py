@@ -13,7 +13,6 @@ Tables (schema version in `meta`):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -381,20 +380,3 @@ def export_kto(db: str, output: str, model: str | None = None) -> dict[str, int]
         )
     write_jsonl_atomic(output, rows)
     return counts
-
-
-def from_feedback_command(args: argparse.Namespace) -> int:
-    """`alignkit data from-feedback DB --output OUT [--model ID]`: one summary line."""
-    from alignkit.data.report import kto_weights
-
-    counts = export_kto(args.db, args.output, args.model)
-    w_d, w_u, why = kto_weights(counts["up"], counts["down"])
-    left_out = f"{counts['no_feedback']} answers without feedback"
-    if counts["empty"]:
-        left_out += f" and {counts['empty']} empty answers"
-    print(
-        f"wrote {counts['rows']} KTO rows to {args.output} ({counts['up']} up, {counts['down']} down; "
-        f"{left_out} left out); recommended desirable_weight {w_d}, undesirable_weight {w_u} ({why}); "
-        f"check them: alignkit data inspect {args.output}"
-    )
-    return 0

@@ -1,0 +1,334 @@
+"""alignkit as a library: one function per job, each taking the config the CLI builds and returning a typed
+result. The command line (`alignkit.cli`) and the console are thin faces on these functions.
+
+A config is given as a config object, a YAML path or a mapping, and keyword arguments override its keys (as
+`key=value` does on the command line). Mistakes raise `alignkit.UserError` with the message the CLI prints;
+nothing here calls `sys.exit` or prints.
+
+    import alignkit
+
+    run = alignkit.train("configs/sft_tiny.yaml", max_steps=20, output_dir="out/sft")
+    report = alignkit.evaluate(model=run.output_dir, dataset="data/test.jsonl", max_samples=50)
+    alignkit.export(adapter="out/dpo-lora", output="out/dpo-merged")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignkit.config import BaseConfig, build_config, config_to_dict, read_yaml
+from alignkit.config.coerce import flatten
+from alignkit.data.files import rows_file
+from alignkit.errors import UserError
+from alignkit.generation.rewards import RewardFn, reward_name
+from alignkit.stages import get_stage
+from alignkit.training.checkpoint import list_checkpoints
+from alignkit.training.events import Callback, StopSignal, TrainEvent
+from alignkit.training.loop import train as run_loop
+
+log = logging.getLogger("alignkit")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Keys with the name of where they came from (a file and its overrides, the command line), which error
+    messages name; the command line hands its keys to the library this way."""
+
+    keys: Mapping[str, Any]
+    name: str
+
+
+ConfigLike = BaseConfig | str | os.PathLike | Mapping[str, Any] | Source | None
+
+
+def config_keys(
+    config: Any, overrides: Mapping[str, Any], what: str = "config"
+) -> tuple[dict[str, Any], str]:
+    """(flat keys, where they came from) of a config object, a YAML path or a mapping, with `overrides` on
+    top: the keys `build_config` (or eval's and compare's builders) take."""
+    if config is None:
+        raw: dict[str, Any] = {}
+        source = "arguments"
+    elif isinstance(config, Source):
+        raw, source = flatten(dict(config.keys)), config.name
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        raw, source = dataclasses.asdict(config), f"{type(config).__name__} object"
+    elif isinstance(config, (str, os.PathLike)):
+        raw, source = read_yaml(os.fspath(config)), os.fspath(config)
+    elif isinstance(config, Mapping):
+        raw, source = flatten(dict(config)), "mapping"
+    else:
+        raise UserError(
+            f"{what}: give a config object, a YAML path or a mapping (got {type(config).__name__})"
+        )
+    raw.update(flatten(dict(overrides)))
+    return raw, source
+
+
+# ------------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainResult:
+    """What `train` did: where the model (or the stop's checkpoint) is, and the last logged metrics."""
+
+    output_dir: str
+    stage: str
+    metrics: dict[str, Any]  # the last record written to metrics.jsonl (train_runtime etc. when finished)
+    steps: int  # optimizer steps done, counting a resumed run's earlier ones
+    total_steps: int
+    stopped: bool = False  # stopped on request: resume with resume_from_checkpoint="auto"
+    checkpoint: str | None = None  # the newest checkpoint-N folder, if any
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config (config.yaml)
+
+    @property
+    def model_dir(self) -> str | None:
+        """The trained model's folder (Hugging Face format), or None when the run stopped before the end."""
+        return None if self.stopped else self.output_dir
+
+
+def _dataset_key(value: Any, key: str) -> Any:
+    """A path (or list of paths / names) as given; rows in memory as a JSONL file in the user cache."""
+    if (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    ):
+        return value
+    return rows_file(value, key)
+
+
+def _reward_keys(reward_funcs: Sequence[str | RewardFn]) -> tuple[list[str], dict[str, RewardFn]]:
+    """The names the config records and the functions handed over as Python callables, by those names."""
+    names, given = [], {}
+    for fn in reward_funcs:
+        if isinstance(fn, str):
+            names.append(fn)
+        elif callable(fn):
+            name = reward_name(fn)
+            names.append(name)
+            given[name] = fn
+        else:
+            raise UserError(f"reward_funcs: {fn!r} is neither a name nor a function")
+    return names, given
+
+
+def train(
+    config: ConfigLike = None,
+    /,
+    *,
+    dataset: Any = None,
+    eval_dataset: Any = None,
+    reward_funcs: Sequence[str | RewardFn] | None = None,
+    callbacks: Sequence[Callback] | None = None,
+    stop: StopSignal | None = None,
+    **keys: Any,
+) -> TrainResult:
+    """Train the stage the config names (`stage: sft`, `dpo`, `kto`, `grpo`, ...), as `alignkit train` does.
+
+    `dataset` / `eval_dataset`: a path, a list of paths or names, a `datasets.Dataset` or a list of dicts in
+    any format alignkit reads. `reward_funcs` (grpo, ppo): built-in names, `module:function`, or Python
+    callables `(prompts, completions, **columns) -> list[float]`. `callbacks` receive `TrainEvent`s (start,
+    step, log, eval, checkpoint, stopped, end); `stop` (a `threading.Event`) stops the run cleanly from
+    another thread, keeping a checkpoint. Keyword arguments are config keys and win over `config`.
+    """
+    overrides = dict(keys)
+    for key, value in (("dataset", dataset), ("eval_dataset", eval_dataset)):
+        if value is not None:
+            overrides[key] = _dataset_key(value, key)
+    given: dict[str, RewardFn] = {}
+    if reward_funcs is not None:
+        overrides["reward_funcs"], given = _reward_keys(reward_funcs)
+    raw, source = config_keys(config, overrides)
+    cfg = build_config(raw, source)
+    runner = get_stage(cfg.stage)  # `reward_funcs` is a key of the online stages only: checked with the config
+    stage = runner(cfg, reward_funcs=given) if runner.online else runner(cfg)
+    seen: dict[str, TrainEvent] = {}
+    record = run_loop(cfg, stage, [lambda e: seen.__setitem__(e.kind, e), *(callbacks or [])], stop)
+    checkpoints = list_checkpoints(cfg.output_dir)
+    return TrainResult(
+        output_dir=cfg.output_dir,
+        stage=cfg.stage,
+        metrics=record,
+        steps=seen["end"].step if "end" in seen else 0,
+        total_steps=seen["start"].total_steps if "start" in seen else 0,
+        stopped="stopped" in seen,
+        checkpoint=checkpoints[-1] if checkpoints else None,
+        config=config_to_dict(cfg, stage.resolved),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvalResult:
+    """An eval's numbers: each metric's row ({value, n, ci95, ...}), the baseline's, what did not run and why."""
+
+    output_dir: str
+    metrics: dict[str, dict[str, Any]]
+    baseline_metrics: dict[str, dict[str, Any]] | None
+    skipped: dict[str, str]
+    n_prompts: int
+    table: str  # the report's table, as the CLI prints it
+    report: dict[str, Any]  # eval.json's content
+
+
+def evaluate(config: Any = None, /, **keys: Any) -> EvalResult:
+    """`alignkit eval`: sample the model's (and the baseline's) answers and score them; eval.json, eval.md and
+    samples.jsonl go to `output_dir`. `config`: an EvalConfig, a YAML path or a mapping of eval keys."""
+    from alignkit.evaluation.config import EvalConfig, validate
+    from alignkit.evaluation.run import run_eval
+
+    if "dataset" in keys:
+        keys["dataset"] = _dataset_key(keys["dataset"], "dataset")
+    raw, source = config_keys(config, keys, "evaluate")
+    cfg = build_eval(raw, source, EvalConfig, validate)
+    report = run_eval(cfg)
+    return EvalResult(
+        output_dir=cfg.output_dir,
+        metrics=report["metrics"],
+        baseline_metrics=report.get("baseline_metrics"),
+        skipped=report.get("skipped", {}),
+        n_prompts=report.get("n_prompts", 0),
+        table=report.pop("table", ""),
+        report=report,
+    )
+
+
+def build_eval(raw: dict[str, Any], source: str, cls: type, validate: Callable[[Any, str], None]) -> Any:
+    from alignkit.config import build_dataclass
+
+    cfg = build_dataclass(cls, raw, source, "for `alignkit eval`")
+    validate(cfg, source)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- compare
+@dataclass
+class CompareResult:
+    output_dir: str
+    report: dict[str, Any]  # report.json's content
+    table: str
+    reward_hacking: dict[str, list[str]]  # method -> the reasons it is flagged
+    plots: list[str]
+
+
+def compare(config: Any, /, **keys: Any) -> CompareResult:
+    """`alignkit compare`: train every method of the config on the same data and budget, evaluate each the
+    same way, report. Keyword arguments override the shared keys (`eval={...}` and `methods={...}` too)."""
+    from alignkit.comparison import run_compare
+    from alignkit.comparison.config import compare_config
+
+    cfg = compare_config(config, keys)
+    report = run_compare(cfg)
+    return CompareResult(
+        output_dir=cfg.output_dir,
+        report=report,
+        table=report.get("table", ""),
+        reward_hacking=report["reward_hacking"]["flagged"],
+        plots=list(report.get("plots", [])),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export(config: str | os.PathLike | None = None, /, **settings: Any) -> Any:
+    """`alignkit export`: merge a LoRA adapter into its base, write and check a Hugging Face folder (and a
+    quantized copy). `config`: LLaMA-Factory's merge YAML; settings: model, adapter, output, dtype, quantize,
+    shard_size_gb, device. Returns `ExportResult` (folder, weight files, the largest logit difference, ...)."""
+    from alignkit.ship.export.merge import export_model
+    from alignkit.ship.export.settings import export_settings
+
+    return export_model(export_settings(os.fspath(config) if config else None, **settings))
+
+
+# ------------------------------------------------------------------------------------------ chat and data
+@dataclass
+class ChatReply:
+    text: str
+    messages: list[dict[str, str]]  # the conversation, the reply last
+    truncated: bool  # stopped at max_new_tokens
+
+
+def chat(
+    messages: str | Sequence[Mapping[str, str]],
+    /,
+    *,
+    model: str | None = None,
+    config: str | None = None,
+    **settings: Any,
+) -> ChatReply:
+    """One turn of `alignkit chat`: the model's answer to `messages` (a user message, or the conversation so
+    far as role/content dicts). `config`: LLaMA-Factory's inference YAML; settings: adapter, system,
+    max_new_tokens, temperature (0: greedy), top_p."""
+    from alignkit.ship.chat import answer_once, chat_settings
+
+    chat_cfg = chat_settings(config, model=model, **settings)
+    turns = (
+        [{"role": "user", "content": messages}] if isinstance(messages, str) else [dict(m) for m in messages]
+    )
+    text, truncated = answer_once(chat_cfg, turns, config)
+    return ChatReply(text, [*turns, {"role": "assistant", "content": text}], truncated)
+
+
+def inspect(
+    source: Any,
+    /,
+    *,
+    model: str | None = None,
+    max_length: int = 1024,
+    split: str = "train",
+    dataset_format: str = "auto",
+) -> dict[str, Any]:
+    """`alignkit data inspect`: the format, lengths (in the model's tokens when `model` is given), rows
+    `max_length` would truncate, duplicate prompts, the chosen-longer-than-rejected share, KTO's label balance
+    and recommended weights. `source`: a path, a hub id, a `datasets.Dataset` or a list of dicts."""
+    from alignkit.data.report import inspect_data
+
+    return inspect_data(_dataset_key(source, "source"), model, max_length, split, dataset_format)
+
+
+def from_feedback(db: str, output: str, /, *, model: str | None = None) -> dict[str, int]:
+    """`alignkit data from-feedback`: the thumbs-up/down votes `serve --log-db` stored, as KTO rows in
+    `output`; returns the counts (rows, up, down, no_feedback, empty)."""
+    from alignkit.ship.serve.feedback import export_kto
+
+    return export_kto(db, output, model)
+
+
+def from_votes(votes: str, /, *, key: str | None = None, output_dir: str = ".") -> dict[str, str]:
+    """`alignkit data from-votes`: a side-by-side review's votes as DPO pairs and KTO rows in `output_dir`;
+    returns their paths and a summary ({"dpo", "kto", "summary"})."""
+    from alignkit.evaluation.sxs import votes_to_data
+
+    return votes_to_data(votes, key, output_dir)
+
+
+def sxs(
+    model: str,
+    baseline: str,
+    dataset: Any,
+    /,
+    *,
+    max_samples: int = 100,
+    max_new_tokens: int = 256,
+    output_dir: str = "sxs",
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """`alignkit sxs`: both models answer the prompts; a blind review page (sxs.html) and its key are written.
+    Returns {"page", "key", "items"}; the page's votes come back through `from_votes` or `sxs tally`."""
+    from alignkit.evaluation.sxs import sxs_page
+
+    rows = _dataset_key(dataset, "dataset")
+    return sxs_page(model, baseline, rows, max_samples, max_new_tokens, output_dir, seed)
+
+
+def tiny(
+    output_dir: str, /, *, vocab_size: int = 512, hidden_size: int = 64, layers: int = 2, seed: int = 0
+) -> str:
+    """`alignkit tiny`: a tiny random Llama-architecture model with a real tokenizer, for trying things
+    offline; returns its folder."""
+    from alignkit.modeling.tiny import build_tiny
+
+    return build_tiny(output_dir, vocab_size, hidden_size, layers, seed)

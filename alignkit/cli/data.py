@@ -1,0 +1,96 @@
+"""`alignkit data inspect | from-votes | from-feedback`: the data tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from alignkit import api
+from alignkit.cli.common import add_command
+from alignkit.data.report import render_report
+from alignkit.losses.unpaired import kto_weights
+
+EPILOG_INSPECT = """examples:
+  alignkit data inspect ../shared/data/llamafactory/dpo_en_demo.json --model models/tiny
+  alignkit data inspect data.jsonl --max-length 512
+"""
+EPILOG_FROM_VOTES = """examples:
+  alignkit data from-votes ~/Downloads/votes.json --key sxs/sxs_key.json --output-dir data/round2
+"""
+EPILOG_FROM_FEEDBACK = """examples:
+  alignkit data from-feedback feedback.db --output data/kto.jsonl
+  alignkit data from-feedback postgresql://user@host/db --output data/kto.jsonl --model dpo
+"""
+
+
+def register(subparsers: Any) -> None:
+    data = add_command(subparsers, "data", "data tools: inspect, from-votes, from-feedback")
+    sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
+    data.set_defaults(run=lambda args: _help(data))
+    p = add_command(
+        sub,
+        "inspect",
+        "detect the format and report lengths, truncation, duplicates, balance",
+        EPILOG_INSPECT,
+    )
+    p.add_argument("source", help="a .json/.jsonl/.csv/.parquet file, a folder, or a hub id")
+    p.add_argument("--model", help="tokenizer to count tokens with (default: whitespace words)")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--split", default="train")
+    p.add_argument("--format", default="auto", help="dataset_format (default: detect)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=inspect)
+    v = add_command(
+        sub, "from-votes", "turn a side-by-side review's votes into DPO pairs and KTO rows", EPILOG_FROM_VOTES
+    )
+    v.add_argument("votes", help="votes.json saved from the page `alignkit sxs` wrote")
+    v.add_argument("--key", help="the page's sxs_key.json (default: sxs_key.json beside the votes file)")
+    v.add_argument("--output-dir", default=".", help="where dpo.jsonl and kto.jsonl go")
+    v.set_defaults(run=from_votes)
+    f = add_command(
+        sub,
+        "from-feedback",
+        "turn thumbs-up/down feedback stored by `serve` into KTO rows",
+        EPILOG_FROM_FEEDBACK,
+    )
+    f.add_argument("db", help="the --log-db of `alignkit serve`: a SQLite path or postgresql:// URL")
+    f.add_argument("--output", required=True, help="KTO rows to write (.jsonl)")
+    f.add_argument("--model", help="only completions of this model id")
+    f.set_defaults(run=from_feedback)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def inspect(args: argparse.Namespace) -> int:
+    report = api.inspect(
+        args.source,
+        model=args.model,
+        max_length=args.max_length,
+        split=args.split,
+        dataset_format=args.format,
+    )
+    print(json.dumps(report, indent=2) if args.json else render_report(report))
+    return 0
+
+
+def from_votes(args: argparse.Namespace) -> int:
+    print(api.from_votes(args.votes, key=args.key, output_dir=args.output_dir)["summary"])
+    return 0
+
+
+def from_feedback(args: argparse.Namespace) -> int:
+    counts = api.from_feedback(args.db, args.output, model=args.model)
+    w_d, w_u, why = kto_weights(counts["up"], counts["down"])
+    left_out = f"{counts['no_feedback']} answers without feedback"
+    if counts["empty"]:
+        left_out += f" and {counts['empty']} empty answers"
+    print(
+        f"wrote {counts['rows']} KTO rows to {args.output} ({counts['up']} up, {counts['down']} down; "
+        f"{left_out} left out); recommended desirable_weight {w_d}, undesirable_weight {w_u} ({why}); "
+        f"check them: alignkit data inspect {args.output}"
+    )
+    return 0

@@ -1,0 +1,39 @@
+"""`alignkit quickstart`: every method at work on a task built in place."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from alignkit.cli.common import add_command
+from alignkit.errors import UserError
+
+EPILOG = """examples:
+  alignkit quickstart
+  alignkit quickstart --output-dir /tmp/qs
+  alignkit quickstart --methods sft,dpo --no-controls
+"""
+
+
+def register(subparsers: Any) -> None:
+    q = add_command(
+        subparsers, "quickstart", "show the methods at work on a task built in place (CPU)", EPILOG
+    )
+    q.add_argument("--output-dir", default="./alignkit-quickstart")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--methods", default=None, help="comma-separated subset, e.g. sft,dpo (default: all)")
+    q.add_argument(
+        "--no-controls", action="store_true", help="skip the control runs (SFT on chosen, DPO without NLL)"
+    )
+    q.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from alignkit.quickstart.run import METHODS, run_quickstart
+
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    unknown = [m for m in methods or () if m not in METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown method `{unknown[0]}`; choose from {', '.join(METHODS)}")
+    run_quickstart(args.output_dir, seed=args.seed, methods=methods, controls=not args.no_controls)
+    return 0

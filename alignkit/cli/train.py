@@ -1,0 +1,35 @@
+"""`alignkit train CONFIG [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from alignkit import api
+from alignkit.cli.common import add_command
+from alignkit.config.coerce import parse_overrides
+
+EPILOG = """examples:
+  alignkit train configs/sft_tiny.yaml
+  alignkit train configs/sft_tiny.yaml learning_rate=1e-4 max_steps=50 output_dir=out/sft
+  torchrun --nproc_per_node 2 -m alignkit train configs/sft_tiny.yaml    # 2 processes, CPU or GPU
+  accelerate launch --multi_gpu --num_processes 2 -m alignkit train configs/sft_tiny.yaml
+  (not `accelerate launch --cpu --num_processes 2`: without --mpirun_hostfile it starts one process)
+"""
+
+
+def register(subparsers: Any) -> None:
+    p = add_command(subparsers, "train", "run the stage a YAML config names", EPILOG)
+    p.add_argument("config", help="YAML file (stage, model_name_or_path, dataset, ...)")
+    p.add_argument("overrides", nargs="*", help="key=value pairs; they win over the file")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = api.train(args.config, **parse_overrides(args.overrides))
+    if result.metrics:
+        logging.getLogger("alignkit").info(
+            "done: loss %.4f; model in %s", result.metrics.get("loss", float("nan")), result.output_dir
+        )
+    return 0
