@@ -57,10 +57,42 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class OwnHandlersFirst(logging.Filter):
+    """Drop a record that a logger on its way up to the root already printed with a handler of its own
+    (huggingface_hub, transformers): one line per event, not one per handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.root:
+            if logger.handlers:
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return True
+
+
+class Prefixed(logging.Formatter):
+    """`[alignkit] message`, or `[library] message` for another library's record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = record.name.split(".")[0]
+        return f"[{name}] {record.getMessage()}"
+
+
+def setup_logging() -> None:
+    """alignkit's INFO lines and other libraries' warnings to stderr, each once. Called by the CLI only: a
+    library user's logging is theirs to configure."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Prefixed())
+    handler.addFilter(OwnHandlersFirst())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
-    logging.basicConfig(level=logging.INFO, format="[alignkit] %(message)s", stream=sys.stderr)
+    setup_logging()
     quiet_libraries()
     try:
         code = args.run(args)

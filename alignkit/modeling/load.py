@@ -34,7 +34,8 @@ def from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise UserError(f"could not load {path}: {exc}".split("\n")[0]) from exc
+        where = "" if os.path.isdir(path) else " from the Hugging Face hub"
+        raise UserError(f"could not load {path}{where}: {exc}".split("\n")[0]) from exc
 
 
 def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
@@ -274,8 +275,7 @@ def load_causal_lm(
     adapter folder's when it has one (alignkit saves it there), else the base's."""
     from transformers import AutoModelForCausalLM
 
-    if path and not os.path.exists(path) and path.startswith((".", "/", "~")):
-        raise UserError(f"model folder {path} does not exist")
+    check_model_path(path)  # no such folder, or a hub id the hub cannot give: said before anything loads
     # an adapter trained on a base with other adapters merged in (merged_adapters.json): those merged first
     spec = resolve_model(path, continue_last=True)
     dtype = _dtype(spec.base, torch_dtype)

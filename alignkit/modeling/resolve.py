@@ -4,6 +4,7 @@ continues."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, NamedTuple
@@ -13,8 +14,15 @@ from alignkit.config.coerce import split_sources
 from alignkit.errors import UserError
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """`org/name` (one slash, no leading `.`, `/` or `~`): a name the Hugging Face hub may hold."""
+    return not path.startswith((".", "/", "~")) and len(path.split("/")) == 2 and all(path.split("/"))
+
+
 def check_model_path(path: str, adapter_ok: bool = True) -> None:
-    """A model folder, hub id or (with `adapter_ok`) LoRA adapter folder whose base is there; else UserError."""
+    """A model folder, hub id or (with `adapter_ok`) LoRA adapter folder whose base is there; else UserError.
+    A name that is not a folder here is tried on the hub only when it looks like `org/name`, once, without
+    retries, and the error says both were tried."""
     if not path:
         raise UserError("`model_name_or_path` is empty")
     if adapter_ok and is_adapter(path):
@@ -26,12 +34,53 @@ def check_model_path(path: str, adapter_ok: bool = True) -> None:
                 "make one with `alignkit tiny DIR` or give a hub id"
             )
         return
-    parts = path.split("/")
-    if path.startswith((".", "/", "~")) or len(parts) != 2:
+    if not looks_like_hub_id(path):
         raise UserError(
-            f"model path {path} does not exist (give a local model folder or a hub id such as "
-            "`Qwen/Qwen2.5-0.5B-Instruct`)"
+            f"there is no model folder {path} (looked in {os.getcwd()}); give a local model folder or a hub id "
+            "such as `Qwen/Qwen2.5-0.5B-Instruct`"
         )
+    why = hub_problem(path)
+    if why:
+        raise UserError(f"there is no model folder {path} here (looked in {os.getcwd()}), and {why}")
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_has(repo_id: str) -> None:
+    """Ask the hub once whether `repo_id` exists (no retries); `_Missing` says why not. A found model is
+    remembered for the process; a failure is not (lru_cache keeps no exceptions), so it is asked again."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return ""  # it exists; loading it says what access it needs
+    except RepositoryNotFoundError:
+        why = f"the Hugging Face hub has no model {repo_id} (or it is private: log in with `hf auth login`)"
+        raise _Missing(why) from None
+    except Exception as exc:  # no network, DNS, proxy, TLS: whatever the HTTP client raises
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise _Missing(f"the Hugging Face hub could not be reached to look for {repo_id} ({reason})") from exc
+
+
+class _Missing(Exception):
+    """Why a hub id cannot be loaded (raised so that lru_cache does not remember failures)."""
+
+
+def hub_problem(repo_id: str) -> str:
+    """'' when `repo_id` can be loaded from the hub (or the hub is switched off and transformers' cache may
+    hold it), else why it cannot, for an error message."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if try_to_load_from_cache(repo_id, "config.json") is None:
+            return f"HF_HUB_OFFLINE is set and the local hub cache has no {repo_id}"
+        return ""
+    try:
+        _hub_has(repo_id)
+    except _Missing as exc:
+        return str(exc)
+    return ""
 
 
 # --- LoRA adapter folders: where a model is asked for, an adapter folder (adapter_config.json) works too ------
@@ -95,17 +144,20 @@ def adapter_task_type(path: str) -> str | None:
 
 
 def existing_base(path: str) -> str:
-    """An adapter folder's base; a local base that is not there is a UserError naming adapter_config.json."""
+    """An adapter folder's base; one that is neither a folder here nor loadable from the hub is a UserError
+    naming the adapter's adapter_config.json and its key."""
     base = adapter_base(path) or path
-    if not os.path.exists(base) and base.startswith((".", "/", "~")):
-        raise UserError(
-            f"adapter {path} was trained on {base}, which does not exist here; edit `base_model_name_or_path` "
-            f"in {os.path.join(path, ADAPTER_CONFIG)} to where the base model is"
-        )
+    config = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.exists(base):
+        why = hub_problem(base) if looks_like_hub_id(base) else "it is not a hub id either"
+        if why:
+            raise UserError(
+                f"adapter {path} was trained on {base} (`base_model_name_or_path` in {config}), which is not a "
+                f"folder here (looked in {os.getcwd()}), and {why}; edit that key to where the base model is"
+            )
     if is_adapter(base):
         raise UserError(
-            f"{os.path.join(path, ADAPTER_CONFIG)}: `base_model_name_or_path` {base} is itself an adapter; "
-            "name the full base model there"
+            f"{config}: `base_model_name_or_path` {base} is itself an adapter; name the full base model there"
         )
     return base
 
