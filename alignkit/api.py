@@ -144,7 +144,8 @@ def train(
         overrides["reward_funcs"], given = _reward_keys(reward_funcs)
     raw, source = config_keys(config, overrides)
     cfg = build_config(raw, source)
-    runner = get_stage(cfg.stage)  # `reward_funcs` is a key of the online stages only: checked with the config
+    # `reward_funcs` is a key of the online stages only (checked with the config)
+    runner = get_stage(cfg.stage)
     stage = runner(cfg, reward_funcs=given) if runner.online else runner(cfg)
     seen: dict[str, TrainEvent] = {}
     record = run_loop(cfg, stage, [lambda e: seen.__setitem__(e.kind, e), *(callbacks or [])], stop)
