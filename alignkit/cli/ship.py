@@ -79,6 +79,7 @@ def _register_serve(subparsers: Any) -> None:
     v.add_argument(
         "--max-input-tokens", type=int, help="longest prompt accepted (default: the model's context)"
     )
+    v.add_argument("--max-request-bytes", type=int, help="largest request body accepted (default 4 MiB)")
     v.add_argument("--max-n", type=int, default=16, help="largest `n` (choices per request) accepted")
     v.add_argument(
         "--log-db", help="store every completion and its feedback: a SQLite path or postgresql:// URL"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,3 +86,53 @@ def make_adapter(base: str, out: Path, seed: int = 1) -> str:
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(str(out))
     return str(out)
+
+
+def make_endless(base: str, out: Path, context: int = 8192) -> str:
+    """A copy of the model `base` that never ends an answer by itself: its EOS is a token added to the
+    tokenizer past the model's vocabulary (the model cannot draw it), and its context is `context` tokens
+    (RoPE positions need no weights). Every answer runs to its token limit, whatever the machine's speed."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    shutil.copytree(base, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer.add_special_tokens({"eos_token": "<|never|>"})
+    tokenizer.save_pretrained(str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert tokenizer.eos_token_id >= config["vocab_size"]  # out of the model's reach
+    config.update(eos_token_id=tokenizer.eos_token_id, max_position_embeddings=context)
+    (out / "config.json").write_text(json.dumps(config))
+    generation = GenerationConfig.from_pretrained(str(out))
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.save_pretrained(str(out))
+    return str(out)
+
+
+def raw_request(
+    url: str, head: list[str], chunks: Iterable[bytes] = (), timeout: float = 30
+) -> tuple[int, dict]:
+    """Send a request as raw bytes (`head`: the request line and headers; then `chunks`, as they come) and
+    read the answer without finishing the request: (status, JSON body). A server that waits for the rest of
+    the body never answers: socket.timeout after `timeout` seconds."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall("".join(line + "\r\n" for line in head).encode() + b"\r\n")
+        for chunk in chunks:
+            sock.sendall(chunk)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError(f"the server closed the connection after {data!r}")
+            data += more
+    header, _, body = data.partition(b"\r\n\r\n")
+    return int(header.split()[1]), json.loads(body)
+
+
+def _length(data: bytes) -> int:
+    """The Content-Length of a response read so far (0 until its headers are complete)."""
+    header, sep, _ = data.partition(b"\r\n\r\n")
+    lengths = [
+        line.split(b":")[1] for line in header.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    ]
+    return int(lengths[0]) if sep and lengths else 0

@@ -1,10 +1,15 @@
 """The server's life: a full queue answers 503, SIGTERM drains the requests in flight before exiting, stored
-completions and feedback survive kill -9, and bad command lines are one-line errors with exit code 2."""
+completions and feedback survive kill -9, and bad command lines (a port in use included) are one-line errors
+with exit code 2."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ship.serve_helpers import running
+from tests.ship.serve_helpers import make_endless, running
 
 openai = pytest.importorskip("openai", reason="the server tests use the openai client: pip install openai")
 
@@ -30,7 +35,8 @@ def _stream_lines(url: str, max_tokens: int, out: list[str], first: threading.Ev
 
 
 def test_full_queue_is_503_and_sigterm_drains_in_flight(tiny_model: str, tmp_path: Path) -> None:
-    args = ["--model", tiny_model, "--served-model-name", "m", "--max-batch-size", "1", "--max-queue", "1"]
+    model = make_endless(tiny_model, tmp_path / "endless")  # the busy stream cannot end early: 400 tokens
+    args = ["--model", model, "--served-model-name", "m", "--max-batch-size", "1", "--max-queue", "1"]
     with running(args, tmp_path / "server.log") as server:
         lines: list[str] = []
         started = threading.Event()
@@ -87,7 +93,7 @@ def test_stored_rows_survive_kill_9(tiny_model: str, tmp_path: Path) -> None:
 
 
 def _exit(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    from alignkit.cli.main import main
+    from alignkit.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -101,6 +107,7 @@ def _exit(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
         (["--adapter", "x=/no/such/adapter"], "has no adapter_config.json"),
         (["--adapter", "=dir"], "write NAME=DIR"),
         (["--max-batch-size", "0"], "--max-batch-size 0"),
+        (["--port", "70000"], "--port 70000: give a port from 1 to 65535"),
         (["--log-db", "/no/such/folder/log.db"], "/no/such/folder"),
     ],
 )
@@ -117,3 +124,22 @@ def test_bad_command_lines_exit_2(
             pass
     code, err = _exit(["serve", "--model", tiny_model, *extra], capsys)
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_port_in_use_is_a_one_line_error_before_the_model_loads(tiny_model: str, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "model.safetensors").write_bytes(b"not weights")  # loading it would fail with another error
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "alignkit", "serve", "--model", str(model), "--port", str(port)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("alignkit: error:")]
+    assert errors == [
+        f"alignkit: error: port {port} on 127.0.0.1 is in use (another server listens there); "
+        "stop it or pick another port with --port"
+    ]
+    assert "Traceback" not in done.stderr and "serving" not in done.stderr

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from alignkit.ship.serve.batcher import Batcher, Job
+from alignkit.ship.serve.body import MAX_REQUEST_BYTES, parse_body, read_body
 from alignkit.ship.serve.engine import ModelPool
 from alignkit.ship.serve.metrics import Metrics, MetricsAndAuth
 from alignkit.ship.serve.protocol import (
@@ -41,13 +42,25 @@ class Server:
     store: Any = None  # a FeedbackStore with --log-db
     max_input_tokens: int | None = None
     max_n: int = 16
+    max_request_bytes: int = MAX_REQUEST_BYTES
     started: int = field(default_factory=lambda: int(time.time()))
 
-    def job(self, req: Sampling, prompts: list[Any], field: str) -> Job:
-        """A request checked against the server's limits and tokenized: 404, 400 or 413 before it queues.
-        `field` names the prompt's field in errors (`messages` or `prompt`)."""
-        from alignkit.generation.rollout import encode_prompts
+    def prepare(
+        self, body: bytes, kind: type[Sampling], loop: asyncio.AbstractEventLoop
+    ) -> tuple[Sampling, list[Any], Job]:
+        """(request, prompts, job) of a request body: parsed, checked against the server's limits and
+        tokenized, a 400, 404 or 413 before it queues. The CPU work of a request (JSON, chat template, tokens):
+        call it in a worker thread, so that a big prompt never stalls the event loop and the other clients."""
+        req = parse_body(body, kind)
+        if isinstance(req, ChatRequest):
+            prompts, field = [req.conversation()], "messages"  # `field`: the prompt's field, named in errors
+        else:
+            prompts, field = req.prompts(), "prompt"
+        self.check(req, prompts, field)
+        return req, prompts, self.job(req, self.encode(prompts, field), field, loop)
 
+    def check(self, req: Sampling, prompts: list[Any], field: str) -> None:
+        """The request against the server's models and limits (--max-n, --max-batch-size): 404 or 400."""
         if req.model not in self.pool.ids:
             served = ", ".join(self.pool.ids)
             raise APIError(
@@ -66,6 +79,11 @@ class Server:
                 "(--max-batch-size): send fewer",
                 field,
             )
+
+    def encode(self, prompts: list[Any], field: str) -> list[list[int]]:
+        """Token ids of each prompt (messages through the chat template), each inside the input limit."""
+        from alignkit.generation.rollout import encode_prompts
+
         try:
             ids = encode_prompts(self.pool.tokenizer, prompts)
         except Exception as exc:  # the chat template refused the messages (e.g. roles out of order)
@@ -85,6 +103,11 @@ class Server:
                 field,
                 "context_length_exceeded",
             )
+        return ids
+
+    def job(self, req: Sampling, ids: list[list[int]], field: str, loop: asyncio.AbstractEventLoop) -> Job:
+        """The job of a checked, tokenized request, its token limit inside the model's context (or a 413)."""
+        longest = max(len(p) for p in ids)
         room = (self.pool.context - longest) if self.pool.context else None
         wanted = req.token_limit() or room or 256
         max_tokens = min(wanted, room) if room else wanted  # never past the model's context
@@ -95,17 +118,9 @@ class Server:
                 field,
                 "context_length_exceeded",
             )
+        tok = self.pool.tokenizer
         return Job(
-            req.model,
-            ids,
-            req.n,
-            max_tokens,
-            req.temperature,
-            req.top_p,
-            req.stop,
-            req.seed,
-            self.pool.tokenizer,
-            asyncio.get_running_loop(),
+            req.model, ids, req.n, max_tokens, req.temperature, req.top_p, req.stop, req.seed, tok, loop
         )
 
     async def log(self, job: Job, cid: str, prompts: list[Any], req: Sampling) -> None:
@@ -195,19 +210,17 @@ def _routes(app: FastAPI, server: Server) -> None:
         return card(model_id)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request) -> Any:
-        conversation = [req.conversation()]
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await _answer(server, req, conversation, "chat.completion", cid, request)
+    async def chat(request: Request) -> Any:
+        return await _answer(server, request, ChatRequest, f"chatcmpl-{uuid.uuid4().hex}")
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Any:
-        return await _answer(
-            server, req, req.prompts(), "text_completion", f"cmpl-{uuid.uuid4().hex}", request
-        )
+    async def completions(request: Request) -> Any:
+        return await _answer(server, request, CompletionRequest, f"cmpl-{uuid.uuid4().hex}")
 
     @app.post("/v1/feedback")
-    async def feedback(fb: Feedback) -> dict:
+    async def feedback(request: Request) -> dict:
+        body = await read_body(request, server.max_request_bytes)
+        fb = await asyncio.to_thread(parse_body, body, Feedback)
         if server.store is None:
             raise APIError(404, "this server keeps no completions: start it with --log-db to take feedback")
         known = await asyncio.to_thread(server.store.add_feedback, fb.id, fb.label, fb.comment, fb.index)
@@ -216,13 +229,14 @@ def _routes(app: FastAPI, server: Server) -> None:
         return {"object": "feedback", "id": fb.id, "index": fb.index, "label": fb.label}
 
 
-async def _answer(
-    server: Server, req: Sampling, prompts: list[Any], kind: str, cid: str, request: Request
-) -> Any:
-    job = server.job(req, prompts, "messages" if kind == "chat.completion" else "prompt")
+async def _answer(server: Server, request: Request, kind: type[Sampling], cid: str) -> Any:
+    body = await read_body(request, server.max_request_bytes)  # 413 before a byte past the limit is read
+    loop = asyncio.get_running_loop()
+    req, prompts, job = await asyncio.to_thread(server.prepare, body, kind, loop)
+    what = "chat.completion" if kind is ChatRequest else "text_completion"
     server.batcher.submit(job)  # 503 when the queue is full, before any byte is sent
     if req.stream:
-        return StreamingResponse(_sse(server, job, req, prompts, kind, cid), media_type="text/event-stream")
+        return StreamingResponse(_sse(server, job, req, prompts, what, cid), media_type="text/event-stream")
     try:
         await _wait_while_connected(job, request)
     finally:
@@ -232,7 +246,7 @@ async def _answer(
         return Response(status_code=499)
     server.count(job)
     await server.log(job, cid, prompts, req)
-    return _body(job, kind, cid, req.model)
+    return _body(job, what, cid, req.model)
 
 
 async def _wait_while_connected(job: Job, request: Request, poll_s: float = 0.25) -> None:
