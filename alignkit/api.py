@@ -24,7 +24,7 @@ from typing import Any
 from alignkit.config import BaseConfig, build_config, config_to_dict, read_yaml
 from alignkit.config.coerce import flatten
 from alignkit.data.files import rows_file
-from alignkit.errors import UserError
+from alignkit.errors import UserError, did_you_mean
 from alignkit.generation.rewards import RewardFn, reward_name
 from alignkit.stages import get_stage
 from alignkit.training.checkpoint import list_checkpoints
@@ -333,3 +333,19 @@ def tiny(
     from alignkit.modeling.tiny import build_tiny
 
     return build_tiny(output_dir, vocab_size, hidden_size, layers, seed)
+
+
+def serve(model: str, /, *, adapters: Mapping[str, str] | None = None, **settings: Any) -> Any:
+    """`alignkit serve` on a background thread of this process: the OpenAI-compatible API for `model` (and LoRA
+    `adapters` on it, by model id). Returns a handle with `url` (an OpenAI client's base_url), `ids` and
+    `stop()`; it is also a context manager. Settings are the command's flags: host, port (0: any free port),
+    served_model_name, api_key, max_batch_size, max_queue, max_input_tokens, max_n, max_request_bytes, log_db
+    (thumbs-up/down feedback store), dtype, device, backend."""
+    from alignkit.ship.serve.command import ServeSettings, start_server
+
+    names = [f.name for f in dataclasses.fields(ServeSettings)]
+    unknown = [key for key in settings if key not in names or key == "adapter"]
+    if unknown:
+        raise UserError(f"serve: unknown setting `{unknown[0]}`{did_you_mean(unknown[0], names)}")
+    pairs = [f"{name}={path}" for name, path in (adapters or {}).items()]
+    return start_server(ServeSettings(model, adapter=pairs, **settings))

@@ -238,3 +238,29 @@ def test_the_example_script_trains_evaluates_and_exports(tmp_path: Path) -> None
     assert summary["eval"]["baseline_accuracy"] is not None
     assert summary["export"]["max_logit_diff"] < 1e-3
     assert (tmp_path / "work" / "merged" / "model.safetensors").is_file()
+
+
+def test_serve_runs_in_this_process_until_stopped(tiny_model: str, tmp_path: Path) -> None:
+    import httpx
+
+    from alignkit.generation.rollout import complete
+    from alignkit.modeling.load import load_causal_lm
+
+    question = [{"role": "user", "content": "What is 2 + 2?"}]
+    with alignkit.serve(
+        tiny_model, port=0, served_model_name="tiny", log_db=str(tmp_path / "fb.db")
+    ) as server:
+        assert server.ids == ["tiny"] and server.url.startswith("http://127.0.0.1:")
+        body = {"model": "tiny", "messages": question, "max_tokens": 6, "temperature": 0}
+        answer = httpx.post(f"{server.url}/chat/completions", json=body, timeout=60).json()
+        assert httpx.get(server.url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+    model, tokenizer = load_causal_lm(tiny_model)
+    expected = complete(model, tokenizer, [question], max_new_tokens=6, temperature=0).texts[0]
+    assert answer["choices"][0]["message"]["content"] == expected  # the rollout engine's greedy answer
+    with pytest.raises(httpx.ConnectError):  # stopped: nothing listens any more
+        httpx.get(server.url + "/models", timeout=5)
+    rows = alignkit.from_feedback  # the store is the one the server wrote: no vote yet, so nothing to export
+    with pytest.raises(alignkit.UserError, match=r"no answer has feedback yet \(1 answers stored\)"):
+        rows(str(tmp_path / "fb.db"), str(tmp_path / "kto.jsonl"))
+    with pytest.raises(alignkit.UserError, match=r"serve: unknown setting `prot` \(did you mean `port`\?\)"):
+        alignkit.serve(tiny_model, prot=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from alignkit import api
@@ -91,9 +92,10 @@ def _register_serve(subparsers: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from alignkit.ship.serve.command import serve_command
+    from alignkit.ship.serve.command import ServeSettings, serve_forever
 
-    return serve_command(args)
+    fields = [f.name for f in dataclasses.fields(ServeSettings)]
+    return serve_forever(ServeSettings(**{name: getattr(args, name) for name in fields}))
 
 
 def chat(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""`alignkit serve`: load the model and its adapters, then run the OpenAI-compatible API under uvicorn.
+"""`alignkit serve` (and `alignkit.serve`): load the model and its adapters, then run the OpenAI-compatible API
+under uvicorn, in the foreground (the command) or on a thread (the library: a handle with `url` and `stop()`).
 
 The port is bound before the model loads (a port in use is a one-line error at once, not after the load) and
 the bound socket is handed to uvicorn. uvicorn owns the signals: on SIGTERM (or Ctrl-C) it stops accepting
@@ -8,12 +9,14 @@ the batcher and closes the store.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
 import socket
+import threading
+import time
 from contextlib import closing
+from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.errors import UserError
@@ -22,30 +25,102 @@ log = logging.getLogger("alignkit")
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app's startup fails
 
 
-def serve_command(args: argparse.Namespace) -> int:
+@dataclass
+class ServeSettings:
+    """What `alignkit serve` serves and how (its flags, by the same names)."""
+
+    model: str
+    adapter: list[str] = field(default_factory=list)  # NAME=DIR: a LoRA adapter on `model`, served as NAME
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port
+    backend: str = "hf"  # hf | vllm
+    api_key: str | None = None  # default: $ALIGNKIT_API_KEY, else none
+    max_batch_size: int = 32
+    max_queue: int = 256
+    max_input_tokens: int | None = None
+    max_n: int = 16
+    max_request_bytes: int | None = None  # default 4 MiB
+    log_db: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    trust_remote_code: bool = False
+
+
+def _bound(settings: ServeSettings) -> tuple[Any, socket.socket, list[str]]:
+    """(the uvicorn server, its listening socket, the model ids): arguments checked, port bound, model loaded."""
     import uvicorn
 
-    adapters, store = checked_args(args)
+    adapters, store = checked_args(settings)
     try:
-        sock = listen_socket(args.host, args.port)
+        sock = listen_socket(settings.host, settings.port)
     except UserError:
         if store is not None:
             store.close()
         raise
+    try:
+        app, ids = build_server(settings, adapters, store)
+        listen(sock, settings.host, settings.port)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]  # port 0: the port the system chose
+    config = uvicorn.Config(
+        app, host=settings.host, port=port, log_level="warning", timeout_graceful_shutdown=None
+    )
+    return uvicorn.Server(config), sock, ids
+
+
+def serve_forever(settings: ServeSettings) -> int:
+    """Serve in the foreground until SIGTERM or Ctrl-C (uvicorn drains the requests in flight); the exit code."""
+    server, sock, ids = _bound(settings)
     with closing(sock):
-        app, ids = build_server(args, adapters, store)
-        listen(sock, args.host, args.port)
-        port = sock.getsockname()[1]  # --port 0: the port the system chose
-        log.info("serving %s at http://%s:%d/v1", ", ".join(ids), args.host, port)
-        config = uvicorn.Config(
-            app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=None
-        )
-        server = uvicorn.Server(config)
+        log.info("serving %s at http://%s:%d/v1", ", ".join(ids), settings.host, sock.getsockname()[1])
         try:
             server.run(sockets=[sock])
         except KeyboardInterrupt:  # Ctrl-C: uvicorn has drained the requests in flight
             pass
     return 0 if server.started else STARTUP_FAILURE
+
+
+class RunningServer:
+    """A server on a background thread: `url` (the /v1 base of OpenAI clients), `ids` (its model ids),
+    `stop()` (drain the requests in flight, then shut down); also a context manager."""
+
+    def __init__(self, server: Any, sock: socket.socket, ids: list[str], host: str) -> None:
+        self._server, self._sock, self.ids = server, sock, ids
+        self.url = f"http://{host}:{sock.getsockname()[1]}/v1"
+        self._thread = threading.Thread(target=self._run, name="alignkit-serve", daemon=True)
+
+    def _run(self) -> None:
+        with closing(self._sock):
+            self._server.run(sockets=[self._sock])
+
+    def start(self, timeout: float = 60.0) -> RunningServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise UserError(f"the server at {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(settings: ServeSettings) -> RunningServer:
+    """Serve on a background thread of this process; returns once the server answers."""
+    server, sock, ids = _bound(settings)
+    log.info("serving %s at http://%s:%d/v1", ", ".join(ids), settings.host, sock.getsockname()[1])
+    return RunningServer(server, sock, ids, settings.host).start()
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -89,7 +164,7 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
-def checked_args(args: argparse.Namespace) -> tuple[dict[str, str], Any]:
+def checked_args(args: ServeSettings) -> tuple[dict[str, str], Any]:
     """({adapter name: folder}, the FeedbackStore or None): every bad argument is a UserError here, before
     the port is bound and the model loads."""
     from alignkit.ship.serve.engine import parse_adapters, vllm_available
@@ -111,7 +186,7 @@ def checked_args(args: argparse.Namespace) -> tuple[dict[str, str], Any]:
     return adapters, store
 
 
-def build_server(args: argparse.Namespace, adapters: dict[str, str], store: Any) -> tuple[object, list[str]]:
+def build_server(args: ServeSettings, adapters: dict[str, str], store: Any) -> tuple[object, list[str]]:
     """(the ASGI app, its model ids) from `alignkit serve`'s arguments, once `checked_args` passed them."""
     import torch
 
@@ -132,15 +207,15 @@ def build_server(args: argparse.Namespace, adapters: dict[str, str], store: Any)
         generate = HFGenerate(pool)
     metrics = Metrics()
     batcher = Batcher(generate, args.max_batch_size, args.max_queue, metrics, pool.context)
-    max_bytes = getattr(args, "max_request_bytes", None) or MAX_REQUEST_BYTES
+    max_bytes = args.max_request_bytes or MAX_REQUEST_BYTES
     server = Server(pool, batcher, metrics, store, args.max_input_tokens, args.max_n, max_bytes)
     api_key = args.api_key or os.environ.get("ALIGNKIT_API_KEY") or None
     return build_app(server, api_key), list(pool.ids)
 
 
-def _check_limits(args: argparse.Namespace) -> None:
+def _check_limits(args: ServeSettings) -> None:
     for flag in ("max_batch_size", "max_queue", "max_n", "max_input_tokens", "max_request_bytes"):
-        value = getattr(args, flag, None)  # --max-request-bytes: absent from a parser that predates it
+        value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value}: give a positive number")
     if not 0 <= args.port <= 65535:
