@@ -78,8 +78,8 @@ def train_alignkit(keys: dict, steps: int, out: str) -> list[dict]:
     """One alignkit run through the public path (config -> stage -> loop), data in file order, `steps` steps,
     logged every step; returns the metrics records (metrics.jsonl)."""
     from alignkit.config import build_config
-    from alignkit.training.loop import train
     from alignkit.stages import get_stage
+    from alignkit.training.loop import train
 
     common = {
         "max_steps": steps,

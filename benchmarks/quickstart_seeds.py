@@ -7,6 +7,7 @@ the validation columns; the test columns are reported.
     python benchmarks/quickstart_seeds.py --seeds 0 1 2 --output-dir /tmp/qs-seeds
 
     python benchmarks/quickstart_seeds.py --seeds 0 1 -- --methods sft,ppo --no-controls
+    python benchmarks/quickstart_seeds.py --seeds 0 1 2 3 4 5 6 7 --check   # every promise, every seed
 
 Each seed runs `alignkit quickstart --seed N` in its own process (about 11 minutes each on a 2-core machine);
 a seed whose report.json was made by the same commit with the same arguments is read, not re-run.
@@ -20,6 +21,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from alignkit.quickstart.promises import broken_promises
 
 
 def _commit() -> str:
@@ -101,6 +104,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--output-dir", default="quickstart-seeds")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a seed's report breaks one of the quickstart's promises (alignkit/quickstart/promises.py)",
+    )
     ap.add_argument("extra", nargs="*", help="passed to `alignkit quickstart` (e.g. --methods sft,ppo)")
     args = ap.parse_args()
     out = Path(args.output_dir)
@@ -108,6 +116,10 @@ def main() -> None:
     summary = summarise(reports)
     (out / "seeds.json").write_text(json.dumps(summary, indent=2))
     print(render(summary, args.seeds))
+    if args.check:
+        broken = [f"seed {seed}: {b}" for seed, r in reports.items() for b in broken_promises(r)]
+        print("\n".join(broken) or f"every promise kept on seeds {', '.join(map(str, args.seeds))}")
+        sys.exit(1 if broken else 0)
 
 
 if __name__ == "__main__":

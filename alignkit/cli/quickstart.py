@@ -35,5 +35,6 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods or () if m not in METHODS]
     if unknown:
         raise UserError(f"--methods: unknown method `{unknown[0]}`; choose from {', '.join(METHODS)}")
-    run_quickstart(args.output_dir, seed=args.seed, methods=methods, controls=not args.no_controls)
+    report = run_quickstart(args.output_dir, seed=args.seed, methods=methods, controls=not args.no_controls)
+    print(report["table"])
     return 0

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,10 +287,11 @@ def _run(ctx: Context, name: str, runner: Callable[[Context], str]) -> dict[str,
 def run_quickstart(
     output_dir: str = "./alignkit-quickstart",
     seed: int = 0,
-    methods: tuple[str, ...] | None = None,
-    controls: bool = True,
+    methods: Sequence[str] | None = None,
+    controls: bool | Sequence[str] = True,
 ) -> dict[str, Any]:
-    """Train each method (SFT first; the others start from it), evaluate, write report.md / report.json."""
+    """Train each method (SFT first; the others start from it), evaluate, write report.md / report.json; return
+    the report (its table under "table"). `controls`: all (True), none (False) or those named."""
     t0 = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
     split = split_problems(seed)
@@ -309,16 +310,16 @@ def run_quickstart(
     if "sft" not in names:
         names = ("sft", *names)
     report["methods"] = {name: _run(ctx, name, METHODS[name]) for name in names}
-    run_controls = controls and len(names) > 1
-    report["controls"] = {n: _run(ctx, n, r) for n, r in CONTROLS.items()} if run_controls else {}
+    wanted = CONTROLS if controls is True else {} if controls is False else {n: CONTROLS[n] for n in controls}
+    report["controls"] = {n: _run(ctx, n, r) for n, r in wanted.items()} if len(names) > 1 else {}
     if ctx.reward_model:
         report["reward_model"] = reward_model_diagnosis(ctx.reward_model, _pairs(ctx), split.test)
     report["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    print(write_report(output_dir, report))
+    table = write_report(output_dir, report)
     log.info(
         "next: alignkit eval --model %s --baseline %s --dataset %s max_new_tokens=5",
         os.path.join(output_dir, names[1] if len(names) > 1 else "sft"),
         os.path.join(output_dir, "sft"),
         ctx.data["test"],
     )
-    return report
+    return {**report, "table": table}
