@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +72,13 @@ def tiny_rm(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server or a process group a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

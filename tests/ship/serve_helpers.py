@@ -16,13 +16,9 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import free_port
+
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_stage, write_jsonl
+from tests.conftest import free_port, run_stage, write_jsonl
 from tests.generation.test_online import PROMPTS
 from tests.training.test_loop import _launch_two
 
@@ -96,7 +96,7 @@ def test_two_processes_refill_to_the_global_target(tiny_model: str, tmp_path: Pa
     two = _launch_two(
         {**keys, "per_device_train_batch_size": 2},
         tmp_path / "two",
-        29521,
+        free_port(),
         entry=[str(tmp_path / "entry.py")],
         paths=(str(tmp_path),),
     )

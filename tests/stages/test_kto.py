@@ -11,7 +11,7 @@ import torch
 
 from alignkit.errors import UserError
 from alignkit.losses.unpaired import KTO_LOSSES, kto_loss
-from tests.conftest import first_step, run_stage, write_jsonl
+from tests.conftest import first_step, free_port, run_stage, write_jsonl
 
 Q = ["What is 12 + 7?", "Name a colour of the sky.", "Say hello in French.", "Count to three.", "Spell cat."]
 A = ["19", "Blue, on a clear day.", "Bonjour!", "One, two, three.", "C, A, T."]
@@ -175,7 +175,7 @@ def test_two_processes_average_z0_as_one_process_over_the_global_batch(
         tmp_path / "local", {**keys, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
     )
     one, local = records(tmp_path / "one"), records(tmp_path / "local")
-    two = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path / "two", 29521)
+    two = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path / "two", free_port())
     assert len(one) == len(two) == 2
     assert all(r["kl"] > 0.3 for r in one)  # not clamped: an error in z0 shows in the loss
     for name in ("kl", "loss", "rewards/chosen", "rewards/rejected"):

@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import REPO, free_port, write_jsonl
 
 ACCEL = REPO / "configs" / "accelerate"
 
@@ -90,7 +90,8 @@ def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactor
     entry.write_text(ENTRY)
     launchers = {"ddp": ["--multi_gpu"], "fsdp": ["--config_file", str(ACCEL / "fsdp2.yaml")]}
     procs = {}
-    for port, (kind, how) in enumerate(launchers.items(), start=29531):  # both at once: half the wait
+    for kind, how in launchers.items():  # both at once: half the wait
+        port = free_port()
         configs = []
         lora = {**sft, "finetuning_type": "lora", "lora_target": "all", "save_merged": True, "max_steps": 2}
         runs = [("sft", sft), ("dpo", dpo), ("lora", lora)]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_stage, write_jsonl
+from tests.conftest import REPO, free_port, run_stage, write_jsonl
 
 
 def _rows(n: int = 16) -> list[dict]:
@@ -145,7 +145,7 @@ def test_two_processes_equal_one(tiny_model: str, tmp_path: Path) -> None:
     held = write_jsonl(tmp_path / "e.jsonl", _rows(16)[14:15])  # one eval row: a filler on the 2nd process
     keys = _sft(tiny_model, data, num_train_epochs=1, shuffle=False, eval_dataset=held, eval_steps=4)
     one, _ = run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
-    ours = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path, 29517)
+    ours = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path, free_port())
     single = _metrics(str(tmp_path / "one" / "out"))
     assert len(ours) == len(single) == 4  # same global batch: 4 steps an epoch, the last one short
     assert [r["epoch"] for r in ours] == [r["epoch"] for r in single]
@@ -179,7 +179,7 @@ def test_two_processes_dpo(tiny_model: str, tiny_ref: str, tmp_path: Path) -> No
 
     keys = _pref_keys(tiny_model, tiny_ref, write_jsonl(tmp_path / "p.jsonl", (CONV * 4)[:15]))
     run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
-    two = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path / "dpo", 29518)
+    two = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path / "dpo", free_port())
     single = _metrics(str(tmp_path / "one" / "out"))
     assert len(two) == len(single) == 4
     for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
@@ -198,7 +198,7 @@ def test_two_processes_kto_leaves_the_filler_out_of_z0(
     keys = {**_pref_keys(tiny_model, tiny_ref, data), "stage": "kto", "learning_rate": 0.0}
     keys["per_device_train_batch_size"] = 2
     run_stage(tmp_path / "one", keys)
-    two = _launch_two(keys, tmp_path / "kto", 29519)
+    two = _launch_two(keys, tmp_path / "kto", free_port())
     single = _metrics(str(tmp_path / "one" / "out"))
     assert len(two) == 3 and len(single) == 5
     for name in ("loss", "kl", "rewards/chosen", "logps/chosen"):
