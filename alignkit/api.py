@@ -21,11 +21,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.config import BaseConfig, build_config, config_to_dict, read_yaml
+from alignkit.comparison import run_compare
+from alignkit.comparison.config import compare_config
+from alignkit.config import BaseConfig, build_config, build_dataclass, config_to_dict, read_yaml
 from alignkit.config.coerce import flatten
 from alignkit.data.files import rows_file
+from alignkit.data.report import inspect_data
 from alignkit.errors import UserError, did_you_mean
+from alignkit.evaluation.config import EvalConfig, validate
+from alignkit.evaluation.run import run_eval
+from alignkit.evaluation.sxs import sxs_page, votes_to_data
 from alignkit.generation.rewards import RewardFn, reward_name
+from alignkit.modeling.tiny import build_tiny
+from alignkit.ship.chat import answer_once, chat_settings
+from alignkit.ship.export.merge import export_model
+from alignkit.ship.export.settings import export_settings
+from alignkit.ship.serve.feedback import export_kto
 from alignkit.stages import get_stage
 from alignkit.training.checkpoint import list_checkpoints
 from alignkit.training.events import Callback, StopSignal, TrainEvent
@@ -179,8 +190,6 @@ class EvalResult:
 def evaluate(config: Any = None, /, **keys: Any) -> EvalResult:
     """`alignkit eval`: sample the model's (and the baseline's) answers and score them; eval.json, eval.md and
     samples.jsonl go to `output_dir`. `config`: an EvalConfig, a YAML path or a mapping of eval keys."""
-    from alignkit.evaluation.config import EvalConfig, validate
-    from alignkit.evaluation.run import run_eval
 
     if "dataset" in keys:
         keys["dataset"] = _dataset_key(keys["dataset"], "dataset")
@@ -199,7 +208,6 @@ def evaluate(config: Any = None, /, **keys: Any) -> EvalResult:
 
 
 def build_eval(raw: dict[str, Any], source: str, cls: type, validate: Callable[[Any, str], None]) -> Any:
-    from alignkit.config import build_dataclass
 
     cfg = build_dataclass(cls, raw, source, "for `alignkit eval`")
     validate(cfg, source)
@@ -219,8 +227,6 @@ class CompareResult:
 def compare(config: Any, /, **keys: Any) -> CompareResult:
     """`alignkit compare`: train every method of the config on the same data and budget, evaluate each the
     same way, report. Keyword arguments override the shared keys (`eval={...}` and `methods={...}` too)."""
-    from alignkit.comparison import run_compare
-    from alignkit.comparison.config import compare_config
 
     cfg = compare_config(config, keys)
     report = run_compare(cfg)
@@ -238,8 +244,6 @@ def export(config: str | os.PathLike | None = None, /, **settings: Any) -> Any:
     """`alignkit export`: merge a LoRA adapter into its base, write and check a Hugging Face folder (and a
     quantized copy). `config`: LLaMA-Factory's merge YAML; settings: model, adapter, output, dtype, quantize,
     shard_size_gb, device. Returns `ExportResult` (folder, weight files, the largest logit difference, ...)."""
-    from alignkit.ship.export.merge import export_model
-    from alignkit.ship.export.settings import export_settings
 
     return export_model(export_settings(os.fspath(config) if config else None, **settings))
 
@@ -263,7 +267,6 @@ def chat(
     """One turn of `alignkit chat`: the model's answer to `messages` (a user message, or the conversation so
     far as role/content dicts). `config`: LLaMA-Factory's inference YAML; settings: adapter, system,
     max_new_tokens, temperature (0: greedy), top_p."""
-    from alignkit.ship.chat import answer_once, chat_settings
 
     chat_cfg = chat_settings(config, model=model, **settings)
     turns = (
@@ -285,7 +288,6 @@ def inspect(
     """`alignkit data inspect`: the format, lengths (in the model's tokens when `model` is given), rows
     `max_length` would truncate, duplicate prompts, the chosen-longer-than-rejected share, KTO's label balance
     and recommended weights. `source`: a path, a hub id, a `datasets.Dataset` or a list of dicts."""
-    from alignkit.data.report import inspect_data
 
     return inspect_data(_dataset_key(source, "source"), model, max_length, split, dataset_format)
 
@@ -293,7 +295,6 @@ def inspect(
 def from_feedback(db: str, output: str, /, *, model: str | None = None) -> dict[str, int]:
     """`alignkit data from-feedback`: the thumbs-up/down votes `serve --log-db` stored, as KTO rows in
     `output`; returns the counts (rows, up, down, no_feedback, empty)."""
-    from alignkit.ship.serve.feedback import export_kto
 
     return export_kto(db, output, model)
 
@@ -301,7 +302,6 @@ def from_feedback(db: str, output: str, /, *, model: str | None = None) -> dict[
 def from_votes(votes: str, /, *, key: str | None = None, output_dir: str = ".") -> dict[str, str]:
     """`alignkit data from-votes`: a side-by-side review's votes as DPO pairs and KTO rows in `output_dir`;
     returns their paths and a summary ({"dpo", "kto", "summary"})."""
-    from alignkit.evaluation.sxs import votes_to_data
 
     return votes_to_data(votes, key, output_dir)
 
@@ -319,7 +319,6 @@ def sxs(
 ) -> dict[str, Any]:
     """`alignkit sxs`: both models answer the prompts; a blind review page (sxs.html) and its key are written.
     Returns {"page", "key", "items"}; the page's votes come back through `from_votes` or `sxs tally`."""
-    from alignkit.evaluation.sxs import sxs_page
 
     rows = _dataset_key(dataset, "dataset")
     return sxs_page(model, baseline, rows, max_samples, max_new_tokens, output_dir, seed)
@@ -330,7 +329,6 @@ def tiny(
 ) -> str:
     """`alignkit tiny`: a tiny random Llama-architecture model with a real tokenizer, for trying things
     offline; returns its folder."""
-    from alignkit.modeling.tiny import build_tiny
 
     return build_tiny(output_dir, vocab_size, hidden_size, layers, seed)
 

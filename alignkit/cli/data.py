@@ -6,10 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from alignkit import api
 from alignkit.cli.common import add_command
-from alignkit.data.report import render_report
-from alignkit.losses.unpaired import kto_weights
 
 EPILOG_INSPECT = """examples:
   alignkit data inspect ../shared/data/llamafactory/dpo_en_demo.json --model models/tiny
@@ -66,6 +63,9 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    from alignkit import api
+    from alignkit.data.report import render_report
+
     report = api.inspect(
         args.source,
         model=args.model,
@@ -78,11 +78,16 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def from_votes(args: argparse.Namespace) -> int:
+    from alignkit import api
+
     print(api.from_votes(args.votes, key=args.key, output_dir=args.output_dir)["summary"])
     return 0
 
 
 def from_feedback(args: argparse.Namespace) -> int:
+    from alignkit import api
+    from alignkit.losses.unpaired import kto_weights
+
     counts = api.from_feedback(args.db, args.output, model=args.model)
     w_d, w_u, why = kto_weights(counts["up"], counts["down"])
     left_out = f"{counts['no_feedback']} answers without feedback"

@@ -6,10 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from alignkit import api
 from alignkit.cli.common import add_command
-from alignkit.config import read_yaml
-from alignkit.config.coerce import parse_overrides
 
 EPILOG_EVAL = """examples:
   alignkit eval --model out/dpo --baseline out/sft --dataset ../shared/data/gsm8k/test.jsonl --max-samples 200
@@ -74,11 +71,15 @@ def _register_sxs(subparsers: Any) -> None:
     t.add_argument("votes", help="votes.json saved from the page")
     t.add_argument("--key", help="the page's sxs_key.json (default: beside the votes file)")
     t.add_argument("--json", action="store_true", help="print the tally as JSON")
-    t.set_defaults(run=tally)
+    t.set_defaults(run=run_tally)
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """The config file (if any), then the flags, then key=value overrides: later wins."""
+    from alignkit import api
+    from alignkit.config import read_yaml
+    from alignkit.config.coerce import parse_overrides
+
     config, overrides = args.config, list(args.overrides or [])
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]  # `alignkit eval key=value ...`
@@ -92,16 +93,16 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def sxs(args: argparse.Namespace) -> int:
-    from alignkit.evaluation.sxs import sxs_page
+    from alignkit import api
 
-    out = sxs_page(
+    out = api.sxs(
         args.model,
         args.baseline,
         args.dataset,
-        args.max_samples,
-        args.max_new_tokens,
-        args.output_dir,
-        args.seed,
+        max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens,
+        output_dir=args.output_dir,
+        seed=args.seed,
     )
     print(f"wrote {out['page']} ({out['items']} items; model names hidden, sides shuffled)")
     print(f"wrote {out['key']}: keep it, it un-blinds the votes; send reviewers only the page")
@@ -109,7 +110,7 @@ def sxs(args: argparse.Namespace) -> int:
     return 0
 
 
-def tally(args: argparse.Namespace) -> int:
+def run_tally(args: argparse.Namespace) -> int:
     from alignkit.evaluation.sxs import render_tally, tally
 
     result = tally(args.votes, args.key)
@@ -118,6 +119,7 @@ def tally(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
+    from alignkit import api
     from alignkit.comparison.config import load_compare_config
 
     result = api.compare(load_compare_config(args.config, list(args.overrides or [])))

@@ -1,6 +1,10 @@
 """`alignkit` command line: one module per command (each `register(subparsers)` and a `run(args)` it sets as
 the parser's default), all thin faces on `alignkit.api`. A user mistake (`UserError`) prints one message and
-exits with code 2; `--debug` shows the traceback."""
+exits with code 2; `--debug` shows the traceback.
+
+The command modules import the library inside their run functions, the one place alignkit imports its own code
+lazily on purpose: `alignkit --help` and a mistyped flag answer in 0.1 s instead of the 4 s torch and
+transformers take to load (import circles cannot hide there: tests/test_layout.py reads those imports too)."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+
     from alignkit.quickstart.run import METHODS, run_quickstart
 
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 from typing import Any
 
-from alignkit import api
 from alignkit.cli.common import add_command, none_given
 
 EPILOG_SERVE = """examples:
@@ -99,12 +98,15 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
+
     from alignkit.ship.chat import GIVEN, run_terminal_chat
 
     return run_terminal_chat(args.config, **none_given(args, *GIVEN))
 
 
 def export(args: argparse.Namespace) -> int:
+
+    from alignkit import api
     from alignkit.ship.export.card import render_summary
     from alignkit.ship.export.merge import LOGIT_PROBES
 

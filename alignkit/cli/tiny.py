@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from alignkit import api
 from alignkit.cli.common import add_command
 
 EPILOG = """examples:
@@ -25,6 +24,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from alignkit import api
+
     api.tiny(
         args.output_dir,
         vocab_size=args.vocab_size,

@@ -6,9 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from alignkit import api
 from alignkit.cli.common import add_command
-from alignkit.config.coerce import parse_overrides
 
 EPILOG = """examples:
   alignkit train configs/sft_tiny.yaml
@@ -27,6 +25,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from alignkit import api
+    from alignkit.config.coerce import parse_overrides
+
     result = api.train(args.config, **parse_overrides(args.overrides))
     if result.metrics:
         logging.getLogger("alignkit").info(

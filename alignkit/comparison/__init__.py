@@ -12,6 +12,8 @@ import os
 from typing import Any
 
 from alignkit.comparison.config import CompareConfig, eval_config, load_compare_config
+from alignkit.comparison.plots import write_plots
+from alignkit.comparison.report import build_report, write_report
 from alignkit.comparison.runs import TrainResult, budget, check_budgets, eval_method, train_method
 from alignkit.errors import UserError
 
@@ -32,8 +34,6 @@ def _processes() -> int:
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Train and evaluate every method (reusing finished ones), then write the report and plots."""
-    from alignkit.comparison.plots import write_plots
-    from alignkit.comparison.report import build_report, write_report
 
     processes = _processes()
     budgets = {m.name: budget(m.cfg, processes) for m in cfg.methods}

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignkit.comparison.fingerprint import EVAL_INPUTS, TRAIN_INPUTS
 from alignkit.config import CONFIG_CLASSES, BaseConfig, build_config, build_dataclass, load_yaml_mapping
 from alignkit.config.coerce import flatten, parse_overrides
 from alignkit.errors import UserError, did_you_mean
@@ -194,7 +195,6 @@ def _looks_local(value: str) -> bool:
 
 def _check_local_paths(cfg: CompareConfig, ecfg: EvalConfig) -> None:
     """A missing file fails now, not after the methods before it have trained."""
-    from alignkit.comparison.fingerprint import EVAL_INPUTS, TRAIN_INPUTS
 
     checks = [(f"methods.{m.name}", k, getattr(m.cfg, k, None)) for m in cfg.methods for k in TRAIN_INPUTS]
     checks += [("eval", k, getattr(ecfg, k)) for k in EVAL_INPUTS if k != "model"]

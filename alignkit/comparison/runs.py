@@ -30,6 +30,7 @@ from alignkit.comparison.fingerprint import (
 from alignkit.config import BaseConfig, build_config
 from alignkit.errors import UserError
 from alignkit.evaluation.config import EvalConfig
+from alignkit.evaluation.run import run_eval
 from alignkit.stages import get_stage
 from alignkit.training.checkpoint import list_checkpoints
 from alignkit.training.loop import train
@@ -70,7 +71,6 @@ def train_method(raw: dict[str, Any], source: str) -> TrainResult:
     """Train the run `raw` describes (flat keys, as for build_config) unless its output_dir already holds a
     finished run with the same fingerprint. A run started with the same fingerprint that left checkpoints
     is resumed from the newest; otherwise stale checkpoints go, and the run trains from the start."""
-    from alignkit.stages import get_stage
 
     cfg = build_config({**raw, "overwrite_output_dir": True}, source)
     out = cfg.output_dir
@@ -102,7 +102,6 @@ def train_method(raw: dict[str, Any], source: str) -> TrainResult:
 
 def eval_method(cfg: EvalConfig) -> tuple[dict[str, Any], bool]:
     """(eval.json's dict, whether it ran now). An eval of the same model files with the same keys is reused."""
-    from alignkit.evaluation.run import run_eval
 
     fp = eval_fingerprint(cfg)
     mark = os.path.join(cfg.output_dir, FINGERPRINT_FILE)

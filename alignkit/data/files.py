@@ -18,6 +18,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignkit.config.cache import user_cache_dir
 from alignkit.errors import UserError
 
 
@@ -332,8 +333,6 @@ def rows_file(rows: Any, what: str = "dataset") -> str:
     as a JSONL file in the user cache, named by its content: the run's config records a path that reproduces
     it, and the same rows always give the same file (so compare's fingerprints stay equal)."""
     import hashlib
-
-    from alignkit.config.cache import user_cache_dir
 
     if hasattr(rows, "to_list"):  # datasets.Dataset
         rows = rows.to_list()

@@ -9,6 +9,7 @@ from typing import Any
 from alignkit.data.batches import tokenize_chat
 from alignkit.data.formats import Example, Text, describe_format, load_examples
 from alignkit.losses.unpaired import kto_weights
+from alignkit.modeling.load import load_tokenizer
 
 
 def _render(value: Text | None) -> str:
@@ -43,8 +44,6 @@ class _Counter:
     def __init__(self, model: str | None) -> None:
         self.tokenizer = None
         if model:
-            from alignkit.modeling.load import load_tokenizer
-
             self.tokenizer = load_tokenizer(model)
         self.unit = "tokens" if self.tokenizer is not None else "words (no --model given)"
 

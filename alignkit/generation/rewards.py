@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 
+from alignkit.data.batches import full_ids, pad
 from alignkit.errors import UserError, did_you_mean
+from alignkit.modeling.load import load_spec, load_tokenizer
+from alignkit.modeling.resolve import ADAPTER_CONFIG, adapter_task_type, is_adapter, resolve_model
 
 RewardFn = Callable[..., list[float]]
 
@@ -217,8 +220,6 @@ class RewardModelScorer:
     ) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        from alignkit.modeling.load import load_spec, load_tokenizer
-
         spec = self.spec(path, model_type)
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         self.model = (
@@ -237,7 +238,6 @@ class RewardModelScorer:
     @staticmethod
     def spec(path: str, model_type: str = "auto") -> Any:
         """The reward model's weights (a `ModelSpec`, every adapter merged), `reward_model_type` checked."""
-        from alignkit.modeling.resolve import ADAPTER_CONFIG, adapter_task_type, is_adapter, resolve_model
 
         if model_type not in ("auto", "full", "lora"):
             raise UserError(
@@ -267,7 +267,6 @@ class RewardModelScorer:
     def __call__(
         self, prompts: list[Any], completions: list[str], device: torch.device, batch_size: int = 64
     ) -> torch.Tensor:
-        from alignkit.data.batches import full_ids, pad
 
         if next(self.model.parameters()).device != device:
             self.model.to(device)

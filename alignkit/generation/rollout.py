@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.data.batches import pad
+from alignkit.data.batches import pad, tokenize_chat, tokenize_text
 from alignkit.errors import UserError
+from alignkit.modeling.resolve import is_peft
 
 
 @dataclass
@@ -214,7 +215,6 @@ class RowsDone:
 
 def encode_prompts(tokenizer: Any, prompts: list[Any]) -> list[list[int]]:
     """Token ids of each prompt: messages through the chat template with the generation prompt, text as is."""
-    from alignkit.data.batches import tokenize_chat, tokenize_text
 
     return [
         tokenize_chat(tokenizer, p, add_generation_prompt=True)
@@ -374,7 +374,6 @@ def vllm_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     own `get_delta_weight`), on new tensors, so the training model keeps its adapter and its base weights bit
     for bit (an in-place merge and unmerge would round them in bf16).
     """
-    from alignkit.modeling.resolve import is_peft
 
     state = model.state_dict()
     if not is_peft(model):

@@ -24,6 +24,8 @@ from torch import nn
 
 from alignkit.config import BaseConfig
 from alignkit.config.cache import user_cache_dir
+from alignkit.modeling.load import load_spec, torch_dtype
+from alignkit.modeling.resolve import ModelSpec, resolve_model, training_spec
 
 log = logging.getLogger("alignkit")
 
@@ -42,7 +44,6 @@ class Reference:
     """
 
     def __init__(self, cfg: BaseConfig, policy: nn.Module) -> None:
-        from alignkit.modeling.resolve import ModelSpec, resolve_model, training_spec
 
         self.cfg = cfg
         ref = getattr(cfg, "ref_model_name_or_path", None)
@@ -58,8 +59,6 @@ class Reference:
 
     def _load(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
-
-        from alignkit.modeling.load import load_spec, torch_dtype
 
         model = load_spec(
             AutoModelForCausalLM,

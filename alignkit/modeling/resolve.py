@@ -35,9 +35,10 @@ def check_model_path(path: str, adapter_ok: bool = True) -> None:
             )
         return
     if not looks_like_hub_id(path):
+        where = "" if os.path.isabs(os.path.expanduser(path)) else f" (looked in {os.getcwd()})"
         raise UserError(
-            f"there is no model folder {path} (looked in {os.getcwd()}); give a local model folder or a hub id "
-            "such as `Qwen/Qwen2.5-0.5B-Instruct`"
+            f"there is no model folder {path}{where}; give a local model folder or a hub id such as "
+            "`Qwen/Qwen2.5-0.5B-Instruct`"
         )
     why = hub_problem(path)
     if why:
@@ -149,11 +150,14 @@ def existing_base(path: str) -> str:
     base = adapter_base(path) or path
     config = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.exists(base):
-        why = hub_problem(base) if looks_like_hub_id(base) else "it is not a hub id either"
+        named = f"adapter {path} was trained on {base} (`base_model_name_or_path` in {config})"
+        fix = "edit that key to where the base model is"
+        if not looks_like_hub_id(base):
+            raise UserError(f"{named}, which does not exist here; {fix}")
+        why = hub_problem(base)
         if why:
             raise UserError(
-                f"adapter {path} was trained on {base} (`base_model_name_or_path` in {config}), which is not a "
-                f"folder here (looked in {os.getcwd()}), and {why}; edit that key to where the base model is"
+                f"{named}, which is not a folder here (looked in {os.getcwd()}), and {why}; {fix}"
             )
     if is_adapter(base):
         raise UserError(

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from alignkit.generation.rewards import RewardModelScorer
 from alignkit.generation.rollout import complete
 from alignkit.quickstart.task import Problem, parse_answer
 from alignkit.stats import wilson_interval
@@ -50,7 +51,6 @@ def _share_preferred(scorer: Any, prompts: list, better: list[str], worse: list[
 def reward_model_diagnosis(rm_dir: str, pairs_file: str, test: list[Problem]) -> dict[str, float]:
     """What the reward model learned: does it fit its pairs, does it rank held-out pairs, and does it check
     the ones digit (correct answer vs answer + 1 on held-out carry problems)?"""
-    from alignkit.generation.rewards import RewardModelScorer
 
     scorer = RewardModelScorer(rm_dir)
     with open(pairs_file, encoding="utf-8") as fh:

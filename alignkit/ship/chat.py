@@ -16,7 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignkit.config import build_dataclass, load_yaml_mapping
 from alignkit.errors import UserError, did_you_mean
+from alignkit.generation.rollout import StepStreamer, TextStream, VLLMEngine, complete
+from alignkit.modeling.load import load_causal_lm, load_tokenizer
+from alignkit.modeling.resolve import adapter_base
 
 log = logging.getLogger("alignkit")
 
@@ -103,7 +107,6 @@ class Conversation:
 
 def read_inference_config(path: str) -> InferenceConfig:
     """A LLaMA-Factory inference YAML; every unknown key is named in one UserError, each with a suggestion."""
-    from alignkit.config import build_dataclass, load_yaml_mapping
 
     raw = load_yaml_mapping(path)
     names = [f.name for f in dataclasses.fields(InferenceConfig)]
@@ -195,8 +198,6 @@ def load_chat_model(settings: ChatSettings) -> tuple[Any, Any]:
     """(model on the GPU when there is one, else the CPU; tokenizer) for the HF backend."""
     import torch
 
-    from alignkit.modeling.load import load_causal_lm
-
     model, tokenizer = load_causal_lm(settings.model, settings.dtype, settings.trust_remote_code)
     if settings.adapter:
         model, tokenizer = _with_adapter(model, tokenizer, settings)
@@ -206,8 +207,6 @@ def load_chat_model(settings: ChatSettings) -> tuple[Any, Any]:
 def _with_adapter(model: Any, tokenizer: Any, settings: ChatSettings) -> tuple[Any, Any]:
     """`--adapter` on the base `--model` (load_causal_lm takes one path: a base, or an adapter on its base)."""
     from peft import PeftModel
-
-    from alignkit.modeling.load import load_tokenizer
 
     adapter = settings.adapter or ""
     if isinstance(model, PeftModel):
@@ -255,7 +254,6 @@ def stream_answer(
 ) -> Any:
     """Sample one answer through `rollout.complete`, writing its text as the tokens are drawn; the Samples.
     Whatever the incremental decoding held back (a character cut between tokens) is written at the end."""
-    from alignkit.generation.rollout import StepStreamer, TextStream, complete
 
     stream = TextStream(tokenizer)
     shown: list[str] = []
@@ -348,9 +346,6 @@ def _hf_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Mes
 
 def _vllm_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[Messages], str], str]:
     """vLLM answers come whole (no token streaming). Untested here: no GPU on the machines the tests run on."""
-    from alignkit.generation.rollout import VLLMEngine, complete
-    from alignkit.modeling.load import load_tokenizer
-    from alignkit.modeling.resolve import adapter_base
 
     if settings.adapter or (os.path.isdir(settings.model) and adapter_base(settings.model)):
         raise UserError(
@@ -387,7 +382,6 @@ def _vllm_reply(settings: ChatSettings, source: str | None) -> tuple[Callable[[M
 
 def answer_once(settings: ChatSettings, messages: Messages, source: str | None = None) -> tuple[str, bool]:
     """(the answer to `messages`, whether it stopped at max_new_tokens): one turn, nothing printed."""
-    from alignkit.generation.rollout import complete
 
     if settings.backend == "vllm":
         raise UserError(

@@ -24,8 +24,12 @@ import torch
 from torch import nn
 
 from alignkit.config import BaseConfig
+from alignkit.config.coerce import split_sources
 from alignkit.data.formats import load_examples
 from alignkit.errors import UserError
+from alignkit.modeling.chat_templates import require_chat_template, set_chat_template
+from alignkit.modeling.load import load_tokenizer
+from alignkit.modeling.save import load_weights, save_model
 
 log = logging.getLogger("alignkit")
 
@@ -153,8 +157,6 @@ class Stage:
     # -- built by the stage
     def build(self) -> None:
         """Tokenizer, then data (so bad rows fail fast, before a model is loaded), then the model."""
-        from alignkit.modeling.chat_templates import set_chat_template
-        from alignkit.modeling.load import load_tokenizer
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
@@ -185,8 +187,6 @@ class Stage:
     def read_examples(self, sources: str | list[str]) -> Examples:
         """Every data set named (paths, hub ids, dataset_info.json names; a comma list), each cut to
         `max_samples`, converted to Examples; conversations need a chat template."""
-        from alignkit.config.coerce import split_sources
-        from alignkit.modeling.chat_templates import require_chat_template
 
         cfg = self.cfg
         examples = Examples()
@@ -240,13 +240,11 @@ class Stage:
 
     def save(self, model: nn.Module, output_dir: str, merged: bool = False) -> None:
         """Write the (unwrapped) model in Hugging Face format with the tokenizer."""
-        from alignkit.modeling.save import save_model
 
         save_model(model, self.tokenizer, output_dir, merged=merged)
 
     def load_weights(self, model: nn.Module, path: str) -> None:
         """Restore the weights `save` wrote (checkpoints)."""
-        from alignkit.modeling.save import load_weights
 
         load_weights(model, path)
 

@@ -26,7 +26,7 @@ from alignkit.generation.rewards import (
     check_columns,
     score,
 )
-from alignkit.generation.rollout import Samples, sample_hf, sequences
+from alignkit.generation.rollout import Samples, VLLMEngine, sample_hf, sequences
 from alignkit.losses.rl import dapo_overlong_penalty
 from alignkit.modeling.logprobs import TokenStats, completion_token_stats
 from alignkit.stages.base import Metrics, MicroBatch, Stage, StepContext
@@ -161,8 +161,6 @@ class OnlineStage(Stage):
         self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * n, dtype=torch.float32)
         self.engine = None
         if cfg.rollout_backend == "vllm":
-            from alignkit.generation.rollout import VLLMEngine
-
             self.engine = VLLMEngine(cfg.model_name_or_path, self.tokenizer)
 
     def sample(self, model: nn.Module, rows: list[dict], num_generations: int) -> Samples:

@@ -15,6 +15,7 @@ from torch import nn
 
 from alignkit.config import PPOConfig
 from alignkit.errors import UserError
+from alignkit.generation.rewards import RewardModelScorer
 from alignkit.generation.rollout import sequences
 from alignkit.losses.rl import (
     clipped_surrogate,
@@ -23,9 +24,17 @@ from alignkit.losses.rl import (
     ppo_advantages,
     ppo_token_rewards,
 )
-from alignkit.modeling.load import apply_finetuning, from_pretrained, load_policy, load_spec, torch_dtype
+from alignkit.modeling.load import (
+    apply_finetuning,
+    from_pretrained,
+    load_policy,
+    load_spec,
+    load_tokenizer,
+    torch_dtype,
+)
 from alignkit.modeling.reference import Reference
-from alignkit.modeling.save import save_model
+from alignkit.modeling.resolve import resolve_model
+from alignkit.modeling.save import load_weights, save_model
 from alignkit.stages.base import Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
 
@@ -52,9 +61,6 @@ def load_value_model(cfg: Any, tokenizer: Any) -> nn.Module:
     the critic starts from the reward model's weights and head, as in InstructGPT. The critic reads the
     policy's token ids, so a reward model with another vocabulary cannot be its backbone: the policy is.
     A LoRA reward model (or policy) adapter: the critic starts from its base with the adapter merged."""
-    from alignkit.generation.rewards import RewardModelScorer
-    from alignkit.modeling.load import load_tokenizer
-    from alignkit.modeling.resolve import resolve_model
 
     path = cfg.value_model_name_or_path or cfg.reward_model or cfg.model_name_or_path
     if cfg.reward_model:  # reward_model_type checked before anything is loaded
@@ -292,7 +298,6 @@ class PPOStage(OnlineStage):
         model.value.save_pretrained(os.path.join(output_dir, "value_model"), safe_serialization=True)
 
     def load_weights(self, model: nn.Module, path: str) -> None:
-        from alignkit.modeling.save import load_weights
 
         load_weights(model.policy, path)
         load_weights(model.value, os.path.join(path, "value_model"))

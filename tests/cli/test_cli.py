@@ -91,7 +91,7 @@ def _setup(tmp_path: Path, tiny_model: str, rows: list[dict] | None = None, **ke
     "case,pattern",
     [
         ("missing_file", "dataset .*nope.jsonl does not exist"),
-        ("bad_model", r"there is no model folder .*no_model \(looked in "),
+        ("bad_model", r"there is no model folder .*no_model; give a local model folder or a hub id"),
         ("hub_model_offline", r"no model folder nobody-here/no-such-model here .*HF_HUB_OFFLINE is set"),
         ("bad_json", r"d\.jsonl line 2: not valid JSON"),
         ("empty_completion", r"line 1: `completion` is empty"),

@@ -313,7 +313,10 @@ def test_an_adapter_whose_base_is_gone_names_adapter_config(
     config = json.loads((moved / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "gone" / "base")
     (moved / "adapter_config.json").write_text(json.dumps(config))
-    match = r"trained on .*gone/base, which does not exist here; edit `base_model_name_or_path` in .*adapter_config"
+    match = (
+        r"trained on .*gone/base \(`base_model_name_or_path` in .*adapter_config.json\), which does not exist "
+        "here; edit that key to where the base model is"
+    )
     with pytest.raises(UserError, match=match):
         load_tokenizer(str(moved))
     with pytest.raises(UserError, match=match):

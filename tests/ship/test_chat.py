@@ -243,7 +243,10 @@ def test_missing_model_is_one_line_and_exit_2(
 ) -> None:
     code, out, err = run_main(["chat", "--model", str(tmp_path / "nope")], "hello\n", monkeypatch, capsys)
     assert code == 2
-    assert err.splitlines() == [f"alignkit: error: model folder {tmp_path / 'nope'} does not exist"]
+    assert err.splitlines() == [
+        f"alignkit: error: there is no model folder {tmp_path / 'nope'}; give a local model folder or a hub id "
+        "such as `Qwen/Qwen2.5-0.5B-Instruct`"
+    ]
     assert "Traceback" not in err and "Assistant" not in out
 
 

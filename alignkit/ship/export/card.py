@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from alignkit.evaluation.report import render_table
 from alignkit.ship.export.settings import ExportSettings
 
 
@@ -190,7 +191,6 @@ def _training_section(
 def _eval_section(found: tuple[str, dict[str, Any]] | None) -> list[str]:
     if found is None:
         return []
-    from alignkit.evaluation.report import render_table
 
     path, report = found
     baseline = report.get("baseline_metrics") if isinstance(report.get("baseline_metrics"), dict) else None

@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
-from alignkit.ship.export.card import ExportResult, QuantReport, agreement
+from alignkit.generation.rollout import complete, encode_prompts
+from alignkit.modeling.load import TOKENIZER_FILES, checkpoint_dtype, load_causal_lm, load_tokenizer
+from alignkit.modeling.resolve import adapter_base
+from alignkit.ship.export.card import ExportResult, QuantReport, agreement, write_card
 from alignkit.ship.export.settings import ExportSettings
 
 log = logging.getLogger("alignkit")
@@ -63,7 +66,6 @@ def _check_dtype_runs(dtype: str, device: str, flag: str) -> None:
 
 
 def _base_of(settings: ExportSettings) -> str:
-    from alignkit.modeling.resolve import adapter_base
 
     adapter = settings.adapter
     if adapter is not None:
@@ -89,7 +91,6 @@ def _base_of(settings: ExportSettings) -> str:
 
 def _preflight(settings: ExportSettings) -> tuple[str, str, str]:
     """(base, dtype, device), or a UserError before anything is loaded or written."""
-    from alignkit.modeling.load import checkpoint_dtype
 
     out = settings.output
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -125,7 +126,6 @@ def _preflight(settings: ExportSettings) -> tuple[str, str, str]:
 def _load(settings: ExportSettings, base: str, device: str) -> tuple[nn.Module, Any]:
     """The model to export in float32 (the merge adds the adapter's delta before one rounding to the export
     dtype), and the tokenizer: the adapter folder's when it has one (alignkit saves it there), else the base's."""
-    from alignkit.modeling.load import TOKENIZER_FILES, load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(base, "float32", settings.trust_remote_code)
     adapter = settings.adapter
@@ -198,8 +198,6 @@ def _quantize(
     """Load the merged folder quantized, save it as the export, reload it and compare greedy answers."""
     from transformers import BitsAndBytesConfig
 
-    from alignkit.generation.rollout import complete
-
     if settings.quantize == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:  # compute in float32 on CPU (its half-precision kernels are slow or missing), the export's on GPU
@@ -253,8 +251,6 @@ def _verify(result: ExportResult, scale: float, folder: str) -> None:
 def export_model(settings: ExportSettings) -> ExportResult:
     """Merge, write, check and (optionally) quantize. Every user mistake is found before anything is written;
     an export that does not reproduce the unmerged model's logits is a UserError that leaves the folder."""
-    from alignkit.generation.rollout import encode_prompts
-    from alignkit.ship.export.card import write_card
 
     base, dtype, device = _preflight(settings)
     model, tokenizer = _load(settings, base, device)

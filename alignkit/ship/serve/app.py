@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from alignkit.generation.rollout import encode_prompts
 from alignkit.ship.serve.batcher import Batcher, Job
 from alignkit.ship.serve.body import MAX_REQUEST_BYTES, parse_body, read_body
 from alignkit.ship.serve.engine import ModelPool
@@ -82,7 +83,6 @@ class Server:
 
     def encode(self, prompts: list[Any], field: str) -> list[list[int]]:
         """Token ids of each prompt (messages through the chat template), each inside the input limit."""
-        from alignkit.generation.rollout import encode_prompts
 
         try:
             ids = encode_prompts(self.pool.tokenizer, prompts)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.errors import UserError
+from alignkit.ship.serve.feedback import FeedbackStore
 
 log = logging.getLogger("alignkit")
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app's startup fails
@@ -180,8 +181,6 @@ def checked_args(args: ServeSettings) -> tuple[dict[str, str], Any]:
             )
     store = None
     if args.log_db:
-        from alignkit.ship.serve.feedback import FeedbackStore
-
         store = FeedbackStore(args.log_db)
     return adapters, store
 

@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from alignkit.errors import UserError
+from alignkit.generation.rollout import RowsDone, VLLMEngine, sample_hf
+from alignkit.modeling.load import load_causal_lm, load_tokenizer
+from alignkit.modeling.resolve import is_peft
 from alignkit.ship.serve.batcher import Job, on_step_for
 
 log = logging.getLogger("alignkit")
@@ -50,8 +53,6 @@ class ModelPool:
         trust_remote_code: bool = False,
         weights: bool = True,
     ) -> None:
-        from alignkit.modeling.load import load_causal_lm
-        from alignkit.modeling.resolve import is_peft
 
         if weights:
             self.model, self.tokenizer = load_causal_lm(model_path, dtype, trust_remote_code, device)
@@ -78,8 +79,6 @@ class ModelPool:
 
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
-
-        from alignkit.modeling.resolve import is_peft
 
         try:
             if is_peft(self.model):
@@ -111,8 +110,6 @@ def _config_only(path: str, trust_remote_code: bool) -> tuple[Any, Any]:
 
     from transformers import AutoConfig, GenerationConfig
 
-    from alignkit.modeling.load import load_tokenizer
-
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     try:
         generation = GenerationConfig.from_pretrained(path)
@@ -139,7 +136,6 @@ class HFGenerate:
         self.pool = pool
 
     def __call__(self, batch: list[Job]) -> None:
-        from alignkit.generation.rollout import RowsDone, sample_hf
 
         first = batch[0]
         prompts = [job.prompt_of(row) for job in batch for row in job.rows]
@@ -164,7 +160,6 @@ class VLLMGenerate:
     """The same pass over vLLM's engine (GPU): answers come whole, then run through the same row logic."""
 
     def __init__(self, pool_path: str, tokenizer: Any, eos: set[int]) -> None:
-        from alignkit.generation.rollout import VLLMEngine
 
         self.engine = VLLMEngine(pool_path, tokenizer, gpu_memory_utilization=0.85)
         self.eos = eos
