@@ -159,9 +159,9 @@ def train(
     runner = get_stage(cfg.stage)
     stage = runner(cfg, reward_funcs=given) if runner.online else runner(cfg)
     seen: dict[str, TrainEvent] = {}
-    record = run_loop(cfg, stage, [lambda e: seen.__setitem__(e.kind, e), *(callbacks or [])], stop)
+    record = run_loop(cfg, stage, [_relay(seen, callbacks)], stop)
     checkpoints = list_checkpoints(cfg.output_dir)
-    return TrainResult(
+    result = TrainResult(
         output_dir=cfg.output_dir,
         stage=cfg.stage,
         metrics=record,
@@ -171,6 +171,24 @@ def train(
         checkpoint=checkpoints[-1] if checkpoints else None,
         config=config_to_dict(cfg, stage.resolved),
     )
+    if "end" in seen:  # the loop's last event, with the result the caller gets
+        end = seen["end"]
+        for callback in callbacks or []:
+            callback(TrainEvent("end", end.step, end.total_steps, {**end.data, "result": result}))
+    return result
+
+
+def _relay(seen: dict[str, TrainEvent], callbacks: Sequence[Callback] | None) -> Callback:
+    """Remember the last event of each kind and hand every one but `end` on (`train` sends `end` itself, with
+    the result)."""
+
+    def relay(event: TrainEvent) -> None:
+        seen[event.kind] = event
+        if event.kind != "end":
+            for callback in callbacks or []:
+                callback(event)
+
+    return relay
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

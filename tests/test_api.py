@@ -112,6 +112,7 @@ def test_a_run_reports_its_events_and_stops_on_request_then_resumes_exactly(
     assert events[0].data["total_steps"] == 8 and events[0].total_steps == 8
     assert [e.data["loss"] for e in events if e.kind == "log"] == _losses(tmp_path / "part")
     assert events[-3].data["path"] == part.checkpoint and events[-2].data["checkpoint"] == part.checkpoint
+    assert events[-1].data["result"] is part and events[-1].data["stopped"] is True
 
     done = alignkit.train(_sft(tiny_model, tmp_path / "part", **keys), resume_from_checkpoint="auto")
     assert not done.stopped and done.steps == 8 and (tmp_path / "part" / "model.safetensors").is_file()
