@@ -195,6 +195,7 @@ def _subprocess_run(cfg: dict, path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_process_give_what_two_processes_give(tiny_model: str, tmp_path: Path) -> None:
     """No state leaks from one run into the next: a bf16 LoRA run with another seed first, then a float32 DPO
     run; the DPO run's every logged number equals the same run's in a fresh process."""
@@ -223,6 +224,7 @@ def test_two_runs_in_one_process_give_what_two_processes_give(tiny_model: str, t
         )
 
 
+@pytest.mark.slow
 def test_the_example_script_trains_evaluates_and_exports(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(

@@ -22,6 +22,8 @@ from alignkit.config import load_config
 from alignkit.stages import get_stage
 from alignkit.training.loop import train
 
+pytestmark = pytest.mark.slow  # trains every LLaMA-Factory example config: not in the fast tier
+
 MODEL = """\
 ### model
 model_name_or_path: {model}

@@ -91,6 +91,7 @@ def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
 
 
+@pytest.mark.slow
 def test_compare_resumes_after_an_interruption_and_retrains_only_what_changed(
     tmp_path: Path,
     tiny_model: str,

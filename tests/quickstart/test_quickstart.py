@@ -80,6 +80,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 @quickstart_group
+@pytest.mark.slow
 def test_sft_learns_the_task_and_the_annotators_error(quickstart: tuple[Path, dict]) -> None:
     out, report = quickstart
     saved = json.loads((out / "report.json").read_text())
@@ -91,6 +92,7 @@ def test_sft_learns_the_task_and_the_annotators_error(quickstart: tuple[Path, di
 
 
 @quickstart_group
+@pytest.mark.slow
 def test_every_method_lifts_the_sft_model_and_keeps_the_quickstarts_promises(
     quickstart: tuple[Path, dict],
 ) -> None:
@@ -110,6 +112,7 @@ def test_every_method_lifts_the_sft_model_and_keeps_the_quickstarts_promises(
 
 
 @quickstart_group
+@pytest.mark.slow
 def test_the_report_is_written_and_printed(quickstart: tuple[Path, dict]) -> None:
     out, report = quickstart
     md = (out / "report.md").read_text()

@@ -96,6 +96,7 @@ def with_adapter(adapter: str) -> tuple[Any, Any]:
     return load_causal_lm(adapter)  # the adapter folder as the model: its base read from adapter_config.json
 
 
+@pytest.mark.slow
 def test_chat_streams_greedy_answers_and_keeps_history_system_and_reset(tiny_model: str, base: tuple) -> None:
     stdin = "hello\n/system be brief\nhi again\n/reset\nhi\n/exit\n"
     code, out, err = chat("--model", tiny_model, "--temperature", "0", "--max-new-tokens", "8", stdin=stdin)
@@ -176,6 +177,7 @@ def test_stream_answer_writes_tokens_as_they_come(base: tuple) -> None:
     assert "".join(chunks) == samples.texts[0] == greedy(*base, HELLO, 12)
 
 
+@pytest.mark.slow
 def test_llama_factory_yaml_with_adapter_and_generating_keys(
     tiny_model: str, adapter: str, base: tuple, with_adapter: tuple, tmp_path: Path
 ) -> None:

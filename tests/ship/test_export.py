@@ -105,6 +105,7 @@ print(json.dumps({"ids": list(ids), "logits": logits.tolist(), "dtype": str(mode
 """
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_in_plain_transformers_with_the_adapters_logits(
     fp32_export: tuple[str, str], adapter: str, base: str
 ) -> None:

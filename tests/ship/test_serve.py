@@ -14,6 +14,8 @@ import pytest
 from alignkit.ship.serve.body import MAX_REQUEST_BYTES
 from tests.ship.serve_helpers import KEY, ServerProcess, make_adapter, raw_request, running
 
+pytestmark = pytest.mark.slow  # real server processes: not in the fast tier
+
 openai = pytest.importorskip("openai", reason="the server tests use the openai client: pip install openai")
 
 HI = [{"role": "user", "content": "hi there"}]

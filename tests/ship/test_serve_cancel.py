@@ -11,6 +11,8 @@ import pytest
 
 from tests.ship.serve_helpers import ServerProcess, make_endless, running
 
+pytestmark = pytest.mark.slow  # real server processes: not in the fast tier
+
 HI = [{"role": "user", "content": "hi there"}]
 LONG = 8000  # tokens: far more than any client here waits for
 

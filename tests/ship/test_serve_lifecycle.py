@@ -19,6 +19,8 @@ import pytest
 
 from tests.ship.serve_helpers import make_endless, running
 
+pytestmark = pytest.mark.slow  # real server processes: not in the fast tier
+
 openai = pytest.importorskip("openai", reason="the server tests use the openai client: pip install openai")
 
 HI = [{"role": "user", "content": "hi there"}]

@@ -72,6 +72,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_two_processes_refill_to_the_global_target(tiny_model: str, tmp_path: Path) -> None:
     """2 processes x 2 prompts, every group of rank 1 uninformative: the refill rounds run until the processes
     together hold 4 informative groups (rank 0 keeps all 4, rank 1 trains a filler), the run finishes, the

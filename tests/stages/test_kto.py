@@ -146,6 +146,7 @@ Z0_ROWS = [
 ]
 
 
+@pytest.mark.slow
 def test_two_processes_average_z0_as_one_process_over_the_global_batch(
     tiny_model: str, tiny_ref: str, tmp_path: Path
 ) -> None:

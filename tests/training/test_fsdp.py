@@ -29,6 +29,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, free_port, write_jsonl
 
+pytestmark = pytest.mark.slow  # two-process runs: not in the fast tier
+
 ACCEL = REPO / "configs" / "accelerate"
 
 # The entry both launches run: train each config named on the command line, one after the other, in the
@@ -36,6 +38,7 @@ ACCEL = REPO / "configs" / "accelerate"
 ENTRY = """
 import sys
 from alignkit.cli import main
+
 for config in sys.argv[1:]:
     try:
         main(["train", config])

@@ -133,6 +133,7 @@ def _launch_two(
     return _metrics(str(out))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tiny_model: str, tmp_path: Path) -> None:
     """2 processes (gloo) x batch 2 == 1 process x batch 4 (per-step loss within 1e-5), every step of an epoch
     of 13 rows, whose last global batch is one row: the second process runs a filler at weight 0 (and in
@@ -172,6 +173,7 @@ def _pref_keys(tiny_model: str, tiny_ref: str, data: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_two_processes_dpo(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
     """DPO's per-pair loss splits over processes exactly, also over a short last global batch (15 pairs: 3 in
     the last one, dealt 2 + 1)."""
@@ -187,6 +189,7 @@ def test_two_processes_dpo(tiny_model: str, tiny_ref: str, tmp_path: Path) -> No
     assert [r["num_tokens"] for r in two] == [r["num_tokens"] for r in single]
 
 
+@pytest.mark.slow
 def test_two_processes_kto_leaves_the_filler_out_of_z0(
     tiny_model: str, tiny_ref: str, tmp_path: Path
 ) -> None:
@@ -219,6 +222,7 @@ def _launch(cfg: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact(tiny_model: str, tmp_path: Path) -> None:
     """kill -9 right after the step-4 checkpoint; `resume_from_checkpoint: auto` continues with identical losses."""
     data = write_jsonl(tmp_path / "d.jsonl", _rows(24))
