@@ -6,13 +6,24 @@ turns YAML and command-line strings into typed values.
 """
 
 from alignkit.config.load import (
-    CONFIG_CLASSES,
+    build_config,
+    config_to_dict,
+    load_config,
+    load_yaml_mapping,
+    read_yaml,
+    save_config,
+)
+from alignkit.config.schema import (
     DATASET_FORMATS,
     FINETUNING_TYPES,
     REPORT_TO,
     SCHEDULERS,
-    STAGES,
     BaseConfig,
+    build_dataclass,
+)
+from alignkit.config.stages import (
+    CONFIG_CLASSES,
+    STAGES,
     DPOConfig,
     GRPOConfig,
     KTOConfig,
@@ -21,13 +32,6 @@ from alignkit.config.load import (
     PTConfig,
     RMConfig,
     SFTConfig,
-    build_config,
-    build_dataclass,
-    config_to_dict,
-    load_config,
-    load_yaml_mapping,
-    read_yaml,
-    save_config,
     stage_keys,
 )
 

@@ -21,25 +21,12 @@ import yaml
 from alignkit.config.coerce import flatten, parse_overrides
 from alignkit.config.compat import suggest, translate
 from alignkit.config.schema import (
-    DATASET_FORMATS,
-    FINETUNING_TYPES,
-    REPORT_TO,
-    SCHEDULERS,
     BaseConfig,
     build_dataclass,
 )
 from alignkit.config.stages import (
     CONFIG_CLASSES,
     STAGES,
-    DPOConfig,
-    GRPOConfig,
-    KTOConfig,
-    OnlineConfig,
-    PPOConfig,
-    PTConfig,
-    RMConfig,
-    SFTConfig,
-    stage_keys,
 )
 from alignkit.errors import UserError, did_you_mean
 
@@ -105,30 +92,3 @@ def save_config(cfg: BaseConfig, path: str, resolved: Mapping[str, Any] | None =
     so that loading the file reproduces the run."""
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(config_to_dict(cfg, resolved), fh, sort_keys=False)
-
-
-__all__ = [
-    "CONFIG_CLASSES",
-    "DATASET_FORMATS",
-    "FINETUNING_TYPES",
-    "REPORT_TO",
-    "SCHEDULERS",
-    "STAGES",
-    "BaseConfig",
-    "DPOConfig",
-    "GRPOConfig",
-    "KTOConfig",
-    "OnlineConfig",
-    "PPOConfig",
-    "PTConfig",
-    "RMConfig",
-    "SFTConfig",
-    "build_config",
-    "build_dataclass",
-    "config_to_dict",
-    "load_config",
-    "load_yaml_mapping",
-    "read_yaml",
-    "save_config",
-    "stage_keys",
-]
