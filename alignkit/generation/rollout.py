@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import StoppingCriteriaList, StopStringCriteria
 
 from alignkit.data.batches import pad, tokenize_chat, tokenize_text
 from alignkit.errors import UserError
@@ -138,14 +139,13 @@ def sample_hf(
         "generation_config": _generation_config(temperature == 0, max_new_tokens, num_generations, tokenizer),
         "logits_processor": _processors(temperature, top_p, top_k, recorder),
     }
-    if stop_strings:
-        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     if streamer is not None:
         kwargs["streamer"] = streamer
-    if stopping_criteria:
-        from transformers import StoppingCriteriaList
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
+    criteria = list(stopping_criteria or [])
+    if stop_strings:
+        criteria.append(StopStringCriteria(tokenizer, stop_strings))
+    stopped = StoppedRows(criteria, ids.shape[1])
+    kwargs["stopping_criteria"] = StoppingCriteriaList([stopped])
     try:
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     finally:
@@ -153,8 +153,8 @@ def sample_hf(
     generated = out[:, ids.shape[1] :]
     step_logprobs = recorder.finish(generated[:, -1]) if generated.shape[1] else [[] for _ in generated]
     completions, truncated, logprobs = [], [], []
-    for seq, lp in zip(generated.tolist(), step_logprobs):
-        seq, cut_short = cut_completion(seq, tokenizer, stop_strings)
+    for i, (seq, lp) in enumerate(zip(generated.tolist(), step_logprobs)):
+        seq, cut_short = cut_completion(seq[: stopped.length(i)], tokenizer, stop_strings)
         completions.append(seq)
         truncated.append(cut_short)
         logprobs.append(lp[: len(seq)])
@@ -198,6 +198,28 @@ class TextStream:
             return ""
         new, self.sent = text[self.sent :], len(text)
         return new
+
+
+class StoppedRows:
+    """One stopping criterion over `criteria` that remembers the step at which each row was first done, so that
+    the padding transformers puts after a stopped row is cut off and nothing the row sampled is (a sampled pad
+    token, when it is another token than EOS, stays part of the answer)."""
+
+    def __init__(self, criteria: list[Any], prompt_length: int) -> None:
+        self.criteria, self.prompt_length = criteria, prompt_length
+        self.done_at: dict[int, int] = {}  # row -> generated tokens when it was first done
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for criterion in self.criteria:
+            done |= criterion(input_ids, scores, **kwargs)
+        for row in done.nonzero().flatten().tolist():
+            self.done_at.setdefault(row, input_ids.shape[1] - self.prompt_length)
+        return done
+
+    def length(self, row: int) -> int | None:
+        """The row's generated tokens up to where it was stopped (None: it was never stopped by a criterion)."""
+        return self.done_at.get(row)
 
 
 class RowsDone:
@@ -276,7 +298,7 @@ def cut_completion(seq: list[int], tokenizer: Any, stop_strings: list[str] | Non
                 return seq[:t], False
     if eos in seq:
         return seq[: end + 1], False
-    return [t for t in seq if t != tokenizer.pad_token_id], True
+    return seq, True
 
 
 # the first vLLM whose `processed_logprobs` are taken after every logits processor, top-k and top-p included

@@ -268,3 +268,31 @@ def test_completions_are_cut_where_sampling_stopped(tiny_model: str) -> None:
     # cut after b, not truncated, and no pad/EOS appended
     assert cut_completion([a, b, eos, eos], tok, [stop]) == ([a, b], False)
     assert cut_completion([a, b, a, a], tok, [stop]) == ([a, b], False)
+
+
+def test_a_stopped_rows_padding_is_cut_and_a_sampled_pad_token_kept(tiny_model: str) -> None:
+    """transformers pads a row once a criterion stops it; the engine cuts exactly that padding, at the step the
+    row stopped, and keeps a pad token the model sampled in a row that ran to max_new_tokens (it used to drop
+    every pad token of such a row: the answer kept was not the one drawn)."""
+    from alignkit.generation.rollout import RowsDone, sample_hf
+    from alignkit.modeling.load import load_causal_lm
+
+    model, tok = load_causal_lm(tiny_model)
+    prompt = tok("What is 2 + 2?")["input_ids"]
+    with torch.no_grad():  # the pad token made the likeliest next token, and EOS one that is never drawn
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    tok.pad_token = tok.convert_ids_to_tokens(int(logits.argmax()))
+    tok.eos_token = tok.convert_ids_to_tokens(int(logits.argmin()))
+    steps = {"n": 0}
+
+    def stop_even_rows_after_two(tokens: list[int]) -> list[bool]:
+        steps["n"] += 1
+        return [i % 2 == 0 and steps["n"] >= 2 for i in range(len(tokens))]
+
+    torch.manual_seed(0)
+    done = RowsDone(stop_even_rows_after_two)
+    out = sample_hf(model, tok, [prompt], 8, max_new_tokens=6, temperature=0.05, stopping_criteria=[done])
+    assert all(tok.eos_token_id not in ids for ids in out.completion_ids)
+    assert [len(ids) for ids in out.completion_ids] == [2, 6] * 4  # stopped rows cut, the others whole
+    assert all(ids[0] == tok.pad_token_id for ids in out.completion_ids)  # the drawn pad token stays
+    assert out.truncated == [True] * 8 and [len(lp) for lp in out.logprobs] == [2, 6] * 4
