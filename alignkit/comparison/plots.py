@@ -7,7 +7,8 @@ import math
 import os
 from typing import Any
 
-from alignkit.comparison.report import LENGTH_RATIO_LIMIT, WIN_RATES
+from alignkit.comparison.report import LENGTH_RATIO_LIMIT
+from alignkit.evaluation import registry
 from alignkit.evaluation.report import metric_rank
 from alignkit.training.tracking import read_metrics
 
@@ -18,7 +19,6 @@ CURVES = (
     ("rewards/margins", "implicit reward margin (DPO family, KTO)"),
     ("kl", "KL to the reference (as logged)"),
 )
-FRONTIER_Y = ("accuracy", "judge_score", "reward_model_score")  # the first one measured is the y axis
 
 
 def _plt() -> Any:
@@ -89,12 +89,18 @@ def _metric_panel(ax: Any, metric: str, present: list[tuple[str, dict]], colours
     ax.set_xlim(-0.6, len(values) - 0.4)
 
 
+def panel_metrics(report: dict[str, Any]) -> list[str]:
+    """The metrics of `plot_metrics`' panels, in report order: every row some method has a number for."""
+    methods = report["methods"]
+    return sorted(
+        {m for r in methods.values() for m, row in r["metrics"].items() if _finite(row)}, key=metric_rank
+    )
+
+
 def plot_metrics(report: dict[str, Any], path: str) -> str | None:
     """One panel per metric: each method with its 95% interval, the starting model as a dashed line."""
     methods, base = report["methods"], report["baseline"]["metrics"] or {}
-    names = sorted(
-        {m for r in methods.values() for m, row in r["metrics"].items() if _finite(row)}, key=metric_rank
-    )
+    names = panel_metrics(report)
     if not names:
         return None
     plt, colours = _plt(), _colours(list(methods))
@@ -107,7 +113,7 @@ def plot_metrics(report: dict[str, Any], path: str) -> str | None:
         _metric_panel(ax, metric, present, colours, flagged)
         if _finite(base.get(metric)):
             ax.axhline(base[metric]["value"], ls="--", color="grey", label="start")
-        elif metric in WIN_RATES:  # a win rate is against the start already: its reference is an even split
+        elif registry.is_win_rate(metric):  # against the start already: its reference is an even split
             ax.axhline(0.5, ls="--", color="grey", label="even split")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best", framealpha=0.6)
@@ -144,24 +150,37 @@ def plot_curves(report: dict[str, Any], path: str) -> str | None:
     return _save(fig, path)
 
 
+def frontier_axes(report: dict[str, Any]) -> tuple[str, str] | None:
+    """(x, y) of the frontier plot from the metric registry: its distance from the starting model (KL) and the
+    first quality metric some method measured (accuracy, else the judge's score, else the reward model's)."""
+    methods = report["methods"]
+    x = registry.frontier_x()
+    measured = (
+        k for k in registry.frontier_y() if any(_finite(r["metrics"].get(k)) for r in methods.values())
+    )
+    y = next(measured, None)
+    return (x.name, y) if x is not None and y is not None else None
+
+
 def plot_frontier(report: dict[str, Any], path: str) -> str | None:
-    """Accuracy (or the judge's score, or the reward model's) against KL to the starting model, per method."""
+    """A quality metric against the distance from the starting model, per method (`frontier_axes`)."""
     methods, base = report["methods"], report["baseline"]["metrics"] or {}
-    y_key = next((k for k in FRONTIER_Y if any(_finite(r["metrics"].get(k)) for r in methods.values())), None)
+    axes = frontier_axes(report)
+    x_key, y_key = axes or ("", "")
     points = [
-        (n, r["metrics"]["kl"], r["metrics"][y_key])
+        (n, r["metrics"][x_key], r["metrics"][y_key])
         for n, r in methods.items()
-        if y_key and _finite(r["metrics"].get("kl")) and _finite(r["metrics"].get(y_key))
+        if axes and _finite(r["metrics"].get(x_key)) and _finite(r["metrics"].get(y_key))
     ]
     if not points:
         return None
     plt, colours = _plt(), _colours(list(methods))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, kl, y in points:
+    for name, x, y in points:
         ax.errorbar(
-            kl["value"],
+            x["value"],
             y["value"],
-            xerr=[[_err(kl)[0]], [_err(kl)[1]]],
+            xerr=[[_err(x)[0]], [_err(x)[1]]],
             yerr=[[_err(y)[0]], [_err(y)[1]]],
             fmt="o",
             color=colours[name],
@@ -170,11 +189,17 @@ def plot_frontier(report: dict[str, Any], path: str) -> str | None:
         )
     if _finite(base.get(y_key)):
         ax.plot(
-            [0.0], [base[y_key]["value"]], marker="*", ms=14, color="grey", ls="none", label="start (KL 0)"
+            [0.0],
+            [base[y_key]["value"]],
+            marker="*",
+            ms=14,
+            color="grey",
+            ls="none",
+            label=f"start ({x_key} 0)",
         )
-    ax.set_xlabel("KL(method || starting model), nats per answer")
+    ax.set_xlabel(registry.REGISTRY[x_key].label or x_key)
     ax.set_ylabel(y_key)
-    ax.set_title(f"{y_key} against KL: the trade-off frontier (bars: 95% intervals)", fontsize=10)
+    ax.set_title(f"{y_key} against {x_key}: the trade-off frontier (bars: 95% intervals)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(fig, path)

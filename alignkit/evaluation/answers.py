@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from alignkit.data.formats import Example
-from alignkit.evaluation.config import EvalConfig
+from alignkit.evaluation.settings import EvalConfig
 from alignkit.generation.rollout import complete
 
 
@@ -63,7 +63,7 @@ def sample_for_kl(
     model: Any, tokenizer: Any, examples: list[Example], cfg: EvalConfig, engine: Any = None
 ) -> Any:
     """The model's own samples at temperature 1 with no top-p / top-k: the KL is of the model, not of a
-    tempered or truncated copy of it."""
+    tempered or truncated copy of it. Each answer is the tokens drawn, EOS included."""
     return complete(
         model,
         tokenizer,

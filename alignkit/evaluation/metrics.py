@@ -137,14 +137,83 @@ def win_rate(mine: list[float], theirs: list[float], tolerance: float = 0.0) -> 
     return row, per_item
 
 
-def kl_row(per_sample_kl: list[float]) -> dict[str, Any]:
-    """KL(model || reference) from the model's own samples: the mean of log pi(y) - log pi_ref(y) over
-    sequences (the k1 estimator, unbiased), with its standard error and a normal 95% interval."""
-    n = len(per_sample_kl)
-    mean = sum(per_sample_kl) / n
-    var = sum((x - mean) ** 2 for x in per_sample_kl) / max(n - 1, 1)
-    se = math.sqrt(var / n)
-    return {"value": mean, "n": n, "stderr": se, "ci95": [mean - 1.96 * se, mean + 1.96 * se]}
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The two-sided `level` quantile of Student's t with `df` degrees of freedom (2.571 for df 5 at 95%), by
+    bisection on its CDF, which for integer df is a finite sum (Abramowitz & Stegun 26.7.3-4)."""
+    if df < 1:
+        raise ValueError(f"t_quantile needs df >= 1, got {df}")
+    df = min(df, 1000)  # past it t is the normal quantile to 3 decimals (1.962 against 1.960), and slower
+
+    def central(t: float) -> float:  # P(|T| <= t)
+        theta = math.atan(t / math.sqrt(df))
+        c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+        for j in range(2 if df % 2 else 1, df - 1, 2):  # odd df: 1 + 2/3 c2 + ...; even: 1 + 1/2 c2 + ...
+            term *= c2 * j / (j + 1)
+            total += term
+        if df % 2 == 0:
+            return math.sin(theta) * total
+        inner = math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0
+        return 2 / math.pi * (theta + inner)
+
+    lo, hi = 0.0, 1.0
+    while central(hi) < level:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if central(mid) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _stderr(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n)
+
+
+def kl_row(
+    exact: list[float],
+    k1: list[float],
+    k: int = 1,
+    sampled: list[float] | None = None,
+    scored: list[float] | None = None,
+) -> tuple[dict[str, Any], list[float]]:
+    """KL(model || reference) per answer, from `scoring.kl_per_sample`'s per-sample values (prompt-major, k
+    samples per prompt): the mean of the exact per-token sums, and per-prompt means.
+
+    The interval is Student's t over the per-prompt means (n - 1 degrees of freedom), its lower end clipped at
+    0. Prompts are the independent units (the k samples of one prompt are not); at the small n an eval often
+    has (6 prompts) a percentile bootstrap is too narrow (it behaves like a normal interval shrunk by
+    sqrt((n - 1) / n)), and t widens it as n asks (2.571 standard errors at n = 6). The per-prompt values are
+    sums of non-negative terms with little spread, so the t interval is a fair one; KL is never negative, so
+    no interval reaches below 0. With one prompt the interval is the value itself (n says so).
+
+    Beside it: the k1 estimate (mean log-ratio of the sampled answers, stderr within prompts when k > 1) and,
+    when the sampler's own log-probs are given, `sampling_gap` = mean(log q(y) - log pi(y)), the sampler's
+    log-prob minus the scorer's: an estimate of KL(sampler || scorer), ~1e-4 nats per answer when sampling and
+    scoring compute the same distribution (float32). In bfloat16 their roundings differ (SmolLM2-135M, 32
+    tokens: ~0.1 nats per answer), k1 reads low by about that much and the exact sum high (the two models
+    round differently too): a KL below that noise needs float32."""
+    n = len(exact) // k
+    per_prompt = [sum(exact[i * k : (i + 1) * k]) / k for i in range(n)]
+    value, se = sum(per_prompt) / n, _stderr(per_prompt)
+    half = t_quantile(n - 1) * se if n > 1 else 0.0
+    if k > 1:  # the prompts are fixed: the k1 mean's error comes from the samples within each prompt
+        k1_se = math.sqrt(sum(_stderr(k1[i * k : (i + 1) * k]) ** 2 for i in range(n))) / n
+    else:
+        k1_se = _stderr(k1)
+    row: dict[str, Any] = {
+        "value": value,
+        "n": n,
+        "samples": len(exact),
+        "stderr": se,
+        "ci95": [max(0.0, value - half), value + half],
+        "k1": {"value": sum(k1) / len(k1), "stderr": k1_se},
+    }
+    if sampled is not None and scored is not None:
+        row["sampling_gap"] = sum(a - b for a, b in zip(sampled, scored)) / len(scored)
+    return row, per_prompt
 
 
 def length_rows(lengths: list[float], baseline: list[float] | None, seed: int = 0) -> dict[str, dict]:

@@ -8,7 +8,9 @@ from typing import Any
 
 from alignkit.data.formats import Example, load_examples
 from alignkit.errors import UserError
-from alignkit.evaluation.config import METRICS, EvalConfig
+from alignkit.evaluation import registry
+from alignkit.evaluation.settings import EvalConfig
+from alignkit.evaluation.spec import MetricSpec, Need, Phase
 
 
 @dataclass
@@ -16,30 +18,31 @@ class Plan:
     run: set[str] = field(default_factory=set)
     skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it did not run
     reward_funcs: dict[str, Any] = field(default_factory=dict)  # task accuracy (the first is `accuracy`)
+    reward_funcs_missing: str = ""  # why there are none
     reference: str | None = None  # KL and implicit-reward reference
     pairs: list[Example] = field(default_factory=list)  # held-out preference pairs
     sft_rows: list[Example] = field(default_factory=list)  # held-out SFT rows (perplexity)
 
+    def specs(self, phase: Phase | None = None) -> list[MetricSpec]:
+        """The metrics that run (in `phase`), in report order."""
+        return [s for s in registry.specs() if s.name in self.run and phase in (None, s.phase)]
+
     @property
     def generates(self) -> bool:
         """Whether the models must answer the prompts."""
-        return bool(self.run & ANSWER_METRICS)
+        return any(s.reads_answers for s in self.specs())
 
     @property
     def loads_model(self) -> bool:
-        return bool(self.run - {"lm_eval", "reward_model_preference_accuracy"})
+        return any(s.loads_model for s in self.specs())
 
-
-# metrics computed from the models' answers
-ANSWER_METRICS = {
-    "accuracy",
-    "reward_model_score",
-    "reward_model_win_rate",
-    "judge_win_rate",
-    "judge_score",
-    "length",
-    "refusal_rate",
-}
+    def drop(self, phase: Phase, why: str, asked: bool) -> None:
+        """Skip the metrics of `phase` (a reference that cannot be used); an error when they were asked for."""
+        for spec in self.specs(phase):
+            if asked:
+                raise UserError(f"metrics: `{spec.name}` was asked for, but {why}")
+            self.run.discard(spec.name)
+            self.skipped[spec.name] = why
 
 
 def _held_out(
@@ -64,49 +67,37 @@ def _accuracy_funcs(cfg: EvalConfig, examples: list[Example]) -> tuple[dict[str,
     return funcs, ""
 
 
-def _reasons(cfg: EvalConfig, examples: list[Example], plan: Plan) -> dict[str, str]:
-    """metric -> why it cannot run ('' when it can)."""
+def _missing(cfg: EvalConfig, examples: list[Example], plan: Plan) -> dict[Need, str]:
+    """Each input -> why it is missing ('' when it is there)."""
     no_prompts = "" if examples else "the dataset has no prompts to answer"
-    no_baseline = "" if cfg.baseline else "no `baseline` to compare with"
-    no_rm = "" if cfg.reward_model else "no `reward_model`"
-    no_judge = "" if cfg.judge_base_url else "no `judge_base_url` (an OpenAI-compatible endpoint)"
     no_ref = "" if plan.reference else "no reference (`ref_model_name_or_path` or `baseline`)"
     if plan.reference == cfg.model:
         no_ref = f"the reference is the model itself ({cfg.model}): KL 0 and every margin 0 by definition"
-    no_pairs = "" if plan.pairs else "no preference pairs (`preference_dataset`, or pair rows in `dataset`)"
-    funcs_reason = "" if plan.reward_funcs else plan.skipped.pop("accuracy", "")
     return {
-        "accuracy": no_prompts or funcs_reason,
-        "reward_model_score": no_rm or no_prompts,
-        "reward_model_win_rate": no_rm or no_baseline or no_prompts,
-        "judge_win_rate": no_judge or no_baseline or no_prompts,
-        "judge_score": no_judge or no_prompts,
-        "preference_accuracy": no_pairs or no_ref,
-        "reward_model_preference_accuracy": no_pairs or no_rm,
-        "kl": no_prompts or no_ref,
-        "length": no_prompts,
-        "refusal_rate": no_prompts,
-        "perplexity": "" if plan.sft_rows else "no SFT rows (`perplexity_dataset`, or SFT rows in `dataset`)",
-        "lm_eval": "" if cfg.lm_eval_tasks else "no `lm_eval_tasks`",
+        Need.PROMPTS: no_prompts,
+        Need.ANSWERS: no_prompts,
+        Need.BASELINE: "" if cfg.baseline else "no `baseline` to compare with",
+        Need.REFERENCE: no_ref,
+        Need.REWARD_MODEL: "" if cfg.reward_model else "no `reward_model`",
+        Need.JUDGE: "" if cfg.judge_base_url else "no `judge_base_url` (an OpenAI-compatible endpoint)",
+        Need.PAIRS: ""
+        if plan.pairs
+        else "no preference pairs (`preference_dataset`, or pair rows in `dataset`)",
+        Need.SFT_ROWS: ""
+        if plan.sft_rows
+        else "no SFT rows (`perplexity_dataset`, or SFT rows in `dataset`)",
+        Need.TASK_REWARD: plan.reward_funcs_missing,
+        Need.LM_EVAL_TASKS: "" if cfg.lm_eval_tasks else "no `lm_eval_tasks`",
     }
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ValueError:  # set to None in sys.modules: treated as absent
-        return False
-
-
 def _check_inputs(cfg: EvalConfig, plan: Plan) -> None:
-    """What would otherwise fail after the answers were generated: a folder that is not there, lm-eval not
-    installed."""
+    """What would otherwise fail after the answers were generated: a folder that is not there, an optional
+    package not installed (each metric's own `check`)."""
     from alignkit.modeling.resolve import check_model_path
 
     paths = {"baseline": cfg.baseline, "reward_model": cfg.reward_model}
-    if plan.run & {"kl", "preference_accuracy"}:
+    if any(Need.REFERENCE in s.needs for s in plan.specs()):
         paths["ref_model_name_or_path"] = plan.reference
     for key, path in paths.items():
         if path:
@@ -114,10 +105,9 @@ def _check_inputs(cfg: EvalConfig, plan: Plan) -> None:
                 check_model_path(path)
             except UserError as exc:
                 raise UserError(f"`{key}`: {exc}") from exc
-    if "lm_eval" in plan.run and not _installed("lm_eval"):
-        from alignkit.evaluation.general import MISSING
-
-        raise UserError(MISSING)
+    for spec in plan.specs():
+        if spec.check is not None:
+            spec.check(cfg)
 
 
 def plan_metrics(cfg: EvalConfig, examples: list[Example], rows: list[Example] | None = None) -> Plan:
@@ -126,22 +116,20 @@ def plan_metrics(cfg: EvalConfig, examples: list[Example], rows: list[Example] |
     plan = Plan(reference=cfg.ref_model_name_or_path or cfg.baseline)
     plan.pairs = _held_out(cfg, cfg.preference_dataset, "pair", rows)
     plan.sft_rows = _held_out(cfg, cfg.perplexity_dataset, "sft", rows)
-    if examples:
-        plan.reward_funcs, why = _accuracy_funcs(cfg, examples)
-        if why:
-            plan.skipped["accuracy"] = why
-    wanted = set(cfg.metrics or METRICS)
-    for metric, reason in _reasons(cfg, examples, plan).items():
-        if metric not in wanted:
-            plan.skipped[metric] = "not in `metrics`"
-            if metric == "accuracy":
-                plan.reward_funcs = {}
+    wanted = [s for s in registry.specs() if s.name in set(cfg.metrics or registry.names())]
+    if examples and any(Need.TASK_REWARD in s.needs for s in wanted):
+        plan.reward_funcs, plan.reward_funcs_missing = _accuracy_funcs(cfg, examples)
+    missing = _missing(cfg, examples, plan)
+    for spec in registry.specs():
+        reason = spec.why_not(missing)
+        if spec not in wanted:
+            plan.skipped[spec.name] = "not in `metrics`"
         elif reason:
             if cfg.metrics:
-                raise UserError(f"metrics: `{metric}` was asked for, but {reason}")
-            plan.skipped[metric] = reason
+                raise UserError(f"metrics: `{spec.name}` was asked for, but {reason}")
+            plan.skipped[spec.name] = reason
         else:
-            plan.run.add(metric)
+            plan.run.add(spec.name)
     if not plan.run:
         raise UserError(
             f"nothing to measure on {cfg.dataset or 'no dataset'}: "

@@ -10,15 +10,7 @@ import os
 from typing import Any
 
 from alignkit.data.formats import Example
-
-# rows where higher is better; the others (length, kl, perplexity, refusal) are read against the baseline
-HIGHER_IS_BETTER = (
-    "accuracy",
-    "reward_model_score",
-    "judge_score",
-    "judge_win_rate",
-    "reward_model_win_rate",
-)
+from alignkit.evaluation import registry
 
 
 def _fmt(x: Any) -> str:
@@ -34,34 +26,10 @@ def _cell(row: dict | None) -> list[str]:
     return [_fmt(row["value"]), f"{_fmt(lo)}-{_fmt(hi)}", str(row.get("n", ""))]
 
 
-ORDER = (
-    "accuracy",
-    "pass@",
-    "maj@",
-    "consistency",
-    "reward_model_score",
-    "reward_model_win_rate",
-    "judge_score",
-    "judge_win_rate",
-    "preference_accuracy",
-    "reward_model_preference_accuracy",
-    "kl",
-    "length",
-    "length_ratio",
-    "refusal_rate",
-    "refusal_rate_should_refuse",
-    "over_refusal_rate",
-    "perplexity",
-    "lm_eval:",
-)
-
-
-def metric_rank(name: str) -> tuple[int, str]:
-    """Table order: task quality, reward model, judge, preferences, drift, safety, general ability."""
-    for i, key in enumerate(ORDER):
-        if name == key or (key.endswith((":", "@")) and name.startswith(key)):
-            return (i, name)
-    return (len(ORDER), name)
+def metric_rank(name: str) -> tuple[int, int, str]:
+    """Table order: the metric registry's (task quality, reward model, judge, preferences, drift, safety,
+    general ability, then any metric registered after them)."""
+    return registry.row_rank(name)
 
 
 def render_table(model: dict[str, dict], baseline: dict[str, dict] | None) -> str:
@@ -81,14 +49,15 @@ def render_table(model: dict[str, dict], baseline: dict[str, dict] | None) -> st
 
 
 def _worst_first_key(row: dict) -> tuple:
-    """Wrong answers first, then the lowest judge grade, then the lowest reward-model score."""
+    """Lowest first on every higher-is-better score, in report order: wrong answers first, then the lowest
+    reward-model score, then the lowest judge grade, ..."""
     scores = row["model"]["scores"]
-    return (
-        scores.get("accuracy", 1.0),
-        scores.get("judge_win_rate", 1.0),
-        scores.get("judge_score", 10.0),
-        scores.get("reward_model_score", 0.0),
-    )
+    ranked = sorted((k for k in scores if registry.higher_is_better(k)), key=metric_rank)
+    return tuple(_finite_or_inf(scores[k]) for k in ranked)
+
+
+def _finite_or_inf(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else math.inf
 
 
 def sample_rows(examples: list[Example], sides: list[Any]) -> list[dict]:
@@ -133,11 +102,13 @@ def write_report(
         for row in sample_rows(examples, sides) if examples else []:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     skipped_md = "\n".join(f"- `{k}`: {v}" for k, v in skipped.items()) or "- none"
+    measured = [spec for spec in registry.specs() if any(spec.row_index(r) is not None for r in model)]
+    intervals = "; ".join(f"{spec.name}: {spec.interval}" for spec in measured)
     with open(os.path.join(out, "eval.md"), "w", encoding="utf-8") as fh:
         fh.write(
             f"# alignkit eval\n\nModel: `{cfg.model}`; baseline: `{cfg.baseline or 'none'}`; dataset: "
             f"`{cfg.dataset}` ({len(examples)} prompts, {cfg.num_samples} sample(s) each, temperature "
-            f"{cfg.temperature}). Rates carry a Wilson interval, means a bootstrap one.\n\n{table}\n\n"
+            f"{cfg.temperature}). 95% intervals: {intervals}.\n\n{table}\n\n"
             f"## Not measured\n{skipped_md}\n\nWorst cases first: samples.jsonl.\n"
         )
     report["table"] = table + ("\n\nnot measured:\n" + skipped_md if skipped else "")

@@ -72,6 +72,26 @@ def test_win_rate_counts_ties_as_half() -> None:
     assert (row["value"], row["wins"], row["ties"], row["losses"]) == (0.625, 2, 1, 1)
 
 
+def test_kl_row_is_a_t_interval_over_prompts_clipped_at_zero() -> None:
+    """KL is never negative: the t interval (n - 1 degrees of freedom, wider than a normal one at small n)
+    that would reach below 0 stops at 0. Prompts are the units: k samples of one prompt are averaged first."""
+    assert [round(M.t_quantile(df), 3) for df in (1, 2, 5, 30)] == [12.706, 4.303, 2.571, 2.042]
+    row, per_prompt = M.kl_row([0.1, 0.3, 0.0, 0.2], [-0.5, 1.3, -0.2, 0.1])
+    se = math.sqrt(sum((x - 0.15) ** 2 for x in (0.1, 0.3, 0.0, 0.2)) / 3 / 4)
+    assert per_prompt == [0.1, 0.3, 0.0, 0.2] and row["value"] == pytest.approx(0.15)
+    assert row["stderr"] == pytest.approx(se) and row["n"] == 4
+    assert row["ci95"] == [0.0, pytest.approx(0.15 + 3.1824 * se, rel=1e-4)]  # normal: 0.15 - 1.96 se > 0
+    assert row["k1"]["value"] == pytest.approx(0.175)
+    row, per_prompt = M.kl_row(
+        [0.1, 0.3, 0.0, 0.2], [0.0, 0.2, 0.0, 0.0], k=2, sampled=[-1.0] * 4, scored=[-1.2] * 4
+    )
+    assert per_prompt == pytest.approx([0.2, 0.1]) and (row["n"], row["samples"]) == (2, 4)
+    assert row["k1"]["stderr"] == pytest.approx(
+        math.sqrt(0.1**2 + 0.0) / 2
+    )  # within prompts: prompt 2 has none
+    assert row["sampling_gap"] == pytest.approx(0.2)
+
+
 # ---------------------------------------------------------------------------------------- on tiny models
 def test_eval_greedy_answers_and_accuracy_match_an_independent_run(tmp_path: Path, tiny_model: str) -> None:
     """The answers are the rollout engine's greedy ones; accuracy is math_accuracy over them, with n and CI."""
@@ -98,8 +118,9 @@ def test_eval_greedy_answers_and_accuracy_match_an_independent_run(tmp_path: Pat
 
 
 def test_kl_estimate_matches_the_exact_one_token_kl(tmp_path: Path, tiny_model: str, tiny_ref: str) -> None:
-    """With one new token the sequence KL is sum_v p log(p/q) at the first position: the sampled estimate must
-    lie within 4 standard errors of it (and the reported stderr must be the estimate's)."""
+    """With one new token the sequence KL is sum_v p log(p/q) at the first position. The reported KL (the exact
+    next-token KL summed along each sample) is then that number for every sample of a prompt; the k1 estimate
+    (the sampled log-ratio, kept beside it) must lie within 4 of its standard errors of it."""
     data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
     report = _eval(
         tmp_path,
@@ -123,9 +144,35 @@ def test_kl_estimate_matches_the_exact_one_token_kl(tmp_path: Path, tiny_model: 
             q = torch.log_softmax(ref(x).logits[0, -1].double(), -1)
         exact.append((p.exp() * (p - q)).sum().item())
     kl = report["metrics"]["kl"]
-    assert kl["n"] == 300 and kl["stderr"] > 0
-    assert abs(kl["value"] - sum(exact) / 2) < 4 * kl["stderr"], (kl, exact)
+    assert (kl["n"], kl["samples"]) == (2, 300)  # n counts prompts, the independent units
+    assert kl["value"] == pytest.approx(sum(exact) / 2, rel=1e-6)
+    assert kl["stderr"] == pytest.approx(abs(exact[0] - exact[1]) / 2, rel=1e-6)  # of the 2 per-prompt values
+    assert 0 <= kl["ci95"][0] <= kl["value"] <= kl["ci95"][1]
+    k1 = kl["k1"]
+    assert k1["stderr"] > 0 and abs(k1["value"] - sum(exact) / 2) < 4 * k1["stderr"], (kl, exact)
+    assert abs(kl["sampling_gap"]) < 1e-4  # float32: the sampler's log-probs are the scorer's
     assert sum(exact) / 2 > 1e-3  # the reference really differs
+
+
+def test_kl_scores_the_answers_it_sampled_even_with_a_sampled_pad_token(tiny_model: str) -> None:
+    """The tiny model's pad token (<|endoftext|>) is not its EOS and is sometimes sampled. Every KL answer must
+    be scored as drawn: the log-prob the sampler recorded for it equals the scorer's (the rollout engine used to
+    drop every pad token from answers without EOS; a dropped sampled token made the scored answer another one)."""
+    from alignkit.data.formats import Example
+    from alignkit.evaluation.answers import sample_for_kl
+    from alignkit.evaluation.scoring import kl_per_sample
+
+    model, tok = _load(tiny_model)
+    assert tok.pad_token_id != tok.eos_token_id
+    cfg = EvalConfig(num_samples=3000, max_new_tokens=6, batch_size=1000)
+    torch.manual_seed(0)
+    samples = sample_for_kl(model, tok, [Example(prompt=QUESTIONS[0]["question"])], cfg)
+    kept = [c for c, cut in zip(samples.completion_ids, samples.truncated) if cut and tok.pad_token_id in c]
+    assert len(kept) >= 2  # answers without EOS that drew the pad token keep it (the case is exercised)
+    found = kl_per_sample(model, model, samples.prompt_ids, samples.completion_ids, tok.pad_token_id, 256)
+    drawn = [sum(lp) for lp in samples.logprobs]
+    assert max(abs(a - b) for a, b in zip(drawn, found.logp)) < 1e-3
+    assert max(map(abs, found.exact)) < 1e-9 and max(map(abs, found.k1)) < 1e-9  # KL of a model to itself
 
 
 def test_preference_accuracy_and_perplexity_equal_direct_forward_passes(

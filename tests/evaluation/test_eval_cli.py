@@ -50,7 +50,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, tiny_model: str, capsys: pyt
     data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}])
     out = ["--output-dir", str(tmp_path / "e")]
     err = _fails(capsys, ["eval", "--model", str(tmp_path / "nope"), "--dataset", data, *out])
-    assert "nope does not exist" in err
+    assert f"no model folder {tmp_path / 'nope'}" in err
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/base"}))
@@ -245,3 +245,44 @@ def test_samples_are_written_worst_first() -> None:
     # wrong answers first, the lowest reward-model score first among equals
     assert [r["index"] for r in rows] == [3, 1, 2, 0]
     assert rows[0]["model"]["scores"] == {"accuracy": 0.0, "reward_model_score": -3.0}
+
+
+def test_a_failed_eval_leaves_no_new_empty_folder(
+    tmp_path: Path, tiny_model: str, capsys: pytest.CaptureFixture
+) -> None:
+    """A model that cannot be loaded fails after output_dir was made: the folders the eval made are removed
+    again, a folder that was there before stays, and so does anything in it."""
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    argv = ["eval", "--model", str(bad), "--dataset", data, "metrics=[length]", "--output-dir"]
+    err = _fails(capsys, [*argv, str(tmp_path / "runs" / "new" / "eval")])
+    assert "adapter_config.json" in err
+    assert not (tmp_path / "runs").exists()  # runs/new/eval all made by the eval: all gone
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    _fails(capsys, [*argv, str(mine / "eval")])
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(capsys, [*argv, str(empty)])
+    assert empty.is_dir()  # there before the eval: kept, even empty
+
+
+def test_output_folder_keeps_what_was_written() -> None:
+    """Only empty folders the eval made are removed: a folder it wrote into (the judge's verdict cache) stays."""
+    import tempfile
+
+    from alignkit.evaluation.run import output_folder
+
+    with tempfile.TemporaryDirectory() as root:
+        out = Path(root) / "a" / "b"
+        with pytest.raises(RuntimeError), output_folder(str(out)):
+            (out / "judge_cache.sqlite").write_text("verdicts")
+            raise RuntimeError("the judge endpoint went away")
+        assert (out / "judge_cache.sqlite").read_text() == "verdicts"
+        with pytest.raises(KeyboardInterrupt), output_folder(str(Path(root) / "c" / "d")):
+            raise KeyboardInterrupt
+        assert sorted(p.name for p in Path(root).iterdir()) == ["a"]
