@@ -26,6 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# Test files that take longest, sent to the workers first (pytest-xdist --dist loadfile hands out whole files in
+# collection order), so that no long file starts last: the session quickstart, then the multi-process runs.
+FIRST = ("tests/quickstart/", "tests/training/test_fsdp.py", "tests/training/test_two_processes.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return next((i for i, first in enumerate(FIRST) if path.startswith(first)), len(FIRST))
+
+    items.sort(key=rank)  # stable: the order inside each file is kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def user_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """alignkit's user cache (remembered weight hashes) in a session folder: tests never write the real home."""

@@ -11,7 +11,7 @@ import torch
 
 from alignkit.errors import UserError
 from alignkit.losses.unpaired import KTO_LOSSES, kto_loss
-from tests.conftest import first_step, free_port, run_stage, write_jsonl
+from tests.conftest import first_step, run_stage, write_jsonl
 
 Q = ["What is 12 + 7?", "Name a colour of the sky.", "Say hello in French.", "Count to three.", "Spell cat."]
 A = ["19", "Blue, on a clear day.", "Bonjour!", "One, two, three.", "C, A, T."]
@@ -144,44 +144,6 @@ Z0_ROWS = [
         )
     )
 ]
-
-
-@pytest.mark.slow
-def test_two_processes_average_z0_as_one_process_over_the_global_batch(
-    tiny_model: str, tiny_ref: str, tmp_path: Path
-) -> None:
-    """z0 (logged `kl`) and the loss of 2 processes x batch 2 equal 1 process x batch 4 on the same global
-    batches, at a z0 well above the clamp at 0 (the nudged reference). A z0 from each process's own rows would
-    not: 1 process x batch 2 x accumulation 2 computes exactly that (one z0 per micro-batch of 2), and its loss
-    differs here (each half's rows are scored against their own half's z0), so the test tells the two apart."""
-    from tests.training.test_loop import _launch_two
-
-    keys = {
-        "stage": "kto",
-        "model_name_or_path": tiny_model,
-        "ref_model_name_or_path": tiny_ref,
-        "dataset": write_jsonl(tmp_path / "k.jsonl", Z0_ROWS),
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "max_steps": 2,
-        "shuffle": False,
-        "torch_dtype": "float32",
-    }
-
-    def records(out: Path) -> list[dict]:
-        return [json.loads(line) for line in open(out / "out" / "metrics.jsonl")]
-
-    run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
-    run_stage(
-        tmp_path / "local", {**keys, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
-    )
-    one, local = records(tmp_path / "one"), records(tmp_path / "local")
-    two = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path / "two", free_port())
-    assert len(one) == len(two) == 2
-    assert all(r["kl"] > 0.3 for r in one)  # not clamped: an error in z0 shows in the loss
-    for name in ("kl", "loss", "rewards/chosen", "rewards/rejected"):
-        assert [r[name] for r in two] == pytest.approx([r[name] for r in one], rel=1e-5, abs=1e-5), name
-    assert abs(local[0]["loss"] - one[0]["loss"]) > 1e-3
 
 
 def test_single_label_data_is_an_error_unless_allowed(tiny_model: str, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, free_port, run_stage, write_jsonl
+from tests.conftest import REPO, run_stage, write_jsonl
 
 
 def _rows(n: int = 16) -> list[dict]:
@@ -133,32 +133,6 @@ def _launch_two(
     return _metrics(str(out))
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one(tiny_model: str, tmp_path: Path) -> None:
-    """2 processes (gloo) x batch 2 == 1 process x batch 4 (per-step loss within 1e-5), every step of an epoch
-    of 13 rows, whose last global batch is one row: the second process runs a filler at weight 0 (and in
-    the evaluation on one row).
-
-    On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2` starts the processes through
-    torchrun (accelerate 1.x's `--cpu` launcher starts one process unless mpirun is given).
-    """
-    data = write_jsonl(tmp_path / "d.jsonl", _rows(13))
-    held = write_jsonl(tmp_path / "e.jsonl", _rows(16)[14:15])  # one eval row: a filler on the 2nd process
-    keys = _sft(tiny_model, data, num_train_epochs=1, shuffle=False, eval_dataset=held, eval_steps=4)
-    one, _ = run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
-    ours = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path, free_port())
-    single = _metrics(str(tmp_path / "one" / "out"))
-    assert len(ours) == len(single) == 4  # same global batch: 4 steps an epoch, the last one short
-    assert [r["epoch"] for r in ours] == [r["epoch"] for r in single]
-    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in single], abs=1e-5)
-    assert [r["num_tokens"] for r in ours] == [r["num_tokens"] for r in single]
-    assert [r["mean_token_accuracy"] for r in ours] == pytest.approx(
-        [r["mean_token_accuracy"] for r in single], abs=1e-6
-    )
-    assert one["loss"] == pytest.approx(single[-1]["loss"])
-    assert ours[-1]["eval_loss"] == pytest.approx(single[-1]["eval_loss"], abs=1e-5)
-
-
 def _pref_keys(tiny_model: str, tiny_ref: str, data: str) -> dict:
     return {
         "stage": "dpo",
@@ -171,44 +145,6 @@ def _pref_keys(tiny_model: str, tiny_ref: str, data: str) -> dict:
         "shuffle": False,
         "torch_dtype": "float32",
     }
-
-
-@pytest.mark.slow
-def test_two_processes_dpo(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
-    """DPO's per-pair loss splits over processes exactly, also over a short last global batch (15 pairs: 3 in
-    the last one, dealt 2 + 1)."""
-    from tests.stages.test_dpo import CONV
-
-    keys = _pref_keys(tiny_model, tiny_ref, write_jsonl(tmp_path / "p.jsonl", (CONV * 4)[:15]))
-    run_stage(tmp_path / "one", {**keys, "per_device_train_batch_size": 4})
-    two = _launch_two({**keys, "per_device_train_batch_size": 2}, tmp_path / "dpo", free_port())
-    single = _metrics(str(tmp_path / "one" / "out"))
-    assert len(two) == len(single) == 4
-    for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
-        assert [r[name] for r in two] == pytest.approx([r[name] for r in single], abs=1e-5), name
-    assert [r["num_tokens"] for r in two] == [r["num_tokens"] for r in single]
-
-
-@pytest.mark.slow
-def test_two_processes_kto_leaves_the_filler_out_of_z0(
-    tiny_model: str, tiny_ref: str, tmp_path: Path
-) -> None:
-    """With the weights held still (learning rate 0), the last step of 2 processes x batch 2 on 9 rows (one
-    real row, one filler) equals the last step of one process x batch 2: the same row alone, z0 from it."""
-    from tests.stages.test_kto import CONV as KTO_ROWS
-
-    data = write_jsonl(tmp_path / "k.jsonl", (KTO_ROWS * 2)[:9])
-    keys = {**_pref_keys(tiny_model, tiny_ref, data), "stage": "kto", "learning_rate": 0.0}
-    keys["per_device_train_batch_size"] = 2
-    run_stage(tmp_path / "one", keys)
-    two = _launch_two(keys, tmp_path / "kto", free_port())
-    single = _metrics(str(tmp_path / "one" / "out"))
-    assert len(two) == 3 and len(single) == 5
-    for name in ("loss", "kl", "rewards/chosen", "logps/chosen"):
-        assert two[-1][name] == pytest.approx(single[-1][name], abs=1e-6), name
-    assert (
-        two[-1]["num_tokens"] - two[-2]["num_tokens"] == single[-1]["num_tokens"] - single[-2]["num_tokens"]
-    )
 
 
 def _launch(cfg: Path) -> subprocess.Popen:
