@@ -17,18 +17,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.comparison import run_compare
 from alignkit.comparison.config import compare_config
-from alignkit.config import BaseConfig, build_config, build_dataclass, config_to_dict, read_yaml
+from alignkit.config import BaseConfig, build_config, config_to_dict, read_yaml
 from alignkit.config.coerce import flatten
 from alignkit.data.files import rows_file
 from alignkit.data.report import inspect_data
 from alignkit.errors import UserError, did_you_mean
-from alignkit.evaluation.config import EvalConfig, validate
+from alignkit.evaluation.config import build_eval_config
 from alignkit.evaluation.run import run_eval
 from alignkit.evaluation.sxs import sxs_page, votes_to_data
 from alignkit.generation.rewards import RewardFn, reward_name
@@ -208,11 +208,10 @@ class EvalResult:
 def evaluate(config: Any = None, /, **keys: Any) -> EvalResult:
     """`alignkit eval`: sample the model's (and the baseline's) answers and score them; eval.json, eval.md and
     samples.jsonl go to `output_dir`. `config`: an EvalConfig, a YAML path or a mapping of eval keys."""
-
     if "dataset" in keys:
         keys["dataset"] = _dataset_key(keys["dataset"], "dataset")
     raw, source = config_keys(config, keys, "evaluate")
-    cfg = build_eval(raw, source, EvalConfig, validate)
+    cfg = build_eval_config(raw, source)
     report = run_eval(cfg)
     return EvalResult(
         output_dir=cfg.output_dir,
@@ -223,13 +222,6 @@ def evaluate(config: Any = None, /, **keys: Any) -> EvalResult:
         table=report.pop("table", ""),
         report=report,
     )
-
-
-def build_eval(raw: dict[str, Any], source: str, cls: type, validate: Callable[[Any, str], None]) -> Any:
-
-    cfg = build_dataclass(cls, raw, source, "for `alignkit eval`")
-    validate(cfg, source)
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------------- compare

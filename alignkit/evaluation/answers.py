@@ -8,7 +8,8 @@ from typing import Any
 
 from alignkit.data.formats import Example
 from alignkit.evaluation.settings import EvalConfig
-from alignkit.generation.rollout import complete
+from alignkit.generation.rollout import VLLMEngine, complete
+from alignkit.modeling.resolve import adapter_base
 
 
 def _messages(prompt: Any) -> list[dict]:
@@ -18,8 +19,6 @@ def _messages(prompt: Any) -> list[dict]:
 def vllm_engine(cfg: EvalConfig, path: str, model: Any, tokenizer: Any) -> Any:
     """A vLLM engine for `path` (GPU machines). An adapter folder is served as its base with the adapter merged
     in (the same weights push RL uses), so vLLM needs no LoRA support of its own."""
-    from alignkit.generation.rollout import VLLMEngine
-    from alignkit.modeling.resolve import adapter_base
 
     base = adapter_base(path) if os.path.isdir(path) else None
     engine = VLLMEngine(base or path, tokenizer, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)

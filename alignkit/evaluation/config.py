@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
-from alignkit.config import build_dataclass, read_yaml
-from alignkit.errors import UserError
+from alignkit.config import build_dataclass
+from alignkit.errors import UserError, did_you_mean
+from alignkit.evaluation.registry import names
 from alignkit.evaluation.settings import EvalConfig
 
-__all__ = ["EvalConfig", "eval_config", "validate"]
+__all__ = ["EvalConfig", "build_eval_config", "validate"]
 
 
 def validate(cfg: EvalConfig, source: str) -> None:
@@ -32,9 +33,6 @@ def validate(cfg: EvalConfig, source: str) -> None:
         )
     if cfg.judge_base_url and not cfg.judge_model:
         raise UserError(f"{source}: `judge_base_url` is set but `judge_model` is not; name the judge model")
-    from alignkit.errors import did_you_mean
-    from alignkit.evaluation.registry import names  # the registry sits below this module: no circle
-
     known = names()
     for name in cfg.metrics or []:
         if name not in known:
@@ -44,22 +42,9 @@ def validate(cfg: EvalConfig, source: str) -> None:
             )
 
 
-def eval_config(args: argparse.Namespace) -> EvalConfig:
-    """The config file (if any), then the flags, then key=value overrides: later wins."""
-    config, overrides = args.config, list(args.overrides or [])
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config, *overrides]  # `alignkit eval key=value ...`
-    raw = read_yaml(config)
-    flags = {
-        "model": args.model,
-        "baseline": args.baseline,
-        "dataset": args.dataset,
-        "max_samples": args.max_samples,
-        "output_dir": args.output_dir,
-    }
-    raw.update({k: v for k, v in flags.items() if v is not None})
-    raw.update(read_yaml(None, overrides))
-    source = config or "command line"
+def build_eval_config(raw: dict[str, Any], source: str) -> EvalConfig:
+    """An EvalConfig from flat keys (a YAML file's, flags, overrides), checked: unknown keys and impossible
+    values are UserErrors naming them."""
     cfg = build_dataclass(EvalConfig, raw, source, "for `alignkit eval`")
     validate(cfg, source)
     return cfg

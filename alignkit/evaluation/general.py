@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from alignkit.errors import UserError, did_you_mean
+from alignkit.modeling.load import load_causal_lm
 from alignkit.stats import wilson_interval
 
 MISSING = 'lm_eval_tasks needs EleutherAI\'s lm-eval harness: pip install "alignkit[eval]"'
@@ -49,8 +50,6 @@ def run_lm_eval(
         raise UserError(f"lm_eval_include_path {include_path} is not a folder of task YAML files")
     # Names are checked before the model loads, so a typo costs seconds, not a model load.
     manager = _task_manager(TaskManager, list(tasks), include_path)
-
-    from alignkit.modeling.load import load_causal_lm
 
     model, tokenizer = load_causal_lm(model_path, torch_dtype, trust_remote_code, device)
     hf_logger = logging.getLogger(HFLM.__module__)

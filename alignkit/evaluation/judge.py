@@ -23,6 +23,7 @@ import httpx
 
 from alignkit.errors import UserError
 from alignkit.evaluation.judge_prompts import grade_messages, pairwise_messages, parse_pairwise, parse_rating
+from alignkit.stats import bootstrap_mean_ci
 
 # the order-swapped request shows b as assistant A, so its labels map the other way round
 _FIRST = {"A": "a", "B": "b", "C": "tie"}
@@ -257,7 +258,6 @@ def summarize_pairwise(verdicts: list[dict]) -> dict:
 
     `inconsistent` counts the items whose two orders disagreed: the judge's position bias shows there.
     """
-    from alignkit.stats import bootstrap_mean_ci
 
     scores = [_SCORE[v["verdict"]] for v in verdicts]
     wins = sum(1 for v in verdicts if v["verdict"] == "a")
@@ -273,7 +273,6 @@ def summarize_pairwise(verdicts: list[dict]) -> dict:
 
 def summarize_grades(scores: list[float]) -> dict:
     """Mean 1-10 grade with its bootstrap 95% interval."""
-    from alignkit.stats import bootstrap_mean_ci
 
     if not scores:
         return {"mean": None, "n": 0, "ci95": None}

@@ -7,10 +7,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from alignkit.data.formats import Example
+from alignkit.data.formats import Example, parse_label
 from alignkit.errors import UserError
 from alignkit.evaluation import metrics as M
+from alignkit.evaluation.answers import sample_for_kl, turn_prefixes
 from alignkit.evaluation.context import EvalContext, Side, device
+from alignkit.evaluation.judge import summarize_grades, summarize_pairwise
+from alignkit.evaluation.scoring import implicit_reward_margins, kl_per_sample, nll_per_row
+from alignkit.generation.rewards import score
+from alignkit.generation.rollout import encode_prompts
 
 log = logging.getLogger("alignkit")
 
@@ -24,8 +29,6 @@ def _columns(examples: list[Example]) -> dict[str, list[Any]]:
 def accuracy(ctx: EvalContext, side: Side) -> None:
     """The task's reward functions over every sample; the first is `accuracy` (with pass@k, maj@k and
     consistency), the others are reported under their names (accuracy:<name>, ...)."""
-    from alignkit.generation.rewards import score
-    from alignkit.generation.rollout import encode_prompts
 
     k, examples, tok = ctx.cfg.num_samples, ctx.examples, side.tokenizer
     # the prompt as the model saw it (chat template applied), as the online stages hand it to rewards
@@ -60,7 +63,6 @@ def length(ctx: EvalContext, side: Side) -> None:
 
 def _should_refuse(examples: list[Example]) -> list[bool | None] | None:
     """The `should_refuse` column as booleans (rows without it in neither group), or None when no row has it."""
-    from alignkit.data.formats import parse_label
 
     values = [ex.extra.get("should_refuse") for ex in examples]
     if all(v is None for v in values):
@@ -79,7 +81,6 @@ def refusal_rate(ctx: EvalContext, side: Side) -> None:
 
 # ------------------------------------------------------------------------------- with the model (and reference)
 def perplexity(ctx: EvalContext, side: Side) -> None:
-    from alignkit.evaluation.scoring import nll_per_row
 
     cfg = ctx.cfg
     nll, counts = nll_per_row(ctx.model, ctx.tokenizer, ctx.plan.sft_rows, cfg.max_length, cfg.batch_size)
@@ -90,9 +91,6 @@ def kl(ctx: EvalContext, side: Side) -> None:
     """KL(model || reference) along the model's own samples (temperature 1): the exact next-token KL summed over
     each answer's positions (see `metrics.kl_row`), with the k1 log-ratio beside it."""
     import torch
-
-    from alignkit.evaluation.answers import sample_for_kl
-    from alignkit.evaluation.scoring import kl_per_sample
 
     cfg = ctx.cfg
     torch.manual_seed(cfg.seed + 1)
@@ -122,7 +120,6 @@ def kl(ctx: EvalContext, side: Side) -> None:
 
 def preference_accuracy(ctx: EvalContext, side: Side) -> None:
     """DPO's implicit reward margin on held-out pairs: a property of each pair, not of a prompt."""
-    from alignkit.evaluation.scoring import implicit_reward_margins
 
     cfg = ctx.cfg
     margins = implicit_reward_margins(
@@ -174,8 +171,6 @@ def reward_model_preference_accuracy(ctx: EvalContext, side: Side) -> None:
 def judge_score(ctx: EvalContext, side: Side) -> None:
     """MT-Bench style: every assistant turn graded 1-10 with the conversation before it; a prompt's score is the
     mean of its turns."""
-    from alignkit.evaluation.answers import turn_prefixes
-    from alignkit.evaluation.judge import summarize_grades
 
     turns = [turn_prefixes(c) for c in side.conversations]
     grades = ctx.judge.grade([t for ts in turns for t in ts])
@@ -190,7 +185,6 @@ def judge_score(ctx: EvalContext, side: Side) -> None:
 
 def judge_win_rate(ctx: EvalContext, side: Side) -> None:
     """Pairwise verdicts on whole conversations, in both orders (position bias cancels)."""
-    from alignkit.evaluation.judge import summarize_pairwise
 
     verdicts = ctx.judge.pairwise(ctx.sides[0].conversations, ctx.sides[1].conversations)
     row = summarize_pairwise(verdicts)

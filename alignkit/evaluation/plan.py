@@ -11,6 +11,8 @@ from alignkit.errors import UserError
 from alignkit.evaluation import registry
 from alignkit.evaluation.settings import EvalConfig
 from alignkit.evaluation.spec import MetricSpec, Need, Phase
+from alignkit.generation.rewards import build_reward_funcs, check_columns
+from alignkit.modeling.resolve import check_model_path
 
 
 @dataclass
@@ -56,7 +58,6 @@ def _held_out(
 
 
 def _accuracy_funcs(cfg: EvalConfig, examples: list[Example]) -> tuple[dict[str, Any], str]:
-    from alignkit.generation.rewards import build_reward_funcs, check_columns
 
     columns = {k for ex in examples for k in ex.extra}
     names = cfg.reward_funcs or (["math_accuracy"] if "answer" in columns else [])
@@ -94,7 +95,6 @@ def _missing(cfg: EvalConfig, examples: list[Example], plan: Plan) -> dict[Need,
 def _check_inputs(cfg: EvalConfig, plan: Plan) -> None:
     """What would otherwise fail after the answers were generated: a folder that is not there, an optional
     package not installed (each metric's own `check`)."""
-    from alignkit.modeling.resolve import check_model_path
 
     paths = {"baseline": cfg.baseline, "reward_model": cfg.reward_model}
     if any(Need.REFERENCE in s.needs for s in plan.specs()):

@@ -7,7 +7,6 @@ from the answers, the reward model's, the judge's and the external ones run over
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import logging
@@ -20,14 +19,16 @@ import torch
 
 from alignkit.data.formats import Example, load_examples
 from alignkit.evaluation.answers import generate, vllm_engine
-from alignkit.evaluation.config import EvalConfig, eval_config
+from alignkit.evaluation.config import EvalConfig
 from alignkit.evaluation.context import EvalContext, Side, device
+from alignkit.evaluation.judge import Judge, api_key_from_env
 from alignkit.evaluation.plan import plan_metrics
 from alignkit.evaluation.report import write_report
 from alignkit.evaluation.spec import Phase
+from alignkit.generation.rewards import RewardModelScorer
 from alignkit.modeling.load import load_causal_lm
 
-__all__ = ["Side", "eval_command", "eval_config", "run_eval"]
+__all__ = ["Side", "run_eval"]
 
 log = logging.getLogger("alignkit")
 
@@ -88,8 +89,6 @@ def _over_every_side(ctx: EvalContext) -> None:
     cfg = ctx.cfg
     _run_phase(ctx, Phase.ANSWERS, ctx.sides)
     if ctx.plan.specs(Phase.REWARD_MODEL):
-        from alignkit.generation.rewards import RewardModelScorer
-
         ctx.scorer = RewardModelScorer(cfg.reward_model or "", trust_remote_code=cfg.trust_remote_code)
         _run_phase(ctx, Phase.REWARD_MODEL, ctx.sides)
         ctx.scorer = None
@@ -102,7 +101,6 @@ def _over_every_side(ctx: EvalContext) -> None:
 def make_judge(cfg: EvalConfig, cache: bool = True) -> Any:
     """The judge, with its verdict cache in output_dir (`cache` False: in memory, for the check made before
     anything is written)."""
-    from alignkit.evaluation.judge import Judge
 
     return Judge(
         cfg.judge_base_url or "",
@@ -118,7 +116,6 @@ def make_judge(cfg: EvalConfig, cache: bool = True) -> Any:
 def judge_key(cfg: EvalConfig) -> str | None:
     """The judge's API key from the environment variable `judge_api_key_env` names. The default variable may
     be unset (a local endpoint without a key); one the user named must be set."""
-    from alignkit.evaluation.judge import api_key_from_env
 
     name = cfg.judge_api_key_env
     if name == EvalConfig.judge_api_key_env and not os.environ.get(name or ""):
@@ -172,11 +169,3 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         _over_every_side(ctx)
         answered = examples if plan.generates else []
         return write_report(cfg, answered, ctx.sides, plan.skipped, time.perf_counter() - t0)
-
-
-def eval_command(args: argparse.Namespace) -> int:
-    cfg = eval_config(args)
-    report = run_eval(cfg)
-    print(report["table"])
-    print(f"\nwritten: {cfg.output_dir}/eval.json, eval.md, samples.jsonl")
-    return 0

@@ -21,7 +21,12 @@ import secrets
 from importlib import resources
 from typing import Any
 
+from alignkit.data.files import decode_utf8
+from alignkit.data.formats import load_examples
 from alignkit.errors import UserError
+from alignkit.generation.rollout import complete
+from alignkit.modeling.load import load_causal_lm
+from alignkit.stats import bootstrap_mean_ci, wilson_interval
 
 log = logging.getLogger("alignkit")
 
@@ -112,7 +117,6 @@ def write_page(
 
 # ------------------------------------------------------------------------------------------ votes and key
 def _read_json(path: str, what: str) -> dict:
-    from alignkit.data.files import decode_utf8
 
     try:
         with open(path, "rb") as fh:
@@ -181,7 +185,6 @@ def _outcome(vote: str, model_side: str) -> str:
 def tally(votes_path: str, key_path: str | None = None) -> dict:
     """Un-blind a votes file: counts from the model's side, the win rate (ties and both-bad count half) and its
     95% interval (Wilson when every vote is a win or a loss, else a bootstrap over the per-item scores)."""
-    from alignkit.stats import bootstrap_mean_ci, wilson_interval
 
     votes = _load_votes(votes_path)
     key = _load_key(votes_path, key_path, votes["page_id"])
@@ -332,9 +335,6 @@ def _answers(path: str, prompts: list, max_new_tokens: int) -> list[str]:
     """Greedy answers of one model; the model is freed before the next one loads."""
     import torch
 
-    from alignkit.generation.rollout import complete
-    from alignkit.modeling.load import load_causal_lm
-
     device = "cuda" if torch.cuda.is_available() else None
     model, tokenizer = load_causal_lm(path, device=device)
     texts = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0).texts
@@ -357,7 +357,6 @@ def sxs_page(
     """Answer the first `max_samples` prompts of `dataset` with both models and write the blind review page
     (sxs.html) and its key (sxs_key.json); return {"page", "key", "items"}. `seed` orders the sides (random
     when None; kept in the key)."""
-    from alignkit.data.formats import load_examples
 
     missing = [name for name, v in (("model", model), ("baseline", baseline), ("dataset", dataset)) if not v]
     if missing:

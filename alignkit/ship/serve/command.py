@@ -19,8 +19,16 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import uvicorn
+
 from alignkit.errors import UserError
+from alignkit.ship.serve.app import Server, build_app
+from alignkit.ship.serve.batcher import Batcher
+from alignkit.ship.serve.body import MAX_REQUEST_BYTES
+from alignkit.ship.serve.engine import HFGenerate, ModelPool, VLLMGenerate, parse_adapters, vllm_available
 from alignkit.ship.serve.feedback import FeedbackStore
+from alignkit.ship.serve.metrics import Metrics
 
 log = logging.getLogger("alignkit")
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app's startup fails
@@ -50,8 +58,6 @@ class ServeSettings:
 
 def _bound(settings: ServeSettings) -> tuple[Any, socket.socket, list[str]]:
     """(the uvicorn server, its listening socket, the model ids): arguments checked, port bound, model loaded."""
-    import uvicorn
-
     adapters, store = checked_args(settings)
     try:
         sock = listen_socket(settings.host, settings.port)
@@ -168,8 +174,6 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
 def checked_args(args: ServeSettings) -> tuple[dict[str, str], Any]:
     """({adapter name: folder}, the FeedbackStore or None): every bad argument is a UserError here, before
     the port is bound and the model loads."""
-    from alignkit.ship.serve.engine import parse_adapters, vllm_available
-
     _check_limits(args)
     adapters = parse_adapters(args.adapter)
     if args.backend == "vllm":
@@ -187,13 +191,6 @@ def checked_args(args: ServeSettings) -> tuple[dict[str, str], Any]:
 
 def build_server(args: ServeSettings, adapters: dict[str, str], store: Any) -> tuple[object, list[str]]:
     """(the ASGI app, its model ids) from `alignkit serve`'s arguments, once `checked_args` passed them."""
-    import torch
-
-    from alignkit.ship.serve.app import Server, build_app
-    from alignkit.ship.serve.batcher import Batcher
-    from alignkit.ship.serve.body import MAX_REQUEST_BYTES
-    from alignkit.ship.serve.engine import HFGenerate, ModelPool, VLLMGenerate
-    from alignkit.ship.serve.metrics import Metrics
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = args.backend == "hf"  # vLLM loads the weights itself: only the tokenizer and config here
