@@ -286,3 +286,39 @@ def test_output_folder_keeps_what_was_written() -> None:
         with pytest.raises(KeyboardInterrupt), output_folder(str(Path(root) / "c" / "d")):
             raise KeyboardInterrupt
         assert sorted(p.name for p in Path(root).iterdir()) == ["a"]
+
+
+@pytest.mark.slow
+def test_a_judged_eval_logs_each_event_once_and_no_http_call(tmp_path: Path, tiny_model: str) -> None:
+    """`alignkit eval` with a judge, as a user runs it: httpx's INFO line per request ("HTTP Request: POST ...")
+    is not printed, and no line is printed twice."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.evaluation.test_judge import chat
+
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
+    with judge_server(lambda body, n: chat("Rating: [[7]]")) as state:
+        argv = ["eval", "--model", tiny_model, "--dataset", data, f"judge_base_url={state.url}"]
+        argv += [
+            "judge_model=stub",
+            "metrics=[judge_score]",
+            "max_new_tokens=4",
+            "--output-dir",
+            str(tmp_path / "e"),
+        ]
+        done = subprocess.run(
+            [sys.executable, "-m", "alignkit", *argv],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert len(state.requests) == 2  # the judge was asked (one grade per answer)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert not [line for line in lines if "HTTP Request" in line], lines
+    assert len(lines) == len(set(lines)), lines
+    assert any(line.startswith("[alignkit] model: evaluated in") for line in lines), lines
