@@ -36,6 +36,7 @@ _LAZY = {
     "CompareResult": "alignkit.api",
     "ChatReply": "alignkit.api",
     "TrainEvent": "alignkit.training.events",
+    "ExportResult": "alignkit.ship.export.card",
 }
 
 __all__ = ["UserError", "__version__", *_LAZY]

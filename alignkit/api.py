@@ -31,7 +31,7 @@ from alignkit.errors import UserError, did_you_mean
 from alignkit.evaluation.config import build_eval_config
 from alignkit.evaluation.run import run_eval
 from alignkit.evaluation.sxs import sxs_page, votes_to_data
-from alignkit.generation.rewards import RewardFn, reward_name
+from alignkit.generation.rewards import BUILTIN_REWARDS, RewardFn, reward_name
 from alignkit.modeling.tiny import build_tiny
 from alignkit.ship.chat import answer_once, chat_settings
 from alignkit.ship.export.merge import export_model
@@ -103,23 +103,30 @@ class TrainResult:
 
 def _dataset_key(value: Any, key: str) -> Any:
     """A path (or list of paths / names) as given; rows in memory as a JSONL file in the user cache."""
-    if (
-        value is None
-        or isinstance(value, str)
-        or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-    ):
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list) and all(isinstance(v, (str, os.PathLike)) for v in value):
+        return [os.fspath(v) for v in value]
+    if value is None or isinstance(value, str):
         return value
     return rows_file(value, key)
 
 
 def _reward_keys(reward_funcs: Sequence[str | RewardFn]) -> tuple[list[str], dict[str, RewardFn]]:
     """The names the config records and the functions handed over as Python callables, by those names."""
-    names, given = [], {}
-    for fn in reward_funcs:
+    names: list[str] = []
+    given: dict[str, RewardFn] = {}
+    for fn in [reward_funcs] if isinstance(reward_funcs, str) else reward_funcs:
         if isinstance(fn, str):
             names.append(fn)
         elif callable(fn):
             name = reward_name(fn)
+            if name in given or name in BUILTIN_REWARDS:
+                what = "a built-in reward's" if name in BUILTIN_REWARDS else "another reward function's"
+                raise UserError(
+                    f"reward_funcs: `{name}` has {what} name; give each function its own name (a `def` at "
+                    "module level is recorded as module:function in the run's config)"
+                )
             names.append(name)
             given[name] = fn
         else:
@@ -171,7 +178,7 @@ def train(
         checkpoint=checkpoints[-1] if checkpoints else None,
         config=config_to_dict(cfg, stage.resolved),
     )
-    if "end" in seen:  # the loop's last event, with the result the caller gets
+    if "end" in seen and seen["end"].main:  # the loop's last event, with the result the caller gets
         end = seen["end"]
         for callback in callbacks or []:
             callback(TrainEvent("end", end.step, end.total_steps, {**end.data, "result": result}))
@@ -179,12 +186,12 @@ def train(
 
 
 def _relay(seen: dict[str, TrainEvent], callbacks: Sequence[Callback] | None) -> Callback:
-    """Remember the last event of each kind and hand every one but `end` on (`train` sends `end` itself, with
-    the result)."""
+    """Remember the last event of each kind (every process: each builds its own result) and hand the main
+    process's on, all but `end` (`train` sends `end` itself, with the result)."""
 
     def relay(event: TrainEvent) -> None:
         seen[event.kind] = event
-        if event.kind != "end":
+        if event.kind != "end" and event.main:
             for callback in callbacks or []:
                 callback(event)
 
@@ -282,6 +289,9 @@ def chat(
     turns = (
         [{"role": "user", "content": messages}] if isinstance(messages, str) else [dict(m) for m in messages]
     )
+    for i, turn in enumerate(turns):
+        if not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+            raise UserError(f"chat: message {i} needs a `role` and a `content`, both text (got {turn})")
     text, truncated = answer_once(chat_cfg, turns, config)
     return ChatReply(text, [*turns, {"role": "assistant", "content": text}], truncated)
 
@@ -351,9 +361,13 @@ def serve(model: str, /, *, adapters: Mapping[str, str] | None = None, **setting
     (thumbs-up/down feedback store), dtype, device, backend."""
     from alignkit.ship.serve.command import ServeSettings, start_server
 
-    names = [f.name for f in dataclasses.fields(ServeSettings)]
-    unknown = [key for key in settings if key not in names or key == "adapter"]
-    if unknown:
-        raise UserError(f"serve: unknown setting `{unknown[0]}`{did_you_mean(unknown[0], names)}")
+    names = [f.name for f in dataclasses.fields(ServeSettings) if f.name not in ("model", "adapter")]
+    for key in settings:
+        if key in ("model", "adapter"):
+            raise UserError(
+                f"serve: `{key}` is set by the arguments: serve(model, adapters={{name: folder}})"
+            )
+        if key not in names:
+            raise UserError(f"serve: unknown setting `{key}`{did_you_mean(key, names)}")
     pairs = [f"{name}={path}" for name, path in (adapters or {}).items()]
     return start_server(ServeSettings(model, adapter=pairs, **settings))

@@ -267,3 +267,90 @@ def test_serve_runs_in_this_process_until_stopped(tiny_model: str, tmp_path: Pat
         rows(str(tmp_path / "fb.db"), str(tmp_path / "kto.jsonl"))
     with pytest.raises(alignkit.UserError, match=r"serve: unknown setting `prot` \(did you mean `port`\?\)"):
         alignkit.serve(tiny_model, prot=0)
+
+
+def test_a_callback_that_fails_at_the_start_ends_the_trackers_run(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `start` event comes after the tracker opened its run: a callback raising there must still end it
+    (MLflow's would stay active and refuse the next run in the process), and leave output_dir as it was."""
+    mlflow = pytest.importorskip("mlflow", reason="pip install mlflow-skinny (in the dev extra)")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+    def refuse(event: alignkit.TrainEvent) -> None:
+        if event.kind == "start":
+            raise KeyError("a callback's own mistake")
+
+    keys = _sft(tiny_model, tmp_path / "a", max_steps=1, report_to="mlflow")
+    with pytest.raises(KeyError, match="a callback's own mistake"):
+        alignkit.train(keys, dataset=_rows(4), callbacks=[refuse])
+    assert mlflow.active_run() is None and not (tmp_path / "a").exists()
+    again = alignkit.train(keys, dataset=_rows(4))
+    assert again.steps == 1
+
+
+def test_keys_that_name_train_arguments_are_config_keys_and_paths_work(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """`reward_funcs: exact_match` given as one name (as `key=value` on the command line gives it) is one reward,
+    not one per letter; a pathlib.Path is a path; two reward functions with one name are refused."""
+    from alignkit.cli import main
+
+    rows = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"{i} + 1 =", "answer": str(i + 1)} for i in range(4)]
+    )
+    cfg = tmp_path / "grpo.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "stage": "grpo",
+                "model_name_or_path": tiny_model,
+                "dataset": rows,
+                "per_device_train_batch_size": 2,
+                "num_generations": 2,
+                "max_new_tokens": 2,
+                "max_steps": 1,
+                "disable_tqdm": True,
+                "plot_loss": False,
+            }
+        )
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["train", str(cfg), "reward_funcs=exact_match", f"output_dir={tmp_path / 'cli'}"])
+    assert done.value.code == 0
+    assert yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())["reward_funcs"] == ["exact_match"]
+    run = alignkit.train(
+        str(cfg), reward_funcs="exact_match", dataset=Path(rows), output_dir=str(tmp_path / "py")
+    )
+    assert run.config["reward_funcs"] == ["exact_match"] and run.config["dataset"] == rows
+    with pytest.raises(alignkit.UserError, match=r"`<lambda>` has another reward function's name"):
+        alignkit.train(
+            str(cfg), reward_funcs=[lambda p, c, **k: [0.0] * len(c), lambda p, c, **k: [1.0] * len(c)]
+        )
+
+
+def test_an_online_stage_stops_at_the_end_of_its_rollouts_updates(tiny_model: str, tmp_path: Path) -> None:
+    """GRPO with 2 updates per rollout, asked to stop after step 1: it finishes the rollout's second update and
+    stops at step 2 (a checkpoint is written only where a rollout is done, so a resume starts a fresh one)."""
+    stop = threading.Event()
+    rows = [{"prompt": f"{i} + 1 =", "answer": str(i + 1)} for i in range(8)]
+    run = alignkit.train(
+        {
+            "stage": "grpo",
+            "model_name_or_path": tiny_model,
+            "output_dir": str(tmp_path / "grpo"),
+            "per_device_train_batch_size": 2,
+            "num_generations": 2,
+            "num_iterations": 2,
+            "max_new_tokens": 2,
+            "max_steps": 6,
+            "disable_tqdm": True,
+            "plot_loss": False,
+        },
+        dataset=rows,
+        reward_funcs=["exact_match"],
+        stop=stop,
+        callbacks=[lambda e: stop.set() if e.kind == "step" and e.step == 1 else None],
+    )
+    assert run.stopped and run.steps == 2 and run.checkpoint == str(tmp_path / "grpo" / "checkpoint-2")

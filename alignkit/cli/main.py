@@ -68,7 +68,7 @@ class OwnHandlersFirst(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         logger: logging.Logger | None = logging.getLogger(record.name)
         while logger is not None and logger is not logging.root:
-            if logger.handlers:
+            if any(prints(handler, record) for handler in logger.handlers):
                 return False
             if not logger.propagate:
                 break
@@ -76,12 +76,17 @@ class OwnHandlersFirst(logging.Filter):
         return True
 
 
-class Prefixed(logging.Formatter):
-    """`[alignkit] message`, or `[library] message` for another library's record."""
+def prints(handler: logging.Handler, record: logging.LogRecord) -> bool:
+    """Whether a library's own handler shows the record (a NullHandler, or one set above its level, does not)."""
+    return not isinstance(handler, logging.NullHandler) and record.levelno >= handler.level
 
-    def format(self, record: logging.LogRecord) -> str:
-        name = record.name.split(".")[0]
-        return f"[{name}] {record.getMessage()}"
+
+class Prefixed(logging.Formatter):
+    """`[alignkit] message`, or `[library] message` for another library's record; a logged exception's
+    traceback follows, as the standard formatter adds it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's API
+        return f"[{record.name.split('.')[0]}] {record.getMessage()}"
 
 
 def setup_logging() -> None:

@@ -26,9 +26,10 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from alignkit import api
-    from alignkit.config.coerce import parse_overrides
+    from alignkit.config import read_yaml
 
-    result = api.train(args.config, **parse_overrides(args.overrides))
+    # every override is a config key (never one of train()'s own arguments: `reward_funcs=a` stays a name)
+    result = api.train(api.Source(read_yaml(args.config, args.overrides), args.config))
     if result.metrics:
         logging.getLogger("alignkit").info(
             "done: loss %.4f; model in %s", result.metrics.get("loss", float("nan")), result.output_dir

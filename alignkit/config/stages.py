@@ -5,7 +5,7 @@ config class here."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alignkit.config.schema import BaseConfig, check_choice, one_or_more
 from alignkit.errors import UserError, did_you_mean
@@ -148,7 +148,10 @@ class OnlineConfig(BaseConfig):
     top_k: int = 0
     stop_strings: list[str] | None = None
     rollout_backend: str = "hf"  # hf | vllm
-    reward_funcs: list[str] | None = None  # math_accuracy, exact_match, format, length, or module:function
+    reward_funcs: list[str] | None = field(  # math_accuracy, exact_match, format, length, or module:function
+        default=None,
+        metadata={"one_or_more": True},  # one name is a list of one
+    )
     reward_weights: list[float] | None = None  # one per reward function (and a last one for reward_model)
     reward_model: str | None = (
         None  # a model trained by `stage: rm` (full or LoRA adapter), or any sequence-classification model

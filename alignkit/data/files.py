@@ -9,9 +9,11 @@ JSON, or columns that differ from the first file's).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -332,8 +334,6 @@ def rows_file(rows: Any, what: str = "dataset") -> str:
     """A data set handed over in memory (a `datasets.Dataset`, or a list of dicts in any format alignkit reads)
     as a JSONL file in the user cache, named by its content: the run's config records a path that reproduces
     it, and the same rows always give the same file (so compare's fingerprints stay equal)."""
-    import hashlib
-
     if hasattr(rows, "to_list"):  # datasets.Dataset
         rows = rows.to_list()
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -351,8 +351,8 @@ def rows_file(rows: Any, what: str = "dataset") -> str:
     path = os.path.join(folder, f"{digest}.jsonl")
     if not os.path.isfile(path):
         os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        handle, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")  # one per writer: threads never share it
+        with os.fdopen(handle, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
     return path

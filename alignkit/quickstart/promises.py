@@ -10,6 +10,7 @@ differences between machines do not flip it. A lift small on some seed (PPO with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 # smallest test lift over SFT each method must show (8 seeds, 16 cores: dpo +0.28, simpo +0.24, orpo +0.29,
@@ -46,9 +47,9 @@ def _methods(methods: dict[str, Any]) -> list[str]:
     for name, row in methods.items():
         if name == "sft":
             continue
-        lift = row["accuracy"] - sft["accuracy"]
-        if lift <= MIN_LIFT[name]:
-            broken.append(f"{name}: lift {lift:+.3f} over sft (promised > {MIN_LIFT[name]:+.2f})")
+        lift, least = row["accuracy"] - sft["accuracy"], MIN_LIFT.get(name, 0.0)
+        if lift <= least:
+            broken.append(f"{name}: lift {lift:+.3f} over sft (promised > {least:+.2f})")
         if row["carry_accuracy"] <= sft["carry_accuracy"] + MIN_CARRY_GAIN:
             broken.append(
                 f"{name}: carry accuracy {row['carry_accuracy']:.3f} vs sft {sft['carry_accuracy']:.3f} "
@@ -84,11 +85,29 @@ def _reward_model(rm: dict[str, Any]) -> list[str]:
     return broken
 
 
-def broken_promises(report: dict[str, Any]) -> list[str]:
-    """Every promise the report breaks, for the methods and controls it holds (empty: all kept)."""
-    broken = (
-        [] if report["base_accuracy"] < 0.05 else [f"base accuracy {report['base_accuracy']} (random init)"]
-    )
+def _missing(
+    report: dict[str, Any], methods: Sequence[str] | None, controls: Sequence[str] | None
+) -> list[str]:
+    """What the report should hold and does not: the methods and controls asked for (SFT always), and the
+    reward model's diagnosis when PPO against it ran."""
+    have_methods, have_controls = set(report.get("methods", {})), set(report.get("controls", {}))
+    missing = [f"{m}: not in the report" for m in sorted({"sft", *(methods or ())} - have_methods)]
+    missing += [f"control {c}: not in the report" for c in sorted(set(controls or ()) - have_controls)]
+    if {"ppo", "ppo_weak_kl"} & (have_methods | have_controls) and "reward_model" not in report:
+        missing.append("reward model: its diagnosis is not in the report")
+    return missing
+
+
+def broken_promises(
+    report: dict[str, Any], methods: Sequence[str] | None = None, controls: Sequence[str] | None = None
+) -> list[str]:
+    """Every promise the report breaks (empty: all kept), for the methods and controls it holds; those named in
+    `methods` / `controls` must be there (a run that left one out keeps no promise about it)."""
+    broken = _missing(report, methods, controls)
+    if "sft" not in report.get("methods", {}):
+        return broken
+    if report["base_accuracy"] >= 0.05:
+        broken.append(f"base accuracy {report['base_accuracy']} (random init)")
     sft = report["methods"]["sft"]
     broken += _sft(sft) + _methods(report["methods"]) + _controls(report.get("controls", {}), sft)
     if "reward_model" in report:

@@ -1,7 +1,8 @@
 """What a run reports as it goes, and how it is asked to stop.
 
-A callback is any callable taking a `TrainEvent`; the loop calls it in the process that runs the loop (the
-main process of a multi-process run), between optimizer steps, never from another thread. A stop request is
+A callback is any callable taking a `TrainEvent`; the loop calls it between optimizer steps, never from another
+thread, in every process of a multi-process run (`event.main` is true in the main one: `alignkit.train` hands
+its caller's callbacks the main process's events only). A stop request is
 any object with `is_set()` (a `threading.Event`): the loop checks it after each optimizer step, and at the next
 point where a checkpoint can be written (a global batch done: for online stages, the end of the rollout's
 updates) it writes one, reports `stopped` and returns; `resume_from_checkpoint: auto` continues the run.
@@ -34,6 +35,7 @@ class TrainEvent:
     step: int
     total_steps: int
     data: dict[str, Any] = field(default_factory=dict)
+    main: bool = True  # reported by the main process (of several, or the only one)
 
 
 Callback = Callable[[TrainEvent], None]
@@ -44,14 +46,14 @@ class StopSignal(Protocol):
 
 
 class Reporter:
-    """Hands events to the callbacks (main process only). A callback that raises stops the run: its error is
-    the caller's, reported where it happened, as any other error in the process."""
+    """Hands events to the callbacks. A callback that raises stops the run: its error is the caller's, reported
+    where it happened, as any other error in the process."""
 
-    def __init__(self, callbacks: Sequence[Callback] | None, total_steps: int, enabled: bool) -> None:
-        self.callbacks = list(callbacks or []) if enabled else []
-        self.total_steps = total_steps
+    def __init__(self, callbacks: Sequence[Callback] | None, total_steps: int, main: bool) -> None:
+        self.callbacks = list(callbacks or [])
+        self.total_steps, self.main = total_steps, main
 
     def __call__(self, kind: EventKind, step: int, /, **data: Any) -> None:
-        event = TrainEvent(kind, step, self.total_steps, data)
+        event = TrainEvent(kind, step, self.total_steps, data, self.main)
         for callback in self.callbacks:
             callback(event)

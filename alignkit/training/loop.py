@@ -174,16 +174,7 @@ class _Run:
         self.ctx = StepContext(p, self.model, accelerator.device, accelerator.autocast)
         self.report = Reporter(callbacks, p.total_steps, accelerator.is_main_process)
         self.stop, self.stopped, self.done = stop, False, self.start_step
-        self.report(
-            "start",
-            self.start_step,
-            stage=stage.name,
-            rows=len(stage.train_rows),
-            total_steps=p.total_steps,
-            steps_per_epoch=p.steps_per_epoch,
-            global_batch=p.global_batch,
-            resumed_at=self.start_step if resume_path else None,
-        )
+        self.resumed_at = self.start_step if resume_path else None
         self.window: list[dict[str, float]] = []
         self.num_tokens = self.tokens_since_start = 0
         self.t0 = time.perf_counter()
@@ -192,6 +183,16 @@ class _Run:
         from tqdm.auto import tqdm
 
         cfg, p, accelerator = self.cfg, self.plan, self.accelerator
+        self.report(
+            "start",
+            self.start_step,
+            stage=self.stage.name,
+            rows=len(self.stage.train_rows),
+            total_steps=p.total_steps,
+            steps_per_epoch=p.steps_per_epoch,
+            global_batch=p.global_batch,
+            resumed_at=self.resumed_at,
+        )
         bar = tqdm(
             total=p.total_steps,
             initial=self.start_step,
@@ -224,13 +225,13 @@ class _Run:
 
     def stop_requested(self, done: int) -> bool:
         """Whether to stop after step `done`: asked for, at a point where a checkpoint can be written (a global
-        batch done), before the last step (which ends the run anyway). Every process takes the main one's
-        answer, so they stop together."""
+        batch done), before the last step (which ends the run anyway). A stop set in any process stops every
+        process, so they stop together."""
         p = self.plan
         if done % p.updates_per_batch or done >= p.total_steps:
             return False
         flag = torch.tensor(float(bool(self.stop and self.stop.is_set())), device=self.accelerator.device)
-        if p.world > 1:
+        if p.world > 1:  # a stop set in any process (the caller's is the main one) stops them all
             flag = self.accelerator.reduce(flag, reduction="max")
         return bool(flag.item())
 

@@ -403,3 +403,40 @@ def test_tokenizer_only_folder_is_enough_for_data_inspect(
     code, out, err = _cli(["data", "inspect", data, "--model", str(tok)], capsys)
     assert code == 0, err
     assert "lengths in tokens" in out
+
+
+def test_log_lines_keep_tracebacks_and_libraries_without_a_printing_handler(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The command line's log format: `[name] message`, a logged exception's traceback kept; a library whose
+    logger has only a NullHandler (urllib3) still gets its warnings shown, one that prints itself is not
+    repeated."""
+    import io
+    import logging
+
+    from alignkit.cli.main import OwnHandlersFirst, Prefixed
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(Prefixed())
+    handler.addFilter(OwnHandlersFirst())
+    root = logging.getLogger()  # where the command line puts its handler
+    root.addHandler(handler)
+    quiet, own = logging.getLogger("alignkit_test_root.quiet"), logging.getLogger("alignkit_test_root.own")
+    quiet.addHandler(logging.NullHandler())
+    own.addHandler(logging.StreamHandler(io.StringIO()))
+    try:
+        quiet.warning("retrying")
+        own.warning("printed by its own handler")
+        try:
+            raise ZeroDivisionError("boom")
+        except ZeroDivisionError:
+            logging.getLogger("alignkit_test_root.x").exception("generation failed")
+    finally:
+        root.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("[alignkit_test_root]")) :]
+    assert lines[0] == "[alignkit_test_root] retrying"
+    assert lines[1] == "[alignkit_test_root] generation failed"
+    assert lines[2] == "Traceback (most recent call last):" and lines[-1] == "ZeroDivisionError: boom"
+    assert not [line for line in lines if "printed by its own handler" in line]

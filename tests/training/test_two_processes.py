@@ -24,10 +24,21 @@ from tests.training.test_loop import _metrics, _pref_keys, _rows, _sft
 pytestmark = pytest.mark.slow  # a two-process run: not in the fast tier
 
 ENTRY = """
-import sys
+import json, os, sys, threading
+import alignkit
 from alignkit.cli import main
 
 for config in sys.argv[1:]:
+    if config.endswith(".stop.yaml"):  # the library, stopped from the main process only, after step 2
+        stop = threading.Event()
+        def on_event(event):
+            if event.kind == "step" and event.step == 2 and os.environ.get("RANK") == "0":
+                stop.set()
+        run = alignkit.train(config, stop=stop, callbacks=[on_event])
+        out = os.path.join(os.path.dirname(config), "stopped-" + os.environ["RANK"] + ".json")
+        with open(out, "w") as fh:
+            json.dump({"stopped": run.stopped, "steps": run.steps, "checkpoint": run.checkpoint}, fh)
+        continue
     try:
         main(["train", config])
     except SystemExit as exc:
@@ -70,6 +81,11 @@ def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactor
         path = root / f"{name}.yaml"
         path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in two.items()))
         paths.append(str(path))
+    stop = {**configs["sft"], "output_dir": str(root / "stop" / "two"), "max_steps": 6, "num_train_epochs": 1}
+    stop.update(disable_tqdm=True, plot_loss=False, per_device_train_batch_size=2)
+    (root / "stop").mkdir()
+    (root / "stop" / "run.stop.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in stop.items()))
+    paths.append(str(root / "stop" / "run.stop.yaml"))
     (root / "entry.py").write_text(ENTRY)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no"]
@@ -85,7 +101,7 @@ def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactor
         run_stage(root / name / "one", keys)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-4000:]
-    return {name: root / name for name in configs}
+    return {**{name: root / name for name in configs}, "stop": root / "stop"}
 
 
 def test_sft_two_processes_equal_one(runs: dict[str, Path]) -> None:
@@ -143,3 +159,15 @@ def test_kto_averages_z0_as_one_process_over_the_global_batch(
     for name in ("kl", "loss", "rewards/chosen", "rewards/rejected"):
         assert [r[name] for r in two] == pytest.approx([r[name] for r in one], rel=1e-5, abs=1e-5), name
     assert abs(local[0]["loss"] - one[0]["loss"]) > 1e-3
+
+
+def test_a_stop_set_in_the_main_process_stops_both_at_the_same_step(runs: dict[str, Path]) -> None:
+    """`alignkit.train(..., stop=event)` under 2 processes: the main process's stop (after step 2) is every
+    process's, both return `stopped` at step 2 with the same checkpoint, and nothing hangs."""
+    results = [json.loads((runs["stop"] / f"stopped-{rank}.json").read_text()) for rank in (0, 1)]
+    checkpoint = str(runs["stop"] / "two" / "checkpoint-2")
+    assert results == [{"stopped": True, "steps": 2, "checkpoint": checkpoint}] * 2
+    assert (runs["stop"] / "two" / "checkpoint-2").is_dir() and not (
+        runs["stop"] / "two" / "model.safetensors"
+    ).exists()
+    assert [r["step"] for r in _metrics(str(runs["stop"] / "two"))] == [1, 2]

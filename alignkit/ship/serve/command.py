@@ -70,6 +70,8 @@ def _bound(settings: ServeSettings) -> tuple[Any, socket.socket, list[str]]:
         listen(sock, settings.host, settings.port)
     except BaseException:
         sock.close()
+        if store is not None:
+            store.close()
         raise
     port = sock.getsockname()[1]  # port 0: the port the system chose
     config = uvicorn.Config(
@@ -108,13 +110,20 @@ class RunningServer:
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop(timeout=5.0)
                 raise UserError(f"the server at {self.url} did not start")
             time.sleep(0.02)
         return self
 
     def stop(self, timeout: float = 60.0) -> None:
+        """Let the requests in flight finish for up to `timeout` seconds, then close what is still open."""
         self._server.should_exit = True
         self._thread.join(timeout)
+        if self._thread.is_alive():  # a stream that does not end: cut it
+            self._server.force_exit = True
+            self._thread.join(10.0)
+        if self._thread.is_alive():
+            raise UserError(f"the server at {self.url} did not stop")
 
     def __enter__(self) -> RunningServer:
         return self
