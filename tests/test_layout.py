@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -100,3 +101,39 @@ def test_no_private_names_across_packages() -> None:
         if n.startswith("_") and not n.startswith("__") and _package(t) != _package(m)
     ]
     assert not taken, taken
+
+
+# import name -> the distribution that provides it, where the two differ (pydantic and starlette come with fastapi)
+DISTRIBUTION = {
+    "yaml": "pyyaml",
+    "prometheus_client": "prometheus-client",
+    "pydantic": "fastapi",
+    "starlette": "fastapi",
+}
+
+
+def test_every_import_at_a_modules_top_is_a_declared_dependency() -> None:
+    """A plain `pip install alignkit` (no extras) must import every module: what a module imports at its top
+    is in [project] dependencies; optional libraries (vLLM, lm-eval, bitsandbytes, trackers) are imported
+    where they are used. (The dev extra installs more, so the suite alone would not notice a missing one.)"""
+    import sys
+
+    import tomllib
+
+    with open(PACKAGE.parent / "pyproject.toml", "rb") as fh:
+        declared = {
+            re.split(r"[<>=\[ ;]", dep, maxsplit=1)[0].lower()
+            for dep in tomllib.load(fh)["project"]["dependencies"]
+        }
+    missing = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            for name in (n.split(".")[0] for n in names):
+                if name in sys.stdlib_module_names or name == "alignkit":
+                    continue
+                if DISTRIBUTION.get(name, name.replace("_", "-")) not in declared:
+                    missing.add(f"{path.relative_to(PACKAGE.parent)}: {name}")
+    assert not missing, sorted(missing)
