@@ -304,12 +304,14 @@ def inspect(
     max_length: int = 1024,
     split: str = "train",
     dataset_format: str = "auto",
+    dataset_dir: str | None = None,
 ) -> dict[str, Any]:
     """`alignkit data inspect`: the format, lengths (in the model's tokens when `model` is given), rows
     `max_length` would truncate, duplicate prompts, the chosen-longer-than-rejected share, KTO's label balance
-    and recommended weights. `source`: a path, a hub id, a `datasets.Dataset` or a list of dicts."""
+    and recommended weights. `source`: a path, a hub id, a `datasets.Dataset`, a list of dicts, or a name of
+    LLaMA-Factory's `<dataset_dir>/dataset_info.json`."""
 
-    return inspect_data(_dataset_key(source, "source"), model, max_length, split, dataset_format)
+    return inspect_data(_dataset_key(source, "source"), model, max_length, split, dataset_format, dataset_dir)
 
 
 def from_feedback(db: str, output: str, /, *, model: str | None = None) -> dict[str, int]:

@@ -11,6 +11,7 @@ from alignkit.cli.common import add_command
 EPILOG_INSPECT = """examples:
   alignkit data inspect ../shared/data/llamafactory/dpo_en_demo.json --model models/tiny
   alignkit data inspect data.jsonl --max-length 512
+  alignkit data inspect alpaca_en_demo --dataset-dir ../shared/data/llamafactory
 """
 EPILOG_FROM_VOTES = """examples:
   alignkit data from-votes ~/Downloads/votes.json --key sxs/sxs_key.json --output-dir data/round2
@@ -31,11 +32,14 @@ def register(subparsers: Any) -> None:
         "detect the format and report lengths, truncation, duplicates, balance",
         EPILOG_INSPECT,
     )
-    p.add_argument("source", help="a .json/.jsonl/.csv/.parquet file, a folder, or a hub id")
+    p.add_argument(
+        "source", help="a .json/.jsonl/.csv/.parquet file, a folder, a hub id, or a name of dataset_info.json"
+    )
     p.add_argument("--model", help="tokenizer to count tokens with (default: whitespace words)")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--split", default="train")
     p.add_argument("--format", default="auto", help="dataset_format (default: detect)")
+    p.add_argument("--dataset-dir", help="where LLaMA-Factory's dataset_info.json is (default: ./data)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=inspect)
     v = add_command(
@@ -72,6 +76,7 @@ def inspect(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         split=args.split,
         dataset_format=args.format,
+        dataset_dir=args.dataset_dir,
     )
     print(json.dumps(report, indent=2) if args.json else render_report(report))
     return 0

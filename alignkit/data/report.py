@@ -125,9 +125,12 @@ def inspect_data(
     max_length: int = 1024,
     split: str = "train",
     dataset_format: str = "auto",
+    dataset_dir: str | None = None,
 ) -> dict[str, Any]:
-    fmt, _ = describe_format(source, split) if dataset_format == "auto" else (dataset_format, 0)
-    examples = load_examples(source, fmt, split)
+    """The report of `source` (a path, a hub id, or a name of `<dataset_dir>/dataset_info.json`)."""
+    auto = dataset_format == "auto"
+    fmt, _ = describe_format(source, split, dataset_dir) if auto else (dataset_format, 0)
+    examples = load_examples(source, fmt, split, dataset_dir)
     return {"source": source, "format": fmt, **inspect_examples(examples, model, max_length)}
 
 

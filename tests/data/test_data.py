@@ -259,3 +259,15 @@ def test_data_inspect_on_real_kto_file(shared_data: Path) -> None:
     report = inspect_data(str(shared_data / "llamafactory" / "kto_en_demo.json"))
     assert report["kto"]["desirable"] == 150 and report["kto"]["undesirable"] == 150
     assert json.dumps(report)  # serialisable for --json
+
+
+def test_data_inspect_by_dataset_info_name(shared_data: Path, capsys: pytest.CaptureFixture) -> None:
+    from alignkit.cli.main import main
+
+    lf = shared_data / "llamafactory"
+    by_name = inspect_data("kto_en_demo", dataset_dir=str(lf))
+    assert by_name["rows"] == 300 and by_name["kto"]["desirable"] == by_name["kto"]["undesirable"] == 150
+    with pytest.raises(SystemExit) as done:
+        main(["data", "inspect", "alpaca_en_demo", "--dataset-dir", str(lf), "--json"])
+    assert done.value.code == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 999
