@@ -342,3 +342,26 @@ def test_round_trip_postgres(postgres_url: str, tmp_path: Path) -> None:
         assert store.add_feedback("chat-2", "up") is True  # reconnected and retried
     counts = export_kto(postgres_url, str(tmp_path / "again.jsonl"))
     assert counts == {"rows": 3, "up": 2, "down": 1, "no_feedback": 2, "empty": 0}
+
+
+def test_entries_list_answers_with_their_latest_vote_and_filter(tmp_path: Path) -> None:
+    with FeedbackStore(str(tmp_path / "fb.db")) as store:
+        store.log_completion("a", "m1", [{"role": "user", "content": "crepes?"}], ["flour and eggs"], 100, {})
+        store.log_completion("b", "m2", "plain text prompt", ["one", "two"], 200, {}, first_index=0)
+        store.add_feedback("a", "up")
+        store.add_feedback("a", "down")  # the latest vote counts
+        store.add_feedback("b", "up", index=1)
+        every = store.entries()
+        assert [(e["id"], e["index"], e["label"]) for e in every] == [
+            ("b", 0, None),
+            ("b", 1, "up"),
+            ("a", 0, "down"),
+        ]
+        assert every[-1]["prompt"] == [{"role": "user", "content": "crepes?"}] and every[-1]["model"] == "m1"
+        assert [e["id"] for e in store.entries(label="down")] == ["a"]
+        assert [(e["id"], e["index"]) for e in store.entries(label="none")] == [("b", 0)]
+        assert [e["answer"] for e in store.entries(model="m2")] == ["one", "two"]
+        assert [e["id"] for e in store.entries(text="CREPES")] == ["a"]  # in the prompt, any case
+        assert [e["answer"] for e in store.entries(text="two")] == ["two"]  # in the answer
+        assert [e["id"] for e in store.entries(since=150)] == ["b", "b"]
+        assert len(store.entries(limit=1)) == 1

@@ -25,16 +25,22 @@ Model = TypeVar("Model", bound=BaseModel)
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, at most `limit` bytes: 400 unless it is JSON, 413 once it is known to be bigger."""
     check_content_type(request.headers.get("content-type"))
+    return await read_bounded(request, limit)
+
+
+async def read_bounded(request: Request, limit: int, flag: str = "--max-request-bytes") -> bytes:
+    """The body of any type, at most `limit` bytes (`flag` sets the limit): a 413 once it is known to be
+    bigger, from Content-Length or from what has streamed in."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large(limit, int(declared))
+        raise too_large(limit, int(declared), flag)
     chunks: list[bytes] = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise too_large(limit)
+                raise too_large(limit, None, flag)
             chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(400, "the connection closed before the request body ended") from None
@@ -56,12 +62,12 @@ def check_content_type(value: str | None) -> None:
     )
 
 
-def too_large(limit: int, size: int | None = None) -> APIError:
+def too_large(limit: int, size: int | None = None, flag: str = "--max-request-bytes") -> APIError:
     """The 413 of a body over `limit` bytes (`size`: its declared length, when it declared one)."""
     what = f"is {size} bytes, over" if size is not None else "is over"
     return APIError(
         413,
-        f"the request body {what} this server's limit of {limit} bytes (--max-request-bytes)",
+        f"the request body {what} this server's limit of {limit} bytes ({flag})",
         None,
         "request_too_large",
     )

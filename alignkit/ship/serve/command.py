@@ -96,9 +96,11 @@ class RunningServer:
     """A server on a background thread: `url` (the /v1 base of OpenAI clients), `ids` (its model ids),
     `stop()` (drain the requests in flight, then shut down); also a context manager."""
 
-    def __init__(self, server: Any, sock: socket.socket, ids: list[str], host: str) -> None:
+    def __init__(
+        self, server: Any, sock: socket.socket, ids: list[str], host: str, path: str = "/v1"
+    ) -> None:
         self._server, self._sock, self.ids = server, sock, ids
-        self.url = f"http://{host}:{sock.getsockname()[1]}/v1"
+        self.url = f"http://{host}:{sock.getsockname()[1]}{path}"
         self._thread = threading.Thread(target=self._run, name="alignkit-serve", daemon=True)
 
     def _run(self) -> None:

@@ -302,6 +302,45 @@ class FeedbackStore:
         counts = {"rows": len(rows), "up": up, "down": len(rows) - up, "no_feedback": silent}
         return rows, {**counts, "empty": len(voted) - len(rows)}
 
+    def entries(
+        self,
+        model: str | None = None,
+        label: str | None = None,
+        text: str | None = None,
+        since: float | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
+        """The stored answers, newest first, each with its latest vote (None: no vote): for browsing. Filters:
+        the model id, the vote (`up`, `down`, `none`), text in the prompt or the answer, created at or after
+        `since` (Unix seconds)."""
+        where, args = ["1 = 1"], []
+        if model:
+            where.append("c.model = ?")
+            args.append(model)
+        if text:
+            where.append("(LOWER(c.prompt) LIKE ? OR LOWER(a.content) LIKE ?)")  # any case, both back ends
+            args += [f"%{text.lower()}%", f"%{text.lower()}%"]
+        if since is not None:
+            where.append("c.created >= ?")
+            args.append(int(since))
+        latest = (
+            "(SELECT f.label FROM feedback f WHERE f.completion_id = a.completion_id AND f.idx = a.idx "
+            "ORDER BY f.id DESC LIMIT 1)"
+        )
+        if label in LABELS:
+            where.append(f"{latest} = ?")
+            args.append(label)
+        elif label == "none":
+            where.append(f"{latest} IS NULL")
+        query = (
+            f"SELECT c.id, a.idx, c.model, c.prompt, a.content, c.created, {latest} FROM answers a "
+            f"JOIN completions c ON c.id = a.completion_id WHERE {' AND '.join(where)} "
+            "ORDER BY c.created DESC, c.id DESC, a.idx LIMIT ?"
+        )
+        rows = self._run(lambda: self._execute(query, (*args, int(limit))).fetchall())
+        keys = ("id", "index", "model", "prompt", "answer", "created", "label")
+        return [dict(zip(keys, (*r[:3], json.loads(r[3]), *r[4:]))) for r in rows]
+
     def models_with_feedback(self) -> list[str]:
         query = "SELECT DISTINCT c.model FROM completions c JOIN feedback f ON f.completion_id = c.id"
         return sorted(r[0] for r in self._run(lambda: self._execute(query).fetchall()))
