@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Test files that take longest, sent to the workers first (pytest-xdist --dist loadfile hands out whole files in
 # collection order), so that no long file starts last: the session quickstart, then the multi-process runs.
-FIRST = ("tests/quickstart/", "tests/training/test_fsdp.py", "tests/training/test_two_processes.py")
+FIRST = (
+    "tests/quickstart/",
+    "tests/training/test_fsdp.py",
+    "tests/training/test_two_processes.py",
+    "tests/console/test_console_browser.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -85,6 +91,21 @@ def tiny_rm(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium for Playwright (no browser download); the page tests skip, with why, without it."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip(
+            "playwright is not installed (pip install playwright): the page's browser test is skipped"
+        )
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.skip("no chromium binary (apt-get install chromium): the page's browser test is skipped")
+    return path
 
 
 def free_port() -> int:

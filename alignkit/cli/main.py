@@ -16,11 +16,11 @@ import warnings
 from collections.abc import Sequence
 
 from alignkit import __version__
-from alignkit.cli import data, evaluate, quickstart, ship, tiny, train
+from alignkit.cli import console, data, evaluate, quickstart, ship, tiny, train
 from alignkit.errors import UserError
 
 # the commands, in the order `alignkit --help` lists them
-COMMANDS = (train, tiny, data, evaluate, quickstart, ship)
+COMMANDS = (train, tiny, data, evaluate, quickstart, ship, console)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -195,23 +194,10 @@ def test_empty_answers_are_left_out_of_the_data(tmp_path: Path, capsys: pytest.C
     assert [(r.completion, r.label) for r in rows] == [("yes", True)]
 
 
-def _chromium() -> str:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.skip(
-            "playwright is not installed (pip install playwright): the page's browser test is skipped"
-        )
-    path = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(path).exists():
-        pytest.skip("no chromium binary (apt-get install chromium): the page's browser test is skipped")
-    return path
-
-
-def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path) -> None:
+def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path, chromium: str) -> None:
     from playwright.sync_api import sync_playwright
 
-    executable = _chromium()
+    executable = chromium
     path, key = _page(tmp_path)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, headless=True)

@@ -1,0 +1,66 @@
+// The console's words in English and Chinese; t(key) picks the chosen language, falling back to English.
+const WORDS = {
+  en: {
+    console: "console", tab_model: "Model", tab_data: "Data", tab_train: "Train", tab_runs: "Runs",
+    tab_eval: "Evaluate", tab_chat: "Chat", tab_review: "Review", tab_ship: "Ship",
+    model_path: "Model", template: "Template", finetuning_type: "Finetuning",
+    model_help: "A local folder, a LoRA adapter folder or a hub id, inside the workspace or a folder allowed with --allow.",
+    model_show: "What is this model?", dataset: "Dataset", preview: "Preview", report: "Data report",
+    upload: "Upload a file", stage: "Stage", start: "Start", check: "Check", show_yaml: "Show YAML",
+    save_yaml: "Save YAML", load_yaml: "Load YAML", start_eval: "Start eval", system: "System prompt",
+    temperature: "Temperature", max_tokens: "Max tokens", side_by_side: "Side by side", say: "Say something",
+    send: "Send", reset: "Reset", vote: "Vote", text: "Text", days: "Last days", filter: "Filter",
+    make_kto: "Make KTO data", export: "Export (merge a LoRA adapter; quantize)", adapter: "Adapter or model",
+    quantize: "Quantize", export_btn: "Export", serve: "Serve (OpenAI-compatible API)", port: "Port",
+    serve_btn: "Start serving", stop: "Stop", resume: "Resume", config: "Config", log: "Log",
+    no_runs: "No runs yet.", train_on_this: "Train on this", made: "Written", metric: "metric",
+    model: "model", baseline: "baseline", n: "n", ci: "95% CI", not_measured: "Not measured",
+    samples: "Samples", next: "Next", prev: "Previous", flagged: "flagged", fidelity: "Fidelity check",
+    stop_serving: "Stop serving", ok_config: "alignkit train accepts this config.", saved: "Saved",
+    step: "step", eta: "ETA", status: "status", created: "created", run: "run", what: "what",
+    queued: "queued", running: "running", finished: "finished", failed: "failed", stopped: "stopped",
+    interrupted: "interrupted", rows: "rows", format: "format", prompt: "prompt", answer: "answer",
+    chosen: "chosen", rejected: "rejected", rendered: "as the chat template renders it", label: "label",
+    up: "up", down: "down", none: "none", when: "when", parameters: "parameters", architecture: "architecture",
+    context: "context", chat_template: "chat template", yes: "yes", no: "no", open_chat: "Chat with it",
+    evaluate_it: "Evaluate it", export_it: "Export it", results: "Results", records: "records",
+    duplicate_prompts: "duplicate prompts", would_truncate: "rows longer than max_length",
+    chosen_longer: "pairs with chosen longer than rejected", kto_labels: "KTO labels",
+    lengths: "lengths", serving: "Serving", paste_yaml: "Paste a YAML config below, then press Load YAML again.",
+  },
+  zh: {
+    console: "控制台", tab_model: "模型", tab_data: "数据", tab_train: "训练", tab_runs: "运行记录",
+    tab_eval: "评估", tab_chat: "对话", tab_review: "反馈审阅", tab_ship: "导出与部署",
+    model_path: "模型", template: "对话模板", finetuning_type: "微调方法",
+    model_help: "本地模型目录、LoRA 适配器目录或 Hub 模型名，须位于工作区或 --allow 允许的目录中。",
+    model_show: "查看模型信息", dataset: "数据集", preview: "预览", report: "数据报告",
+    upload: "上传文件", stage: "训练阶段", start: "开始", check: "检查", show_yaml: "显示 YAML",
+    save_yaml: "保存 YAML", load_yaml: "载入 YAML", start_eval: "开始评估", system: "系统提示词",
+    temperature: "温度", max_tokens: "最大生成长度", side_by_side: "双模型对比", say: "输入消息",
+    send: "发送", reset: "清空", vote: "评价", text: "文本", days: "最近天数", filter: "筛选",
+    make_kto: "生成 KTO 数据", export: "导出（合并 LoRA 适配器；量化）", adapter: "适配器或模型",
+    quantize: "量化", export_btn: "导出", serve: "部署（OpenAI 兼容 API）", port: "端口",
+    serve_btn: "启动服务", stop: "停止", resume: "继续", config: "配置", log: "日志",
+    no_runs: "暂无运行记录。", train_on_this: "用它训练", made: "已写入", metric: "指标",
+    model: "模型", baseline: "基线", n: "样本数", ci: "95% 置信区间", not_measured: "未测量",
+    samples: "样例", next: "下一条", prev: "上一条", flagged: "已标记", fidelity: "一致性检查",
+    stop_serving: "停止服务", ok_config: "alignkit train 接受此配置。", saved: "已保存",
+    step: "步", eta: "预计剩余", status: "状态", created: "创建时间", run: "运行", what: "内容",
+    queued: "排队中", running: "运行中", finished: "已完成", failed: "失败", stopped: "已停止",
+    interrupted: "已中断", rows: "行数", format: "格式", prompt: "提示", answer: "回答",
+    chosen: "优选", rejected: "劣选", rendered: "经对话模板渲染后", label: "标签",
+    up: "赞", down: "踩", none: "无", when: "时间", parameters: "参数量", architecture: "架构",
+    context: "上下文长度", chat_template: "对话模板", yes: "有", no: "无", open_chat: "与它对话",
+    evaluate_it: "评估它", export_it: "导出它", results: "结果", records: "条记录",
+    duplicate_prompts: "重复提示", would_truncate: "超过 max_length 的行",
+    chosen_longer: "优选比劣选更长的比例", kto_labels: "KTO 标签",
+    lengths: "长度", serving: "服务中", paste_yaml: "在下方粘贴 YAML 配置，然后再次点击“载入 YAML”。",
+  },
+};
+let LANG = localStorage.getItem("alignkit-lang") || (navigator.language.startsWith("zh") ? "zh" : "en");
+function t(key) { return (WORDS[LANG] && WORDS[LANG][key]) || WORDS.en[key] || key; }
+function applyWords() {
+  document.documentElement.lang = LANG === "zh" ? "zh-CN" : "en";
+  document.querySelectorAll("[data-i18n]").forEach((el) => { el.textContent = t(el.dataset.i18n); });
+  document.querySelectorAll("[data-i18n-placeholder]").forEach((el) => { el.placeholder = t(el.dataset.i18nPlaceholder); });
+}

@@ -1,0 +1,241 @@
+"""The console's API where the browser test does not go: path escapes, the token, the queue, a restart,
+uploads, forms that follow the config classes, and bad requests answered with 4xx."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from alignkit.config import stages as config_stages
+from alignkit.console.app import ConsoleSettings, build_app, worst_first
+from alignkit.console.command import start_console
+from alignkit.console.forms import stage_form
+from alignkit.console.workspace import Workspace
+from alignkit.errors import UserError
+from tests.conftest import write_jsonl
+
+ROWS = [{"instruction": f"say {i}", "output": f"{i} {i} {i}"} for i in range(40)]
+
+
+def _client(tmp_path: Path, *allow: str, **settings) -> TestClient:
+    return TestClient(
+        build_app(ConsoleSettings(workspace=str(tmp_path / "ws"), allow=list(allow), **settings))
+    )
+
+
+def _train_keys(model: str, steps: int, **more) -> dict:
+    return {
+        "stage": "sft",
+        "model_name_or_path": model,
+        "dataset": "data/sft.jsonl",
+        "max_steps": steps,
+        "logging_steps": 1,
+        "per_device_train_batch_size": 2,
+        "max_length": 64,
+        "save_steps": 1,
+        **more,
+    }
+
+
+def _wait(client: TestClient, run_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = client.get(f"/api/runs/{run_id}").json()
+        if view["status"] in statuses:
+            return view
+        time.sleep(0.05)
+    raise AssertionError(f"run {run_id} is still {view['status']}")
+
+
+# ------------------------------------------------------------------------------------------------ paths
+def test_paths_outside_the_workspace_are_refused(tmp_path: Path, tiny_model: str) -> None:
+    client = _client(tmp_path)
+    ws = tmp_path / "ws"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text('{"text": "secret"}\n')
+    os.symlink(outside, ws / "link")  # a symlink inside that points out
+    escapes = {
+        "model_name_or_path": ["../outside", str(outside), "link", "data/../../outside"],
+        "dataset": ["../outside/secret.jsonl", str(outside / "secret.jsonl"), "link/secret.jsonl"],
+        "dataset_dir": ["../outside"],
+        "deepspeed": ["/etc/passwd"],
+    }
+    for key, values in escapes.items():
+        for value in values:
+            keys = {"stage": "sft", "model_name_or_path": "m", "dataset": "d.jsonl", key: value}
+            answer = client.post("/api/check", json={"keys": keys}).json()["error"]
+            assert answer["key"] == key and "outside the workspace" in answer["message"], (key, value)
+            started = client.post("/api/runs", json={"kind": "train", "config": keys})
+            assert started.status_code == 403 and started.json()["key"] == key
+    for route, body in (
+        ("/api/model", {"path": str(outside)}),
+        ("/api/data/preview", {"dataset": "link/secret.jsonl"}),
+        ("/api/chat", {"model": "../outside", "messages": [{"role": "user", "content": "hi"}]}),
+        ("/api/runs", {"kind": "export", "config": {"adapter": "/etc"}}),
+        ("/api/runs", {"kind": "eval", "config": {"model": "m", "dataset": str(outside / "secret.jsonl")}}),
+    ):
+        answer = client.post(route, json=body)
+        assert answer.status_code == 403, (route, answer.json())
+    assert not list((ws / "runs").iterdir())  # nothing refused was queued
+
+
+def test_a_dataset_info_entry_pointing_outside_is_refused(tmp_path: Path) -> None:
+    client = _client(tmp_path)
+    data = tmp_path / "ws" / "data"
+    data.mkdir(parents=True)
+    (data / "dataset_info.json").write_text(json.dumps({"evil": {"file_name": "../../secret.json"}}))
+    keys = {"stage": "sft", "model_name_or_path": "m", "dataset": "evil"}
+    answer = client.post("/api/check", json={"keys": keys}).json()["error"]
+    assert answer["key"] == "dataset" and "outside the workspace" in answer["message"]
+
+
+def test_hub_ids_and_allowed_folders_pass(tmp_path: Path, tiny_model: str) -> None:
+    ws = Workspace(tmp_path / "ws", [Path(tiny_model).parent])
+    assert ws.model_or_hub("Qwen/Qwen2.5-0.5B-Instruct", "model") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert ws.model_or_hub(tiny_model, "model") == os.path.realpath(tiny_model)
+    (tmp_path / "ws" / "org" / "name").mkdir(
+        parents=True
+    )  # a local folder shaped like a hub id is the folder
+    assert ws.model_or_hub("org/name", "model") == str((tmp_path / "ws" / "org" / "name").resolve())
+
+
+# ------------------------------------------------------------------------------------------------ token
+def test_a_console_bound_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--token"):
+        start_console(ConsoleSettings(workspace=str(tmp_path / "ws"), host="0.0.0.0", port=0))
+
+
+def test_every_request_carries_the_token(tmp_path: Path) -> None:
+    client = _client(tmp_path, token="s3cret")
+    for path in ("/", "/static/console.js", "/api/info", "/api/runs"):
+        assert client.get(path).status_code == 401, path
+    assert client.get("/api/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    first = client.get("/?token=s3cret")  # the page's first load: the token becomes a cookie
+    assert first.status_code == 200 and "alignkit_console_token" in first.headers["set-cookie"]
+    assert client.get("/api/info").status_code == 200  # the cookie from now on
+
+
+# ------------------------------------------------------------------------------- queue, stop, restart
+def test_one_run_at_a_time_stop_resume_and_a_restart(tmp_path: Path, tiny_model: str) -> None:
+    write_jsonl(tmp_path / "ws" / "data" / "sft.jsonl", ROWS)
+    client = _client(tmp_path, str(Path(tiny_model).parent))
+    first = client.post("/api/runs", json={"kind": "train", "config": _train_keys(tiny_model, 400)}).json()
+    second = client.post("/api/runs", json={"kind": "train", "config": _train_keys(tiny_model, 3)}).json()
+    _wait(client, first["id"], ("running",))
+    assert client.get(f"/api/runs/{second['id']}").json()["status"] == "queued"  # one at a time
+    assert client.post(f"/api/runs/{second['id']}/stop").json()["status"] == "stopped"  # off the queue
+    while client.get(f"/api/runs/{first['id']}").json()["n_records"] < 3:
+        time.sleep(0.05)
+    client.post(f"/api/runs/{first['id']}/stop")
+    stopped = _wait(client, first["id"], ("stopped",))
+    step = stopped["result"]["steps"]
+    assert 0 < step < 400 and stopped["result"]["checkpoint"].endswith(f"checkpoint-{step}")
+    assert client.get(f"/api/runs/{second['id']}").json()["started"] is None  # the cancelled run never ran
+    # a console that died with this run running: the next one finds it interrupted, and it resumes
+    ws = Workspace(tmp_path / "ws")
+    run = ws.load(first["id"])
+    run.status = "running"
+    ws.save(run)
+    client.app.state.console.close()
+    again = _client(tmp_path, str(Path(tiny_model).parent))
+    assert again.get("/api/info").json()["interrupted"] == [first["id"]]
+    assert again.get(f"/api/runs/{first['id']}").json()["status"] == "interrupted"
+    assert again.post(f"/api/runs/{first['id']}/resume").json()["status"] == "queued"
+    done = _wait(again, first["id"], ("finished",))
+    assert done["result"]["steps"] == 400 and done["n_records"] == 400  # the curve from step 1, once
+    assert [r["step"] for r in done["records"]] == list(range(1, 401))
+    assert "resumed from" in "\n".join(done["log"])
+    refused = again.post(f"/api/runs/{first['id']}/resume")  # a finished run does not resume
+    assert refused.status_code == 400 and "only stopped training resumes" in refused.json()["error"]
+
+
+# ------------------------------------------------------------------------------------------------ forms
+def test_a_key_added_to_a_stage_config_appears_in_its_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    @dataclass
+    class WithNewKey(config_stages.SFTConfig):
+        brand_new_key: float = 0.25  # a help text written once, beside the key
+
+    monkeypatch.setitem(config_stages.CONFIG_CLASSES, "sft", WithNewKey)
+    field = next(f for f in stage_form("sft") if f["name"] == "brand_new_key")
+    assert field == {
+        "name": "brand_new_key",
+        "type": "float",
+        "optional": False,
+        "default": 0.25,
+        "choices": [],
+        "help": "a help text written once, beside the key",
+        "group": "withnewkey",
+    }
+
+
+def test_forms_cover_every_key_with_registry_choices() -> None:
+    for stage, cls in config_stages.CONFIG_CLASSES.items():
+        names = {f["name"] for f in stage_form(stage)}
+        console_keys = {
+            "stage",
+            "output_dir",
+            "overwrite_output_dir",
+            "resume_from_checkpoint",
+            "disable_tqdm",
+        }
+        assert names == {f.name for f in dataclasses.fields(cls)} - console_keys, stage
+    dpo = {f["name"]: f for f in stage_form("dpo")}
+    assert "ipo" in dpo["loss_type"]["choices"] and dpo["loss_type"]["type"] == "list"
+    assert dpo["ref_model_name_or_path"]["optional"] and dpo["max_samples"]["type"] == "int"
+    assert dpo["lr_scheduler_type"]["choices"][:2] == ["linear", "cosine"]
+
+
+def test_invalid_values_are_named_by_key(tmp_path: Path) -> None:
+    client = _client(tmp_path)
+    base = {"stage": "dpo", "model_name_or_path": "m", "dataset": "d.jsonl"}
+    for key, value, said in (
+        ("beta", -1, "must be > 0"),
+        ("loss_type", "sigmod", "did you mean `sigmoid`"),
+        ("max_length", 0, "must be > 0"),
+    ):
+        answer = client.post("/api/runs", json={"kind": "train", "config": {**base, key: value}})
+        assert answer.status_code == 422 and answer.json()["key"] == key and said in answer.json()["error"]
+    assert client.post("/api/check", json={"keys": {**base, "beta": 0.2}}).json() == {"error": None}
+
+
+# --------------------------------------------------------------------------------------- bad requests
+def test_bad_requests_get_4xx_and_the_console_keeps_serving(tmp_path: Path) -> None:
+    client = _client(tmp_path, max_upload_mb=0.001)
+    assert client.post("/api/check", content=b"{not json").status_code == 400
+    assert client.post("/api/check", json=[1, 2]).status_code == 400
+    assert client.get("/api/runs/../../etc").status_code in (400, 404)
+    assert client.get("/api/runs/train-nope").status_code == 400
+    assert client.get("/api/feedback", params={"days": "soon"}).status_code == 400
+    assert client.get("/api/feedback", params={"label": "meh"}).status_code == 400
+    assert client.post("/api/runs", json={"kind": "rm -rf", "config": {}}).status_code == 400
+    assert client.post("/api/feedback", json={"id": "console-none", "label": "down"}).status_code == 404
+    assert client.post("/api/chat", json={"model": "m", "messages": "hi"}).status_code == 400
+    assert client.post("/api/runs/train-20260101-000000-abcd/stop").status_code == 400
+    big = client.post("/api/upload?name=big.jsonl", content=b"x" * 2000)
+    assert big.status_code == 413 and "--max-upload-mb" in big.json()["error"]
+    for name in ("../evil.jsonl", "evil.sh", "a/b.jsonl"):
+        assert client.post(f"/api/upload?name={name}", content=b"{}").status_code == 400, name
+    ok = client.post("/api/upload?name=rows.jsonl", content=b'{"text": "hi"}\n')
+    assert ok.json() == {"path": "data/rows.jsonl", "bytes": 15}
+    assert client.get("/api/info").json()["data_files"] == ["rows.jsonl"]
+
+
+def test_worst_samples_first_follow_the_metric_direction() -> None:
+    rows = [{"model": {"scores": {"accuracy": a, "kl": k}}} for a, k in ((1.0, 0.1), (0.0, 0.9), (0.5, 0.5))]
+    assert [r["model"]["scores"]["accuracy"] for r in worst_first(rows, "accuracy")] == [0.0, 0.5, 1.0]
+    assert [r["model"]["scores"]["kl"] for r in worst_first(rows, "kl")] == [0.9, 0.5, 0.1]
+    assert worst_first([{"model": {"scores": {}}}, *rows], "accuracy")[-1] == {"model": {"scores": {}}}
+    lengths = [
+        {"model": {"scores": {"length": m}}, "baseline": {"scores": {"length": b}}}
+        for m, b in ((9, 10), (40, 10), (2, 10))
+    ]
+    assert [r["model"]["scores"]["length"] for r in worst_first(lengths, "length")] == [40, 2, 9]
