@@ -311,7 +311,12 @@ def inspect(
     and recommended weights. `source`: a path, a hub id, a `datasets.Dataset`, a list of dicts, or a name of
     LLaMA-Factory's `<dataset_dir>/dataset_info.json`."""
 
-    return inspect_data(_dataset_key(source, "source"), model, max_length, split, dataset_format, dataset_dir)
+    source = _dataset_key(source, "source")
+    if isinstance(source, list):  # the form a config's `dataset` takes: one data set at a time is reported
+        if len(source) != 1:
+            raise UserError(f"inspect: one data set at a time (got {len(source)}: {', '.join(source)})")
+        source = source[0]
+    return inspect_data(source, model, max_length, split, dataset_format, dataset_dir)
 
 
 def from_feedback(db: str, output: str, /, *, model: str | None = None) -> dict[str, int]:

@@ -354,3 +354,10 @@ def test_an_online_stage_stops_at_the_end_of_its_rollouts_updates(tiny_model: st
         callbacks=[lambda e: stop.set() if e.kind == "step" and e.step == 1 else None],
     )
     assert run.stopped and run.steps == 2 and run.checkpoint == str(tmp_path / "grpo" / "checkpoint-2")
+
+
+def test_inspect_takes_a_config_s_list_of_one_and_refuses_several(shared_data: Path) -> None:
+    lf = str(shared_data / "llamafactory")
+    assert alignkit.inspect(["kto_en_demo"], dataset_dir=lf)["rows"] == 300
+    with pytest.raises(alignkit.UserError, match="one data set at a time"):
+        alignkit.inspect(["kto_en_demo", "alpaca_en_demo"], dataset_dir=lf)

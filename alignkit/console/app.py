@@ -281,6 +281,7 @@ def _run_view(console: Console, run_id: str, after: int = 0) -> dict[str, Any]:
     log_file = folder / "log.txt"
     lines = log_file.read_text(encoding="utf-8").splitlines()[-200:] if log_file.is_file() else []
     records = console.jobs.records(run)
+    resolved = folder / "output" / "config.yaml"  # every key as the run used it (defaults, derived values)
     return {
         **run.public(),
         "folder": console.ws.rel(folder),
@@ -289,6 +290,7 @@ def _run_view(console: Console, run_id: str, after: int = 0) -> dict[str, Any]:
         "n_records": len(records),
         "log": lines,
         "yaml": yaml.safe_dump(run.config, sort_keys=False, allow_unicode=True),
+        "resolved": resolved.read_text(encoding="utf-8") if resolved.is_file() else None,
     }
 
 

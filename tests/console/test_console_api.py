@@ -239,3 +239,28 @@ def test_worst_samples_first_follow_the_metric_direction() -> None:
         for m, b in ((9, 10), (40, 10), (2, 10))
     ]
     assert [r["model"]["scores"]["length"] for r in worst_first(lengths, "length")] == [40, 2, 9]
+
+
+def test_serve_a_model_from_the_console_and_stop_it(tmp_path: Path, tiny_model: str) -> None:
+    import httpx
+
+    from tests.conftest import free_port
+
+    client = _client(tmp_path, str(Path(tiny_model).parent))
+    port = free_port()
+    served = client.post("/api/serve", json={"model": tiny_model, "port": port}).json()
+    assert served["url"] == f"http://127.0.0.1:{port}/v1" and served["port"] == port
+    assert client.post("/api/serve", json={"model": tiny_model, "port": port}).status_code == 400  # taken
+    assert [s["port"] for s in client.get("/api/serve").json()] == [port]
+    answer = httpx.post(
+        f"{served['url']}/chat/completions",
+        json={"model": served["ids"][0], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        timeout=60,
+    ).json()
+    stored = client.get("/api/feedback").json()  # the served answer is in the console's feedback store
+    assert [e["id"] for e in stored] == [answer["id"]]
+    assert client.post(f"/api/serve/{port}/stop").json() == {"ok": True}
+    assert client.get("/api/serve").json() == []
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{served['url']}/models", timeout=5)
+    assert client.post(f"/api/serve/{port}/stop").status_code == 404

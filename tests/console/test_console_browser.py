@@ -85,7 +85,7 @@ def test_the_whole_path_in_the_browser(
             or page.locator("#d-rows details").count() > 0
         )
         page.click("#d-inspect")
-        page.wait_for_selector("#d-report-table")
+        page.wait_for_selector("#d-report .d-report-table")
         report = page.inner_text("#d-report")
         assert "999" in report and "duplicate prompts\t14" in report
         shot("2-data")
@@ -136,6 +136,10 @@ def test_the_whole_path_in_the_browser(
         _finished(page, sft)
         assert page.inner_text("#run-progress").endswith("600/600")
         assert _points(page) == 600  # the curve goes on from the checkpoint: one point per step
+        assert "learning_rate: 0.001" in page.text_content("#run-resolved")  # the resolved config, every key
+        page.click(".run-data summary")  # the run's data report, for its model and max_length
+        page.wait_for_selector(".run-data .d-report-table")
+        assert "rows longer than max_length (128)" in page.inner_text(".run-data")
         shot("5-train-finished")
 
         # chat with the result; thumbs-down; the vote is in Review; KTO data from it; the prefilled KTO run
@@ -147,6 +151,12 @@ def test_the_whole_path_in_the_browser(
         page.wait_for_selector(".votes")
         page.click(".vote-down")
         page.wait_for_selector(".vote-down.on")
+        page.check("#c-sbs")  # the same prompt to the run and its base, side by side
+        page.fill(".pane:nth-child(2) .c-model", tiny_model)
+        page.fill("#c-input", "And pancakes?")
+        page.click("#c-send")
+        page.wait_for_function("() => document.querySelectorAll('.pane:nth-child(2) .votes').length == 1")
+        page.wait_for_function("() => document.querySelectorAll('.pane:nth-child(1) .votes').length == 2")
         shot("6-chat")
         page.click("[data-tab=review]")
         page.select_option("#r-label", "down")

@@ -103,20 +103,22 @@ async function inspectData() {
   const box = $("#d-report");
   box.replaceChildren();
   try {
-    const r = await call("/api/data/inspect", { ...dataKeys(), max_length: Number($("#d-maxlen").value) || 1024 });
-    const table = el("table", { class: "list metrics", id: "d-report-table" },
-      el("tr", {}, el("th", {}, t("lengths") + ` (${r.length_unit})`), ...["min", "p50", "p90", "p99", "max", "mean"].map((k) => el("th", { class: "num" }, k))));
-    for (const [name, p] of Object.entries(r.lengths)) {
-      if (!p || p.min === undefined) continue;
-      table.append(el("tr", {}, el("td", {}, name), ...["min", "p50", "p90", "p99", "max", "mean"].map((k) => el("td", { class: "num" }, p[k]))));
-    }
-    const facts = [[t("format"), r.format], [t("rows"), r.rows], [t("duplicate_prompts"), r.duplicate_prompts]];
-    if (r.would_truncate !== undefined) facts.push([`${t("would_truncate")} (${r.max_length})`, r.would_truncate]);
-    if (r.chosen_longer_share !== undefined) facts.push([t("chosen_longer"), (100 * r.chosen_longer_share).toFixed(1) + "%"]);
-    if (r.kto) facts.push([t("kto_labels"), `${r.kto.desirable} / ${r.kto.undesirable}; desirable_weight ${r.kto.desirable_weight}, undesirable_weight ${r.kto.undesirable_weight} (${r.kto.why})`]);
-    const kv = el("table", { class: "kv" }, facts.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, String(v)))));
-    box.append(el("div", { class: "card" }, kv, table));
+    box.append(reportCard(await call("/api/data/inspect", { ...dataKeys(), max_length: Number($("#d-maxlen").value) || 1024 })));
   } catch (e) { toast(e.message, true); }
+}
+
+function reportCard(r) {
+  const cols = ["min", "p50", "p90", "p99", "max", "mean"];
+  const table = el("table", { class: "list metrics d-report-table" },
+    el("tr", {}, el("th", {}, t("lengths") + ` (${r.length_unit})`), ...cols.map((k) => el("th", { class: "num" }, k))));
+  for (const [name, p] of Object.entries(r.lengths)) {
+    if (p && p.min !== undefined) table.append(el("tr", {}, el("td", {}, name), ...cols.map((k) => el("td", { class: "num" }, p[k]))));
+  }
+  const facts = [[t("format"), r.format], [t("rows"), r.rows], [t("duplicate_prompts"), r.duplicate_prompts]];
+  if (r.would_truncate !== undefined) facts.push([`${t("would_truncate")} (${r.max_length})`, r.would_truncate]);
+  if (r.chosen_longer_share !== undefined) facts.push([t("chosen_longer"), (100 * r.chosen_longer_share).toFixed(1) + "%"]);
+  if (r.kto) facts.push([t("kto_labels"), `${r.kto.desirable} / ${r.kto.undesirable}; desirable_weight ${r.kto.desirable_weight}, undesirable_weight ${r.kto.undesirable_weight} (${r.kto.why})`]);
+  return el("div", { class: "card" }, el("table", { class: "kv" }, facts.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, String(v))))), table);
 }
 
 async function upload(ev) {
@@ -382,8 +384,23 @@ function renderRun(v) {
   }
   if (v.kind === "eval" && v.status === "finished") renderEval(box, v);
   if (v.kind === "export" && v.status === "finished") renderExport(box, v);
+  if (v.kind === "train") box.append(dataReport(v.config));
   box.append(el("details", {}, el("summary", {}, t("config")), el("pre", {}, v.yaml)),
+    v.resolved ? el("details", {}, el("summary", {}, t("resolved")), el("pre", { id: "run-resolved" }, v.resolved)) : null,
     el("details", { open: v.status === "failed" }, el("summary", {}, t("log")), el("pre", { id: "run-log" }, v.log.join("\n"))));
+}
+
+function dataReport(config) {
+  const box = el("details", { class: "run-data" }, el("summary", {}, t("report")));
+  box.addEventListener("toggle", async () => {
+    if (!box.open || box.dataset.loaded) return;
+    box.dataset.loaded = "1";
+    try {
+      const r = await call("/api/data/inspect", { dataset: config.dataset, dataset_dir: config.dataset_dir, model_name_or_path: config.model_name_or_path, max_length: config.max_length || 1024 });
+      box.append(reportCard(r));
+    } catch (e) { box.append(el("div", { class: "error" }, e.message)); }
+  });
+  return box;
 }
 
 async function act(id, what) {

@@ -26,7 +26,7 @@ const WORDS = {
     evaluate_it: "Evaluate it", export_it: "Export it", results: "Results", records: "records",
     duplicate_prompts: "duplicate prompts", would_truncate: "rows longer than max_length",
     chosen_longer: "pairs with chosen longer than rejected", kto_labels: "KTO labels",
-    lengths: "lengths", serving: "Serving", paste_yaml: "Paste a YAML config below, then press Load YAML again.",
+    lengths: "lengths", serving: "Serving", resolved: "Resolved config (every key as the run used it)", paste_yaml: "Paste a YAML config below, then press Load YAML again.",
   },
   zh: {
     console: "控制台", tab_model: "模型", tab_data: "数据", tab_train: "训练", tab_runs: "运行记录",
@@ -54,7 +54,7 @@ const WORDS = {
     evaluate_it: "评估它", export_it: "导出它", results: "结果", records: "条记录",
     duplicate_prompts: "重复提示", would_truncate: "超过 max_length 的行",
     chosen_longer: "优选比劣选更长的比例", kto_labels: "KTO 标签",
-    lengths: "长度", serving: "服务中", paste_yaml: "在下方粘贴 YAML 配置，然后再次点击“载入 YAML”。",
+    lengths: "长度", serving: "服务中", resolved: "解析后的完整配置（运行实际使用的每个键）", paste_yaml: "在下方粘贴 YAML 配置，然后再次点击“载入 YAML”。",
   },
 };
 let LANG = localStorage.getItem("alignkit-lang") || (navigator.language.startsWith("zh") ? "zh" : "en");
