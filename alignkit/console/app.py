@@ -24,12 +24,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 
 from alignkit import api
+from alignkit.comparison.config import compare_config
 from alignkit.config import STAGES
 from alignkit.console.chat import ChatModels
 from alignkit.console.forms import check_keys, error_key, eval_form, stage_form
 from alignkit.console.jobs import Jobs
 from alignkit.console.models import model_info
-from alignkit.console.paths import checked_keys
+from alignkit.console.paths import checked_compare, checked_keys
 from alignkit.console.preview import preview
 from alignkit.console.workspace import PathRefused, Workspace
 from alignkit.errors import UserError
@@ -263,10 +264,17 @@ def _job_keys(console: Console, kind: str, config: dict[str, Any]) -> tuple[dict
         except UserError as exc:
             raise FormError(str(exc).removeprefix("form: "), error_key(str(exc), keys)) from None
         return keys, f"eval · {ws.rel(keys.get('model', ''))}"
+    if kind == "compare":
+        keys = checked_compare(ws, config)
+        try:
+            compare_config({**keys, "output_dir": str(ws.root / "compare-check")})
+        except UserError as exc:
+            raise FormError(str(exc), error_key(str(exc), keys)) from None
+        return keys, f"compare · {', '.join(keys.get('methods', {}))}"
     if kind == "export":
         keys = checked_keys(ws, config, training=False)
         return keys, f"export · {ws.rel(keys.get('adapter') or keys.get('model') or '')}"
-    raise UserError(f"no job kind `{kind}`; kinds: train, eval, export")
+    raise UserError(f"no job kind `{kind}`; kinds: train, eval, compare, export")
 
 
 class FormError(UserError):
@@ -321,6 +329,14 @@ def _run_routes(app: FastAPI, console: Console) -> None:
     @app.post("/api/runs/{run_id}/resume")
     async def resume(run_id: str) -> dict[str, Any]:
         return console.jobs.resume(run_id).public()
+
+    @app.get("/api/runs/{run_id}/plots/{name}")
+    async def plot(run_id: str, name: str) -> FileResponse:
+        """A compare run's plot (a PNG it wrote)."""
+        folder = console.ws.run_dir(run_id) / "compare"
+        if not name.endswith(".png") or name not in {p.name for p in folder.glob("*.png")}:
+            raise APIError(404, f"run {run_id} has no plot {name}")
+        return FileResponse(str(folder / name))
 
     @app.get("/api/runs/{run_id}/samples")
     async def samples(run_id: str, worst: str | None = None, limit: int = 20) -> list[dict[str, Any]]:

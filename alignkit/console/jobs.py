@@ -98,10 +98,23 @@ def _export(run: Run, live: Live, folder: Path) -> dict[str, Any]:
     return {name: getattr(result, name) for name in fields}
 
 
+def _compare(run: Run, live: Live, folder: Path) -> dict[str, Any]:
+    result = api.compare(dict(run.config), output_dir=str(folder / "compare"))
+    return {
+        "output_dir": result.output_dir,
+        "table": result.table,
+        "report_md": (folder / "compare" / "report.md").read_text(encoding="utf-8"),
+        "reward_hacking": result.reward_hacking,
+        "plots": [Path(p).name for p in result.plots],
+        "methods": {name: m.get("metrics", {}) for name, m in result.report.get("methods", {}).items()},
+    }
+
+
 JOBS: dict[str, Callable[[Run, Live, Path], dict[str, Any]]] = {
     "train": _train,
     "eval": _evaluate,
     "export": _export,
+    "compare": _compare,
 }
 
 

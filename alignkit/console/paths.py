@@ -25,18 +25,22 @@ def _is_path_key(key: str) -> bool:
     return key in FILE_KEYS or key.endswith(("_dir", "_path"))
 
 
-def checked_keys(ws: Workspace, keys: dict[str, Any], training: bool = True) -> dict[str, Any]:
+def checked_keys(
+    ws: Workspace, keys: dict[str, Any], training: bool = True, dataset_dir: str | None = None
+) -> dict[str, Any]:
     """`keys` with every path resolved inside the workspace (a PathRefused otherwise). A training config's
-    `dataset_dir` defaults to the workspace's `data/` (the command line's default is `./data`)."""
+    `dataset_dir` defaults to the workspace's `data/` (the command line's default is `./data`); `dataset_dir`
+    given here: the names of its dataset_info.json are data set names in `keys` (a compare's methods)."""
     out = flatten(dict(keys))
     if training:
         out["dataset_dir"] = str(ws.path(str(out.get("dataset_dir") or "data"), "dataset_dir"))
-    info, _ = read_dataset_info(out["dataset_dir"]) if training else (None, "")
+    where = out.get("dataset_dir") or dataset_dir
+    info, _ = read_dataset_info(where) if where else (None, "")
     for key, value in list(out.items()):
         if value in (None, "", []) or key == "dataset_dir":
             continue
         if key in DATASET_KEYS:
-            out[key] = _datasets(ws, key, value, info or {}, out.get("dataset_dir", ""))
+            out[key] = _datasets(ws, key, value, info or {}, where or "")
         elif _is_model_key(key):
             out[key] = (
                 [ws.model_or_hub(v, key) for v in value]
@@ -62,3 +66,19 @@ def _datasets(ws: Workspace, key: str, value: Any, info: dict, dataset_dir: str)
         else:
             out.append(str(ws.path(name, key)))
     return out if isinstance(value, list) or len(out) > 1 else out[0]
+
+
+def checked_compare(ws: Workspace, raw: dict[str, Any]) -> dict[str, Any]:
+    """A compare config's paths checked: the shared keys, each method's and the eval's."""
+    sections = {"methods", "eval"}
+    shared = checked_keys(ws, {k: v for k, v in raw.items() if k not in sections})
+    methods = raw.get("methods")
+    out: dict[str, Any] = dict(shared)
+    if isinstance(methods, dict):
+        out["methods"] = {
+            name: checked_keys(ws, keys, False, shared["dataset_dir"]) if isinstance(keys, dict) else keys
+            for name, keys in methods.items()
+        }
+    if isinstance(raw.get("eval"), dict):
+        out["eval"] = checked_keys(ws, raw["eval"], training=False)
+    return out

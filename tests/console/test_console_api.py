@@ -264,3 +264,36 @@ def test_serve_a_model_from_the_console_and_stop_it(tmp_path: Path, tiny_model: 
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{served['url']}/models", timeout=5)
     assert client.post(f"/api/serve/{port}/stop").status_code == 404
+
+
+def test_compare_from_the_console(tmp_path: Path, tiny_model: str, shared_data: Path) -> None:
+    lf = shared_data / "llamafactory"
+    client = _client(tmp_path, str(Path(tiny_model).parent), str(shared_data))
+    config = {
+        "model_name_or_path": tiny_model,
+        "dataset": "dpo_en_demo",
+        "dataset_dir": str(lf),
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "max_length": 128,
+        "methods": {"dpo": {"stage": "dpo"}, "kto": {"stage": "kto"}},
+        "eval": {"dataset": str(lf / "alpaca_en_demo.json"), "max_samples": 3, "max_new_tokens": 4},
+    }
+    bad = client.post("/api/runs", json={"kind": "compare", "config": {**config, "methods": {"dpo": {}}}})
+    assert bad.status_code == 422 and "at least 2 methods" in bad.json()["error"]
+    escape = {
+        **config,
+        "methods": {"dpo": {"stage": "dpo", "dataset": "/etc/passwd"}, "kto": {"stage": "kto"}},
+    }
+    refused = client.post("/api/runs", json={"kind": "compare", "config": escape})
+    assert refused.status_code == 403 and refused.json()["key"] == "dataset"
+    run = client.post("/api/runs", json={"kind": "compare", "config": config}).json()
+    done = _wait(client, run["id"], ("finished", "failed"), timeout=300)
+    assert done["status"] == "finished", done["error"]
+    result = done["result"]
+    assert set(result["methods"]) == {"dpo", "kto"} and "| kl |" in result["table"]
+    assert result["report_md"].startswith("# alignkit compare")
+    assert isinstance(result["reward_hacking"], dict) and result["plots"]
+    image = client.get(f"/api/runs/{run['id']}/plots/{result['plots'][0]}")
+    assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+    assert client.get(f"/api/runs/{run['id']}/plots/..%2Frun.json").status_code == 404

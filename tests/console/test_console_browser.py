@@ -217,10 +217,41 @@ def test_the_whole_path_in_the_browser(
         assert (workspace / "runs" / exp / "model" / "model.safetensors").is_file()
         shot("10-export")
 
+        # compare two methods from the base: the report as a page, with its plots and the reward-hacking check
+        page.click("[data-tab=eval]")
+        page.click("#k-template")
+        template = page.input_value("#k-yaml")  # from the model and data in the bars
+        assert (
+            template.startswith(f"model_name_or_path: {page.input_value('#g-model')}\n")
+            and "methods:" in template
+        )
+        compare_yaml = f"""model_name_or_path: {tiny_model}
+dataset: dpo_en_demo
+dataset_dir: {lf}
+max_steps: 2
+per_device_train_batch_size: 2
+max_length: 128
+methods:
+  dpo: {{stage: dpo}}
+  kto: {{stage: kto}}
+eval: {{dataset: {lf / "alpaca_en_demo.json"}, max_samples: 3, max_new_tokens: 4}}
+"""
+        page.fill("#k-yaml", compare_yaml)
+        page.click("#k-start")
+        cmp = _started(page, exp)
+        _finished(page, cmp)
+        page.wait_for_selector("#hacking")
+        assert "| dpo" not in page.inner_text("#run-detail")  # tables are tables, not Markdown text
+        assert page.locator("#run-detail .report table").count() >= 1
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('img.plot')].some((i) => i.naturalWidth > 0)"
+        )
+        shot("11-compare")
+
         # the page in Chinese
         page.select_option("#lang", "zh")
         assert page.inner_text("[data-tab=train]") == "训练"
-        shot("11-zh")
+        shot("12-zh")
         assert errors == []
         browser.close()
     print(f"first curve point {first_point:.2f} s after start")

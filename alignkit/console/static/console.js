@@ -384,6 +384,7 @@ function renderRun(v) {
   }
   if (v.kind === "eval" && v.status === "finished") renderEval(box, v);
   if (v.kind === "export" && v.status === "finished") renderExport(box, v);
+  if (v.kind === "compare" && v.status === "finished") renderCompare(box, v);
   if (v.kind === "train") box.append(dataReport(v.config));
   box.append(el("details", {}, el("summary", {}, t("config")), el("pre", {}, v.yaml)),
     v.resolved ? el("details", {}, el("summary", {}, t("resolved")), el("pre", { id: "run-resolved" }, v.resolved)) : null,
@@ -465,6 +466,52 @@ function renderEval(box, v) {
   };
   pick.addEventListener("change", show);
   if (metrics.length) show();
+}
+
+function compareTemplate() {
+  const model = sharedModel() || "MODEL", data = $("#d-dataset").value.trim() || "DATA.jsonl", dir = $("#d-dir").value.trim();
+  $("#k-yaml").value = [`model_name_or_path: ${model}`, `dataset: ${data}`, dir ? `dataset_dir: ${dir}` : null,
+    `finetuning_type: ${$("#g-ft").value}`, "max_steps: 20", "per_device_train_batch_size: 4", "learning_rate: 5.0e-6", "max_length: 256",
+    "methods:", "  dpo: {stage: dpo, beta: 0.1}", "  kto: {stage: kto}", "eval:", `  dataset: ${data}`, "  max_samples: 20", "  max_new_tokens: 32"]
+    .filter(Boolean).join("\n");
+}
+
+async function startCompare() {
+  $("#k-error").textContent = "";
+  try {
+    const { keys } = await call("/api/yaml/parse", { yaml: $("#k-yaml").value });
+    openRun((await call("/api/runs", { kind: "compare", config: keys })).id);
+  } catch (e) { $("#k-error").textContent = (e.key ? `${e.key}: ` : "") + e.message; }
+}
+
+function markdown(text) {
+  // the compare report: headings, tables, lists and paragraphs (report.md's own Markdown), as elements
+  const box = el("div", { class: "report" });
+  let table = null;
+  for (const line of text.split("\n")) {
+    if (line.startsWith("|")) {
+      const cells = line.split("|").slice(1, -1).map((c) => c.trim());
+      if (cells.every((c) => /^:?-+:?$/.test(c))) continue;
+      if (!table) { table = el("table", { class: "list metrics" }); box.append(table); table.append(el("tr", {}, cells.map((c) => el("th", {}, c)))); }
+      else table.append(el("tr", {}, cells.map((c) => el("td", {}, c.replace(/\*\*/g, "")))));
+      continue;
+    }
+    table = null;
+    if (!line.trim() || line.startsWith("![")) continue;
+    const heading = line.match(/^(#+)\s+(.*)/);
+    if (heading) box.append(el(heading[1].length <= 2 ? "h3" : "h4", {}, heading[2]));
+    else box.append(el(line.startsWith("- ") ? "li" : "p", {}, line.replace(/^- /, "").replace(/\*\*|`/g, "")));
+  }
+  return box;
+}
+
+function renderCompare(box, v) {
+  const r = v.result, flagged = Object.entries(r.reward_hacking || {});
+  box.append(el("h3", {}, t("hacking")), flagged.length
+    ? el("ul", { id: "hacking" }, flagged.map(([m, why]) => el("li", {}, el("span", { class: "flag" }, m), ": ", why.join("; "))))
+    : el("p", { id: "hacking" }, t("none_flagged")));
+  box.append(markdown(r.report_md || r.table || ""));
+  box.append(el("div", { class: "charts plots" }, (r.plots || []).map((name) => el("img", { src: `/api/runs/${v.id}/plots/${name}`, alt: name, class: "plot" }))));
 }
 
 function renderExport(box, v) {
@@ -616,6 +663,8 @@ async function init() {
   $("#t-save").addEventListener("click", saveYaml);
   $("#t-load").addEventListener("click", loadYaml);
   $("#e-start").addEventListener("click", startEval);
+  $("#k-template").addEventListener("click", compareTemplate);
+  $("#k-start").addEventListener("click", startCompare);
   $("#c-send").addEventListener("click", send);
   $("#c-input").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); send(); } });
   $("#c-reset").addEventListener("click", () => { state.history = [[], []]; $$(".log").forEach((l) => l.replaceChildren()); });

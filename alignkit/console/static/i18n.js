@@ -26,6 +26,9 @@ const WORDS = {
     evaluate_it: "Evaluate it", export_it: "Export it", results: "Results", records: "records",
     duplicate_prompts: "duplicate prompts", would_truncate: "rows longer than max_length",
     chosen_longer: "pairs with chosen longer than rejected", kto_labels: "KTO labels",
+    compare: "Compare methods (alignkit compare)", start_compare: "Start compare",
+    compare_help: "Every method trains from the same model on the same data and budget and is evaluated the same way. The YAML is alignkit compare's.",
+    compare_template: "Fill from the model and data", hacking: "Reward hacking", none_flagged: "no method flagged",
     lengths: "lengths", serving: "Serving", resolved: "Resolved config (every key as the run used it)", paste_yaml: "Paste a YAML config below, then press Load YAML again.",
   },
   zh: {
@@ -54,6 +57,9 @@ const WORDS = {
     evaluate_it: "评估它", export_it: "导出它", results: "结果", records: "条记录",
     duplicate_prompts: "重复提示", would_truncate: "超过 max_length 的行",
     chosen_longer: "优选比劣选更长的比例", kto_labels: "KTO 标签",
+    compare: "方法对比（alignkit compare）", start_compare: "开始对比",
+    compare_help: "每种方法从同一模型出发，使用相同数据和相同预算训练，并以相同方式评估。YAML 即 alignkit compare 的配置。",
+    compare_template: "用当前模型和数据填写", hacking: "奖励作弊检查", none_flagged: "没有方法被标记",
     lengths: "长度", serving: "服务中", resolved: "解析后的完整配置（运行实际使用的每个键）", paste_yaml: "在下方粘贴 YAML 配置，然后再次点击“载入 YAML”。",
   },
 };
