@@ -78,7 +78,9 @@ def _comments(cls: type) -> tuple[dict[str, str], dict[str, str]]:
         ):
             lines_with_code.add(tok.start[0])
         m = field_line.match(tok.line) if tok.start[1] == 4 and tok.type == tokenize.NAME else None
-        if m and m.group(1) == tok.string:
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in ("def", "class"):
+            current = ""  # the fields are over: a method's comments are not a key's help
+        elif m and m.group(1) == tok.string:
             current = tok.string
             section[current] = heading
         elif tok.type == tokenize.COMMENT:

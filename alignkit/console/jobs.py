@@ -110,7 +110,21 @@ def _compare(run: Run, live: Live, folder: Path) -> dict[str, Any]:
     }
 
 
+def _sxs(run: Run, live: Live, folder: Path) -> dict[str, Any]:
+    keys = run.config
+    made = api.sxs(
+        keys["model"],
+        keys["baseline"],
+        keys["dataset"],
+        max_samples=int(keys.get("max_samples") or 20),
+        max_new_tokens=int(keys.get("max_new_tokens") or 128),
+        output_dir=str(folder / "sxs"),
+    )
+    return {"items": made["items"], "tallied": False}
+
+
 JOBS: dict[str, Callable[[Run, Live, Path], dict[str, Any]]] = {
+    "sxs": _sxs,
     "train": _train,
     "eval": _evaluate,
     "export": _export,

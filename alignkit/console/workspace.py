@@ -99,12 +99,7 @@ class Workspace:
         return run
 
     def save(self, run: Run) -> None:
-        """run.json written whole or not at all (a temporary file renamed over it)."""
-        folder = self.run_dir(run.id)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".run.", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(run.public(), fh, indent=1, default=str)
-        os.replace(tmp, folder / "run.json")
+        write_json_atomic(self.run_dir(run.id) / "run.json", run.public())
 
     def load(self, run_id: str) -> Run:
         path = self.run_dir(run_id) / "run.json"
@@ -129,3 +124,11 @@ class Workspace:
                 self.save(run)
                 lost.append(run.id)
         return lost
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`path` written whole or not at all (a temporary file beside it, renamed over it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, default=str)
+    os.replace(tmp, path)

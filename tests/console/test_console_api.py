@@ -297,3 +297,47 @@ def test_compare_from_the_console(tmp_path: Path, tiny_model: str, shared_data: 
     image = client.get(f"/api/runs/{run['id']}/plots/{result['plots'][0]}")
     assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
     assert client.get(f"/api/runs/{run['id']}/plots/..%2Frun.json").status_code == 404
+
+
+def test_live_review_votes_are_checked_and_the_key_stays_on_the_server(
+    tmp_path: Path, tiny_model: str, shared_data: Path
+) -> None:
+    client = _client(tmp_path, str(Path(tiny_model).parent), str(shared_data))
+    config = {
+        "model": tiny_model,
+        "baseline": tiny_model,
+        "dataset": str(shared_data / "llamafactory" / "alpaca_en_demo.json"),
+    }
+    assert (
+        client.post("/api/runs", json={"kind": "sxs", "config": {"model": tiny_model}}).json()["key"]
+        == "baseline"
+    )
+    run = client.post(
+        "/api/runs", json={"kind": "sxs", "config": {**config, "max_samples": 2, "max_new_tokens": 3}}
+    ).json()
+    _wait(client, run["id"], ("finished",))
+    page = client.get(f"/api/runs/{run['id']}/review").text
+    assert (
+        "window.ALIGNKIT_LIVE" in page and tiny_model not in page
+    )  # the key (which side is which) stays here
+    assert client.post(f"/api/runs/{run['id']}/tally").status_code == 400  # no votes yet
+    key = json.loads((tmp_path / "ws" / "runs" / run["id"] / "sxs" / "sxs_key.json").read_text())
+    votes_url = f"/api/runs/{run['id']}/votes"
+    assert client.post(votes_url, json={"page_id": "other", "votes": {}}).status_code == 400
+    assert client.post(votes_url, json={"page_id": key["page_id"], "votes": {"x": "C"}}).status_code == 400
+    assert client.get("/api/runs/train-20260101-000000-abcd/review").status_code == 400
+
+
+def test_every_word_of_the_page_exists_in_english_and_chinese() -> None:
+    import re
+
+    static = Path(__file__).resolve().parents[2] / "alignkit" / "console" / "static"
+    words = (static / "i18n.js").read_text(encoding="utf-8")
+    en, zh = words.split("\n  zh: {")
+    keys = {lang: set(re.findall(r"\b([a-z_]+): \"", text)) for lang, text in (("en", en), ("zh", zh))}
+    assert keys["en"] == keys["zh"] and len(keys["en"]) > 90
+    used = set(
+        re.findall(r'data-i18n(?:-placeholder)?="([a-z_]+)"', (static / "index.html").read_text("utf-8"))
+    )
+    used |= set(re.findall(r'\bt\("([a-z_]+)"\)', (static / "console.js").read_text("utf-8")))
+    assert used - keys["en"] == set()

@@ -161,8 +161,10 @@ def test_the_whole_path_in_the_browser(
         page.click("[data-tab=review]")
         page.select_option("#r-label", "down")
         page.click("#r-filter")
-        page.wait_for_selector("#r-table tr[data-id]")
-        assert "down" in page.inner_text("#r-table tr[data-id] td.label")
+        page.wait_for_function(
+            "() => { const r = [...document.querySelectorAll('#r-table tr[data-id] td.label')];"
+            " return r.length == 1 && r[0].textContent.includes('down'); }"
+        )  # of the three answers, the one voted down
         page.click("#r-make")
         page.wait_for_selector("#train-on-this")
         shot("7-review")
@@ -248,10 +250,45 @@ eval: {{dataset: {lf / "alpaca_en_demo.json"}, max_samples: 3, max_new_tokens: 4
         )
         shot("11-compare")
 
+        # the blind side-by-side review served live: votes stored by the console, the models hidden until tallied
+        page.click("[data-tab=review]")
+        page.fill("#x-model", f"runs/{sft}/output")
+        page.fill("#x-baseline", tiny_model)
+        page.fill("#x-dataset", str(lf / "alpaca_en_demo.json"))
+        page.fill("#x-n", "3")
+        page.click("#x-start")
+        review = _started(page, cmp)
+        _finished(page, review)
+        with page.context.expect_page() as opened:
+            page.click("#open-review")
+        reviewer = opened.value
+        reviewer.wait_for_selector("#progress")
+        assert sft not in reviewer.content() and tiny_model not in reviewer.content()  # blind
+        for key in ("1", "2", "3"):  # A, B, tie
+            reviewer.keyboard.press(key)
+        reviewer.wait_for_function(
+            "() => document.querySelector('#progress').textContent.startsWith('3 / 3')"
+        )
+        reviewer.wait_for_timeout(300)
+        stored = json.loads((workspace / "runs" / review / "sxs" / "votes.json").read_text())
+        assert sorted(stored["votes"].values()) == ["A", "B", "tie"]
+        reviewer.reload()  # the server's votes come back with the page
+        assert reviewer.inner_text("#progress").startswith("3 / 3")
+        shot_review = Shots(reviewer, tmp_path / "shots")
+        shot_review("12-blind-review")
+        reviewer.close()
+        page.click("#tally-btn")
+        page.wait_for_selector("#train-dpo")
+        assert "1 DPO pair" in page.inner_text("#tally") or "pairs" in page.inner_text("#tally")
+        page.click("#train-dpo")
+        page.wait_for_function("() => document.querySelector('#t-stage').value === 'dpo'")
+        assert page.input_value("#f-dataset") == f"data/review-{review}/dpo.jsonl"
+        shot("13-dpo-from-review")
+
         # the page in Chinese
         page.select_option("#lang", "zh")
         assert page.inner_text("[data-tab=train]") == "训练"
-        shot("12-zh")
+        shot("14-zh")
         assert errors == []
         browser.close()
     print(f"first curve point {first_point:.2f} s after start")

@@ -279,7 +279,9 @@ function fmtTime(s) { return s ? new Date(s * 1000).toLocaleString() : ""; }
 function fmtEta(s) { if (s === undefined || s === null) return ""; s = Math.round(s); return s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`; }
 
 async function loadRuns() {
+  const asked = (state.runsAsked = (state.runsAsked || 0) + 1);
   const runs = await call("/api/runs").catch(() => []);
+  if (asked !== state.runsAsked) return;
   const table = $("#runs-table");
   if (!runs.length) { table.replaceChildren(el("tr", {}, el("td", {}, t("no_runs")))); return; }
   table.replaceChildren(el("tr", {}, ...[t("run"), t("what"), t("status"), t("step"), t("created")].map((h) => el("th", {}, h))));
@@ -385,6 +387,7 @@ function renderRun(v) {
   if (v.kind === "eval" && v.status === "finished") renderEval(box, v);
   if (v.kind === "export" && v.status === "finished") renderExport(box, v);
   if (v.kind === "compare" && v.status === "finished") renderCompare(box, v);
+  if (v.kind === "sxs" && v.status === "finished") renderReview(box, v);
   if (v.kind === "train") box.append(dataReport(v.config));
   box.append(el("details", {}, el("summary", {}, t("config")), el("pre", {}, v.yaml)),
     v.resolved ? el("details", {}, el("summary", {}, t("resolved")), el("pre", { id: "run-resolved" }, v.resolved)) : null,
@@ -514,6 +517,25 @@ function renderCompare(box, v) {
   box.append(el("div", { class: "charts plots" }, (r.plots || []).map((name) => el("img", { src: `/api/runs/${v.id}/plots/${name}`, alt: name, class: "plot" }))));
 }
 
+async function startReview() {
+  const config = { model: $("#x-model").value.trim() || sharedModel(), baseline: $("#x-baseline").value.trim(),
+                   dataset: $("#x-dataset").value.trim() || $("#d-dataset").value.trim(), max_samples: Number($("#x-n").value) || 20 };
+  try { openRun((await call("/api/runs", { kind: "sxs", config })).id); } catch (e) { toast((e.key ? `${e.key}: ` : "") + e.message, true); }
+}
+
+function renderReview(box, v) {
+  const out = el("div", { id: "tally" });
+  const tally = async () => {
+    try {
+      const r = await call(`/api/runs/${v.id}/tally`, {});
+      out.replaceChildren(el("pre", {}, r.summary), el("div", { class: "row" }, `${t("made")}: `, el("code", {}, r.dpo), el("code", {}, r.kto),
+        el("button", { class: "primary", id: "train-dpo", onclick: () => trainOn(r.prefill) }, t("train_dpo"))));
+    } catch (e) { toast(e.message, true); }
+  };
+  box.append(el("div", { class: "row" }, el("a", { href: `/api/runs/${v.id}/review`, target: "_blank", id: "open-review", class: "button" }, t("open_review")),
+    el("button", { id: "tally-btn", onclick: tally }, t("tally"))), out);
+}
+
 function renderExport(box, v) {
   const r = v.result;
   const rows = Object.entries(r).filter(([, val]) => val !== null && typeof val !== "object");
@@ -581,7 +603,9 @@ function votes(id) {
 async function loadFeedback() {
   const given = { model: $("#r-model").value.trim(), label: $("#r-label").value, q: $("#r-q").value.trim(), days: $("#r-days").value };
   const q = new URLSearchParams(Object.entries(given).filter(([, v]) => v));
+  const asked = (state.feedbackAsked = (state.feedbackAsked || 0) + 1);
   const rows = await call("/api/feedback?" + q).catch((e) => { toast(e.message, true); return []; });
+  if (asked !== state.feedbackAsked) return;  // a later request is on its way: its answer is the one to show
   const table = $("#r-table");
   table.replaceChildren(el("tr", {}, ...[t("when"), t("model"), t("prompt"), t("answer"), t("vote")].map((h) => el("th", {}, h))));
   for (const r of rows) {
@@ -671,6 +695,7 @@ async function init() {
   $("#c-sbs").addEventListener("change", (ev) => { $$(".pane")[1].hidden = !ev.target.checked; $("#c-panes").classList.toggle("two", ev.target.checked); });
   $("#r-filter").addEventListener("click", loadFeedback);
   $("#r-make").addEventListener("click", makeData);
+  $("#x-start").addEventListener("click", startReview);
   $("#s-export").addEventListener("click", startExport);
   $("#s-serve").addEventListener("click", startServe);
   await Promise.all([loadStage("sft"), loadEvalForm(), refreshModels()]);

@@ -29,6 +29,9 @@ const WORDS = {
     compare: "Compare methods (alignkit compare)", start_compare: "Start compare",
     compare_help: "Every method trains from the same model on the same data and budget and is evaluated the same way. The YAML is alignkit compare's.",
     compare_template: "Fill from the model and data", hacking: "Reward hacking", none_flagged: "no method flagged",
+    blind: "Blind side-by-side review", start_review: "Prepare the review", open_review: "Open the review",
+    blind_help: "Both models answer the same prompts; reviewers see A and B, never which is which, until the votes are tallied. Votes are stored by the console as they are cast.",
+    tally: "Tally and make data", train_dpo: "Train DPO on this",
     lengths: "lengths", serving: "Serving", resolved: "Resolved config (every key as the run used it)", paste_yaml: "Paste a YAML config below, then press Load YAML again.",
   },
   zh: {
@@ -60,6 +63,9 @@ const WORDS = {
     compare: "方法对比（alignkit compare）", start_compare: "开始对比",
     compare_help: "每种方法从同一模型出发，使用相同数据和相同预算训练，并以相同方式评估。YAML 即 alignkit compare 的配置。",
     compare_template: "用当前模型和数据填写", hacking: "奖励作弊检查", none_flagged: "没有方法被标记",
+    blind: "盲评对比", start_review: "准备评审", open_review: "打开评审页面",
+    blind_help: "两个模型回答相同的提示；评审者只看到 A 和 B，统计投票前不知道哪个是哪个。投票在提交时即由控制台保存。",
+    tally: "统计并生成数据", train_dpo: "用它训练 DPO",
     lengths: "长度", serving: "服务中", resolved: "解析后的完整配置（运行实际使用的每个键）", paste_yaml: "在下方粘贴 YAML 配置，然后再次点击“载入 YAML”。",
   },
 };
