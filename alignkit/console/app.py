@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from alignkit.console.context import Console, ConsoleSettings, error_response
-from alignkit.console.routes_data import form_routes
+from alignkit.console.routes_data import data_routes, form_routes
 from alignkit.console.routes_runs import review_routes, run_routes, worst_first
 from alignkit.console.routes_ship import chat_routes, serve_routes
 from alignkit.console.workspace import PathRefused
@@ -76,6 +76,7 @@ def build_app(settings: ConsoleSettings) -> FastAPI:
 
     _page_routes(app)
     form_routes(app, console)
+    data_routes(app, console)
     run_routes(app, console)
     chat_routes(app, console)
     serve_routes(app, console)

@@ -76,6 +76,10 @@ def form_routes(app: FastAPI, console: Console) -> None:
         path.write_text(yaml.safe_dump(data.get("keys", {}), sort_keys=False, allow_unicode=True), "utf-8")
         return {"path": str(path)}
 
+
+def data_routes(app: FastAPI, console: Console) -> None:
+    ws = console.ws
+
     @app.post("/api/model")
     async def model(request: Request) -> dict[str, Any]:
         path = ws.model_or_hub(str((await body(request)).get("path", "")), "model")
