@@ -12,6 +12,7 @@ import hmac
 import logging
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,11 +58,14 @@ def build_app(settings: ConsoleSettings) -> FastAPI:
         return error_response(400, f"{where}: {first.get('msg', 'not valid')}", where or None)
 
     @app.exception_handler(APIError)
-    async def apierror_response(request: Request, exc: APIError) -> JSONResponse:
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message)
 
     @app.middleware("http")
     async def token(request: Request, call_next: Any) -> Response:
+        refused = foreign(request, settings)
+        if refused:
+            return error_response(403, refused)
         expected = settings.token
         if not expected:
             return await call_next(request)
@@ -82,6 +86,23 @@ def build_app(settings: ConsoleSettings) -> FastAPI:
     serve_routes(app, console)
     review_routes(app, console)
     return app
+
+
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
+
+
+def foreign(request: Request, settings: ConsoleSettings) -> str | None:
+    """Why a request that did not come from the console's own page is refused, or None. Another site's page
+    in the user's browser may send it requests: a write from another origin is refused (cross-site request
+    forgery), and a console on loopback answers only to a loopback host name (DNS rebinding)."""
+    host = request.headers.get("host", "")
+    origin = request.headers.get("origin")
+    if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != host:
+        return f"a request from another site ({origin}) is refused"
+    name = urlsplit(f"//{host}").hostname or ""
+    if settings.host in LOOPBACK_NAMES and name not in LOOPBACK_NAMES:
+        return f"this console answers on 127.0.0.1 / localhost only (the request named host {host})"
+    return None
 
 
 def _page_routes(app: FastAPI) -> None:

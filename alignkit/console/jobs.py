@@ -204,11 +204,13 @@ class Jobs:
             if k in ("step", "total", "eta_s", "loss")
         }
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the running job at its next checkpoint (waiting up to `timeout` s for it) and the worker."""
         with self.lock:
             for live in self.live.values():
                 live.stop.set()
         self.queue.put(None)
+        self.thread.join(timeout)
 
     def _work(self) -> None:
         while True:

@@ -25,9 +25,8 @@ ROWS = [{"instruction": f"say {i}", "output": f"{i} {i} {i}"} for i in range(40)
 
 
 def _client(tmp_path: Path, *allow: str, **settings) -> TestClient:
-    return TestClient(
-        build_app(ConsoleSettings(workspace=str(tmp_path / "ws"), allow=list(allow), **settings))
-    )
+    app = build_app(ConsoleSettings(workspace=str(tmp_path / "ws"), allow=list(allow), **settings))
+    return TestClient(app, base_url="http://127.0.0.1")  # the Host a browser on this machine sends
 
 
 def _train_keys(model: str, steps: int, **more) -> dict:
@@ -122,6 +121,22 @@ def test_every_request_carries_the_token(tmp_path: Path) -> None:
     first = client.get("/?token=s3cret")  # the page's first load: the token becomes a cookie
     assert first.status_code == 200 and "alignkit_console_token" in first.headers["set-cookie"]
     assert client.get("/api/info").status_code == 200  # the cookie from now on
+
+
+def test_other_sites_cannot_drive_a_local_console(tmp_path: Path) -> None:
+    client = _client(tmp_path)
+    keys = {"keys": {"stage": "sft", "model_name_or_path": "m", "dataset": "d.jsonl"}}
+    forged = client.post("/api/check", json=keys, headers={"Origin": "https://evil.example"})
+    assert (
+        forged.status_code == 403 and "another site" in forged.json()["error"]
+    )  # cross-site request forgery
+    rebound = client.get("/api/info", headers={"Host": "evil.example:7860"})
+    assert (
+        rebound.status_code == 403 and "127.0.0.1 / localhost only" in rebound.json()["error"]
+    )  # DNS rebinding
+    own = client.post("/api/check", json=keys, headers={"Origin": "http://127.0.0.1"})
+    assert own.status_code == 200  # the console's own page
+    assert client.get("/api/info", headers={"Host": "localhost:7860"}).status_code == 200
 
 
 # ------------------------------------------------------------------------------- queue, stop, restart
