@@ -46,7 +46,12 @@ class ChatModels:
     def stream(self, model: str, name: str, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
         """NDJSON lines: {"delta": text} as tokens come, then {"done": true, "id", "text"} (the id takes a
         vote), or {"error": message}. `name`: the model as the feedback store records it."""
-        settings = chat_settings(None, model=model, **sampling)
+        settings = chat_settings(
+            None, model=model, **sampling
+        )  # checked now: a mistake is a 400, not a cut stream
+        return self._lines(settings, name, messages)
+
+    def _lines(self, settings: ChatSettings, name: str, messages: list[dict[str, str]]) -> Iterator[str]:
         lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
         def work() -> None:

@@ -68,3 +68,16 @@ class FormError(UserError):
     def __init__(self, message: str, key: str | None) -> None:
         super().__init__(message)
         self.key = key
+
+
+def integer(value: Any, key: str, default: int, low: int, high: int) -> int:
+    """A whole number from a request, in [low, high]; a UserError naming `key` otherwise (never a 500)."""
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"`{key}`: a whole number (got {value!r})") from None
+    if not low <= number <= high:
+        raise UserError(f"`{key}`: between {low} and {high} (got {number})")
+    return number

@@ -116,8 +116,8 @@ def _sxs(run: Run, live: Live, folder: Path) -> dict[str, Any]:
         keys["model"],
         keys["baseline"],
         keys["dataset"],
-        max_samples=int(keys.get("max_samples") or 20),
-        max_new_tokens=int(keys.get("max_new_tokens") or 128),
+        max_samples=keys["max_samples"],
+        max_new_tokens=keys["max_new_tokens"],
         output_dir=str(folder / "sxs"),
     )
     return {"items": made["items"], "tallied": False}
@@ -141,6 +141,7 @@ class Jobs:
         self.live: dict[str, Live] = {}
         self.lock = threading.Lock()
         self.current: str | None = None
+        self.closing = False
         self.thread = threading.Thread(target=self._work, name="alignkit-console-jobs", daemon=True)
         self.thread.start()
 
@@ -151,42 +152,53 @@ class Jobs:
         self._enqueue(run)
         return run
 
-    def _enqueue(self, run: Run) -> None:
+    def _enqueue(self, run: Run, records: list[dict[str, Any]] | None = None) -> None:
         with self.lock:
-            self.live[run.id] = Live()
+            self.live[run.id] = Live(records=list(records or []))
         self.queue.put(run.id)
 
     def stop(self, run_id: str) -> Run:
-        """A queued run is taken off the queue; a running one stops at its next checkpoint."""
-        run = self.workspace.load(run_id)
+        """A queued run is taken off the queue; a running training run stops at its next checkpoint. The run's
+        state is read and changed under the lock the worker takes to start a run, so the two never cross."""
         with self.lock:
+            run = self.workspace.load(run_id)
             if run.status == "queued":
                 run.status = "stopped"
                 self.workspace.save(run)
-            elif run.status == "running" and run_id in self.live:
+            elif run.status == "running" and run.kind == "train" and run_id in self.live:
                 self.live[run_id].stop.set()
+            elif run.status == "running":
+                raise UserError(
+                    f"run {run_id} is a {run.kind} run: it cannot stop midway (only training can)"
+                )
             else:
                 raise UserError(f"run {run_id} is {run.status}: only a queued or running run can be stopped")
         return run
 
     def resume(self, run_id: str) -> Run:
-        """A stopped or interrupted training run queued again; it continues from its newest checkpoint."""
-        run = self.workspace.load(run_id)
-        if run.kind != "train" or run.status not in ("stopped", "interrupted", "failed"):
-            raise UserError(f"run {run_id} is a {run.kind} run, {run.status}: only stopped training resumes")
-        earlier = self._file_records(run)  # the curve goes on from the checkpoint it resumes
-        checkpoints = list_checkpoints(str(self.workspace.run_dir(run.id) / "output"))
-        step = int(checkpoints[-1].rsplit("-", 1)[-1]) if checkpoints else 0
-        run.status, run.error = "queued", None
-        self.workspace.save(run)
-        self._enqueue(run)
-        self.live[run.id].records.extend(r for r in earlier if r.get("step", 0) <= step)
+        """A stopped, interrupted or failed training run queued again; it continues from its newest checkpoint,
+        its curve from that step."""
+        with self.lock:
+            run = self.workspace.load(run_id)
+            if run.kind != "train" or run.status not in ("stopped", "interrupted", "failed"):
+                raise UserError(
+                    f"run {run_id} is a {run.kind} run, {run.status}: only stopped training resumes"
+                )
+            checkpoints = list_checkpoints(str(self.workspace.run_dir(run.id) / "output"))
+            step = int(checkpoints[-1].rsplit("-", 1)[-1]) if checkpoints else 0
+            earlier = [
+                r for r in self._file_records(run) if r.get("step", 0) <= step and "train_runtime" not in r
+            ]
+            run.status, run.error = "queued", None
+            self.workspace.save(run)
+        self._enqueue(run, earlier)
         return run
 
     def records(self, run: Run) -> list[dict[str, Any]]:
-        """The run's metrics records: as the callbacks delivered them, or from metrics.jsonl after a restart."""
+        """The run's metrics records: while it is queued or running, as the callbacks deliver them; after that
+        (or after a restart), from its metrics.jsonl."""
         live = self.live.get(run.id)
-        if live is not None and live.records:
+        if live is not None and (run.status in ("queued", "running") or live.records):
             return live.records
         return self._file_records(run)
 
@@ -205,8 +217,10 @@ class Jobs:
         }
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stop the running job at its next checkpoint (waiting up to `timeout` s for it) and the worker."""
+        """Stop the running job at its next checkpoint (waiting up to `timeout` s for it) and the worker; runs
+        still queued stay queued (the next console shows them interrupted)."""
         with self.lock:
+            self.closing = True
             for live in self.live.values():
                 live.stop.set()
         self.queue.put(None)
@@ -215,12 +229,24 @@ class Jobs:
     def _work(self) -> None:
         while True:
             run_id = self.queue.get()
-            if run_id is None:
+            if run_id is None or self.closing:
                 return
+            try:
+                run = self._start(run_id)
+                if run is not None:
+                    self._run(run)
+            except Exception:  # noqa: BLE001 - the worker outlives a run it could not even start
+                log.exception("run %s could not start", run_id)
+
+    def _start(self, run_id: str) -> Run | None:
+        """The queued run marked running (None: it was taken off the queue meanwhile)."""
+        with self.lock:
             run = self.workspace.load(run_id)
-            if run.status != "queued":  # stopped while it waited
-                continue
-            self._run(run)
+            if run.status != "queued":
+                return None
+            run.status, run.started, self.current = "running", time.time(), run.id
+            self.workspace.save(run)
+            return run
 
     def _run(self, run: Run) -> None:
         folder = self.workspace.run_dir(run.id)
@@ -229,8 +255,6 @@ class Jobs:
         if log.getEffectiveLevel() > logging.INFO:  # the run's log holds the library's INFO lines
             log.setLevel(logging.INFO)
         log.addHandler(handler)
-        run.status, run.started, self.current = "running", time.time(), run.id
-        self.workspace.save(run)
         try:
             result = JOBS[run.kind](run, live, folder)
             run.result = result

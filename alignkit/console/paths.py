@@ -8,9 +8,9 @@ import os
 from typing import Any
 
 from alignkit.config.coerce import flatten
-from alignkit.console.workspace import Workspace
-from alignkit.data.files import looks_like_hub_id as looks_like_dataset_id
+from alignkit.console.workspace import PathRefused, Workspace
 from alignkit.data.registry import read_dataset_info
+from alignkit.errors import UserError
 
 MODEL_KEYS = ("model", "baseline", "adapter", "reward_model")
 DATASET_KEYS = ("dataset", "eval_dataset", "preference_dataset", "perplexity_dataset")
@@ -31,8 +31,10 @@ def checked_keys(
     """`keys` with every path resolved inside the workspace (a PathRefused otherwise). A training config's
     `dataset_dir` defaults to the workspace's `data/` (the command line's default is `./data`); `dataset_dir`
     given here: the names of its dataset_info.json are data set names in `keys` (a compare's methods)."""
+    if not isinstance(keys, dict):
+        raise UserError(f"config: a mapping of keys to values (got {type(keys).__name__})")
     out = flatten(dict(keys))
-    if training:
+    if training or out.get("dataset_dir"):
         out["dataset_dir"] = str(ws.path(str(out.get("dataset_dir") or "data"), "dataset_dir"))
     where = out.get("dataset_dir") or dataset_dir
     info, _ = read_dataset_info(where) if where else (None, "")
@@ -42,30 +44,47 @@ def checked_keys(
         if key in DATASET_KEYS:
             out[key] = _datasets(ws, key, value, info or {}, where or "")
         elif _is_model_key(key):
-            out[key] = (
-                [ws.model_or_hub(v, key) for v in value]
-                if isinstance(value, list)
-                else (ws.model_or_hub(str(value), key))
-            )
+            values = value if isinstance(value, list) else [value]
+            checked = [ws.model_or_hub(_text(v, key), key) for v in values]
+            out[key] = checked if isinstance(value, list) else checked[0]
         elif _is_path_key(key) and isinstance(value, str):
             out[key] = str(ws.path(value, key))
     return out
 
 
+def _text(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"`{key}`: a path or a name (got {value!r})")
+    return value
+
+
 def _datasets(ws: Workspace, key: str, value: Any, info: dict, dataset_dir: str) -> Any:
-    names = value if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
+    names = value if isinstance(value, list) else [v.strip() for v in _text(value, key).split(",")]
     out = []
-    for name in names:
-        if name in info:  # its file must be inside too
-            entry = info[name]
-            if isinstance(entry, dict) and isinstance(entry.get("file_name"), str):
-                ws.path(os.path.join(dataset_dir, entry["file_name"]), f"{key} {name}: file_name")
+    for name in (_text(n, key) for n in names):
+        if name in info:  # where its rows are (LLaMA-Factory's file, script or hub key) must be inside too
+            _check_entry(ws, key, name, info[name], dataset_dir)
             out.append(name)
-        elif looks_like_dataset_id(name) and not (ws.root / name).exists():
+        elif ws.is_hub_id(name):
             out.append(name)
         else:
             out.append(str(ws.path(name, key)))
     return out if isinstance(value, list) or len(out) > 1 else out[0]
+
+
+def _check_entry(ws: Workspace, key: str, name: str, entry: Any, dataset_dir: str) -> None:
+    """Every place a dataset_info.json entry may read from: its file and script (beside the json file), and a
+    `hf_hub_url` that names a local path (the datasets library would read it)."""
+    if not isinstance(entry, dict):
+        return  # the library's reader says what is wrong with it
+    for field in ("file_name", "script_url"):
+        if isinstance(entry.get(field), str) and entry[field]:
+            ws.path(os.path.join(dataset_dir, entry[field]), f"{key} {name}: {field}")
+    hub = entry.get("hf_hub_url")
+    if isinstance(hub, str) and hub and not ws.is_hub_id(hub):
+        if not os.path.isabs(os.path.expanduser(hub)):  # read as given, from wherever the process runs
+            raise PathRefused(f"{key} {name}: hf_hub_url {hub} is a relative path; give a hub id", key)
+        ws.path(hub, f"{key} {name}: hf_hub_url")
 
 
 def checked_compare(ws: Workspace, raw: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from alignkit import api
 from alignkit.config import STAGES
-from alignkit.console.context import Console, body
+from alignkit.console.context import Console, body, integer
 from alignkit.console.forms import check_keys, eval_form, stage_form
 from alignkit.console.models import model_info
 from alignkit.console.paths import checked_keys
@@ -90,7 +90,13 @@ def data_routes(app: FastAPI, console: Console) -> None:
         data = await body(request)
         keys = checked_keys(ws, {k: data.get(k) for k in ("dataset", "dataset_dir", "model_name_or_path")})
         model = keys.get("model_name_or_path")
-        args = (keys["dataset"], keys["dataset_dir"], model, int(data.get("rows", 5)), data.get("template"))
+        args = (
+            keys["dataset"],
+            keys["dataset_dir"],
+            model,
+            integer(data.get("rows"), "rows", 5, 1, 100),
+            data.get("template"),
+        )
         return await run_in_threadpool(preview, *args)
 
     @app.post("/api/data/inspect")
@@ -101,7 +107,7 @@ def data_routes(app: FastAPI, console: Console) -> None:
             lambda: api.inspect(
                 keys["dataset"],
                 model=keys.get("model_name_or_path"),
-                max_length=int(data.get("max_length") or 1024),
+                max_length=integer(data.get("max_length"), "max_length", 1024, 1, 10**7),
                 dataset_dir=keys["dataset_dir"],
             )
         )

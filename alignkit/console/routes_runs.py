@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from alignkit import api
 from alignkit.comparison.config import compare_config
-from alignkit.console.context import Console, FormError, body, error_response
+from alignkit.console.context import Console, FormError, body, error_response, integer
 from alignkit.console.forms import check_keys, error_key
 from alignkit.console.paths import checked_compare, checked_keys
 from alignkit.console.workspace import write_json_atomic
@@ -24,6 +24,7 @@ from alignkit.errors import UserError
 from alignkit.evaluation import registry as metric_registry
 from alignkit.evaluation.config import build_eval_config
 from alignkit.evaluation.sxs import VOTES as SXS_VOTES
+from alignkit.evaluation.sxs import script_json
 from alignkit.ship.serve.protocol import APIError
 
 
@@ -55,6 +56,8 @@ def _job_keys(console: Console, kind: str, config: dict[str, Any]) -> tuple[dict
         missing = [k for k in ("model", "baseline", "dataset") if not keys.get(k)]
         if missing:
             raise FormError(f"`{missing[0]}` is required for a side-by-side review", missing[0])
+        keys["max_samples"] = integer(keys.get("max_samples"), "max_samples", 20, 1, 10_000)
+        keys["max_new_tokens"] = integer(keys.get("max_new_tokens"), "max_new_tokens", 128, 1, 100_000)
         return keys, f"review · {ws.rel(keys['model'])} vs {ws.rel(keys['baseline'])}"
     if kind == "export":
         keys = checked_keys(ws, config, training=False)
@@ -90,7 +93,10 @@ def run_routes(app: FastAPI, console: Console) -> None:
     async def start(request: Request) -> dict[str, Any]:
         data = await body(request)
         kind = str(data.get("kind", "train"))
-        keys, label = await run_in_threadpool(_job_keys, console, kind, dict(data.get("config") or {}))
+        config = data.get("config") or {}
+        if not isinstance(config, dict):
+            raise UserError(f"config: a mapping of keys to values (got {type(config).__name__})")
+        keys, label = await run_in_threadpool(_job_keys, console, kind, config)
         return console.jobs.submit(kind, keys, label).public()
 
     @app.get("/api/runs")
@@ -166,7 +172,7 @@ def review_routes(app: FastAPI, console: Console) -> None:
             "url": f"/api/runs/{run_id}/votes",
             "votes": json.loads(votes.read_text("utf-8"))["votes"] if votes.is_file() else {},
         }
-        hook = f"<script>window.ALIGNKIT_LIVE = {json.dumps(live)};</script>\n"
+        hook = f"<script>window.ALIGNKIT_LIVE = {script_json(live)};</script>\n"  # no text ends the element
         html = (
             (where / "sxs.html")
             .read_text("utf-8")
@@ -178,12 +184,14 @@ def review_routes(app: FastAPI, console: Console) -> None:
     async def votes(run_id: str, request: Request) -> dict[str, int]:
         where = folder(run_id)
         data = await body(request)
-        page_id = json.loads((where / "sxs_key.json").read_text("utf-8"))["page_id"]
+        key = json.loads((where / "sxs_key.json").read_text("utf-8"))
         given = data.get("votes")
-        if data.get("page_id") != page_id:
+        if data.get("page_id") != key["page_id"]:
             raise UserError("these votes are for another review page")
-        if not isinstance(given, dict) or not all(v in SXS_VOTES for v in given.values()):
-            raise UserError(f"votes: a mapping of item id to one of {', '.join(SXS_VOTES)}")
+        items = {item["id"] for item in key["items"]}
+        if not isinstance(given, dict) or not all(k in items and v in SXS_VOTES for k, v in given.items()):
+            raise UserError(f"votes: a mapping of this page's item ids to one of {', '.join(SXS_VOTES)}")
+        page_id = key["page_id"]
         write_json_atomic(where / "votes.json", {"page_id": page_id, "votes": given, "saved_at": time.time()})
         return {"votes": len(given)}
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from alignkit import api
-from alignkit.console.context import Console, body
+from alignkit.console.context import Console, body, integer
 from alignkit.errors import UserError
 from alignkit.ship.serve.protocol import APIError
 
@@ -61,6 +62,8 @@ def chat_routes(app: FastAPI, console: Console) -> None:
     ) -> list[dict[str, Any]]:
         try:
             since = time.time() - float(days) * 86400 if days else None
+            if since is not None and not math.isfinite(since):
+                raise ValueError(days)
         except ValueError:
             raise UserError(f"days: a number of days (got {days!r})") from None
         if label and label not in ("up", "down", "none"):
@@ -93,7 +96,7 @@ def serve_routes(app: FastAPI, console: Console) -> None:
     async def start(request: Request) -> dict[str, Any]:
         data = await body(request)
         path = console.ws.model_or_hub(str(data.get("model", "")), "model")
-        port = int(data.get("port") or 8000)
+        port = integer(data.get("port"), "port", 8000, 1, 65535)
         if port in console.servers:
             raise UserError(f"port {port} already serves {console.servers[port][1]}; stop it first")
         db = str(console.ws.root / "feedback.db")

@@ -72,13 +72,14 @@ class Workspace:
             )
         return real
 
+    def is_hub_id(self, value: str) -> bool:
+        """`org/name` that is no local path, neither in the workspace nor where the library would look (the
+        process's folder): a name for the hub."""
+        return looks_like_hub_id(value) and not (self.root / value).exists() and not os.path.lexists(value)
+
     def model_or_hub(self, value: str, what: str) -> str:
-        """A local model (inside) as its resolved path, or a hub id as given when no such local path exists."""
-        local = Path(os.path.expanduser(value)) if isinstance(value, str) else None
-        if local is not None and not local.is_absolute() and looks_like_hub_id(value):
-            if not (self.root / local).exists():
-                return value
-        return str(self.path(value, what))
+        """A local model (inside) as its resolved path, or a hub id as given."""
+        return value if isinstance(value, str) and self.is_hub_id(value) else str(self.path(value, what))
 
     def rel(self, path: str | os.PathLike) -> str:
         """A path as the page shows it: relative to the workspace when inside it."""

@@ -36,7 +36,7 @@ PLACEHOLDER = "__SXS_DATA__"
 
 
 # ------------------------------------------------------------------------------------------------ the page
-def _script_json(data: Any) -> str:
+def script_json(data: Any) -> str:
     """JSON safe inside a <script> element: with <, > and & as \\u escapes, no text in it ("</script>",
     "<!--") can end the element or change how the HTML parser reads it; JSON.parse gives the same strings."""
     text = json.dumps(data, ensure_ascii=False)
@@ -94,7 +94,7 @@ def write_page(
     template = (
         resources.files("alignkit.evaluation").joinpath("templates/sxs.html").read_text(encoding="utf-8")
     )
-    html = template.replace(PLACEHOLDER, _script_json({"page_id": page_id, "items": page_items}))
+    html = template.replace(PLACEHOLDER, script_json({"page_id": page_id, "items": page_items}))
     os.makedirs(output_dir, exist_ok=True)
     key_path = os.path.join(output_dir, "sxs_key.json")
     _keep_old_key(key_path)

@@ -96,6 +96,33 @@ def test_a_dataset_info_entry_pointing_outside_is_refused(tmp_path: Path) -> Non
     assert answer["key"] == "dataset" and "outside the workspace" in answer["message"]
 
 
+def test_a_dataset_info_entry_by_script_or_hub_key_pointing_outside_is_refused(tmp_path: Path) -> None:
+    client = _client(tmp_path)
+    data = tmp_path / "ws" / "data"
+    data.mkdir(parents=True)
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "secret"}\n')
+    entries = {"by_script": {"script_url": str(secret)}, "by_hub": {"hf_hub_url": str(secret)}}
+    (data / "dataset_info.json").write_text(json.dumps(entries))
+    for name in entries:
+        for route in ("/api/data/preview", "/api/data/inspect"):
+            answer = client.post(route, json={"dataset": name})
+            assert answer.status_code == 403 and "outside the workspace" in answer.json()["error"], (
+                name,
+                route,
+            )
+
+
+def test_a_name_shaped_like_a_hub_id_that_is_a_local_folder_is_a_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cwd" / "models" / "private").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")  # where the library would look for `models/private`
+    ws = Workspace(tmp_path / "ws")
+    # not a hub id (the library would read the folder here): a path, resolved in the workspace, not here
+    assert ws.model_or_hub("models/private", "model") == str(ws.root / "models" / "private")
+
+
 def test_hub_ids_and_allowed_folders_pass(tmp_path: Path, tiny_model: str) -> None:
     ws = Workspace(tmp_path / "ws", [Path(tiny_model).parent])
     assert ws.model_or_hub("Qwen/Qwen2.5-0.5B-Instruct", "model") == "Qwen/Qwen2.5-0.5B-Instruct"
@@ -235,6 +262,14 @@ def test_bad_requests_get_4xx_and_the_console_keeps_serving(tmp_path: Path) -> N
     assert client.post("/api/feedback", json={"id": "console-none", "label": "down"}).status_code == 404
     assert client.post("/api/chat", json={"model": "m", "messages": "hi"}).status_code == 400
     assert client.post("/api/runs/train-20260101-000000-abcd/stop").status_code == 400
+    assert client.post("/api/runs", json={"kind": "train", "config": [1, 2]}).status_code == 400
+    assert client.post("/api/runs", json={"kind": "train", "config": {"dataset": [1]}}).status_code == 400
+    assert client.post("/api/data/preview", json={"dataset": "x.jsonl", "rows": "many"}).status_code == 400
+    assert client.post("/api/serve", json={"model": "m", "port": "http"}).status_code == 400
+    assert client.post("/api/serve", json={"model": "m", "port": 70000}).status_code == 400
+    assert client.get("/api/feedback", params={"days": "inf"}).status_code == 400
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 0}
+    assert "max_new_tokens" in client.post("/api/chat", json=chat).json()["error"]  # before any stream
     big = client.post("/api/upload?name=big.jsonl", content=b"x" * 2000)
     assert big.status_code == 413 and "--max-upload-mb" in big.json()["error"]
     for name in ("../evil.jsonl", "evil.sh", "a/b.jsonl"):
@@ -339,7 +374,15 @@ def test_live_review_votes_are_checked_and_the_key_stays_on_the_server(
     key = json.loads((tmp_path / "ws" / "runs" / run["id"] / "sxs" / "sxs_key.json").read_text())
     votes_url = f"/api/runs/{run['id']}/votes"
     assert client.post(votes_url, json={"page_id": "other", "votes": {}}).status_code == 400
-    assert client.post(votes_url, json={"page_id": key["page_id"], "votes": {"x": "C"}}).status_code == 400
+    assert client.post(votes_url, json={"page_id": key["page_id"], "votes": {"0": "C"}}).status_code == 400
+    hostile = {"</script><script>alert(1)</script>": "A"}  # only the page's item ids are stored
+    assert client.post(votes_url, json={"page_id": key["page_id"], "votes": hostile}).status_code == 400
+    assert client.post(votes_url, json={"page_id": key["page_id"], "votes": {"0": "A"}}).json() == {
+        "votes": 1
+    }
+    assert '"votes": {"0": "A"}' in client.get(f"/api/runs/{run['id']}/review").text  # back with the page
+    tallied = client.post(f"/api/runs/{run['id']}/tally").json()
+    assert tallied["kto"] == f"data/review-{run['id']}/kto.jsonl" and tallied["prefill"]["stage"] == "dpo"
     assert client.get("/api/runs/train-20260101-000000-abcd/review").status_code == 400
 
 

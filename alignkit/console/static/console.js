@@ -342,16 +342,18 @@ function drawCharts(box, records) {
 async function openRun(id) {
   showTab("runs");
   if (state.run !== id) { state.run = id; state.after = 0; state.records = []; }
-  clearTimeout(state.timer);
   loadRuns();
   await pollRun();
 }
 
 async function pollRun() {
-  const id = state.run;
+  // one polling loop at a time: a newer call (another run, a stop, the language) retires the older ones
+  clearTimeout(state.timer);
+  const gen = (state.pollGen = (state.pollGen || 0) + 1), id = state.run;
   let v;
   try { v = await call(`/api/runs/${id}?after=${state.after}`); } catch (e) { return toast(e.message, true); }
-  if (id !== state.run) return;
+  if (gen !== state.pollGen) return;
+  if (v.n_records < state.after) { state.records = []; state.after = 0; return pollRun(); }  // the run started over
   state.records.push(...v.records);
   state.after = v.n_records;
   renderRun(v);
@@ -367,7 +369,7 @@ function renderRun(v) {
   const total = p.total || (v.result && v.result.total_steps) || 0;
   const step = p.step || (v.result && v.result.steps) || 0;
   const buttons = el("div", { class: "row" });
-  if (["queued", "running"].includes(v.status)) buttons.append(el("button", { id: "run-stop", onclick: () => act(v.id, "stop") }, t("stop")));
+  if (v.status === "queued" || (v.status === "running" && v.kind === "train")) buttons.append(el("button", { id: "run-stop", onclick: () => act(v.id, "stop") }, t("stop")));
   if (v.kind === "train" && ["stopped", "interrupted", "failed"].includes(v.status)) buttons.append(el("button", { id: "run-resume", class: "primary", onclick: () => act(v.id, "resume") }, t("resume")));
   if (v.kind === "train" && v.status === "finished") {
     const out = `${v.folder}/output`;
