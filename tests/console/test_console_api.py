@@ -167,6 +167,7 @@ def test_other_sites_cannot_drive_a_local_console(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- queue, stop, restart
+@pytest.mark.slow  # trains, serves or samples
 def test_one_run_at_a_time_stop_resume_and_a_restart(tmp_path: Path, tiny_model: str) -> None:
     write_jsonl(tmp_path / "ws" / "data" / "sft.jsonl", ROWS)
     client = _client(tmp_path, str(Path(tiny_model).parent))
@@ -291,6 +292,7 @@ def test_worst_samples_first_follow_the_metric_direction() -> None:
     assert [r["model"]["scores"]["length"] for r in worst_first(lengths, "length")] == [40, 2, 9]
 
 
+@pytest.mark.slow  # trains, serves or samples
 def test_serve_a_model_from_the_console_and_stop_it(tmp_path: Path, tiny_model: str) -> None:
     import httpx
 
@@ -316,6 +318,7 @@ def test_serve_a_model_from_the_console_and_stop_it(tmp_path: Path, tiny_model: 
     assert client.post(f"/api/serve/{port}/stop").status_code == 404
 
 
+@pytest.mark.slow  # trains, serves or samples
 def test_compare_from_the_console(tmp_path: Path, tiny_model: str, shared_data: Path) -> None:
     lf = shared_data / "llamafactory"
     client = _client(tmp_path, str(Path(tiny_model).parent), str(shared_data))
@@ -349,6 +352,7 @@ def test_compare_from_the_console(tmp_path: Path, tiny_model: str, shared_data: 
     assert client.get(f"/api/runs/{run['id']}/plots/..%2Frun.json").status_code == 404
 
 
+@pytest.mark.slow  # trains, serves or samples
 def test_live_review_votes_are_checked_and_the_key_stays_on_the_server(
     tmp_path: Path, tiny_model: str, shared_data: Path
 ) -> None:
