@@ -107,7 +107,7 @@ def test_the_whole_path_in_the_browser(
         # a LoRA SFT run from the form; the curve gains points while it runs; stop; resume; it finishes
         page.click("summary:text('logging and checkpoints')")
         for key, value in {
-            "max_steps": "600",
+            "max_steps": "1000",
             "logging_steps": "1",
             "per_device_train_batch_size": "2",
             "max_length": "128",
@@ -131,11 +131,11 @@ def test_the_whole_path_in_the_browser(
         page.click("#run-stop")
         page.wait_for_selector("#run-detail[data-status='stopped']", timeout=60_000)
         stopped_at = int(page.inner_text("#run-progress").split()[1].split("/")[0])
-        assert 0 < stopped_at < 600
+        assert 0 < stopped_at < 1000
         page.click("#run-resume")
         _finished(page, sft)
-        assert page.inner_text("#run-progress").endswith("600/600")
-        assert _points(page) == 600  # the curve goes on from the checkpoint: one point per step
+        assert page.inner_text("#run-progress").endswith("1000/1000")
+        assert _points(page) == 1000  # the curve goes on from the checkpoint: one point per step
         assert "learning_rate: 0.001" in page.text_content("#run-resolved")  # the resolved config, every key
         page.click(".run-data summary")  # the run's data report, for its model and max_length
         page.wait_for_selector(".run-data .d-report-table")
