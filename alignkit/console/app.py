@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from alignkit.console.context import Console, ConsoleSettings, error_response
+from alignkit.console.context import Console, ConsoleSettings, error_response, is_loopback
 from alignkit.console.routes_data import data_routes, form_routes
 from alignkit.console.routes_runs import review_routes, run_routes, worst_first
 from alignkit.console.routes_ship import chat_routes, serve_routes
@@ -88,9 +88,6 @@ def build_app(settings: ConsoleSettings) -> FastAPI:
     return app
 
 
-LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
-
-
 def foreign(request: Request, settings: ConsoleSettings) -> str | None:
     """Why a request that did not come from the console's own page is refused, or None. Another site's page
     in the user's browser may send it requests: a write from another origin is refused (cross-site request
@@ -100,7 +97,7 @@ def foreign(request: Request, settings: ConsoleSettings) -> str | None:
     if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != host:
         return f"a request from another site ({origin}) is refused"
     name = urlsplit(f"//{host}").hostname or ""
-    if settings.host in LOOPBACK_NAMES and name not in LOOPBACK_NAMES:
+    if is_loopback(settings.host) and not is_loopback(name):
         return f"this console answers on 127.0.0.1 / localhost only (the request named host {host})"
     return None
 

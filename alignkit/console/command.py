@@ -3,28 +3,21 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from contextlib import closing
 
 import uvicorn
 
 from alignkit.console.app import ConsoleSettings, build_app
+from alignkit.console.context import is_loopback
 from alignkit.errors import UserError
 from alignkit.ship.serve.command import RunningServer, listen, listen_socket
 
 log = logging.getLogger("alignkit")
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def _bound(settings: ConsoleSettings) -> tuple[uvicorn.Server, object]:
-    if not _loopback(settings.host) and not settings.token:
+    if not is_loopback(settings.host) and not settings.token:
         raise UserError(
             f"--host {settings.host} lets other machines in: give --token T (every request must carry it), "
             "or keep the default 127.0.0.1"

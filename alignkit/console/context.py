@@ -3,6 +3,7 @@ servers), the request body reader and the error answer."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,3 +82,13 @@ def integer(value: Any, key: str, default: int, low: int, high: int) -> int:
     if not low <= number <= high:
         raise UserError(f"`{key}`: between {low} and {high} (got {number})")
     return number
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine only (127.0.0.0/8, ::1, localhost): the one test of
+    whether the console needs a token and whether a request's Host may be trusted."""
+    name = host.strip("[]")
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return name == "localhost"

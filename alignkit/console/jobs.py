@@ -37,7 +37,6 @@ class Live:
     def on_event(self, event: TrainEvent) -> None:
         if event.kind == "start":
             self.progress.update(step=event.data.get("resumed_at") or 0, total=event.total_steps)
-            self.progress["start_time"] = time.time()
         elif event.kind == "step":
             self.progress.update(step=event.step, total=event.total_steps, loss=event.data.get("loss"))
             self._eta(event.step, event.total_steps)
@@ -140,7 +139,6 @@ class Jobs:
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.live: dict[str, Live] = {}
         self.lock = threading.Lock()
-        self.current: str | None = None
         self.closing = False
         self.thread = threading.Thread(target=self._work, name="alignkit-console-jobs", daemon=True)
         self.thread.start()
@@ -244,7 +242,7 @@ class Jobs:
             run = self.workspace.load(run_id)
             if run.status != "queued":
                 return None
-            run.status, run.started, self.current = "running", time.time(), run.id
+            run.status, run.started = "running", time.time()
             self.workspace.save(run)
             return run
 
@@ -266,5 +264,5 @@ class Jobs:
             run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             log.removeHandler(handler)
-            run.finished, self.current = time.time(), None
+            run.finished = time.time()
             self.workspace.save(run)

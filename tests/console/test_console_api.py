@@ -164,6 +164,9 @@ def test_other_sites_cannot_drive_a_local_console(tmp_path: Path) -> None:
     own = client.post("/api/check", json=keys, headers={"Origin": "http://127.0.0.1"})
     assert own.status_code == 200  # the console's own page
     assert client.get("/api/info", headers={"Host": "localhost:7860"}).status_code == 200
+    assert client.get("/api/info", headers={"Host": "[::1]:7860"}).status_code == 200
+    on_127_0_0_2 = TestClient(build_app(ConsoleSettings(workspace=str(tmp_path / "ws2"), host="127.0.0.2")))
+    assert on_127_0_0_2.get("/api/info", headers={"Host": "evil.example"}).status_code == 403  # loopback too
 
 
 # ------------------------------------------------------------------------------- queue, stop, restart

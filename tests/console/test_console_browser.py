@@ -57,7 +57,9 @@ def test_the_whole_path_in_the_browser(
     with start_console(settings) as console, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.context.set_default_timeout(90_000)  # the suite's other worker shares the cores: slow is not broken
+        page.context.set_default_timeout(
+            90_000
+        )  # the suite's other worker shares the cores: slow is not broken
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         shot = Shots(page, tmp_path / "shots")
