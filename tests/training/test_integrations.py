@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,8 @@ def _wandb_records(path: Path) -> list:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record the writer has not flushed yet
+            break
         if kind == 0:
             pos += left
             continue
@@ -255,6 +258,12 @@ def test_wandb_offline_run_holds_the_logged_values(
         tmp_path, _sft(tiny_model, data, per_device_train_batch_size=4, max_steps=3, report_to="wandb")
     )
     [run_file] = Path(out).glob("wandb/offline-run-*/run-*.wandb")
+    # `run.finish()` returns once wandb's service has the exit record; its writer may flush the file a moment
+    # later (seen once in CI under load: the file held the first records only), so wait for the exit record
+    deadline = time.monotonic() + 60
+    while "exit" not in (kinds := [r.WhichOneof("record_type") for r in _wandb_records(run_file)]):
+        assert time.monotonic() < deadline, kinds
+        time.sleep(0.2)
     records = _wandb_records(run_file)
     history = {
         r.history.step.num: {
