@@ -279,6 +279,31 @@ class PPOConfig(OnlineConfig):
             )
 
 
+@dataclass
+class OnlineDPOConfig(OnlineConfig, DPOConfig):
+    """Online DPO (Guo et al. 2024, "Direct language model alignment from online AI feedback"): each step
+    samples `num_generations` completions per prompt from the current policy, ranks them with the rewards
+    (reward functions, a reward model, the LLM judge) and takes any loss of the DPO family on the best and the
+    worst. The keys are the online stages' (sampling, rewards) and DPO's (loss, beta, reference)."""
+
+    stage: str = "online_dpo"
+    learning_rate: float = 5e-7  # TRL's OnlineDPOConfig default
+    num_generations: int = 2  # completions per prompt; the best and the worst make the pair
+
+    def check(self, source: str = "config") -> None:
+        super().check(source)
+        if self.num_generations < 2:
+            raise UserError(
+                f"{source}: `num_generations` must be >= 2 to make a pair, got {self.num_generations}"
+            )
+        for key in ("precompute_ref_log_probs", "prefix_sharing", "padding_free"):
+            if getattr(self, key):
+                raise UserError(
+                    f"{source}: `{key}` does not apply to stage online_dpo (its pairs are sampled each step); "
+                    "remove it"
+                )
+
+
 # The one table of stages: `stage:` -> its config class. Every other list of stages derives from it.
 CONFIG_CLASSES: dict[str, type[BaseConfig]] = {
     "sft": SFTConfig,
@@ -288,6 +313,7 @@ CONFIG_CLASSES: dict[str, type[BaseConfig]] = {
     "kto": KTOConfig,
     "ppo": PPOConfig,
     "grpo": GRPOConfig,
+    "online_dpo": OnlineDPOConfig,
 }
 STAGES = tuple(CONFIG_CLASSES)
 

@@ -9,13 +9,24 @@ from alignkit.errors import UserError, did_you_mean
 from alignkit.stages.base import Stage
 from alignkit.stages.grpo import GRPOStage
 from alignkit.stages.kto import KTOStage
+from alignkit.stages.online_dpo import OnlineDPOStage
 from alignkit.stages.ppo import PPOStage
 from alignkit.stages.preference import PreferenceStage
 from alignkit.stages.rm import RewardStage
 from alignkit.stages.sft import PTStage, SFTStage
 
 RUNNERS: dict[str, type[Stage]] = {
-    cls.name: cls for cls in (SFTStage, PTStage, RewardStage, PreferenceStage, KTOStage, PPOStage, GRPOStage)
+    cls.name: cls
+    for cls in (
+        SFTStage,
+        PTStage,
+        RewardStage,
+        PreferenceStage,
+        KTOStage,
+        PPOStage,
+        GRPOStage,
+        OnlineDPOStage,
+    )
 }
 
 

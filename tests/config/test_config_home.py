@@ -17,7 +17,7 @@ import torch
 import alignkit
 from alignkit.config import build_config, config_to_dict, load_config, save_config
 from alignkit.config.schema import BaseConfig, build_dataclass
-from alignkit.config.stages import CONFIG_CLASSES, STAGES, DPOConfig, KTOConfig
+from alignkit.config.stages import CONFIG_CLASSES, STAGES, DPOConfig, KTOConfig, OnlineConfig
 from alignkit.errors import UserError
 from alignkit.losses import registry as losses
 from alignkit.losses import rl as rl_losses
@@ -87,7 +87,7 @@ def _guarded(cls: type[BaseConfig], keys: dict[str, Any]) -> BaseConfig:
 
 @pytest.mark.parametrize("stage", list(CONFIG_CLASSES))
 def test_validation_only_reads(stage: str) -> None:
-    keys = {**REQUIRED, **(ONLINE if stage in ("ppo", "grpo") else {})}
+    keys = {**REQUIRED, **(ONLINE if issubclass(CONFIG_CLASSES[stage], OnlineConfig) else {})}
     if stage == "dpo":
         keys["loss_type"] = "sigmoid,sft"
     if stage == "kto":
@@ -99,7 +99,7 @@ def test_validation_only_reads(stage: str) -> None:
 
 
 def test_stage_name_is_checked_with_a_suggestion() -> None:
-    assert STAGES == ("sft", "pt", "rm", "dpo", "kto", "ppo", "grpo")
+    assert STAGES == ("sft", "pt", "rm", "dpo", "kto", "ppo", "grpo", "online_dpo")
     for name, cls in CONFIG_CLASSES.items():
         assert cls().stage == name  # each class's own `stage` default is its key
     with pytest.raises(UserError, match=r"not a stage \(did you mean `dpo`\?\); valid stages: sft, pt, rm"):
