@@ -24,6 +24,7 @@ from alignkit.config.schema import (
 from alignkit.config.stages import (
     CONFIG_CLASSES,
     STAGES,
+    DistillConfig,
     DPOConfig,
     GRPOConfig,
     KTOConfig,
@@ -32,6 +33,7 @@ from alignkit.config.stages import (
     PPOConfig,
     PTConfig,
     RMConfig,
+    SamplingConfig,
     SFTConfig,
     stage_keys,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "SCHEDULERS",
     "STAGES",
     "BaseConfig",
+    "DistillConfig",
     "DPOConfig",
     "GRPOConfig",
     "OnlineDPOConfig",
@@ -52,6 +55,7 @@ __all__ = [
     "PPOConfig",
     "PTConfig",
     "RMConfig",
+    "SamplingConfig",
     "SFTConfig",
     "build_config",
     "build_dataclass",

@@ -138,8 +138,8 @@ class KTOConfig(BaseConfig):
 
 
 @dataclass
-class OnlineConfig(BaseConfig):
-    """Keys of the online stages (rollouts, rewards)."""
+class SamplingConfig(BaseConfig):
+    """Keys of the stages that sample from the policy while they train (the rollout engine's settings)."""
 
     learning_rate: float = 1e-6
     max_new_tokens: int = 256
@@ -148,36 +148,10 @@ class OnlineConfig(BaseConfig):
     top_k: int = 0
     stop_strings: list[str] | None = None
     rollout_backend: str = "hf"  # hf | vllm
-    reward_funcs: list[str] | None = field(  # math_accuracy, exact_match, format, length, or module:function
-        default=None,
-        metadata={"one_or_more": True},  # one name is a list of one
-    )
-    reward_weights: list[float] | None = None  # one per reward function (and a last one for reward_model)
-    reward_model: str | None = (
-        None  # a model trained by `stage: rm` (full or LoRA adapter), or any sequence-classification model
-    )
-    reward_model_type: str = "auto"  # auto | full | lora: auto reads the folder (adapter_config.json: lora)
-    format_pattern: str = r"<think>.*</think>.*"
-    length_target: int = 512  # `length` reward: penalty for characters past this
-    missing_eos_penalty: float | None = None  # subtracted from the reward of truncated completions
-    ref_model_name_or_path: str | None = None
     per_device_eval_batch_size: int = 64
 
     def check(self, source: str = "config") -> None:
-        """What GRPO and PPO share: rewards, the rollout backend, the sampling distribution."""
         super().check(source)
-        check_choice(source, "reward_model_type", self.reward_model_type, ("auto", "full", "lora"))
-        if not self.reward_funcs and not self.reward_model:
-            raise UserError(
-                f"{source}: give `reward_funcs` (e.g. [math_accuracy]) and/or a `reward_model` "
-                "(e.g. one trained with `stage: rm`)"
-            )
-        n_rewards = len(self.reward_funcs or []) + (1 if self.reward_model else 0)
-        if self.reward_weights is not None and len(self.reward_weights) != n_rewards:
-            raise UserError(
-                f"{source}: `reward_weights` has {len(self.reward_weights)} values for {n_rewards} rewards "
-                "(one per reward function, then one for the reward model)"
-            )
         if self.rollout_backend not in ("hf", "vllm"):
             raise UserError(
                 f"{source}: `rollout_backend: {self.rollout_backend}` is not valid"
@@ -191,6 +165,68 @@ class OnlineConfig(BaseConfig):
             raise UserError(f"{source}: `top_k` must be >= 0 and `max_new_tokens` >= 1")
         if self.stop_strings is not None and not all(self.stop_strings):
             raise UserError(f"{source}: `stop_strings` must not contain an empty string")
+
+
+@dataclass
+class OnlineConfig(SamplingConfig):
+    """Keys of the online stages that learn from rewards (GRPO, PPO, online DPO)."""
+
+    reward_funcs: list[str] | None = field(  # math_accuracy, exact_match, format, length, or module:function
+        default=None,
+        metadata={"one_or_more": True},  # one name is a list of one
+    )
+    reward_weights: list[float] | None = None  # one per reward function (and a last one for reward_model)
+    reward_model: str | None = (
+        None  # a model trained by `stage: rm` (full or LoRA adapter), or any sequence-classification model
+    )
+    reward_model_type: str = "auto"  # auto | full | lora: auto reads the folder (adapter_config.json: lora)
+    format_pattern: str = r"<think>.*</think>.*"
+    length_target: int = 512  # `length` reward: penalty for characters past this
+    missing_eos_penalty: float | None = None  # subtracted from the reward of truncated completions
+    ref_model_name_or_path: str | None = None
+
+    def check(self, source: str = "config") -> None:
+        """What GRPO, PPO and online DPO share: rewards (the sampling keys are checked by SamplingConfig)."""
+        super().check(source)
+        check_choice(source, "reward_model_type", self.reward_model_type, ("auto", "full", "lora"))
+        if not self.reward_funcs and not self.reward_model:
+            raise UserError(
+                f"{source}: give `reward_funcs` (e.g. [math_accuracy]) and/or a `reward_model` "
+                "(e.g. one trained with `stage: rm`)"
+            )
+        n_rewards = len(self.reward_funcs or []) + (1 if self.reward_model else 0)
+        if self.reward_weights is not None and len(self.reward_weights) != n_rewards:
+            raise UserError(
+                f"{source}: `reward_weights` has {len(self.reward_weights)} values for {n_rewards} rewards "
+                "(one per reward function, then one for the reward model)"
+            )
+
+
+@dataclass
+class DistillConfig(SamplingConfig):
+    """On-policy distillation (GKD, Agarwal et al. 2024): the student samples, the teacher scores every token of
+    the student's completions over the whole vocabulary, and the loss is the generalized Jensen-Shannon
+    divergence between the two next-token distributions. TRL's `GKDConfig` names and defaults."""
+
+    stage: str = "distill"
+    learning_rate: float = 5e-7
+    teacher_model_name_or_path: str | None = (
+        None  # a local model or adapter folder (or a hub id) with the same tokenizer
+    )
+    beta: float = 0.5  # JSD mixture: 0 forward KL(teacher || student), 1 reverse KL(student || teacher)
+    lmbda: float = 0.5  # share of steps on the student's own samples; the rest on the data set's completions
+    temperature: float = 0.9
+    max_new_tokens: int = 128
+
+    def check(self, source: str = "config") -> None:
+        super().check(source)
+        if not self.teacher_model_name_or_path:
+            raise UserError(
+                f"{source}: stage distill needs `teacher_model_name_or_path` (the model to learn from)"
+            )
+        for key in ("beta", "lmbda"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise UserError(f"{source}: `{key}` must be in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass
@@ -314,6 +350,7 @@ CONFIG_CLASSES: dict[str, type[BaseConfig]] = {
     "ppo": PPOConfig,
     "grpo": GRPOConfig,
     "online_dpo": OnlineDPOConfig,
+    "distill": DistillConfig,
 }
 STAGES = tuple(CONFIG_CLASSES)
 

@@ -42,6 +42,23 @@ def _head_transform(model: nn.Module) -> tuple[nn.Module, float | None, float | 
     return model.get_output_embeddings(), softcap, scale
 
 
+def _head_logits(
+    hidden: torch.Tensor, head: nn.Module, softcap: float | None, scale: float | None
+) -> torch.Tensor:
+    """The output layer on hidden states (N, H) -> logits (N, V) in float32 (float64 kept), scaled and soft-capped
+    as the model's own forward does."""
+    # a LoRA-wrapped head applies its adapter through its forward; a plain one is read as weight and bias (the
+    # module call segfaulted under FSDP2 on CPU, torch 2.13)
+    lora = hasattr(head, "base_layer")
+    logits = head(hidden) if lora else F.linear(hidden, head.weight, getattr(head, "bias", None))
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # half -> fp32; float64 kept
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 def _chunk_logps(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -50,15 +67,7 @@ def _chunk_logps(
     scale: float | None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:
-    # a LoRA-wrapped head applies its adapter through its forward; a plain one is read as weight and bias (the
-    # module call segfaulted under FSDP2 on CPU, torch 2.13)
-    lora = hasattr(head, "base_layer")
-    logits = head(hidden) if lora else F.linear(hidden, head.weight, getattr(head, "bias", None))  # (c, V)
-    logits = logits if logits.dtype == torch.float64 else logits.float()  # half -> fp32; float64 kept
-    if scale is not None:
-        logits = logits * scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = _head_logits(hidden, head, softcap, scale)  # (c, V)
     if temperature != 1.0:  # the distribution an online rollout sampled from: the model's logits / T
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
@@ -84,6 +93,17 @@ def hidden_states(
         **kwargs,
     )
     return out.hidden_states[-1]
+
+
+def completion_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """The whole next-token distribution's logits (N, V) at every token t >= 1 with completion_mask[t] == 1
+    (predicted from position t - 1), in row order: what a distillation loss compares token by token."""
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    target = completion_mask[:, 1:].bool()  # (B, T-1)
+    head, softcap, scale = _head_transform(model)
+    return _head_logits(hidden[:, :-1][target], head, softcap, scale)
 
 
 def completion_token_stats(

@@ -43,12 +43,19 @@ class Reference:
     - full / freeze: a frozen copy of the starting policy (base + any adapters merged).
     """
 
-    def __init__(self, cfg: BaseConfig, policy: nn.Module) -> None:
-
+    def __init__(
+        self,
+        cfg: BaseConfig,
+        policy: nn.Module,
+        model: str | None = None,
+        key: str = "ref_model_name_or_path",
+    ) -> None:
+        """`model` (named by the config key `key`, for messages) replaces `ref_model_name_or_path`: a frozen model
+        used beside the policy (distillation's teacher)."""
         self.cfg = cfg
-        ref = getattr(cfg, "ref_model_name_or_path", None)
+        ref = model or getattr(cfg, "ref_model_name_or_path", None)
         if ref:
-            self.spec = resolve_model(ref, key="ref_model_name_or_path")  # every adapter merged
+            self.spec = resolve_model(ref, key=key)  # every adapter merged
             continued = False
         else:
             start = training_spec(cfg, "CAUSAL_LM")

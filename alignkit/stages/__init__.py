@@ -7,6 +7,7 @@ from __future__ import annotations
 from alignkit.config import CONFIG_CLASSES, STAGES
 from alignkit.errors import UserError, did_you_mean
 from alignkit.stages.base import Stage
+from alignkit.stages.distill import DistillStage
 from alignkit.stages.grpo import GRPOStage
 from alignkit.stages.kto import KTOStage
 from alignkit.stages.online_dpo import OnlineDPOStage
@@ -26,6 +27,7 @@ RUNNERS: dict[str, type[Stage]] = {
         PPOStage,
         GRPOStage,
         OnlineDPOStage,
+        DistillStage,
     )
 }
 

@@ -105,7 +105,7 @@ class OnlineStage(Stage):
             if len(ids) + self.cfg.max_new_tokens > self.cfg.max_length:
                 too_long += 1
                 continue
-            rows.append({"prompt_ids": ids, "prompt": ex.prompt, "columns": ex.extra, "where": ex.where})
+            rows.append(self.prompt_row(ex, ids))
         if too_long:
             log.warning(
                 "%d prompts dropped: prompt + max_new_tokens is longer than max_length=%d",
@@ -118,6 +118,10 @@ class OnlineStage(Stage):
                 f"({self.cfg.max_length} - {self.cfg.max_new_tokens}); raise `max_length`"
             )
         return rows
+
+    def prompt_row(self, ex: Example, prompt_ids: list[int]) -> dict:
+        """The row a rollout samples from: the prompt's tokens and messages, the columns rewards read."""
+        return {"prompt_ids": prompt_ids, "prompt": ex.prompt, "columns": ex.extra, "where": ex.where}
 
     def build(self) -> None:
         cfg = self.cfg

@@ -92,6 +92,8 @@ def test_validation_only_reads(stage: str) -> None:
         keys["loss_type"] = "sigmoid,sft"
     if stage == "kto":
         keys["desirable_weight"] = "auto"
+    if stage == "distill":
+        keys["teacher_model_name_or_path"] = "t"
     cfg = _guarded(CONFIG_CLASSES[stage], keys)
     before = dataclasses.asdict(cfg)
     cfg.check("t")  # raises on any write
@@ -99,7 +101,7 @@ def test_validation_only_reads(stage: str) -> None:
 
 
 def test_stage_name_is_checked_with_a_suggestion() -> None:
-    assert STAGES == ("sft", "pt", "rm", "dpo", "kto", "ppo", "grpo", "online_dpo")
+    assert STAGES == ("sft", "pt", "rm", "dpo", "kto", "ppo", "grpo", "online_dpo", "distill")
     for name, cls in CONFIG_CLASSES.items():
         assert cls().stage == name  # each class's own `stage` default is its key
     with pytest.raises(UserError, match=r"not a stage \(did you mean `dpo`\?\); valid stages: sft, pt, rm"):

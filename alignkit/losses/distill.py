@@ -1,0 +1,38 @@
+"""Distillation losses as pure functions over next-token logits.
+
+The generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-policy distillation of language
+models", eq. 1 and sec. 3.1), per token, with TRL's convention for `beta`: the mixture is
+m = beta * p_teacher + (1 - beta) * p_student and
+
+    JSD_beta = beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m),
+
+whose ends (taken exactly, not as the limit, which goes to 0) are beta = 0: forward KL(p_teacher || p_student)
+(mode covering, as supervised KD) and beta = 1: reverse KL(p_student || p_teacher) (mode seeking).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row of (N, V) log-probabilities: sum_v p (log p - log q), (N,)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token generalized JSD between the student's and the teacher's next-token distributions.
+
+    student_logits, teacher_logits: (N, V), one row per completion token; returns (N,). Gradients flow
+    through the student only when the teacher's logits are detached (the stage computes them under no_grad).
+    """
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)  # (N, V)
+    log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    if beta == 0.0:
+        return _kl(log_t, log_s)
+    if beta == 1.0:
+        return _kl(log_s, log_t)
+    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
+    return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)

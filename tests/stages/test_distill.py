@@ -1,0 +1,168 @@
+"""On-policy distillation (GKD): the generalized JSD against TRL 1.16's `GKDTrainer.generalized_jsd_loss` and a
+hand value, the stage's first step on the data set's completions against TRL's loss on the same tokens, on-policy
+training that moves the student towards the teacher, resume of the lmbda draws, and the errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.errors import UserError
+from alignkit.losses.distill import generalized_jsd
+from tests.conftest import run_stage, write_jsonl
+from tests.generation.test_online import PROMPTS
+
+SFT_ROWS = [
+    {"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["answer"]}]} for r in PROMPTS
+]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_generalized_jsd_matches_trl(beta: float) -> None:
+    from tests.trl_oracle_online import trl_gkd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 50, generator=gen), torch.randn(2, 5, 50, generator=gen)
+    labels = torch.tensor([[-100, 3, 4, 5, -100], [-100, -100, 1, 2, 3]])
+    keep = labels != -100
+    ours = generalized_jsd(s[keep], t[keep], beta)  # (6,)
+    assert ours.mean().item() == pytest.approx(trl_gkd_loss(s, t, labels, beta).item(), rel=1e-6)
+
+
+def test_generalized_jsd_by_hand() -> None:
+    """Two tokens over a vocabulary of 2: p_s = (1/2, 1/2), p_t = (1/4, 3/4) for the first; equal for the second."""
+    s = torch.log(torch.tensor([[0.5, 0.5], [0.2, 0.8]]))
+    t = torch.log(torch.tensor([[0.25, 0.75], [0.2, 0.8]]))
+    forward = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)  # KL(p_t || p_s)
+    reverse = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # KL(p_s || p_t)
+    m = (0.375, 0.625)  # beta = 1/2
+    jsd = 0.5 * (0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1])) + 0.5 * (
+        0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])
+    )
+    for beta, want in ((0.0, forward), (1.0, reverse), (0.5, jsd)):
+        got = generalized_jsd(s, t, beta)
+        assert got[0].item() == pytest.approx(want, rel=1e-6) and abs(got[1].item()) < 1e-7, beta
+
+
+def _keys(tiny_model: str, teacher: str, data: str, **kw: object) -> dict:
+    return {
+        "stage": "distill",
+        "model_name_or_path": tiny_model,
+        "teacher_model_name_or_path": teacher,
+        "dataset": data,
+        "per_device_train_batch_size": 4,
+        "max_new_tokens": 6,
+        "max_steps": 1,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "torch_dtype": "float32",
+        **kw,
+    }
+
+
+def test_first_step_on_the_data_completions_matches_trl(
+    tiny_model: str, tiny_ref: str, tmp_path: Path
+) -> None:
+    """`lmbda: 0` distils on the data set's completions: the first step's loss is TRL's GKD loss on the same
+    prompt + completion tokens, with the two models' logits from plain forward passes."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.data.batches import encode_unpaired
+    from alignkit.data.formats import load_examples
+    from alignkit.generation.rollout import sequences
+    from alignkit.modeling.load import load_tokenizer
+    from tests.trl_oracle_online import trl_gkd_loss
+
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS[:4])
+    record, _ = run_stage(tmp_path, _keys(tiny_model, tiny_ref, data, lmbda=0.0, beta=0.3))
+
+    tok = load_tokenizer(tiny_model)
+    rows = [encode_unpaired(ex, tok) for ex in load_examples(data)]
+    batch = sequences([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], tok.pad_token_id)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = [
+            AutoModelForCausalLM.from_pretrained(m)(
+                batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            for m in (tiny_model, tiny_ref)
+        ]
+    theirs = trl_gkd_loss(logits[0][:, :-1], logits[1][:, :-1], labels[:, 1:], beta=0.3)
+    assert record["loss"] == pytest.approx(theirs.item(), rel=1e-5)
+    assert record["on_policy"] == 0.0 and record["jsd"] == pytest.approx(record["loss"], rel=1e-6)
+
+
+def _divergence(student: str, teacher: str, data: str, beta: float) -> float:
+    """Mean per-token generalized JSD of two saved models on a data set's prompt + completion tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.data.batches import encode_unpaired
+    from alignkit.data.formats import load_examples
+    from alignkit.generation.rollout import sequences
+    from alignkit.modeling.load import load_tokenizer
+
+    tok = load_tokenizer(student)
+    rows = [encode_unpaired(ex, tok) for ex in load_examples(data)]
+    batch = sequences([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], tok.pad_token_id)
+    keep = batch["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        s, t = (
+            AutoModelForCausalLM.from_pretrained(m)(
+                batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits[:, :-1][keep]
+            for m in (student, teacher)
+        )
+        return generalized_jsd(s, t, beta).mean().item()
+
+
+def test_on_policy_distillation_moves_the_student_to_the_teacher(
+    tiny_model: str, tiny_ref: str, tmp_path: Path
+) -> None:
+    """`lmbda: 1`: every step on the student's own samples (prompts only in the data); afterwards the student
+    is nearer the teacher on held-out answers it never trained on."""
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:6])
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", SFT_ROWS[6:])
+    _, out = run_stage(tmp_path, _keys(tiny_model, tiny_ref, data, lmbda=1.0, beta=0.5, max_steps=20))
+    records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    assert all(r["on_policy"] == 1.0 for r in records) and len(records) == 20
+    before, after = (
+        _divergence(tiny_model, tiny_ref, held_out, 0.5),
+        _divergence(out, tiny_ref, held_out, 0.5),
+    )
+    assert after < 0.8 * before, (before, after)  # 0.113 -> 0.074 here
+
+
+def test_lmbda_draws_resume_where_they_stopped(tiny_model: str, tiny_ref: str, tmp_path: Path) -> None:
+    """The on-policy / data decisions of a run resumed from its step-3 checkpoint are the uninterrupted run's
+    (the generator's state is checkpointed; a fresh one would repeat steps 1-3's draws, which differ here)."""
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    keys = _keys(
+        tiny_model, tiny_ref, data, lmbda=0.5, max_steps=6, save_steps=3, per_device_train_batch_size=2
+    )
+    _, out = run_stage(tmp_path, keys)
+    whole = [r["on_policy"] for r in map(json.loads, open(Path(out) / "metrics.jsonl"))]
+    assert whole[:3] != whole[3:] and 0 < sum(whole) < 6, whole
+    (Path(out) / "model.safetensors").unlink()  # as if stopped after the step-3 checkpoint
+    run_stage(tmp_path, {**keys, "resume_from_checkpoint": "auto"})
+    resumed = [r["on_policy"] for r in map(json.loads, open(Path(out) / "metrics.jsonl"))]
+    assert resumed == whole
+
+
+def test_distill_errors(tiny_model: str, tmp_path: Path) -> None:
+    from alignkit.config import build_config
+    from alignkit.modeling.tiny import build_tiny
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    with pytest.raises(UserError, match="stage distill needs `teacher_model_name_or_path`"):
+        build_config({**_keys(tiny_model, "", prompts), "output_dir": str(tmp_path / "o")})
+    with pytest.raises(UserError, match=r"`lmbda` must be in \[0, 1\]"):
+        build_config({**_keys(tiny_model, tiny_model, prompts, lmbda=1.5), "output_dir": str(tmp_path / "o")})
+    with pytest.raises(UserError, match=r"p.jsonl line 1: this row has no completion, but `lmbda: 0.5`"):
+        run_stage(tmp_path / "a", _keys(tiny_model, tiny_model, prompts, lmbda=0.5))
+    other = build_tiny(str(tmp_path / "other"), vocab_size=300)
+    with pytest.raises(UserError, match="has another tokenizer than the student"):
+        run_stage(tmp_path / "b", _keys(tiny_model, other, prompts, lmbda=1.0))
