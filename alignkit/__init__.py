@@ -5,8 +5,8 @@
     run = alignkit.train("configs/sft_tiny.yaml", max_steps=20, output_dir="out/sft")
     report = alignkit.evaluate(model=run.output_dir, dataset="data/test.jsonl")
 
-The functions (`train`, `evaluate`, `compare`, `export`, `serve`, `chat`, `inspect`, `from_feedback`,
-`from_votes`) live in `alignkit.api`; they are imported on first use, so `import alignkit` stays light.
+The functions (`train`, `evaluate`, `compare`, `export`, `serve`, `chat`, `inspect`, `sample`,
+`from_feedback`, `from_votes`) live in `alignkit.api`; they are imported on first use, so `import alignkit` stays light.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _LAZY = {
     "serve": "alignkit.api",
     "chat": "alignkit.api",
     "inspect": "alignkit.api",
+    "sample": "alignkit.api",
     "from_feedback": "alignkit.api",
     "from_votes": "alignkit.api",
     "sxs": "alignkit.api",

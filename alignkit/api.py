@@ -28,6 +28,7 @@ from alignkit.config.coerce import flatten
 from alignkit.data.files import rows_file
 from alignkit.data.report import inspect_data
 from alignkit.errors import UserError, did_you_mean
+from alignkit.evaluation.best_of_n import SampleSettings, sample_best_of_n
 from alignkit.evaluation.config import build_eval_config
 from alignkit.evaluation.run import run_eval
 from alignkit.evaluation.sxs import sxs_page, votes_to_data
@@ -324,6 +325,19 @@ def from_feedback(db: str, output: str, /, *, model: str | None = None) -> dict[
     `output`; returns the counts (rows, up, down, no_feedback, empty)."""
 
     return export_kto(db, output, model)
+
+
+def sample(model: str, dataset: str, output: str, /, **settings: Any) -> dict[str, Any]:
+    """`alignkit data sample`: best-of-n / rejection sampling. `n` completions per prompt of `dataset` from
+    `model`, scored by `reward_funcs` / `reward_model`, kept by `keep` (best | above | pairs) and `threshold`,
+    written to `output` as SFT rows or DPO pairs; returns the report (rows written, prompts without an
+    acceptable sample, mean score of all samples and of the kept ones). Settings: the fields of
+    `alignkit.evaluation.best_of_n.SampleSettings`."""
+    known = {f.name for f in dataclasses.fields(SampleSettings)} - {"model", "dataset", "output"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise UserError(f"sample: unknown setting `{unknown[0]}`{did_you_mean(unknown[0], known)}")
+    return sample_best_of_n(SampleSettings(model, dataset, output, **settings))
 
 
 def from_votes(votes: str, /, *, key: str | None = None, output_dir: str = ".") -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""`alignkit data inspect | from-votes | from-feedback`: the data tools."""
+"""`alignkit data inspect | sample | from-votes | from-feedback`: the data tools."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ EPILOG_INSPECT = """examples:
   alignkit data inspect data.jsonl --max-length 512
   alignkit data inspect alpaca_en_demo --dataset-dir ../shared/data/llamafactory
 """
+EPILOG_SAMPLE = """examples:
+  alignkit data sample prompts.jsonl --model out/sft --n 8 --reward-funcs exact_match --output data/bon.jsonl
+  alignkit data sample prompts.jsonl --model out/sft --n 4 --reward-model out/rm --keep pairs --output data/pairs.jsonl
+  alignkit data sample gsm8k.jsonl --model out/sft --reward-funcs math_accuracy --keep above --threshold 1 --output data/rs.jsonl
+"""
 EPILOG_FROM_VOTES = """examples:
   alignkit data from-votes ~/Downloads/votes.json --key sxs/sxs_key.json --output-dir data/round2
 """
@@ -23,7 +28,7 @@ EPILOG_FROM_FEEDBACK = """examples:
 
 
 def register(subparsers: Any) -> None:
-    data = add_command(subparsers, "data", "data tools: inspect, from-votes, from-feedback")
+    data = add_command(subparsers, "data", "data tools: inspect, sample, from-votes, from-feedback")
     sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
     data.set_defaults(run=lambda args: _help(data))
     p = add_command(
@@ -42,6 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dataset-dir", help="where LLaMA-Factory's dataset_info.json is (default: ./data)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=inspect)
+    _register_sample(sub)
     v = add_command(
         sub, "from-votes", "turn a side-by-side review's votes into DPO pairs and KTO rows", EPILOG_FROM_VOTES
     )
@@ -59,6 +65,84 @@ def register(subparsers: Any) -> None:
     f.add_argument("--output", required=True, help="KTO rows to write (.jsonl)")
     f.add_argument("--model", help="only completions of this model id")
     f.set_defaults(run=from_feedback)
+
+
+def _register_sample(sub: Any) -> None:
+    s = add_command(
+        sub,
+        "sample",
+        "best-of-n / rejection sampling: n completions per prompt, scored, kept as SFT rows or DPO pairs",
+        EPILOG_SAMPLE,
+    )
+    s.add_argument(
+        "dataset", help="prompts (any format with a prompt), a path or a name of dataset_info.json"
+    )
+    s.add_argument(
+        "--model", required=True, help="the policy to sample from (a folder, an adapter, a hub id)"
+    )
+    s.add_argument("--output", required=True, help="the rows to write (.jsonl)")
+    s.add_argument("--n", type=int, default=8, help="completions per prompt (default 8)")
+    s.add_argument(
+        "--keep", default="best", help="best (default) | above (every sample >= --threshold) | pairs"
+    )
+    s.add_argument("--threshold", type=float, help="the lowest score kept")
+    s.add_argument(
+        "--reward-funcs", default="", help="comma-separated: exact_match, math_accuracy, module:fn"
+    )
+    s.add_argument("--reward-weights", help="comma-separated, one per scorer (the reward model last)")
+    s.add_argument("--reward-model", help="a reward model (e.g. from `stage: rm`)")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--batch-size", type=int, default=8, help="prompts per sampling pass")
+    s.add_argument("--max-samples", type=int, help="the first N prompts only")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dataset-dir", help="where LLaMA-Factory's dataset_info.json is (default: ./data)")
+    s.set_defaults(run=sample)
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    from alignkit.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise UserError(f"{flag} {text}: give comma-separated numbers, e.g. 1,0.5") from exc
+
+
+def sample(args: argparse.Namespace) -> int:
+    from alignkit import api
+
+    report = api.sample(
+        args.model,
+        args.dataset,
+        args.output,
+        n=args.n,
+        keep=args.keep,
+        threshold=args.threshold,
+        reward_funcs=[f for f in args.reward_funcs.split(",") if f],
+        reward_weights=_floats(args.reward_weights, "--reward-weights"),
+        reward_model=args.reward_model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        seed=args.seed,
+        dataset_dir=args.dataset_dir,
+    )
+    kept = report["mean_kept_score"]
+    lift = f"; mean score {report['mean_score']:.3f} over all samples" + (
+        f", {kept:.3f} over the kept rows" if kept is not None else ""
+    )
+    print(
+        f"wrote {report['rows']} {report['format']} rows to {report['output']} from {report['prompts']} prompts x "
+        f"{args.n} samples; {report['prompts_without_acceptable_sample']} prompts had no acceptable sample{lift}; "
+        f"train on it: stage: {'dpo' if report['format'] == 'pair' else 'sft'}, dataset: {report['output']}"
+    )
+    return 0
 
 
 def _help(parser: argparse.ArgumentParser) -> int:

@@ -8,6 +8,7 @@ JSON, or columns that differ from the first file's).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -356,3 +357,28 @@ def rows_file(rows: Any, what: str = "dataset") -> str:
             fh.write(text)
         os.replace(tmp, path)
     return path
+
+
+def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    """Write beside `path` and rename over it: an existing file is replaced whole or not at all."""
+    if os.path.isdir(path):
+        raise UserError(f"--output {path} is a folder; give a file path such as {path}/kto.jsonl")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UserError(f"--output {path}: cannot write there ({exc.strerror})") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

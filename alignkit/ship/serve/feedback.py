@@ -17,13 +17,13 @@ import contextlib
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from alignkit.data.files import write_jsonl_atomic
 from alignkit.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -373,31 +373,6 @@ def kto_row(prompt: list[dict] | str, answer: str, label: bool) -> dict[str, Any
         return {"prompt": prompt, "completion": answer, "label": label}
     messages = [_message(m) for m in prompt]
     return {"prompt": messages, "completion": [{"role": "assistant", "content": answer}], "label": label}
-
-
-def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
-    """Write beside `path` and rename over it: an existing file is replaced whole or not at all."""
-    if os.path.isdir(path):
-        raise UserError(f"--output {path} is a folder; give a file path such as {path}/kto.jsonl")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise UserError(f"--output {path}: cannot write there ({exc.strerror})") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def export_kto(db: str, output: str, model: str | None = None) -> dict[str, int]:
