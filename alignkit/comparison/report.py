@@ -24,7 +24,8 @@ HACKING_RULE = (
 
 def per_prompt_scores(samples_path: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """(model, baseline) per-prompt scores from an eval's samples.jsonl, in prompt order (the file is sorted
-    worst first; `index` puts it back). A metric is kept only when every prompt has a number."""
+    worst first; `index` puts it back). A metric is kept when its prompts have a number or None (a judge's
+    unparsable verdict, left out of the paired differences); any other value drops it."""
     with open(samples_path, encoding="utf-8") as fh:
         rows = sorted((json.loads(line) for line in fh if line.strip()), key=lambda r: r["index"])
 
@@ -34,11 +35,18 @@ def per_prompt_scores(samples_path: str) -> tuple[dict[str, list[float]], dict[s
         out = {}
         for metric in rows[0][name]["scores"]:
             values = [r.get(name, {}).get("scores", {}).get(metric) for r in rows]
-            if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                out[metric] = [float(v) for v in values]
+            numbers = [v for v in values if v is not None]
+            if numbers and all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
+                out[metric] = [None if v is None else float(v) for v in values]
         return out
 
     return side("model"), side("baseline")
+
+
+def _paired(xs: list, ys: list, seed: int) -> dict | None:
+    """Paired bootstrap of mean(xs) - mean(ys) over the prompts both have a number for (None: no such prompt)."""
+    both = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    return paired_bootstrap([x for x, _ in both], [y for _, y in both], seed=seed) if both else None
 
 
 def differences(scores: dict[str, dict[str, list[float]]], seed: int = 0) -> dict[str, dict[str, dict]]:
@@ -49,8 +57,8 @@ def differences(scores: dict[str, dict[str, list[float]]], seed: int = 0) -> dic
     for metric in metrics:
         for a, b in itertools.combinations(scores, 2):
             xs, ys = scores[a].get(metric), scores[b].get(metric)
-            if xs and ys and len(xs) == len(ys):
-                out.setdefault(metric, {})[f"{a}_vs_{b}"] = paired_bootstrap(xs, ys, seed=seed)
+            if xs and ys and len(xs) == len(ys) and (d := _paired(xs, ys, seed)):
+                out.setdefault(metric, {})[f"{a}_vs_{b}"] = d
     return out
 
 
@@ -62,9 +70,13 @@ def versus_baseline(
     out = {}
     for metric, xs in sorted(model.items(), key=lambda kv: metric_rank(kv[0])):
         if is_win_rate(metric):
-            out[metric] = paired_bootstrap(xs, [0.5] * len(xs), seed=seed)
+            d = _paired(xs, [0.5] * len(xs), seed)
         elif metric in baseline and len(baseline[metric]) == len(xs):
-            out[metric] = paired_bootstrap(xs, baseline[metric], seed=seed)
+            d = _paired(xs, baseline[metric], seed)
+        else:
+            d = None
+        if d is not None:
+            out[metric] = d
     return out
 
 
@@ -160,7 +172,7 @@ def _fmt(x: Any) -> str:
 def _value(row: dict | None) -> list[str]:
     if not row:
         return ["", "", ""]
-    lo, hi = row.get("ci95", [None, None])
+    lo, hi = row.get("ci95") or [None, None]
     return [_fmt(row.get("value")), f"{_fmt(lo)}, {_fmt(hi)}", str(row.get("n", ""))]
 
 

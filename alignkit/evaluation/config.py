@@ -31,6 +31,11 @@ def validate(cfg: EvalConfig, source: str) -> None:
             f"{source}: num_samples: {cfg.num_samples} with temperature 0 samples the same greedy answer "
             "k times; set a temperature (e.g. 0.7) for pass@k, maj@k and consistency"
         )
+    if not 0 <= cfg.judge_max_unparsable <= 1:
+        raise UserError(
+            f"{source}: `judge_max_unparsable` is a share of the verdicts, from 0 (stop at the first reply "
+            f"that does not parse) to 1 (never stop), got {cfg.judge_max_unparsable}"
+        )
     if cfg.judge_base_url and not cfg.judge_model:
         raise UserError(f"{source}: `judge_base_url` is set but `judge_model` is not; name the judge model")
     known = names()

@@ -2,14 +2,18 @@
 
 Every verdict is cached in SQLite as soon as it arrives, keyed by the judge model and the exact request,
 so an interrupted eval resumes without asking the judge twice. Requests run concurrently up to a limit
-and are retried with exponential back-off on connection errors, timeouts, 429, 5xx and replies whose
-verdict does not parse.
+and are retried with exponential back-off on connection errors, timeouts, 429, 5xx and bodies that are
+not a chat completion. A chat completion whose verdict does not parse is a final, "unparsable" verdict
+(None): the judge asks at temperature 0, so asking again would get the same reply. It is cached like any
+other, left out of the summaries (which count it under `unparsable`), and stops the eval only when more
+than `max_unparsable` of a call's verdicts are unparsable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -30,6 +34,10 @@ _FIRST = {"A": "a", "B": "b", "C": "tie"}
 _SWAPPED = {"A": "b", "B": "a", "C": "tie"}
 _SCORE = {"a": 1.0, "tie": 0.5, "b": 0.0}
 _RETRY_STATUS = {408, 409, 425, 429}
+EXPECTED_PAIRWISE = "[[A]], [[B]] or [[C]]"
+EXPECTED_RATING = "Rating: [[1-10]]"
+
+log = logging.getLogger("alignkit")
 
 
 def api_key_from_env(env_name: str | None) -> str | None:
@@ -117,11 +125,18 @@ class Judge:
         self.cache_hits = 0  # verdicts read from the cache instead of asked
         self._count_lock = threading.Lock()
 
-    def pairwise(self, conversations_a: list[list[dict]], conversations_b: list[list[dict]]) -> list[dict]:
+    def pairwise(
+        self,
+        conversations_a: list[list[dict]],
+        conversations_b: list[list[dict]],
+        max_unparsable: float = 1.0,
+    ) -> list[dict]:
         """Judge each a against its b twice, in both orders; a verdict that changes with the order is a tie.
 
         Each item: {"verdict", "first_order", "swapped_order"}, each "a", "b" or "tie". As in MT-Bench,
-        two orders that disagree in any way (a win against a tie included) count as a tie.
+        two orders that disagree in any way (a win against a tie included) count as a tie. An order whose
+        reply does not parse is None there, and the item's verdict is None when either order is. A UserError
+        when more than `max_unparsable` (a share) of the items have no verdict.
         """
         if len(conversations_a) != len(conversations_b):
             raise ValueError(
@@ -130,34 +145,66 @@ class Judge:
         requests: list[list[dict]] = []
         for a, b in zip(conversations_a, conversations_b):
             requests += [pairwise_messages(a, b), pairwise_messages(b, a)]
-        labels = self._judge_all(requests, parse_pairwise)
-        results = []
+        answers = self._judge_all(requests, parse_pairwise)
+        results, bad_replies = [], []
         for i in range(len(conversations_a)):
-            first, swapped = _FIRST[labels[2 * i]], _SWAPPED[labels[2 * i + 1]]
-            verdict = first if first == swapped else "tie"
+            (label_1, reply_1), (label_2, reply_2) = answers[2 * i], answers[2 * i + 1]
+            first, swapped = _FIRST.get(label_1), _SWAPPED.get(label_2)
+            if first is None or swapped is None:
+                verdict = None
+                bad_replies.append(reply_1 if first is None else reply_2)
+            else:
+                verdict = first if first == swapped else "tie"
             results.append({"verdict": verdict, "first_order": first, "swapped_order": swapped})
+        self._check_unparsable(
+            bad_replies, len(results), "pairwise verdicts", EXPECTED_PAIRWISE, max_unparsable
+        )
         return results
 
-    def grade(self, conversations: list[list[dict]]) -> list[float]:
-        """MT-Bench-style 1-10 rating of each conversation's last assistant turn, read in its context."""
-        return self._judge_all([grade_messages(c) for c in conversations], parse_rating)
+    def grade(self, conversations: list[list[dict]], max_unparsable: float = 1.0) -> list[float | None]:
+        """MT-Bench-style 1-10 rating of each conversation's last assistant turn, read in its context; None
+        where the reply does not parse. A UserError when more than `max_unparsable` (a share) are None."""
+        answers = self._judge_all([grade_messages(c) for c in conversations], parse_rating)
+        bad_replies = [reply for grade, reply in answers if grade is None]
+        self._check_unparsable(bad_replies, len(answers), "1-10 grades", EXPECTED_RATING, max_unparsable)
+        return [grade for grade, _ in answers]
 
-    def _judge_all(self, requests: list[list[dict]], parse: Callable[[str], Any]) -> list[Any]:
+    def _judge_all(self, requests: list[list[dict]], parse: Callable[[str], Any]) -> list[tuple[Any, str]]:
+        """(parsed verdict or None, raw reply) for each request, from the cache or asked."""
         keys = [VerdictCache.key(self.model, m) for m in requests]
         cached = self.cache.get_many(list(dict.fromkeys(keys)))
-        verdicts = {k: parse(reply) for k, reply in cached.items()}
-        verdicts = {k: v for k, v in verdicts.items() if v is not None}
-        todo = {k: m for k, m in zip(keys, requests) if k not in verdicts}  # identical requests asked once
-        self.cache_hits += sum(1 for k in keys if k in verdicts)
+        answers = {k: (parse(reply), reply) for k, reply in cached.items()}  # an unparsable reply is final
+        todo = {k: m for k, m in zip(keys, requests) if k not in answers}  # identical requests asked once
+        self.cache_hits += sum(1 for k in keys if k in answers)
         if todo:
-            verdicts.update(self._ask_all(todo, parse))
-        return [verdicts[k] for k in keys]
+            answers.update(self._ask_all(todo, parse))
+        return [answers[k] for k in keys]
 
-    def _ask_all(self, todo: dict[str, list[dict]], parse: Callable[[str], Any]) -> dict[str, Any]:
+    def _check_unparsable(
+        self, bad_replies: list[str], total: int, what: str, expected: str, max_unparsable: float
+    ) -> None:
+        """Warns of the unparsable verdicts left out; a UserError when they are more than max_unparsable."""
+        if not bad_replies:
+            return
+        counted = f"{len(bad_replies)} of {total} {what} from the judge {self.model!r} did not parse"
+        if len(bad_replies) / total <= max_unparsable:  # the share, as judge_max_unparsable reads
+            log.warning("%s (expected %s); they are left out of the summary", counted, expected)
+            return
+        raise UserError(
+            f"{counted}, a share of {len(bad_replies) / total:.2f}, more than judge_max_unparsable="
+            f"{max_unparsable:g}: each reply should end "
+            f"with {expected}; the first unparsable reply begins {_sample(bad_replies[0])}. Use a stronger "
+            "judge model (judge_model), or raise judge_max_unparsable (1: never stop) to summarize the "
+            f"verdicts that parse; every verdict judged is cached in {self.cache.path}"
+        )
+
+    def _ask_all(
+        self, todo: dict[str, list[dict]], parse: Callable[[str], Any]
+    ) -> dict[str, tuple[Any, str]]:
         limits = httpx.Limits(
             max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
         )
-        found: dict[str, Any] = {}
+        found: dict[str, tuple[Any, str]] = {}
         stop = threading.Event()
         with (
             httpx.Client(timeout=self.timeout, limits=limits) as client,
@@ -166,9 +213,8 @@ class Judge:
             futures = {pool.submit(self._ask, client, m, parse, stop): k for k, m in todo.items()}
             try:
                 for future in as_completed(futures):
-                    verdict, reply = future.result()
-                    self.cache.put(futures[future], reply)
-                    found[futures[future]] = verdict
+                    found[futures[future]] = future.result()
+                    self.cache.put(futures[future], found[futures[future]][1])
             except BaseException:
                 # stop asking, let the requests in flight finish (without retries), and keep their verdicts
                 stop.set()
@@ -184,7 +230,9 @@ class Judge:
     def _ask(
         self, client: httpx.Client, messages: list[dict], parse: Callable[[str], Any], stop: threading.Event
     ) -> tuple[Any, str]:
-        """One verdict: (parsed, raw reply), retried with back-off; a UserError once retries are spent."""
+        """One verdict: (parsed or None when the reply does not parse, raw reply), retried with back-off
+        on transport errors, 408/409/425/429, 5xx and bodies that are not a chat completion; a UserError
+        once retries are spent."""
         failure = ""
         for attempt in range(self.max_retries + 1):
             if attempt and stop.wait(self.backoff * 2 ** (attempt - 1)):
@@ -207,13 +255,11 @@ class Judge:
                     f"the judge endpoint {self.url} answered {status}: {_error_message(response)}"
                 )
             reply = _reply_text(response)
-            verdict = parse(reply) if reply is not None else None
-            if verdict is not None:
-                return verdict, reply
-            expected = "[[A]], [[B]] or [[C]]" if parse is parse_pairwise else "Rating: [[1-10]]"
+            if reply is not None:  # a chat completion: final, whether its verdict parses or not
+                return parse(reply), reply
             failure = (
-                f"the judge at {self.url} answered {status} with a verdict that does not parse "
-                f"(expected {expected}); the reply begins: {_sample(response.text if reply is None else reply)}"
+                f"the judge at {self.url} answered {status} with a body that is not a chat completion "
+                f"(no choices[0].message.content); it begins: {_sample(response.text)}"
             )
         raise UserError(
             f"{failure} (after {self.max_retries + 1} attempts; verdicts already judged are cached)"
@@ -254,27 +300,32 @@ def _error_message(response: httpx.Response) -> str:
 
 
 def summarize_pairwise(verdicts: list[dict]) -> dict:
-    """Win rate of a over b with a tie as half a win, its bootstrap 95% interval, and the counts.
+    """Win rate of a over b with a tie as half a win, its bootstrap 95% interval, and the counts, over the
+    items with a verdict: `n` counts those, `unparsable` the items left out (verdict None).
 
     `inconsistent` counts the items whose two orders disagreed: the judge's position bias shows there.
     """
 
-    scores = [_SCORE[v["verdict"]] for v in verdicts]
-    wins = sum(1 for v in verdicts if v["verdict"] == "a")
-    ties = sum(1 for v in verdicts if v["verdict"] == "tie")
-    inconsistent = sum(1 for v in verdicts if v.get("first_order") != v.get("swapped_order"))
+    parsed = [v for v in verdicts if v["verdict"] is not None]
+    scores = [_SCORE[v["verdict"]] for v in parsed]
+    wins = sum(1 for v in parsed if v["verdict"] == "a")
+    ties = sum(1 for v in parsed if v["verdict"] == "tie")
+    inconsistent = sum(1 for v in parsed if v.get("first_order") != v.get("swapped_order"))
     summary = {"wins": wins, "ties": ties, "losses": len(scores) - wins - ties, "n": len(scores)}
-    summary["inconsistent"] = inconsistent
+    summary.update(inconsistent=inconsistent, unparsable=len(verdicts) - len(parsed))
     if not scores:
         return {**summary, "win_rate": None, "ci95": None}
     lo, hi = bootstrap_mean_ci(scores)
     return {**summary, "win_rate": sum(scores) / len(scores), "ci95": [lo, hi]}
 
 
-def summarize_grades(scores: list[float]) -> dict:
-    """Mean 1-10 grade with its bootstrap 95% interval."""
+def summarize_grades(grades: list[float | None]) -> dict:
+    """Mean 1-10 grade with its bootstrap 95% interval, over the grades that parsed: `n` counts those,
+    `unparsable` the Nones left out."""
 
+    scores = [float(g) for g in grades if g is not None]
+    summary = {"n": len(scores), "unparsable": len(grades) - len(scores)}
     if not scores:
-        return {"mean": None, "n": 0, "ci95": None}
-    lo, hi = bootstrap_mean_ci([float(s) for s in scores])
-    return {"mean": sum(scores) / len(scores), "n": len(scores), "ci95": [lo, hi]}
+        return {"mean": None, **summary, "ci95": None}
+    lo, hi = bootstrap_mean_ci(scores)
+    return {"mean": sum(scores) / len(scores), **summary, "ci95": [lo, hi]}

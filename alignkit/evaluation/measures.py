@@ -170,13 +170,16 @@ def reward_model_preference_accuracy(ctx: EvalContext, side: Side) -> None:
 # --------------------------------------------------------------------------------------------------- the judge
 def judge_score(ctx: EvalContext, side: Side) -> None:
     """MT-Bench style: every assistant turn graded 1-10 with the conversation before it; a prompt's score is the
-    mean of its turns."""
+    mean of its turns whose grade parsed (None when none did). Unparsable grades are left out of the summary and
+    counted under `unparsable`; more than `judge_max_unparsable` of them stop the eval."""
 
     turns = [turn_prefixes(c) for c in side.conversations]
-    grades = ctx.judge.grade([t for ts in turns for t in ts])
-    per_prompt, at = [], 0
+    grades = ctx.judge.grade([t for ts in turns for t in ts], max_unparsable=ctx.cfg.judge_max_unparsable)
+    per_prompt: list[float | None] = []
+    at = 0
     for ts in turns:
-        per_prompt.append(sum(grades[at : at + len(ts)]) / len(ts))
+        parsed = [g for g in grades[at : at + len(ts)] if g is not None]
+        per_prompt.append(sum(parsed) / len(parsed) if parsed else None)
         at += len(ts)
     row = summarize_grades(grades)
     side.metrics["judge_score"] = {"value": row.pop("mean"), **row}
@@ -184,12 +187,17 @@ def judge_score(ctx: EvalContext, side: Side) -> None:
 
 
 def judge_win_rate(ctx: EvalContext, side: Side) -> None:
-    """Pairwise verdicts on whole conversations, in both orders (position bias cancels)."""
+    """Pairwise verdicts on whole conversations, in both orders (position bias cancels); an item whose reply
+    does not parse in either order has none (None per prompt, left out of the summary)."""
 
-    verdicts = ctx.judge.pairwise(ctx.sides[0].conversations, ctx.sides[1].conversations)
+    verdicts = ctx.judge.pairwise(
+        ctx.sides[0].conversations, ctx.sides[1].conversations, max_unparsable=ctx.cfg.judge_max_unparsable
+    )
     row = summarize_pairwise(verdicts)
     side.metrics["judge_win_rate"] = {"value": row.pop("win_rate"), **row}
-    side.per_prompt["judge_win_rate"] = [{"a": 1.0, "tie": 0.5, "b": 0.0}[v["verdict"]] for v in verdicts]
+    side.per_prompt["judge_win_rate"] = [
+        None if v["verdict"] is None else {"a": 1.0, "tie": 0.5, "b": 0.0}[v["verdict"]] for v in verdicts
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- lm-eval

@@ -22,6 +22,8 @@ def _fmt(x: Any) -> str:
 def _cell(row: dict | None) -> list[str]:
     if not row:
         return ["", "", ""]
+    if row.get("value") is None:  # nothing to summarize: every judge verdict unparsable
+        return ["", "", str(row.get("n", ""))]
     lo, hi = row.get("ci95", [float("nan"), float("nan")])
     return [_fmt(row["value"]), f"{_fmt(lo)}-{_fmt(hi)}", str(row.get("n", ""))]
 

@@ -247,6 +247,28 @@ def test_versus_baseline_pairs_by_prompt_and_reads_win_rates_against_an_even_spl
     assert "kl" not in vs  # no per-prompt KL of the start against itself
 
 
+def test_unparsable_judge_verdicts_leave_their_prompts_out_of_the_paired_differences(tmp_path: Path) -> None:
+    """A judge's unparsable verdict is None in samples.jsonl: the metric stays, and each paired difference uses
+    the prompts both sides have a number for."""
+    from alignkit.comparison.report import differences, per_prompt_scores, versus_baseline
+
+    rows = [
+        {"index": i, "model": {"scores": {"judge_score": m}}, "baseline": {"scores": {"judge_score": b}}}
+        for i, (m, b) in enumerate([(8.0, 6.0), (None, 5.0), (7.0, None), (9.0, 4.0)])
+    ]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    model, base = per_prompt_scores(str(path))
+    assert model == {"judge_score": [8.0, None, 7.0, 9.0]} and base == {"judge_score": [6.0, 5.0, None, 4.0]}
+    vs = versus_baseline(model, base)["judge_score"]
+    assert vs["diff"] == pytest.approx(((8 - 6) + (9 - 4)) / 2) and vs["n"] == 2
+    d = differences({"a": model, "b": {"judge_score": [None, None, 1.0, 2.0]}})["judge_score"]["a_vs_b"]
+    assert d["diff"] == pytest.approx(((7 - 1) + (9 - 2)) / 2)
+    assert (
+        differences({"a": model, "b": {"judge_score": [None, 1.0, None, None]}}) == {}
+    )  # no prompt in common
+
+
 def test_budget_counts_steps_times_global_batch_and_online_rollouts() -> None:
     from alignkit.comparison.runs import budget, check_budgets
     from alignkit.config import build_config

@@ -12,9 +12,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from alignkit.data.formats import Example
 from alignkit.errors import UserError
+from alignkit.evaluation.config import build_eval_config
+from alignkit.evaluation.context import EvalContext, Side
 from alignkit.evaluation.judge import Judge, api_key_from_env, summarize_grades, summarize_pairwise
 from alignkit.evaluation.judge_prompts import parse_pairwise, parse_rating
+from alignkit.evaluation.measures import judge_score, judge_win_rate
+from alignkit.evaluation.report import render_table, sample_rows
+from alignkit.evaluation.settings import EvalConfig
 from alignkit.stats import bootstrap_mean_ci
 
 # respond(request body, 1-based request number) -> (status, JSON payload), or None to drop the connection
@@ -124,7 +130,7 @@ def test_first_position_bias_cancels_to_a_tie(stub: Stub, tmp_path) -> None:
     summary = summarize_pairwise(verdicts)
     assert summary["win_rate"] == 0.5 and summary["ci95"] == [0.5, 0.5]
     assert (summary["wins"], summary["ties"], summary["losses"], summary["n"]) == (0, 5, 0, 5)
-    assert summary["inconsistent"] == 5
+    assert summary["inconsistent"] == 5 and summary["unparsable"] == 0
     # each pair asked twice, once per order, at temperature 0, with the key, at /v1/chat/completions
     assert len(stub.requests) == 10 and judge.requests_sent == 10
     assert all(r["temperature"] == 0 and r["model"] == "judge-model" for r in stub.requests)
@@ -183,7 +189,9 @@ def test_interrupted_run_keeps_its_verdicts_and_resumes(stub: Stub, tmp_path) ->
     with pytest.raises(
         UserError, match=r"could not reach the judge endpoint http://127\.0\.0\.1:\d+/v1/chat"
     ) as err:
-        make_judge(stub, tmp_path, max_concurrency=1, max_retries=1).pairwise(a, b)
+        # a back-off of 1 s: the next request's retry waits long enough for the failure to stop the run, even
+        # on a loaded machine (at 0.01 s the worker once got through another request and a half first)
+        make_judge(stub, tmp_path, max_concurrency=1, max_retries=1, backoff=1.0).pairwise(a, b)
     assert "cached" in str(err.value)
     # the k verdicts, the failed request and its one retry, and perhaps the next request, which the
     # single worker may start before the failure stops the run
@@ -234,18 +242,152 @@ def test_unreachable_endpoint_is_retried_then_named(tmp_path) -> None:
     assert judge.requests_sent == 3
 
 
-def test_unparseable_verdict_is_retried_then_named(stub: Stub, tmp_path) -> None:
-    stub.respond = always("Both answers have merit; I cannot choose.")
-    with pytest.raises(UserError) as err:
-        make_judge(stub, tmp_path, max_retries=2).pairwise([single("q", "a")], [single("q", "b")])
-    message = str(err.value)
-    assert stub.url + "/chat/completions" in message and "answered 200" in message
-    assert "Both answers have merit" in message and "[[A]]" in message
-    # one request tried three times; its order-swapped twin, asked beside it, stops retrying once that fails
-    assert 4 <= len(stub.requests) <= 6
+def test_malformed_bodies_are_retried_then_named(stub: Stub, tmp_path) -> None:
     stub.respond = lambda body, n: (200, {"unexpected": True})  # not a chat completion at all
-    with pytest.raises(UserError, match="unexpected"):
-        make_judge(stub, tmp_path, max_retries=0).grade([single("q", "a")])
+    with pytest.raises(UserError, match="not a chat completion.*unexpected") as err:
+        make_judge(stub, tmp_path, max_retries=2).grade([single("q", "a")])
+    assert "after 3 attempts" in str(err.value) and len(stub.requests) == 3
+    with sqlite3.connect(tmp_path / "judge_cache.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0] == 0  # nothing cached: asked again
+    stub.respond = lambda body, n: (200, {"unexpected": True}) if n <= 4 else chat("Rating: [[5]]")
+    assert make_judge(stub, tmp_path, max_retries=2).grade([single("q", "a")]) == [5.0]
+    assert len(stub.requests) == 5
+
+
+ALEPH = 'The answer to this question is: "Aleph"'  # what SmolLM2-135M-Instruct answered as a judge
+
+
+def by_answer(replies: dict[str, str]) -> Responder:
+    """Answers a single-turn grade request with the reply for the answer it shows."""
+    return lambda body, n: chat(replies[between(body["messages"][-1]["content"], "Answer]\n", "\n[The End")])
+
+
+def test_unparsable_grades_are_final_cached_and_left_out(stub: Stub, tmp_path) -> None:
+    replies = {"a0": "Rating: [[4]]", "a1": ALEPH, "a2": "Rating: [[6]]", "a3": ALEPH, "a4": "Rating: [[8]]"}
+    stub.respond = by_answer(replies)
+    conversations = [single(f"q{i}", f"a{i}") for i in range(5)]
+    judge = make_judge(stub, tmp_path, max_retries=4, backoff=5.0)  # a retry would take seconds
+    t0 = time.perf_counter()
+    assert judge.grade(conversations, max_unparsable=0.5) == [4.0, None, 6.0, None, 8.0]
+    assert time.perf_counter() - t0 < 4.0  # no back-off waited
+    assert len(stub.requests) == 5 and judge.requests_sent == 5  # each asked exactly once
+    with sqlite3.connect(tmp_path / "judge_cache.sqlite") as db:
+        assert sorted(r for (r,) in db.execute("SELECT reply FROM verdicts")) == sorted(replies.values())
+    summary = summarize_grades([4.0, None, 6.0, None, 8.0])
+    assert summary == {"mean": 6.0, "n": 3, "unparsable": 2, "ci95": list(bootstrap_mean_ci([4.0, 6.0, 8.0]))}
+    # a resumed eval reads the unparsable replies from the cache too: nothing is asked again
+    again = make_judge(stub, tmp_path)
+    assert again.grade(conversations, max_unparsable=0.5) == [4.0, None, 6.0, None, 8.0]
+    assert len(stub.requests) == 5 and again.requests_sent == 0 and again.cache_hits == 5
+
+
+def test_pairwise_item_with_an_unparsable_order_has_no_verdict(stub: Stub, tmp_path) -> None:
+    # item 1's swapped order (its b shown as assistant A) gets no verdict; the other orders prefer longer
+    stub.respond = lambda body, n: (
+        (chat("I like both.") if "Assistant A's Answer]\nbb1\n" in body["messages"][-1]["content"] else None)
+        or prefer_longer(body, n)
+    )
+    a = [single("q0", "long a0"), single("q1", "a1"), single("q2", "a2")]
+    b = [single("q0", "b0"), single("q1", "bb1"), single("q2", "long b2")]
+    verdicts = make_judge(stub, tmp_path).pairwise(a, b, max_unparsable=0.5)
+    assert [tuple(v.values()) for v in verdicts] == [("a", "a", "a"), (None, "b", None), ("b", "b", "b")]
+    assert len(stub.requests) == 6
+    summary = summarize_pairwise(verdicts)
+    assert [summary[k] for k in ("win_rate", "n", "unparsable", "inconsistent", "ties")] == [0.5, 2, 1, 0, 0]
+    again = make_judge(stub, tmp_path)
+    assert again.pairwise(a, b) == verdicts and len(stub.requests) == 6 and again.requests_sent == 0
+
+
+def test_too_many_unparsable_verdicts_stop_with_the_first_reply(stub: Stub, tmp_path) -> None:
+    stub.respond = by_answer({"a0": ALEPH, "a1": "Rating: [[7]]", "a2": ALEPH, "a3": ALEPH})
+    conversations = [single(f"q{i}", f"a{i}") for i in range(4)]
+    with pytest.raises(UserError) as err:
+        make_judge(stub, tmp_path, max_retries=4).grade(conversations, max_unparsable=0.5)
+    assert str(err.value) == (
+        "3 of 4 1-10 grades from the judge 'judge-model' did not parse, a share of 0.75, more than "
+        "judge_max_unparsable=0.5: each reply should end with Rating: [[1-10]]; the first unparsable "
+        f"reply begins {ALEPH!r}. Use a stronger judge model (judge_model), or raise judge_max_unparsable "
+        "(1: never stop) to summarize the verdicts that parse; every verdict judged is cached in "
+        f"{tmp_path / 'judge_cache.sqlite'}"
+    )
+    assert len(stub.requests) == 4  # not retried
+    with sqlite3.connect(tmp_path / "judge_cache.sqlite") as db:  # nothing lost: all four are cached
+        assert db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0] == 4
+    again = make_judge(stub, tmp_path)  # the same verdicts pass under a higher limit, from the cache
+    assert again.grade(conversations, max_unparsable=0.75) == [None, 7.0, None, None]
+    assert again.requests_sent == 0
+    # 0: the first unparsable verdict stops; its reply is quoted up to 200 characters
+    stub.respond = always("[[D]] " + "x" * 300)
+    with pytest.raises(UserError, match="1 of 1 pairwise verdicts") as err:
+        make_judge(stub, tmp_path).pairwise([single("q", "x")], [single("q", "x")], max_unparsable=0.0)
+    message, quoted = str(err.value), repr("[[D]] " + "x" * 194)
+    assert f"end with [[A]], [[B]] or [[C]]; the first unparsable reply begins {quoted}." in message
+
+
+def test_summaries_leave_unparsable_verdicts_out() -> None:
+    grades = summarize_grades([None, 7.0, None, 9.0, 2.0])
+    assert grades == {"mean": 6.0, "n": 3, "unparsable": 2, "ci95": list(bootstrap_mean_ci([7.0, 9.0, 2.0]))}
+    assert summarize_grades([None, None]) == {"mean": None, "n": 0, "unparsable": 2, "ci95": None}
+    keys = ("verdict", "first_order", "swapped_order")
+    pairs = [dict(zip(keys, v)) for v in [("a", "a", "a"), (None, "a", None), ("tie", "a", "b"), ("b",) * 3]]
+    ci = list(bootstrap_mean_ci([1.0, 0.5, 0.0]))
+    counts = dict(wins=1, ties=1, losses=1, n=3, inconsistent=1, unparsable=1)
+    assert summarize_pairwise(pairs) == {**counts, "win_rate": 0.5, "ci95": ci}
+    counts = dict(wins=0, ties=0, losses=0, n=0, inconsistent=0, unparsable=2)
+    assert summarize_pairwise(pairs[1:2] * 2) == {**counts, "win_rate": None, "ci95": None}
+
+
+def turns(question: str, *answers: str) -> list[dict]:
+    """A conversation: `question`, then the answers with the same follow-up between them."""
+    msgs = [{"role": "user", "content": question}]
+    for i, answer in enumerate(answers):
+        msgs += [{"role": "user", "content": "more?"}] * (i > 0) + [{"role": "assistant", "content": answer}]
+    return msgs
+
+
+def test_judge_metrics_leave_unparsable_verdicts_out(stub: Stub, tmp_path) -> None:
+    def respond(body: dict, n: int) -> tuple[int, dict]:
+        prompt = body["messages"][-1]["content"]
+        if "[[A]]" in body["messages"][0]["content"]:  # pairwise: no verdict when q1 is asked
+            return chat(ALEPH if "q1" in prompt else "[[C]]")
+        last = prompt.split("Answer]\n")[1].split("\n[The End")[0] if "Answer]" in prompt else prompt
+        last = last.split("### Assistant:\n")[-1].split("\n\n<|The End")[0]  # a multi-turn transcript's
+        return chat({"good": "Rating: [[9]]", "fine": "Rating: [[6]]"}.get(last, ALEPH))
+
+    stub.respond = respond
+    mine = [turns("q0", "good", "bad", "fine"), turns("q1", "bad"), turns("q2", "good")]
+    theirs = [turns("q0", "x", "y", "z"), turns("q1", "x"), turns("q2", "x")]
+    model, base = Side("model", "m", conversations=mine), Side("baseline", "b", conversations=theirs)
+    ctx = EvalContext(EvalConfig(judge_max_unparsable=0.5), None, [], sides=[model, base])
+    ctx.judge = make_judge(stub, tmp_path)
+    judge_score(ctx, model)  # turns 9, bad, 6 | bad | 9: 2 of 5 unparsable, not more than 0.5
+    assert model.per_prompt["judge_score"] == [7.5, None, 9.0]
+    ci = list(bootstrap_mean_ci([9.0, 6.0, 9.0]))
+    assert model.metrics["judge_score"] == {"value": 8.0, "n": 3, "unparsable": 2, "ci95": ci}
+    judge_win_rate(ctx, model)
+    assert model.per_prompt["judge_win_rate"] == [0.5, None, 0.5]
+    row = model.metrics["judge_win_rate"]
+    assert (row["value"], row["n"], row["unparsable"], row["ties"]) == (0.5, 2, 1, 2)
+    model.texts = [["x"]] * 3
+    rows = sample_rows([Example(prompt=f"q{i}") for i in range(3)], [model])
+    # worst first: the lowest judge score first, the prompt without one last
+    assert [r["index"] for r in rows] == [0, 2, 1] and rows[2]["model"]["scores"]["judge_score"] is None
+    ctx.cfg.judge_max_unparsable = 0.25
+    with pytest.raises(UserError, match=r"2 of 5 1-10 grades .* judge_max_unparsable=0\.25"):
+        judge_score(ctx, model)
+    everything_bad = {"judge_score": {"value": None, **summarize_grades([None])}}
+    assert "| judge_score |  |  | 0 |" in render_table(everything_bad, None)
+
+
+def test_judge_max_unparsable_is_a_share() -> None:
+    keys = {"model": "m", "dataset": "d.jsonl"}
+    assert build_eval_config(keys, "cli").judge_max_unparsable == 0.5
+    for share in (0, 1, "0.2"):
+        cfg = build_eval_config({**keys, "judge_max_unparsable": share}, "cli")
+        assert cfg.judge_max_unparsable == float(share)
+    for share in (-0.1, 1.5, float("nan")):
+        with pytest.raises(UserError, match="`judge_max_unparsable` is a share"):
+            build_eval_config({**keys, "judge_max_unparsable": share}, "cli")
 
 
 def test_concurrency_is_limited(stub: Stub, tmp_path) -> None:
@@ -272,7 +414,7 @@ def test_grades_and_multi_turn_conversations(stub: Stub, tmp_path) -> None:
     for turn in ("Name a French city.", "Paris.", "Why did you pick that one?", "It is the capital.", "LAST"):
         assert turn in prompt
     summary = summarize_grades(scores)
-    assert summary["mean"] == 7.0 and summary["n"] == 3
+    assert summary["mean"] == 7.0 and summary["n"] == 3 and summary["unparsable"] == 0
     assert summary["ci95"] == list(bootstrap_mean_ci([9.0, 3.0, 9.0]))
     assert 3.0 <= summary["ci95"][0] < 7.0 < summary["ci95"][1] <= 9.0
     # pairwise shows both sides' whole conversations, the shared user turns and each side's answers
