@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from alignkit.config.schema import BaseConfig, check_choice, one_or_more
 from alignkit.errors import UserError, did_you_mean
 from alignkit.losses.preference import DPO_LOSSES
-from alignkit.losses.rl import GRPO_LOSS_TYPES
+from alignkit.losses.rl import GRPO_LOSS_TYPES, SAMPLER_CORRECTIONS
 from alignkit.losses.unpaired import KTO_LOSSES
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -247,6 +247,11 @@ class GRPOConfig(OnlineConfig):
     max_refill_rounds: int = 3
     overlong_buffer_len: int | None = None  # DAPO soft overlong punishment over the last N tokens
     overlong_penalty_factor: float = 1.0
+    # rollout_backend: vllm: weight each token by pi_trainer / pi_sampler of the sampled tokens (TIS / masked IS)
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "token_truncate"  # token_ / sequence_ + truncate / mask
+    vllm_importance_sampling_clip_max: float | None = 3.0  # the cap C
+    vllm_importance_sampling_clip_min: float | None = None
 
     def check(self, source: str = "config") -> None:
         super().check(source)
@@ -270,6 +275,15 @@ class GRPOConfig(OnlineConfig):
             raise UserError(f"{source}: `epsilon` and `epsilon_high` must be >= 0")
         if self.max_refill_rounds < 0:
             raise UserError(f"{source}: `max_refill_rounds` must be >= 0, got {self.max_refill_rounds}")
+        check_choice(
+            source, "vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, SAMPLER_CORRECTIONS
+        )
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if (lo is not None and lo < 0) or (hi is not None and hi <= 0) or (None not in (lo, hi) and lo >= hi):
+            raise UserError(
+                f"{source}: `vllm_importance_sampling_clip_min` ({lo}) must be >= 0 and below "
+                f"`vllm_importance_sampling_clip_max` ({hi}), which must be > 0"
+            )
 
 
 @dataclass

@@ -349,6 +349,38 @@ def register_policy_loss(name: str, spec: GRPOLossSpec) -> GRPOLossSpec:
     return spec
 
 
+SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_correction(
+    old_logps: torch.Tensor,
+    sampler_logps: torch.Tensor,
+    rows: torch.Tensor,
+    n_rows: int,
+    mode: str,
+    clip_max: float | None,
+    clip_min: float | None = None,
+) -> torch.Tensor:
+    """Importance weights (N,) that correct for the sampler (vLLM) and the trainer disagreeing on the
+    log-probs of the same tokens: ratio = pi_trainer_old / pi_sampler, per token or per completion (the sum
+    of its tokens' log-ratios), then truncated to [clip_min, clip_max] (TIS, Yao et al. 2025, "Your efficient
+    RL framework secretly brings you off-policy RL training") or zeroed outside it (masked IS, as TRL's
+    `*_mask` modes). A token the sampler gave no log-prob (NaN) counts as agreeing (ratio 1), as in TRL.
+
+    old_logps, sampler_logps, rows: (N,) per completion token, flattened; the weights carry no gradient."""
+    if mode not in SAMPLER_CORRECTIONS:
+        raise ValueError(f"unknown sampler correction {mode!r}; valid: {', '.join(SAMPLER_CORRECTIONS)}")
+    diff = torch.nan_to_num(old_logps.detach() - sampler_logps, nan=0.0)  # (N,)
+    if mode.startswith("sequence"):
+        diff = per_row_sum(diff, rows, n_rows)[rows]  # each token carries its completion's log-ratio
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else 0.0
+    hi = clip_max if clip_max is not None else float("inf")
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
 def grpo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -361,6 +393,7 @@ def grpo_policy_loss(
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_bias_correction: bool = True,
+    sampler_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A GRPO-family clipped policy loss, summed: the caller divides by the completions (or tokens, as
     `spec.average_over` says) of the whole global batch.
@@ -369,13 +402,19 @@ def grpo_policy_loss(
     each token; advantages: (B,) one per completion. With `ref_logps`, beta * k3 KL is added per token,
     weighted by the importance ratio when `kl_bias_correction` (DeepSeek-V3.2, eq. 7: the unbiased gradient
     of the reverse KL when samples come from the old policy; TRL's `use_bias_correction_kl`, on by default).
+    `sampler_weights` (N,) (`sampler_correction`) multiply the policy term before the KL is added, as TRL; a
+    loss whose ratio is per completion (GSPO, RLOO) takes its completion's mean weight.
     Returns (loss sum, was_clipped per token or per completion, per-token k3 KL or None).
     """
     if spec.kl_in_reward and ref_logps is not None:
         raise ValueError("this loss takes its KL penalty in the reward, not in the loss")
     terms = spec.importance_ratio(logps, old_logps, advantages, rows, epsilon_low, epsilon_high)
-    token_loss, kl = terms.token_loss, None  # (N,)
+    token_loss, seq_loss, kl = terms.token_loss, terms.seq_loss, None  # (N,), (B,)
+    if sampler_weights is not None:
+        n = advantages.shape[0]
+        token_loss = token_loss * sampler_weights
+        seq_loss = seq_loss * per_row_sum(sampler_weights, rows, n) / _lengths(sampler_weights, rows, n)
     if ref_logps is not None:
         kl = k3_kl(logps, ref_logps)  # (N,)
         token_loss = token_loss + beta * (kl * terms.ratio if kl_bias_correction else kl)
-    return spec.aggregation(token_loss, terms.seq_loss, rows, max_new_tokens), terms.clipped, kl
+    return spec.aggregation(token_loss, seq_loss, rows, max_new_tokens), terms.clipped, kl

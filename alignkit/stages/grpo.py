@@ -17,7 +17,7 @@ from torch import nn
 
 from alignkit.config import GRPOConfig
 from alignkit.generation.rollout import Samples
-from alignkit.losses.rl import GRPO_LOSSES, GRPOLossSpec, grpo_policy_loss
+from alignkit.losses.rl import GRPO_LOSSES, GRPOLossSpec, grpo_policy_loss, sampler_correction
 from alignkit.losses.tokens import per_row_sum
 from alignkit.modeling.load import load_policy
 from alignkit.modeling.logprobs import TokenStats
@@ -73,6 +73,21 @@ def share_groups(targets: list[int], found: list[int]) -> list[int]:
         keep[p] += extra
         short -= extra
     return keep
+
+
+def sampler_metrics(old: torch.Tensor, sampler: torch.Tensor, weights: torch.Tensor) -> Metrics:
+    """How far the sampler (vLLM) and the trainer disagree: `sampler/kl`, KL(sampler || trainer) by the k3
+    estimator over the sampled tokens (r - 1 - log r, r = pi_trainer / pi_sampler); the importance weights'
+    mean and max (`sampler/ratio_mean`, `sampler/ratio_max`, a max taken as the micro-batches' mean of maxima)."""
+    with torch.no_grad():
+        ok = ~torch.isnan(sampler)
+        log_r = (old.detach() - sampler)[ok]
+        n = float(max(log_r.numel(), 1))
+        return {
+            "sampler/kl": ((torch.exp(log_r) - 1 - log_r).sum(), n),
+            "sampler/ratio_mean": (weights.sum(), float(max(weights.numel(), 1))),
+            "sampler/ratio_max": (weights.max() if weights.numel() else torch.tensor(0.0), 1.0),
+        }
 
 
 def _rank() -> int:
@@ -139,10 +154,12 @@ class GRPOStage(OnlineStage):
             # the batch as sampled, before the refill: each sample carries the share, whose mean is logged
             zero_std = torch.full((len(kept),), self.frac_zero_std)
         index = [i for i in kept if samples.completion_ids[i]]
+        sampler = samples.logprobs if self.corrects_sampler else None
         buffer = [
             {
                 "prompt_ids": samples.prompt_ids[i],
                 "completion_ids": samples.completion_ids[i],
+                **({"sampler_logps": list(sampler[i])} if sampler is not None else {}),
                 "reward": float(total[i]),
                 "truncated": samples.truncated[i],
                 "zero_std": float(zero_std[i]),
@@ -197,9 +214,15 @@ class GRPOStage(OnlineStage):
             return batch
         return Groups.concat(pieces).first(keep, g)
 
+    @property
+    def corrects_sampler(self) -> bool:
+        """Whether the sampler's own log-probs weight the loss (vLLM samples; the trainer recomputes)."""
+        return self.engine is not None and self.cfg.vllm_importance_sampling_correction
+
     def _attach_logps(self, model: nn.Module, buffer: list[dict], device: torch.device) -> None:
-        """Sampling-time log-probs (for importance ratios when a rollout is reused) and reference log-probs."""
-        need_old = self.cfg.num_iterations > 1 or self.kl_in_reward
+        """Sampling-time log-probs (for importance ratios when a rollout is reused, and against the sampler's)
+        and reference log-probs."""
+        need_old = self.cfg.num_iterations > 1 or self.kl_in_reward or self.corrects_sampler
         if not need_old and self.reference is None:
             return
         bs = self.cfg.per_device_eval_batch_size
@@ -227,7 +250,7 @@ class GRPOStage(OnlineStage):
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.sequence_batch(samples)
         batch["advantages"] = torch.tensor([s["advantage"] for s in samples], dtype=torch.float32)
-        for key in ("old_logps", "ref_logps"):
+        for key in ("old_logps", "ref_logps", "sampler_logps"):
             if key in samples[0]:
                 batch[key] = torch.tensor([v for s in samples for v in s[key]], dtype=torch.float32)
         batch["reward"] = torch.tensor([s["reward"] for s in samples])
@@ -254,6 +277,17 @@ class GRPOStage(OnlineStage):
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         lengths = per_row_sum(torch.ones_like(logps), rows, n).clamp(min=1)
         eps_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+        weights = None
+        if "sampler_logps" in batch:  # the trainer's old log-probs against vLLM's, per token
+            weights = sampler_correction(
+                old,
+                batch["sampler_logps"],
+                rows,
+                n,
+                cfg.vllm_importance_sampling_mode,
+                cfg.vllm_importance_sampling_clip_max,
+                cfg.vllm_importance_sampling_clip_min,
+            )
         loss, clipped, kl = grpo_policy_loss(
             logps,
             old,
@@ -266,9 +300,13 @@ class GRPOStage(OnlineStage):
             batch.get("ref_logps"),
             cfg.beta,
             cfg.use_bias_correction_kl,
+            weights,
         )
         clip_frac = (clipped.float().sum(), float(clipped.numel()))
-        return StepOutput(loss_sum=loss, metrics=self._metrics(batch, stats, lengths, clip_frac, kl))
+        metrics = self._metrics(batch, stats, lengths, clip_frac, kl)
+        if weights is not None:
+            metrics.update(sampler_metrics(old, batch["sampler_logps"], weights))
+        return StepOutput(loss_sum=loss, metrics=metrics)
 
     def _metrics(
         self,

@@ -191,3 +191,86 @@ def test_lora_with_a_module_trained_in_full_pushes_its_trained_copy(tiny_model: 
     pushed = dict(vllm_weights(model))
     assert sorted(pushed) == names
     torch.testing.assert_close(pushed["model.layers.0.self_attn.o_proj.weight"], trained)
+
+
+def test_sampler_correction_weights_by_hand() -> None:
+    """Two completions (tokens 0-1, 2-4): trainer minus sampler log-ratios 0.5, -0.2 | 1.5, NaN, -3.0."""
+    from alignkit.losses.rl import sampler_correction
+
+    old = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0])
+    sampler = torch.tensor([-0.5, 0.2, -1.5, float("nan"), 3.0])
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    e = torch.exp
+
+    def got(mode: str, hi: float | None = 3.0, lo: float | None = None) -> torch.Tensor:
+        return sampler_correction(old, sampler, rows, 2, mode, hi, lo)
+
+    r = e(torch.tensor([0.5, -0.2, 1.5, 0.0, -3.0]))  # the NaN token agrees: ratio 1
+    torch.testing.assert_close(got("token_truncate"), torch.clamp(r, max=3.0))  # e^1.5 = 4.48 -> 3
+    torch.testing.assert_close(got("token_truncate", 3.0, 0.1), torch.clamp(r, 0.1, 3.0))
+    torch.testing.assert_close(got("token_mask", 3.0, 0.1), torch.where((r > 3.0) | (r < 0.1), 0.0, r))
+    seq = e(torch.tensor([0.3, 0.3, -1.5, -1.5, -1.5]))  # per completion: the sum of its log-ratios
+    torch.testing.assert_close(got("sequence_truncate"), seq)
+    torch.testing.assert_close(got("sequence_mask", 3.0, 0.5), torch.where(seq < 0.5, 0.0, seq))
+
+
+def test_grpo_loss_takes_the_sampler_weights_on_its_policy_term() -> None:
+    from alignkit.losses.rl import GRPO_LOSSES, grpo_policy_loss
+
+    logps = torch.tensor([-1.0, -2.0, -0.5])
+    rows, adv = torch.tensor([0, 0, 1]), torch.tensor([1.0, -1.0])
+    w = torch.tensor([2.0, 1.0, 0.5])
+    spec = GRPO_LOSSES["dapo"]  # token-level ratio, summed over tokens
+    plain, _, _ = grpo_policy_loss(logps, logps, adv, rows, spec, 0.2, 0.2, 4)
+    weighted, _, _ = grpo_policy_loss(logps, logps, adv, rows, spec, 0.2, 0.2, 4, sampler_weights=w)
+    # ratio 1: each token's loss is -advantage; weighted: -(2 * 1 + 1 * 1) - 0.5 * (-1)
+    assert plain.item() == pytest.approx(-1.0 - 1.0 + 1.0) and weighted.item() == pytest.approx(-3.0 + 0.5)
+    gspo = GRPO_LOSSES["gspo"]  # a completion-level ratio takes its completion's mean weight
+    g_plain, _, _ = grpo_policy_loss(logps, logps, adv, rows, gspo, 0.2, 0.2, 4)
+    g_weighted, _, _ = grpo_policy_loss(logps, logps, adv, rows, gspo, 0.2, 0.2, 4, sampler_weights=w)
+    assert g_plain.item() == pytest.approx(-1.0 + 1.0) and g_weighted.item() == pytest.approx(-1.5 + 0.5)
+
+
+def test_grpo_step_corrects_for_the_samplers_log_probs(
+    fake_vllm: types.ModuleType, tiny_model: str, tmp_path: Path
+) -> None:
+    """The fake vLLM reports log-prob -(t + s) / 10 for token t at step s. The step weights each token by
+    min(pi_trainer / pi_sampler, 3) (trainer log-probs from a plain forward at the sampling temperature) and
+    logs KL(sampler || trainer) by k3 and the weights' mean and max; with the correction off, no weight."""
+    from alignkit.losses.rl import grpo_policy_loss, sampler_correction
+
+    stage = _stage(tiny_model, tmp_path, temperature=0.7)
+    buffer = stage.rollout(stage.model, stage.train_rows[:2], torch.device("cpu"))
+    assert [s["sampler_logps"] for s in buffer[:2]] == [
+        pytest.approx([-0.5, -0.7, -0.4]),
+        pytest.approx([-0.7, -0.9, -1.1]),
+    ]
+    batch = stage.collate(buffer)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])  # every reward was 0: give the loss a signal
+    old = batch["old_logps"]
+    stats = stage.token_stats(stage.model, batch)
+    torch.testing.assert_close(old, stats.logps.detach())  # the trainer's, at rollout time
+    out = stage.step(stage.model, batch)
+    log_r = old - batch["sampler_logps"]
+    k3 = (torch.exp(log_r) - 1 - log_r).mean()
+    weights = sampler_correction(old, batch["sampler_logps"], stats.rows, 4, "token_truncate", 3.0)
+    assert out.metrics["sampler/kl"][0].item() / out.metrics["sampler/kl"][1] == pytest.approx(
+        k3.item(), rel=1e-5
+    )
+    assert out.metrics["sampler/ratio_max"][0].item() == pytest.approx(weights.max().item())
+    # the tiny model gives these tokens far less than the fake's log-probs: ratios below 1, none capped
+    torch.testing.assert_close(weights, torch.exp(log_r))
+    expected, _, _ = grpo_policy_loss(
+        stats.logps, old, batch["advantages"], stats.rows, stage.spec, 0.2, 0.2, 3, sampler_weights=weights
+    )
+    assert out.loss_sum.item() == pytest.approx(expected.item(), rel=1e-6)
+    unweighted, _, _ = grpo_policy_loss(
+        stats.logps, old, batch["advantages"], stats.rows, stage.spec, 0.2, 0.2, 3
+    )
+    assert abs(unweighted.item() - expected.item()) > 1e-3
+    plain = _stage(tiny_model, tmp_path / "off", temperature=0.7, vllm_importance_sampling_correction=False)
+    off = plain.rollout(plain.model, plain.train_rows[:2], torch.device("cpu"))
+    assert (
+        "sampler_logps" not in off[0]
+        and "sampler/kl" not in plain.step(plain.model, plain.collate(off)).metrics
+    )
