@@ -184,11 +184,23 @@ class OnlineConfig(SamplingConfig):
     length_target: int = 512  # `length` reward: penalty for characters past this
     missing_eos_penalty: float | None = None  # subtracted from the reward of truncated completions
     ref_model_name_or_path: str | None = None
+    # with eval_dataset / val_size: held-out scorers beside the training rewards (e.g. exact_match under a
+    # reward model), the held-out metric the best model is chosen by, and what a reward-hacking flag does
+    eval_reward_funcs: list[str] | None = field(default=None, metadata={"one_or_more": True})
+    metric_for_best_model: str | None = None  # default: the first eval_reward_funcs, else `reward`
+    hacking_action: str = "warn"  # warn | stop
+
+    @property
+    def held_out_metric(self) -> str:
+        """The held-out metric the monitor and the best model read (an `eval_` prefix, as HF's, is dropped)."""
+        name = self.metric_for_best_model or (self.eval_reward_funcs or ["reward"])[0]
+        return name.removeprefix("eval_")
 
     def check(self, source: str = "config") -> None:
         """What GRPO, PPO and online DPO share: rewards (the sampling keys are checked by SamplingConfig)."""
         super().check(source)
         check_choice(source, "reward_model_type", self.reward_model_type, ("auto", "full", "lora"))
+        check_choice(source, "hacking_action", self.hacking_action, ("warn", "stop"))
         if not self.reward_funcs and not self.reward_model:
             raise UserError(
                 f"{source}: give `reward_funcs` (e.g. [math_accuracy]) and/or a `reward_model` "

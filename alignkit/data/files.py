@@ -359,6 +359,15 @@ def rows_file(rows: Any, what: str = "dataset") -> str:
     return path
 
 
+def write_json_atomic(path: str, value: Any) -> None:
+    """`value` as indented JSON, written beside `path` and renamed over it (replaced whole or not at all)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(value, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
 def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
     """Write beside `path` and rename over it: an existing file is replaced whole or not at all."""
     if os.path.isdir(path):

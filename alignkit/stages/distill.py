@@ -45,6 +45,11 @@ class DistillStage(OnlineStage):
 
     def build(self) -> None:
         cfg = self.cfg
+        if cfg.eval_dataset or cfg.val_size:
+            raise UserError(
+                f"`{'eval_dataset' if cfg.eval_dataset else 'val_size'}`: stage distill does not evaluate on "
+                "held-out data yet; evaluate the saved student with `alignkit eval`, or remove the key"
+            )
         super().build()
         self.teacher = Reference(
             cfg, self.model, cfg.teacher_model_name_or_path, "teacher_model_name_or_path"

@@ -28,6 +28,7 @@ from alignkit.generation.rewards import (
 )
 from alignkit.generation.rollout import Samples, VLLMEngine, sample_hf, sequences
 from alignkit.losses.rl import dapo_overlong_penalty
+from alignkit.losses.tokens import per_row_sum
 from alignkit.modeling.logprobs import TokenStats, completion_token_stats
 from alignkit.stages.base import Metrics, MicroBatch, Stage, StepContext
 
@@ -124,13 +125,6 @@ class OnlineStage(Stage):
         return {"prompt_ids": prompt_ids, "prompt": ex.prompt, "columns": ex.extra, "where": ex.where}
 
     def build(self) -> None:
-        cfg = self.cfg
-        if cfg.eval_dataset or cfg.val_size:
-            key = "eval_dataset" if cfg.eval_dataset else "val_size"
-            raise UserError(
-                f"`{key}`: online stages ({cfg.stage}) do not evaluate on eval_dataset yet; use `alignkit eval` "
-                "on the saved model, or remove eval_dataset/val_size"
-            )
         super().build()
         # no dropout in RL (as TRL): the log-probs scored at rollout time and those of the first update must
         # be the same function, or the ratio is not 1 before any step (LoRA dropout, GPT-2-style models)
@@ -161,11 +155,68 @@ class OnlineStage(Stage):
             if cfg.reward_model
             else None
         )
+        self.eval_funcs = build_reward_funcs(
+            cfg.eval_reward_funcs or [], cfg.format_pattern, cfg.length_target, self.given_reward_funcs
+        )
+        if self.eval_rows and self.eval_funcs:
+            check_columns(self.eval_funcs, set(self.eval_rows[0]["columns"]), "the held-out prompts")
         n = len(self.reward_funcs) + (1 if self.reward_scorer else 0)
         self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * n, dtype=torch.float32)
         self.engine = None
         if cfg.rollout_backend == "vllm":
             self.engine = VLLMEngine(cfg.model_name_or_path, self.tokenizer)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The causal LM that samples (unwrapped from DDP); PPO's is its actor."""
+        return getattr(model, "module", model)
+
+    @torch.no_grad()
+    def held_out(self, model: nn.Module, device: torch.device) -> dict[str, list[float]]:
+        """The policy on the held-out prompts, one greedy completion each, per prompt: the total training reward
+        (`reward`), each reward (`reward/<name>`), each `eval_reward_funcs` function (by its name), the completion's
+        length in tokens (`length`) and, with a reference, its log-ratio to it (`kl`, nats per completion)."""
+        policy, rows, out = self.language_model(model), self.eval_rows or [], {}
+        bs = self.cfg.per_device_eval_batch_size
+        for i in range(0, len(rows), bs):
+            chunk = rows[i : i + bs]
+            samples = sample_hf(
+                policy, self.tokenizer, [r["prompt_ids"] for r in chunk], 1, self.cfg.max_new_tokens, 0.0
+            )
+            total, parts = self.rewards(chunk, samples, 1, device)
+            values = {"reward": total, **{f"reward/{k}": v for k, v in parts.items()}}
+            values.update(self._eval_scores(chunk, samples))
+            values["length"] = torch.tensor([float(len(c)) for c in samples.completion_ids])
+            if getattr(self, "reference", None) is not None:
+                values["kl"] = self._log_ratio(policy, samples, device)
+            for key, v in values.items():
+                out.setdefault(key, []).extend(float(x) for x in v)
+        return out
+
+    def _eval_scores(self, rows: list[dict], samples: Samples) -> dict[str, torch.Tensor]:
+        if not self.eval_funcs:
+            return {}
+        prompts = [self.tokenizer.decode(r["prompt_ids"], skip_special_tokens=True) for r in rows]
+        columns = {k: [r["columns"].get(k) for r in rows] for k in rows[0]["columns"]}
+        return score(self.eval_funcs, prompts, samples.texts, columns, [r["where"] for r in rows])
+
+    def _log_ratio(self, model: nn.Module, samples: Samples, device: torch.device) -> torch.Tensor:
+        """sum_t log pi(y_t) - log pi_ref(y_t) over each completion's tokens (N,), at temperature 1."""
+        batch = self.sequence_batch(
+            [
+                {"prompt_ids": p, "completion_ids": c or [self.tokenizer.eos_token_id]}
+                for p, c in zip(samples.prompt_ids, samples.completion_ids)
+            ],
+            device,
+        )
+        n = batch["input_ids"].shape[0]
+        ours = completion_token_stats(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
+        with self.reference.active(model, device) as ref:
+            theirs = completion_token_stats(
+                ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            )
+        return per_row_sum((ours.logps - theirs.logps).float(), ours.rows, n).cpu()
 
     def sample(self, model: nn.Module, rows: list[dict], num_generations: int) -> Samples:
         cfg = self.cfg

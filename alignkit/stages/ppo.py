@@ -136,6 +136,9 @@ class PPOStage(OnlineStage):
     def updates_per_batch(self) -> int:
         return self.cfg.ppo_epochs * self.cfg.num_mini_batches
 
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "module", model).policy
+
     def build(self) -> None:
         super().build()
         self.build_rewards()

@@ -34,6 +34,7 @@ from alignkit.training.checkpoint import (
     undo_on_failure,
 )
 from alignkit.training.events import Callback, Reporter, StopSignal
+from alignkit.training.hacking import OnlineEvaluation
 from alignkit.training.launch import make_accelerator
 from alignkit.training.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
 
@@ -148,12 +149,17 @@ class _Run:
         )
         self.model, self.optimizer = accelerator.prepare(stage.model, optimizer)
         self.start_step = 0
+        held_out = stage.online and stage.eval_rows and eval_every(cfg, p.steps_per_epoch)
+        self.online_eval = OnlineEvaluation(stage, cfg, accelerator.is_main_process) if held_out else None
+        self.hacking_stop = False
         if resume_path:
             state = load_checkpoint(
                 accelerator, self.model, stage.load_weights, self.optimizer, self.scheduler, resume_path
             )
             self.start_step = state["global_step"]
             stage.load_state_dict(state.get("stage", {}))
+            if self.online_eval:
+                self.online_eval.load_state_dict(state.get("online_eval", {}))
             log.info("resumed from %s at step %d", resume_path, self.start_step)
         self.writer: MetricsWriter | None = None
         if accelerator.is_main_process:
@@ -201,10 +207,14 @@ class _Run:
             dynamic_ncols=True,
         )
         record: dict[str, Any] = {}
+        if self.online_eval and self.online_eval.needs_baseline():  # the starting policy, before any step
+            self.write({"step": self.start_step, **self.evaluate_online(self.start_step)})
         self.model.train()
         with contextlib.closing(bar):
             for step in range(self.start_step, p.total_steps):
                 metrics = self.accumulate(step, self.stage.micro_batches(step, self.ctx))
+                if self.online_eval and p.update_index(step) == 0:  # a fresh rollout's reward
+                    self.online_eval.observe(metrics)
                 step_lr = self.update(metrics)
                 progress.steps += 1
                 self.done = step + 1
@@ -230,7 +240,8 @@ class _Run:
         p = self.plan
         if done % p.updates_per_batch or done >= p.total_steps:
             return False
-        flag = torch.tensor(float(bool(self.stop and self.stop.is_set())), device=self.accelerator.device)
+        asked = self.hacking_stop or bool(self.stop and self.stop.is_set())
+        flag = torch.tensor(float(asked), device=self.accelerator.device)
         if p.world > 1:  # a stop set in any process (the caller's is the main one) stops them all
             flag = self.accelerator.reduce(flag, reduction="max")
         return bool(flag.item())
@@ -313,10 +324,30 @@ class _Run:
         every = eval_every(cfg, p.steps_per_epoch)
         evaluating = every and self.stage.eval_rows
         if evaluating and (done % every == 0 or done == p.total_steps):
-            logged.update(evaluate(self.accelerator, self.stage, self.model, cfg))  # every process takes part
+            if self.online_eval:
+                logged.update(self.evaluate_online(done))
+            else:
+                logged.update(
+                    evaluate(self.accelerator, self.stage, self.model, cfg)
+                )  # every process takes part
         if not logged:
             return None
-        record = {"step": done, "epoch": round(done / p.steps_per_epoch, 4), **logged}
+        return self.write({"step": done, "epoch": round(done / p.steps_per_epoch, 4), **logged})
+
+    def evaluate_online(self, done: int) -> dict[str, float]:
+        """The held-out evaluation of an online stage (every process runs it whole): its means, the monitor's
+        flags (reported; `hacking_action: stop` stops the run at the next rollout boundary), the best model."""
+        means, flags, best = self.online_eval(done, self.model, self.accelerator.device)
+        for flag in flags:
+            self.report("hacking", done, **flag)
+        self.hacking_stop = self.hacking_stop or bool(flags and self.cfg.hacking_action == "stop")
+        if best:
+            _save_final(self.accelerator, self.model, self.stage, self.cfg, folder="best")
+        return means
+
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A metrics record to metrics.jsonl and the trackers, reported to the callbacks (with its eval part)."""
+        done = record["step"]
         if self.writer:
             self.writer.write(record)
         self.report("log", done, **record)
@@ -340,7 +371,11 @@ class _Run:
                 self.scheduler,
                 cfg.output_dir,
                 done,
-                {"epoch": done / p.steps_per_epoch, "stage": self.stage.state_dict()},
+                {
+                    "epoch": done / p.steps_per_epoch,
+                    "stage": self.stage.state_dict(),
+                    "online_eval": self.online_eval.state_dict() if self.online_eval else {},
+                },
                 cfg.save_total_limit,
             )
             self.report("checkpoint", done, path=path)
@@ -386,17 +421,22 @@ def evaluate(accelerator: Any, stage: Stage, model: torch.nn.Module, cfg: BaseCo
     }
 
 
-def _save_final(accelerator: Any, model: torch.nn.Module, stage: Stage, cfg: BaseConfig) -> None:
-    """Write the final model next to a temporary copy first, so a crash mid-save loses nothing."""
+def _save_final(
+    accelerator: Any, model: torch.nn.Module, stage: Stage, cfg: BaseConfig, folder: str = ""
+) -> None:
+    """Write the final model (or a copy in `output_dir/<folder>`, e.g. `best`) next to a temporary copy first,
+    so a crash mid-save loses nothing."""
     accelerator.wait_for_everyone()
     with full_weights(accelerator, model) as unwrapped:  # a sharded model is gathered by every process
         if not accelerator.is_main_process:
             return
+        target = os.path.join(cfg.output_dir, folder)
+        os.makedirs(target, exist_ok=True)
         tmp = os.path.join(cfg.output_dir, ".tmp-final")
         shutil.rmtree(tmp, ignore_errors=True)
         stage.save(unwrapped, tmp, merged=cfg.save_merged)
         for name in os.listdir(tmp):
-            dest = os.path.join(cfg.output_dir, name)
+            dest = os.path.join(target, name)
             if os.path.isdir(dest):
                 shutil.rmtree(dest)
             os.replace(os.path.join(tmp, name), dest)

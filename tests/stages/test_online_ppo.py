@@ -74,23 +74,44 @@ def test_ppo_trains_logs_saves_critic_and_resumes(tiny_model: str, tiny_rm: str,
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize(
-    "stage,keys", [("grpo", {"val_size": 2}), ("ppo", {"eval_dataset": "EVAL", "eval_steps": 1})]
-)
-def test_online_stages_refuse_eval_rows(
-    stage: str, keys: dict, tiny_model: str, tiny_rm: str, tmp_path: Path
-) -> None:
-    """Online stages do not evaluate on eval rows (yet): asking for them is an error before anything is
-    written, not a silent skip."""
+def test_ppo_evaluates_its_actor_on_held_out_prompts(tiny_model: str, tiny_rm: str, tmp_path: Path) -> None:
+    """PPO with `eval_dataset`: its actor (not the critic) answers the held-out prompts greedily at step 0 and
+    every `eval_steps`, scored by the reward model and `eval_reward_funcs`, with its log-ratio to the reference
+    (0 at the start). Distillation refuses held-out data for now, before anything is written."""
     data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    keys = {k: data if v == "EVAL" else v for k, v in keys.items()}
-    base = {"stage": stage, "model_name_or_path": tiny_model, "dataset": data, "reward_model": tiny_rm}
-    key = next(iter(keys))
-    with pytest.raises(
-        UserError, match=rf"`{key}`: online stages \({stage}\) do not evaluate.*alignkit eval"
-    ):
-        run_stage(tmp_path, {**base, **keys, "max_steps": 1})
-    assert not (tmp_path / "out").exists()
+    keys = {
+        "stage": "ppo",
+        "model_name_or_path": tiny_model,
+        "dataset": data,
+        "reward_model": tiny_rm,
+        "eval_dataset": data,
+        "eval_steps": 2,
+        "eval_reward_funcs": "exact_match",
+        "per_device_train_batch_size": 4,
+        "max_new_tokens": 3,
+        "max_steps": 2,
+        "ppo_epochs": 1,
+        "torch_dtype": "float32",
+    }
+    record, out = run_stage(tmp_path, keys)
+    evals = [r for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["eval_kl"] == pytest.approx(0.0, abs=1e-5)
+    for key in ("eval_reward/reward_model", "eval_exact_match", "eval_length"):
+        assert key in record, key
+    with pytest.raises(UserError, match=r"`val_size`: stage distill does not evaluate on held-out data yet"):
+        run_stage(
+            tmp_path / "d",
+            {
+                "stage": "distill",
+                "model_name_or_path": tiny_model,
+                "teacher_model_name_or_path": tiny_model,
+                "dataset": data,
+                "val_size": 2,
+                "lmbda": 1.0,
+            },
+        )
+    assert not (tmp_path / "d" / "out").exists()
 
 
 def test_ppo_needs_a_reward(tiny_model: str, tmp_path: Path) -> None:
