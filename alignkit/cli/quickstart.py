@@ -25,17 +25,24 @@ def register(subparsers: Any) -> None:
     q.add_argument(
         "--no-controls", action="store_true", help="skip the control runs (SFT on chosen, DPO without NLL)"
     )
+    q.add_argument("--controls", default=None, help="comma-separated subset of the controls (default: all)")
     q.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
 
-    from alignkit.quickstart.run import METHODS, run_quickstart
+    from alignkit.quickstart.run import CONTROLS, METHODS, run_quickstart
 
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
     unknown = [m for m in methods or () if m not in METHODS]
     if unknown:
         raise UserError(f"--methods: unknown method `{unknown[0]}`; choose from {', '.join(METHODS)}")
-    report = run_quickstart(args.output_dir, seed=args.seed, methods=methods, controls=not args.no_controls)
+    controls: bool | tuple[str, ...] = not args.no_controls
+    if args.controls and controls:
+        controls = tuple(c.strip() for c in args.controls.split(","))
+        wrong = [c for c in controls if c not in CONTROLS]
+        if wrong:
+            raise UserError(f"--controls: unknown control `{wrong[0]}`; choose from {', '.join(CONTROLS)}")
+    report = run_quickstart(args.output_dir, seed=args.seed, methods=methods, controls=controls)
     print(report["table"])
     return 0

@@ -86,10 +86,15 @@ def reward_trend(run_dir: str, window: int = 3) -> dict[str, float]:
     if not rows:
         return {}
     first, last = rows[:window], rows[-window:]
-    return {
+    out: dict[str, Any] = {
         "reward_first": round(sum(r["reward/mean"] for r in first) / len(first), 4),
         "reward_last": round(sum(r["reward/mean"] for r in last) / len(last), 4),
     }
+    hacking = os.path.join(run_dir, "hacking.json")
+    if os.path.exists(hacking):  # the monitor's flags while it trained (see alignkit.training.hacking)
+        with open(hacking, encoding="utf-8") as fh:
+            out["hacking_flags"] = json.load(fh)["flags"]
+    return out
 
 
 NOTES = """Every method after SFT starts from the SFT model. `dpo` is DPO plus the NLL of the chosen answer (RPO)
@@ -131,8 +136,19 @@ def render_table(report: dict[str, Any]) -> str:
         )
     for name, r in rows:
         if "reward_first" in r:
+            flags = r.get("hacking_flags")
+            monitor = (
+                ""
+                if flags is None
+                else " Monitor: no flag."
+                if not flags
+                else (
+                    f" Monitor: flagged at step {flags[0]['step']} ({flags[0]['rule']}: {flags[0]['message']})."
+                )
+            )
             lines.append(
                 f"{name}: mean reward {r['reward_first']:.2f} (first steps) -> {r['reward_last']:.2f} (last)."
+                + monitor
             )
     return "\n".join(lines)
 

@@ -112,6 +112,21 @@ def _from_sft(ctx: Context, name: str, data: str, keys: dict[str, Any]) -> str:
     return _train(ctx, name, {**common, **keys})
 
 
+def _monitored(ctx: Context, keys: dict[str, Any]) -> dict[str, Any]:
+    """An online recipe with its held-out evaluation: the validation prompts, scored by the exact answer every
+    fifth of the run, so the reward-hacking monitor compares the training reward with held-out accuracy."""
+    data = _data(
+        ctx, "validation_prompts", lambda: prompt_rows(ctx.split.validation, n=300, seed=ctx.seed + 4)
+    )
+    return {
+        **keys,
+        "eval_dataset": data,
+        "eval_steps": max(keys["max_steps"] // 5, 1),
+        "eval_reward_funcs": ["exact_match"],
+        "per_device_eval_batch_size": 150,
+    }
+
+
 def _data(ctx: Context, name: str, make: Callable[[], list[dict]]) -> str:
     """A data file of this run, written once per run (a re-run in the same folder, with another seed, rewrites
     it rather than reusing the last run's)."""
@@ -172,16 +187,19 @@ def run_grpo(ctx: Context) -> str:
         ctx,
         "grpo",
         _prompts(ctx),
-        {
-            "stage": "grpo",
-            "reward_funcs": ["exact_match"],
-            "num_generations": 8,
-            "per_device_train_batch_size": 16,
-            "max_new_tokens": 5,
-            "max_steps": 60,
-            "learning_rate": 2e-5,
-            "logging_steps": 10,
-        },
+        _monitored(
+            ctx,
+            {
+                "stage": "grpo",
+                "reward_funcs": ["exact_match"],
+                "num_generations": 8,
+                "per_device_train_batch_size": 16,
+                "max_new_tokens": 5,
+                "max_steps": 60,
+                "learning_rate": 2e-5,
+                "logging_steps": 10,
+            },
+        ),
     )
 
 
@@ -228,18 +246,20 @@ def train_reward_model(ctx: Context) -> str:
 def run_ppo(ctx: Context) -> str:
     """Classic RLHF: a reward model trained on the task's pairs (`stage: rm`), then PPO against it, the critic
     starting from the reward model, a KL penalty to the SFT model."""
-    return _from_sft(ctx, "ppo", _prompts(ctx), {**PPO_KEYS, "reward_model": train_reward_model(ctx)})
+    keys = {**PPO_KEYS, "reward_model": train_reward_model(ctx)}
+    return _from_sft(ctx, "ppo", _prompts(ctx), _monitored(ctx, keys))
 
 
 def run_ppo_weak_kl(ctx: Context) -> str:
     """Control: the same PPO with a tenth of the KL penalty."""
     keys = {**PPO_KEYS, "reward_model": train_reward_model(ctx), "init_kl_coef": 0.05}
-    return _from_sft(ctx, "ppo_weak_kl", _prompts(ctx), keys)
+    return _from_sft(ctx, "ppo_weak_kl", _prompts(ctx), _monitored(ctx, keys))
 
 
 def run_ppo_verifiable(ctx: Context) -> str:
     """The same PPO with the exact-answer reward in place of the reward model."""
-    return _from_sft(ctx, "ppo_verifiable", _prompts(ctx), {**PPO_KEYS, "reward_funcs": ["exact_match"]})
+    keys = {**PPO_KEYS, "reward_funcs": ["exact_match"]}
+    return _from_sft(ctx, "ppo_verifiable", _prompts(ctx), _monitored(ctx, keys))
 
 
 def run_sft_on_chosen(ctx: Context) -> str:
