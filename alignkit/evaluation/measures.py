@@ -12,8 +12,8 @@ from alignkit.errors import UserError
 from alignkit.evaluation import metrics as M
 from alignkit.evaluation.answers import sample_for_kl, turn_prefixes
 from alignkit.evaluation.context import EvalContext, Side, device
-from alignkit.evaluation.judge import summarize_grades, summarize_pairwise
 from alignkit.evaluation.scoring import implicit_reward_margins, kl_per_sample, nll_per_row
+from alignkit.generation.judge import summarize_grades, summarize_pairwise
 from alignkit.generation.rewards import score
 from alignkit.generation.rollout import encode_prompts
 

@@ -21,10 +21,10 @@ from alignkit.data.formats import Example, load_examples
 from alignkit.evaluation.answers import generate, vllm_engine
 from alignkit.evaluation.config import EvalConfig
 from alignkit.evaluation.context import EvalContext, Side, device
-from alignkit.evaluation.judge import Judge, api_key_from_env
 from alignkit.evaluation.plan import plan_metrics
 from alignkit.evaluation.report import write_report
 from alignkit.evaluation.spec import Phase
+from alignkit.generation.judge import Judge, api_key_from_env
 from alignkit.generation.rewards import RewardModelScorer
 from alignkit.modeling.load import load_causal_lm
 

@@ -21,7 +21,7 @@ def judge_server(respond):  # noqa: ANN001, ANN201 - a test helper
     import threading
     from http.server import ThreadingHTTPServer
 
-    from tests.evaluation.test_judge import Handler, Stub
+    from tests.generation.test_judge import Handler, Stub
 
     state = Stub()
     state.respond = respond
@@ -91,7 +91,7 @@ def test_judge_through_eval_cancels_position_bias_and_resumes(
 ) -> None:
     """A judge that always prefers the first answer and grades 6: the win rate comes out a 0.5 tie after the
     order swap; a rerun asks the judge nothing (cache); a dead endpoint is exit 2 naming the URL."""
-    from tests.evaluation.test_judge import chat
+    from tests.generation.test_judge import chat
 
     def prefer_first(body, n):
         return chat("[[A]]" if "[[A]]" in body["messages"][0]["content"] else "Rating: [[6]]")
@@ -212,7 +212,7 @@ def test_inputs_are_checked_before_any_answer_is_generated(
 
 def test_mt_bench_every_turn_is_graded(tmp_path: Path, tiny_model: str) -> None:
     """MT-Bench grades each turn with the conversation before it; a prompt's score is the mean of its turns."""
-    from tests.evaluation.test_judge import chat
+    from tests.generation.test_judge import chat
 
     def by_turn(body, n):
         return chat(
@@ -297,7 +297,7 @@ def test_a_judged_eval_logs_each_event_once_and_no_http_call(tmp_path: Path, tin
     import sys
 
     from tests.conftest import REPO
-    from tests.evaluation.test_judge import chat
+    from tests.generation.test_judge import chat
 
     data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS[:2])
     with judge_server(lambda body, n: chat("Rating: [[7]]")) as state:

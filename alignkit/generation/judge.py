@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from alignkit.errors import UserError
-from alignkit.evaluation.judge_prompts import grade_messages, pairwise_messages, parse_pairwise, parse_rating
+from alignkit.generation.judge_prompts import grade_messages, pairwise_messages, parse_pairwise, parse_rating
 from alignkit.stats import bootstrap_mean_ci
 
 # the order-swapped request shows b as assistant A, so its labels map the other way round

@@ -16,11 +16,11 @@ from alignkit.data.formats import Example
 from alignkit.errors import UserError
 from alignkit.evaluation.config import build_eval_config
 from alignkit.evaluation.context import EvalContext, Side
-from alignkit.evaluation.judge import Judge, api_key_from_env, summarize_grades, summarize_pairwise
-from alignkit.evaluation.judge_prompts import parse_pairwise, parse_rating
 from alignkit.evaluation.measures import judge_score, judge_win_rate
 from alignkit.evaluation.report import render_table, sample_rows
 from alignkit.evaluation.settings import EvalConfig
+from alignkit.generation.judge import Judge, api_key_from_env, summarize_grades, summarize_pairwise
+from alignkit.generation.judge_prompts import parse_pairwise, parse_rating
 from alignkit.stats import bootstrap_mean_ci
 
 # respond(request body, 1-based request number) -> (status, JSON payload), or None to drop the connection
