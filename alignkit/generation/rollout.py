@@ -126,6 +126,7 @@ def sample_hf(
     stop_strings: list[str] | None = None,
     streamer: Any = None,
     stopping_criteria: list[Any] | None = None,
+    logits_processors: list[Any] | None = None,  # run first, on the model's own scores (serve's log-probs)
 ) -> Samples:
     """`streamer` (a transformers `BaseStreamer`, e.g. `StepStreamer`) sees each decoding step's tokens as they
     are drawn; `stopping_criteria` may end rows early (a per-row boolean each step, as `RowsDone` gives)."""
@@ -139,6 +140,7 @@ def sample_hf(
         "generation_config": _generation_config(temperature == 0, max_new_tokens, num_generations, tokenizer),
         "logits_processor": _processors(temperature, top_p, top_k, recorder),
     }
+    kwargs["logits_processor"][:0] = logits_processors or []
     if streamer is not None:
         kwargs["streamer"] = streamer
     criteria = list(stopping_criteria or [])

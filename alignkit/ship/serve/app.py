@@ -22,6 +22,7 @@ from alignkit.generation.rollout import encode_prompts
 from alignkit.ship.serve.batcher import Batcher, Job
 from alignkit.ship.serve.body import MAX_REQUEST_BYTES, parse_body, read_body
 from alignkit.ship.serve.engine import ModelPool
+from alignkit.ship.serve.logprobs import Step, TokenNames, chat_logprobs, completion_logprobs
 from alignkit.ship.serve.metrics import Metrics, MetricsAndAuth
 from alignkit.ship.serve.protocol import (
     APIError,
@@ -80,6 +81,8 @@ class Server:
                 "(--max-batch-size): send fewer",
                 field,
             )
+        if req.top_logprobs_asked() is not None and not getattr(self.batcher.generate, "logprobs", False):
+            raise APIError(400, "this server's backend (vLLM) does not return log-probs", "logprobs")
 
     def encode(self, prompts: list[Any], field: str) -> list[list[int]]:
         """Token ids of each prompt (messages through the chat template), each inside the input limit."""
@@ -118,9 +121,9 @@ class Server:
                 field,
                 "context_length_exceeded",
             )
-        tok = self.pool.tokenizer
+        tok, top = self.pool.tokenizer, req.top_logprobs_asked()
         return Job(
-            req.model, ids, req.n, max_tokens, req.temperature, req.top_p, req.stop, req.seed, tok, loop
+            req.model, ids, req.n, max_tokens, req.temperature, req.top_p, req.stop, req.seed, tok, loop, top
         )
 
     async def log(self, job: Job, cid: str, prompts: list[Any], req: Sampling) -> None:
@@ -264,21 +267,33 @@ async def _wait_while_connected(job: Job, request: Request, poll_s: float = 0.25
             waiter.cancel()
 
 
+def _logprobs(job: Job, chat: bool, index: int, steps: list[Step], names: TokenNames) -> dict | None:
+    """A choice's (or a chunk's) `logprobs`: None unless the request asked for them."""
+    if job.top_logprobs is None:
+        return None
+    if chat:
+        return chat_logprobs(steps, job.top_logprobs, names)
+    return completion_logprobs(steps, job.top_logprobs, job.rows[index].text, names)
+
+
 def _body(job: Job, kind: str, cid: str, model: str) -> dict:
-    choices = []
+    choices, chat, names = [], kind == "chat.completion", TokenNames(job.tokenizer)
     for row in job.rows:
         finish = "length" if row.finish == "cancelled" else row.finish
-        if kind == "chat.completion":
+        logprobs = _logprobs(job, chat, row.index, row.steps or [], names)
+        if chat:
             choices.append(
                 {
                     "index": row.index,
                     "message": {"role": "assistant", "content": row.text},
                     "finish_reason": finish,
-                    "logprobs": None,
+                    "logprobs": logprobs,
                 }
             )
         else:
-            choices.append({"index": row.index, "text": row.text, "finish_reason": finish, "logprobs": None})
+            choices.append(
+                {"index": row.index, "text": row.text, "finish_reason": finish, "logprobs": logprobs}
+            )
     return {
         "id": cid,
         "object": kind,
@@ -295,7 +310,7 @@ async def _sse(
     """Server-sent events as OpenAI sends them: a role chunk per choice (chat), text deltas, a finish chunk per
     choice, the usage chunk if asked, then `data: [DONE]`. A client that leaves stops its rows."""
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-    created = int(time.time())
+    created, names = int(time.time()), TokenNames(job.tokenizer)
 
     def event(choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": cid, "object": chunk_kind, "created": created, "model": req.model, "choices": choices}
@@ -303,19 +318,23 @@ async def _sse(
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
-        if chunk_kind == "text_completion":
-            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+    def choice(
+        index: int, text: str | None, finish: str | None, role: bool = False, steps: list[Step] | None = None
+    ) -> dict:
+        chat = chunk_kind != "text_completion"
+        logprobs = _logprobs(job, chat, index, steps, names) if steps is not None else None
+        if not chat:
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         delta = (
             {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
         )
-        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
     try:
         if chunk_kind != "text_completion":
             yield event([choice(r.index, None, None, role=True) for r in job.rows])
-        async for index, text in job.stream():
-            yield event([choice(index, text, None)])
+        async for index, text, steps in job.stream():  # each chunk: the log-probs of its new tokens
+            yield event([choice(index, text, None, steps=steps)])
         yield event(
             [choice(r.index, None, "length" if r.finish == "cancelled" else r.finish) for r in job.rows]
         )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.generation.rollout import TextStream
+from alignkit.ship.serve.logprobs import Step, StepLogprobs
 from alignkit.ship.serve.protocol import APIError
 
 log = logging.getLogger("alignkit")
@@ -38,13 +39,22 @@ class Row:
     text: str = ""
     sent: int = 0  # characters already handed to the client
     finish: str | None = None  # "stop", "length" or "cancelled"
+    steps: list[Step] | None = None  # each token's log-probs, when the request asked for them
+    steps_sent: int = 0
 
-    def push(self, token: int, eos: set[int], stop: list[str]) -> str:
-        """Take one drawn token; return the text that may be sent now."""
+    def push(
+        self, token: int, eos: set[int], stop: list[str], scored: tuple[float, list] | None = None
+    ) -> str:
+        """Take one drawn token (and its log-probs, `StepLogprobs.take`'s); return the text that may be sent
+        now."""
         if token in eos:
             self.finish = "stop"
             self.text = self.full_text()
             return self._release()
+        if (
+            self.steps is not None and scored is not None
+        ):  # where its text starts: after all the tokens before
+            self.steps.append(Step(token, scored[0], len(self.full_text()), scored[1]))
         self.tokens.append(token)
         self.text += self.stream.push([token])
         for s in stop:
@@ -62,6 +72,12 @@ class Row:
         """The whole answer decoded at once: the streamed text may still hold back a character cut between
         tokens, which is released (or shown as U+FFFD, as a plain decode does) when the row ends."""
         return self.stream.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def unsent_steps(self) -> list[Step]:
+        """The log-probs of the tokens not yet sent to a streaming client."""
+        out = (self.steps or [])[self.steps_sent :]
+        self.steps_sent += len(out)
+        return out
 
     def _release(self, hold: int = 0) -> str:
         end = max(self.sent, len(self.text) - hold)
@@ -83,6 +99,7 @@ class Job:
     seed: int | None
     tokenizer: Any
     loop: asyncio.AbstractEventLoop
+    top_logprobs: int | None = None  # log-probs asked for: how many alternatives per token (None: not asked)
     rows: list[Row] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -91,8 +108,11 @@ class Job:
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        limit = self.max_tokens
-        self.rows = [Row(i, limit, TextStream(self.tokenizer)) for i in range(len(self.prompt_ids) * self.n)]
+        limit, scored = self.max_tokens, self.top_logprobs is not None
+        self.rows = [
+            Row(i, limit, TextStream(self.tokenizer), steps=[] if scored else None)
+            for i in range(len(self.prompt_ids) * self.n)
+        ]
         self.order = next(_seq)
 
     def key(self) -> tuple:
@@ -118,12 +138,13 @@ class Job:
         """From the worker thread: hand an event to the request's coroutine."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
-    async def stream(self) -> AsyncIterator[tuple[int, str]]:
-        """(row index, text) as it is drawn, until the job is done; an engine failure raises."""
+    async def stream(self) -> AsyncIterator[tuple[int, str, list[Step]]]:
+        """(row index, text, its tokens' log-probs if asked) as it is drawn, until the job is done; an engine
+        failure raises."""
         while True:
             kind, *rest = await self.events.get()
             if kind == "text":
-                yield rest[0], rest[1]
+                yield rest[0], rest[1], rest[2]
             elif kind == "error":
                 raise APIError(500, rest[0])
             else:
@@ -238,19 +259,24 @@ class Batcher:
             self.metrics.queue_depth.set(len(self.waiting))
 
 
-def on_step_for(batch: list[Job], eos: set[int]) -> Callable[[list[int]], list[bool]]:
-    """The per-step hook of one pass: each row takes its token (or stops) and sends its new text."""
+def on_step_for(
+    batch: list[Job], eos: set[int], scores: StepLogprobs | None = None
+) -> Callable[[list[int]], list[bool]]:
+    """The per-step hook of one pass: each row takes its token (or stops) and sends its new text, with the
+    log-probs of its tokens since the last send when its request asked (read from `scores`)."""
     rows = [(job, row) for job in batch for row in job.rows]
 
     def on_step(tokens: list[int]) -> list[bool]:
+        scored = scores.take(tokens) if scores is not None else [None] * len(tokens)
         flags = []
-        for (job, row), token in zip(rows, tokens):
+        for (job, row), token, lp in zip(rows, tokens, scored):
             if row.finish is None and job.cancelled:
                 row.finish = "cancelled"
             if row.finish is None:
-                text = row.push(token, eos, job.stop)
-                if text:
-                    job.emit(("text", row.index, text))
+                text = row.push(token, eos, job.stop, lp)
+                steps = row.unsent_steps() if text or row.finish else []
+                if text or steps:
+                    job.emit(("text", row.index, text, steps))
             flags.append(row.finish is not None)
         for job in batch:
             if not job.ended and all(r.finish is not None for r in job.rows):

@@ -17,6 +17,7 @@ from alignkit.generation.rollout import RowsDone, VLLMEngine, sample_hf
 from alignkit.modeling.load import load_causal_lm, load_tokenizer
 from alignkit.modeling.resolve import is_peft
 from alignkit.ship.serve.batcher import Job, on_step_for
+from alignkit.ship.serve.logprobs import StepLogprobs
 
 log = logging.getLogger("alignkit")
 
@@ -130,7 +131,10 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 
 
 class HFGenerate:
-    """One batched pass with transformers' generate (`rollout.sample_hf`), every row ending on its own."""
+    """One batched pass with transformers' generate (`rollout.sample_hf`), every row ending on its own. A pass
+    where some request asked for log-probs reads them with a `StepLogprobs`; the others run without it."""
+
+    logprobs = True  # token log-probs can be asked for
 
     def __init__(self, pool: ModelPool) -> None:
         self.pool = pool
@@ -143,7 +147,9 @@ class HFGenerate:
         with self.pool.active(first.model) as model:
             if first.seed is not None:
                 torch.manual_seed(first.seed)
-            on_step = on_step_for(batch, self.pool.eos)
+            asked = [job.top_logprobs for job in batch if job.top_logprobs is not None]
+            scores = StepLogprobs(max(asked)) if asked else None
+            on_step = on_step_for(batch, self.pool.eos, scores)
             sample_hf(
                 model,
                 self.pool.tokenizer,
@@ -153,11 +159,15 @@ class HFGenerate:
                 first.temperature,
                 first.top_p,
                 stopping_criteria=[RowsDone(on_step)],
+                logits_processors=[scores] if scores is not None else None,
             )
 
 
 class VLLMGenerate:
-    """The same pass over vLLM's engine (GPU): answers come whole, then run through the same row logic."""
+    """The same pass over vLLM's engine (GPU): answers come whole, then run through the same row logic.
+    Token log-probs are not served here (a 400): the engine keeps only the sampled token's, after sampling."""
+
+    logprobs = False
 
     def __init__(self, pool_path: str, tokenizer: Any, eos: set[int]) -> None:
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ROLES = ("system", "developer", "user", "assistant", "tool")
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding (as vLLM does): dividing by it overflows
 INT64 = 2**63
+MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's chat limit, vLLM's)
 
 
 class APIError(Exception):
@@ -125,13 +126,24 @@ class Sampling(Body):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives per token the request wants with its tokens' log-probs (None: no log-probs)."""
+        return None
+
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, strict=True)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "`top_logprobs` needs `logprobs: true`", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> list[dict[str, str]]:
         # `developer` is the newer name of `system` in OpenAI's API; chat templates know `system`
@@ -144,9 +156,21 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+    echo: bool = False
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def top_logprobs_asked(self) -> int | None:
+        if self.logprobs is not None and self.echo:
+            raise APIError(
+                400,
+                "`echo` with `logprobs` is not supported: the log-probs are the generated tokens' only; "
+                "leave `echo` out",
+                "echo",
+            )
+        return self.logprobs
 
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
