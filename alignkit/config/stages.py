@@ -186,6 +186,13 @@ class OnlineConfig(SamplingConfig):
     ref_model_name_or_path: str | None = None
     # with eval_dataset / val_size: held-out scorers beside the training rewards (e.g. exact_match under a
     # reward model), the held-out metric the best model is chosen by, and what a reward-hacking flag does
+    # multi-turn, tool-using rollouts (grpo): tools as module:function, or an environment module:factory
+    tools: list[str] | None = field(default=None, metadata={"one_or_more": True})
+    environment: str | None = (
+        None  # module:factory; factory() -> an object with reset(row) and step(messages)
+    )
+    max_turns: int = 1  # model turns per episode (with tools or an environment)
+    tool_timeout: float = 10.0  # seconds a tool may run before its call becomes an error observation
     eval_reward_funcs: list[str] | None = field(default=None, metadata={"one_or_more": True})
     metric_for_best_model: str | None = None  # default: the first eval_reward_funcs, else `reward`
     hacking_action: str = "warn"  # warn | stop
@@ -201,16 +208,24 @@ class OnlineConfig(SamplingConfig):
         super().check(source)
         check_choice(source, "reward_model_type", self.reward_model_type, ("auto", "full", "lora"))
         check_choice(source, "hacking_action", self.hacking_action, ("warn", "stop"))
-        if not self.reward_funcs and not self.reward_model:
+        if not self.reward_funcs and not self.reward_model and not self.environment:
             raise UserError(
                 f"{source}: give `reward_funcs` (e.g. [math_accuracy]) and/or a `reward_model` "
-                "(e.g. one trained with `stage: rm`)"
+                "(e.g. one trained with `stage: rm`), or an `environment` that rewards"
             )
-        n_rewards = len(self.reward_funcs or []) + (1 if self.reward_model else 0)
+        if self.tools and self.environment:
+            raise UserError(
+                f"{source}: give `tools` or an `environment`, not both (tools are one environment)"
+            )
+        if self.max_turns < 1 or self.tool_timeout <= 0:
+            raise UserError(f"{source}: `max_turns` must be >= 1 and `tool_timeout` > 0")
+        n_rewards = (
+            len(self.reward_funcs or []) + (1 if self.reward_model else 0) + (1 if self.environment else 0)
+        )
         if self.reward_weights is not None and len(self.reward_weights) != n_rewards:
             raise UserError(
                 f"{source}: `reward_weights` has {len(self.reward_weights)} values for {n_rewards} rewards "
-                "(one per reward function, then one for the reward model)"
+                "(one per reward function, then one for the reward model, then one for the environment)"
             )
 
 

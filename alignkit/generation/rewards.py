@@ -91,17 +91,19 @@ def make_length_reward(target: int) -> RewardFn:
     return length
 
 
-def load_user_function(spec: str) -> RewardFn:
+def load_user_function(spec: str, what: str = "reward function") -> RewardFn:
+    """`module:function` -> the function (a reward function, a tool, an environment factory), with a clear
+    error naming `what`."""
     module_name, _, func_name = spec.partition(":")
     if not func_name:
-        raise UserError(f"reward function `{spec}`: give it as module:function (e.g. my_rewards:brevity)")
+        raise UserError(f"{what} `{spec}`: give it as module:function (e.g. my_module:{what.split()[0]})")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(f"reward function `{spec}`: cannot import module `{module_name}` ({exc})") from exc
+        raise UserError(f"{what} `{spec}`: cannot import module `{module_name}` ({exc})") from exc
     fn = getattr(module, func_name, None)
     if not callable(fn):
-        raise UserError(f"reward function `{spec}`: module `{module_name}` has no function `{func_name}`")
+        raise UserError(f"{what} `{spec}`: module `{module_name}` has no function `{func_name}`")
     return fn
 
 

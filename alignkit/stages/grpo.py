@@ -17,6 +17,7 @@ from torch import nn
 
 from alignkit.config import GRPOConfig
 from alignkit.generation.rollout import Samples
+from alignkit.generation.tools import EpisodeSamples
 from alignkit.losses.rl import GRPO_LOSSES, GRPOLossSpec, grpo_policy_loss, sampler_correction
 from alignkit.losses.tokens import per_row_sum
 from alignkit.modeling.load import load_policy
@@ -90,6 +91,17 @@ def sampler_metrics(old: torch.Tensor, sampler: torch.Tensor, weights: torch.Ten
         }
 
 
+def episode_entries(samples: Samples, i: int) -> dict[str, Any]:
+    """Sample i's multi-turn entries (its completion mask, turns, error observations); {} for one turn."""
+    if not isinstance(samples, EpisodeSamples):
+        return {}
+    return {
+        "completion_mask": samples.completion_masks[i],
+        "turns": samples.turns[i],
+        "tool_errors": samples.tool_errors[i],
+    }
+
+
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -98,6 +110,7 @@ def _rank() -> int:
 class GRPOStage(OnlineStage):
     name = "grpo"
     config_class = GRPOConfig
+    multi_turn = True  # tools / an environment: episodes whose observations the completion mask leaves out
 
     def load_model(self) -> nn.Module:
         return load_policy(self.cfg)
@@ -160,6 +173,7 @@ class GRPOStage(OnlineStage):
                 "prompt_ids": samples.prompt_ids[i],
                 "completion_ids": samples.completion_ids[i],
                 **({"sampler_logps": list(sampler[i])} if sampler is not None else {}),
+                **episode_entries(samples, i),
                 "reward": float(total[i]),
                 "truncated": samples.truncated[i],
                 "zero_std": float(zero_std[i]),
@@ -244,6 +258,8 @@ class GRPOStage(OnlineStage):
         pos = 0
         for s in chunk:
             n = len(s["completion_ids"]) - (0 if s["prompt_ids"] else 1)
+            if "completion_mask" in s:  # an episode: only the model's own tokens have log-probs
+                n = sum(s["completion_mask"][0 if s["prompt_ids"] else 1 :])
             s[key], pos = values[pos : pos + n], pos + n
 
     # ---------------------------------------------------------------- update
@@ -258,6 +274,9 @@ class GRPOStage(OnlineStage):
         batch["zero_std"] = torch.tensor([float(s["zero_std"]) for s in samples])
         if "kl" in samples[0]:
             batch["kl"] = torch.tensor([s["kl"] for s in samples])
+        for key in ("turns", "tool_errors"):
+            if key in samples[0]:
+                batch[key] = torch.tensor([float(s[key]) for s in samples])
         self.collate_rewards(samples, batch)
         return batch
 
@@ -325,6 +344,9 @@ class GRPOStage(OnlineStage):
             "completion_length": (lengths.detach().sum(), n),
             "truncated_fraction": (batch["truncated"].sum(), n),
         }
+        for key in ("turns", "tool_errors"):  # multi-turn episodes: model turns and error observations each
+            if key in batch:
+                out[f"episode/{key}"] = (batch[key].sum(), n)
         if kl is not None:
             out["kl"] = (kl.detach().sum(), float(kl.numel()))
         elif "kl" in batch:  # KL in the reward (RLOO): the sequence KL the reward was penalised with

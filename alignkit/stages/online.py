@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alignkit.config import BaseConfig
-from alignkit.data.batches import tokenize_chat, tokenize_text
+from alignkit.data.batches import pad, tokenize_chat, tokenize_text
 from alignkit.data.formats import Example
 from alignkit.errors import UserError
 from alignkit.generation.rewards import (
@@ -27,6 +27,7 @@ from alignkit.generation.rewards import (
     score,
 )
 from alignkit.generation.rollout import Samples, VLLMEngine, sample_hf, sequences
+from alignkit.generation.tools import EpisodeSamples, build_environment, run_episodes
 from alignkit.losses.rl import dapo_overlong_penalty
 from alignkit.losses.tokens import per_row_sum
 from alignkit.modeling.logprobs import TokenStats, completion_token_stats
@@ -62,6 +63,8 @@ class OnlineStage(Stage):
         super().__init__(cfg)
         self.given_reward_funcs = dict(reward_funcs or {})
         self.buffer: list[dict] | None = None  # the current rollout's samples
+        self.episodes: tuple | None = None  # (environment factory, tool schemas) of multi-turn rollouts
+        self.engine: VLLMEngine | None = None
         # this process's prompts are a filler (a short last batch left it none), trained at weight 0; a
         # rollout's own cross-process statistics leave it out
         self.filler_rollout = False
@@ -160,11 +163,20 @@ class OnlineStage(Stage):
         )
         if self.eval_rows and self.eval_funcs:
             check_columns(self.eval_funcs, set(self.eval_rows[0]["columns"]), "the held-out prompts")
-        n = len(self.reward_funcs) + (1 if self.reward_scorer else 0)
+        n = len(self.reward_funcs) + (1 if self.reward_scorer else 0) + (1 if cfg.environment else 0)
         self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * n, dtype=torch.float32)
         self.engine = None
         if cfg.rollout_backend == "vllm":
             self.engine = VLLMEngine(cfg.model_name_or_path, self.tokenizer)
+        if cfg.tools or cfg.environment:
+            if not self.multi_turn:
+                raise UserError(
+                    f"`{'tools' if cfg.tools else 'environment'}`: multi-turn rollouts are supported by stage grpo "
+                    f"for now, not {cfg.stage}"
+                )
+            self.episodes = build_environment(cfg.tools, cfg.environment, cfg.tool_timeout)
+
+    multi_turn = False  # whether the stage trains on multi-turn episodes (masks over observations)
 
     def language_model(self, model: nn.Module) -> nn.Module:
         """The causal LM that samples (unwrapped from DDP); PPO's is its actor."""
@@ -179,9 +191,7 @@ class OnlineStage(Stage):
         bs = self.cfg.per_device_eval_batch_size
         for i in range(0, len(rows), bs):
             chunk = rows[i : i + bs]
-            samples = sample_hf(
-                policy, self.tokenizer, [r["prompt_ids"] for r in chunk], 1, self.cfg.max_new_tokens, 0.0
-            )
+            samples = self.sample(policy, chunk, 1, temperature=0.0)
             total, parts = self.rewards(chunk, samples, 1, device)
             values = {"reward": total, **{f"reward/{k}": v for k, v in parts.items()}}
             values.update(self._eval_scores(chunk, samples))
@@ -218,14 +228,32 @@ class OnlineStage(Stage):
             )
         return per_row_sum((ours.logps - theirs.logps).float(), ours.rows, n).cpu()
 
-    def sample(self, model: nn.Module, rows: list[dict], num_generations: int) -> Samples:
+    def sample(
+        self, model: nn.Module, rows: list[dict], num_generations: int, temperature: float | None = None
+    ) -> Samples:
+        """`num_generations` completions per row (at `temperature`, default the config's; 0: greedy), or with
+        tools / an environment that many episodes per row."""
+        if self.episodes is None:
+            return self._sample_once(model, rows, num_generations, temperature)
+        make_env, schemas = self.episodes
+        starts = [{"prompt": r["prompt"], **r["columns"]} for r in rows for _ in range(num_generations)]
+
+        def draw(contexts: list[list[int]]) -> Samples:
+            return self._sample_once(model, [{"prompt_ids": c} for c in contexts], 1, temperature)
+
+        played = run_episodes(draw, self.tokenizer, starts, make_env, self.cfg.max_turns, schemas)
+        return EpisodeSamples.from_episodes(played, self.tokenizer, schemas, self.cfg.max_length)
+
+    def _sample_once(
+        self, model: nn.Module, rows: list[dict], num_generations: int, temperature: float | None = None
+    ) -> Samples:
         cfg = self.cfg
         policy = getattr(model, "module", model)
         args = (
             [r["prompt_ids"] for r in rows],
             num_generations,
             cfg.max_new_tokens,
-            cfg.temperature,
+            cfg.temperature if temperature is None else temperature,
             cfg.top_p,
             cfg.top_k,
             cfg.stop_strings,
@@ -248,6 +276,10 @@ class OnlineStage(Stage):
             parts["reward_model"] = self.reward_scorer(
                 [r["prompt"] for r in per_row], samples.texts, device
             ).cpu()
+        if cfg.environment and isinstance(samples, EpisodeSamples):  # the environment's own reward, or none
+            parts["environment"] = torch.tensor(
+                [float("nan") if r is None else r for r in samples.env_rewards]
+            )
         stacked = torch.stack(list(parts.values()), dim=1)  # (N, F)
         total = torch.nansum(stacked * self.reward_weights, dim=1)
         truncated = torch.tensor(samples.truncated)
@@ -281,6 +313,9 @@ class OnlineStage(Stage):
             [s["completion_ids"] for s in samples],
             self.tokenizer.pad_token_id,
         )
+        if "completion_mask" in samples[0]:  # multi-turn: observations inside the completion are not trained
+            masks = [[0] * len(s["prompt_ids"]) + s["completion_mask"] for s in samples]
+            batch["completion_mask"] = pad(masks, 0)
         return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
     # -- rewards in the buffer, the batch and the metrics (GRPO and PPO alike)
