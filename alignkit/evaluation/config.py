@@ -36,6 +36,11 @@ def validate(cfg: EvalConfig, source: str) -> None:
             f"{source}: `judge_max_unparsable` is a share of the verdicts, from 0 (stop at the first reply "
             f"that does not parse) to 1 (never stop), got {cfg.judge_max_unparsable}"
         )
+    if cfg.judge_mode not in ("verdict", "logprobs"):
+        raise UserError(
+            f"{source}: `judge_mode` is verdict (the judge writes [[A]] or Rating: [[5]]) or logprobs (read "
+            f"from its first token's log-probabilities), got {cfg.judge_mode!r}"
+        )
     if cfg.judge_base_url and not cfg.judge_model:
         raise UserError(f"{source}: `judge_base_url` is set but `judge_model` is not; name the judge model")
     known = names()

@@ -110,6 +110,7 @@ def make_judge(cfg: EvalConfig, cache: bool = True) -> Any:
         max_concurrency=cfg.judge_max_concurrency,
         max_retries=cfg.judge_max_retries,
         api_key_env=cfg.judge_api_key_env,
+        mode=cfg.judge_mode,
     )
 
 

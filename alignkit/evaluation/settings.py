@@ -44,6 +44,7 @@ class EvalConfig:
     judge_max_concurrency: int = 8
     judge_max_retries: int = 4  # after the first try, with exponential back-off (1, 2, 4, 8 s)
     judge_max_unparsable: float = 0.5  # share of a metric's verdicts that may fail to parse (left out)
+    judge_mode: str = "verdict"  # verdict ([[A]], Rating: [[5]]) | logprobs (one token's log-probs)
     lm_eval_tasks: list[str] | None = None  # e.g. [mmlu, ceval-valid]: pip install "alignkit[eval]"
     lm_eval_include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
     lm_eval_limit: int | None = None

@@ -7,6 +7,9 @@ not a chat completion. A chat completion whose verdict does not parse is a final
 (None): the judge asks at temperature 0, so asking again would get the same reply. It is cached like any
 other, left out of the summaries (which count it under `unparsable`), and stops the eval only when more
 than `max_unparsable` of a call's verdicts are unparsable.
+
+`mode="logprobs"` asks for a one-token answer and reads the verdict from its log-probabilities instead
+(`alignkit.generation.judge_logprobs`), for small local judges that do not follow the `[[A]]` format.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import httpx
 
 from alignkit.errors import UserError
+from alignkit.generation import judge_logprobs as lp
 from alignkit.generation.judge_prompts import grade_messages, pairwise_messages, parse_pairwise, parse_rating
 from alignkit.stats import bootstrap_mean_ci
 
@@ -34,8 +38,9 @@ _FIRST = {"A": "a", "B": "b", "C": "tie"}
 _SWAPPED = {"A": "b", "B": "a", "C": "tie"}
 _SCORE = {"a": 1.0, "tie": 0.5, "b": 0.0}
 _RETRY_STATUS = {408, 409, 425, 429}
-EXPECTED_PAIRWISE = "[[A]], [[B]] or [[C]]"
-EXPECTED_RATING = "Rating: [[1-10]]"
+EXPECTED_PAIRWISE = "end with [[A]], [[B]] or [[C]]"
+EXPECTED_RATING = "end with Rating: [[1-10]]"
+MODES = ("verdict", "logprobs")
 
 log = logging.getLogger("alignkit")
 
@@ -64,8 +69,10 @@ class VerdictCache:
             db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, reply TEXT NOT NULL)")
 
     @staticmethod
-    def key(model: str, messages: list[dict]) -> str:
-        blob = json.dumps([model, messages], ensure_ascii=False, sort_keys=True)
+    def key(model: str, messages: list[dict], mode: str = "verdict") -> str:
+        # a logprobs-mode reply (its first token's log-probs) never answers a verdict-mode request
+        parts = [model, messages] if mode == "verdict" else [model, messages, mode]
+        blob = json.dumps(parts, ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def get_many(self, keys: list[str]) -> dict[str, str]:
@@ -99,6 +106,7 @@ class Judge:
         backoff: float = 1.0,
         api_key_env: str | None = None,
         max_tokens: int = 1024,
+        mode: str = "verdict",
     ) -> None:
         if not str(base_url).startswith(("http://", "https://")):
             raise UserError(
@@ -106,6 +114,8 @@ class Judge:
             )
         if not model:
             raise UserError("judge_model is empty: name the model the judge endpoint serves")
+        if mode not in MODES:
+            raise UserError(f"judge_mode is verdict or logprobs, got {mode!r}")
         if max_concurrency < 1 or max_retries < 0:
             raise UserError(
                 f"judge concurrency must be >= 1 and retries >= 0, got {max_concurrency} and {max_retries}"
@@ -121,6 +131,7 @@ class Judge:
         self.timeout = timeout
         self.backoff = backoff
         self.max_tokens = max_tokens
+        self.mode = mode
         self.requests_sent = 0  # HTTP requests this Judge made, retries included
         self.cache_hits = 0  # verdicts read from the cache instead of asked
         self._count_lock = threading.Lock()
@@ -137,6 +148,9 @@ class Judge:
         two orders that disagree in any way (a win against a tie included) count as a tie. An order whose
         reply does not parse is None there, and the item's verdict is None when either order is. A UserError
         when more than `max_unparsable` (a share) of the items have no verdict.
+
+        In logprobs mode the item also has "p_a", p(a wins) averaged over the two orders, and its verdict is
+        that average's (`judge_logprobs.pairwise_item`): a tie when |p(a) - p(b)| < 0.1.
         """
         if len(conversations_a) != len(conversations_b):
             raise ValueError(
@@ -144,34 +158,35 @@ class Judge:
             )
         requests: list[list[dict]] = []
         for a, b in zip(conversations_a, conversations_b):
-            requests += [pairwise_messages(a, b), pairwise_messages(b, a)]
-        answers = self._judge_all(requests, parse_pairwise)
+            requests += [pairwise_messages(a, b, self.mode), pairwise_messages(b, a, self.mode)]
+        logprobs = self.mode == "logprobs"
+        answers = self._judge_all(requests, lp.parse_letter if logprobs else parse_pairwise)
         results, bad_replies = [], []
         for i in range(len(conversations_a)):
-            (label_1, reply_1), (label_2, reply_2) = answers[2 * i], answers[2 * i + 1]
-            first, swapped = _FIRST.get(label_1), _SWAPPED.get(label_2)
-            if first is None or swapped is None:
-                verdict = None
-                bad_replies.append(reply_1 if first is None else reply_2)
-            else:
-                verdict = first if first == swapped else "tie"
-            results.append({"verdict": verdict, "first_order": first, "swapped_order": swapped})
-        self._check_unparsable(
-            bad_replies, len(results), "pairwise verdicts", EXPECTED_PAIRWISE, max_unparsable
-        )
+            (got_1, reply_1), (got_2, reply_2) = answers[2 * i], answers[2 * i + 1]
+            item = lp.pairwise_item(got_1, got_2) if logprobs else _verdict_item(got_1, got_2)
+            if item["verdict"] is None:
+                bad_replies.append(reply_1 if item["first_order"] is None else reply_2)
+            results.append(item)
+        expected = lp.EXPECTED_LETTER if logprobs else EXPECTED_PAIRWISE
+        self._check_unparsable(bad_replies, len(results), "pairwise verdicts", expected, max_unparsable)
         return results
 
     def grade(self, conversations: list[list[dict]], max_unparsable: float = 1.0) -> list[float | None]:
         """MT-Bench-style 1-10 rating of each conversation's last assistant turn, read in its context; None
-        where the reply does not parse. A UserError when more than `max_unparsable` (a share) are None."""
-        answers = self._judge_all([grade_messages(c) for c in conversations], parse_rating)
+        where the reply does not parse. A UserError when more than `max_unparsable` (a share) are None.
+        In logprobs mode: the expected 1-9 digit of the judge's first token, mapped linearly onto 1-10."""
+        logprobs = self.mode == "logprobs"
+        requests = [grade_messages(c, self.mode) for c in conversations]
+        answers = self._judge_all(requests, lp.parse_digit if logprobs else parse_rating)
         bad_replies = [reply for grade, reply in answers if grade is None]
-        self._check_unparsable(bad_replies, len(answers), "1-10 grades", EXPECTED_RATING, max_unparsable)
+        expected = lp.EXPECTED_DIGIT if logprobs else EXPECTED_RATING
+        self._check_unparsable(bad_replies, len(answers), "1-10 grades", expected, max_unparsable)
         return [grade for grade, _ in answers]
 
     def _judge_all(self, requests: list[list[dict]], parse: Callable[[str], Any]) -> list[tuple[Any, str]]:
         """(parsed verdict or None, raw reply) for each request, from the cache or asked."""
-        keys = [VerdictCache.key(self.model, m) for m in requests]
+        keys = [VerdictCache.key(self.model, m, self.mode) for m in requests]
         cached = self.cache.get_many(list(dict.fromkeys(keys)))
         answers = {k: (parse(reply), reply) for k, reply in cached.items()}  # an unparsable reply is final
         todo = {k: m for k, m in zip(keys, requests) if k not in answers}  # identical requests asked once
@@ -188,12 +203,12 @@ class Judge:
             return
         counted = f"{len(bad_replies)} of {total} {what} from the judge {self.model!r} did not parse"
         if len(bad_replies) / total <= max_unparsable:  # the share, as judge_max_unparsable reads
-            log.warning("%s (expected %s); they are left out of the summary", counted, expected)
+            log.warning("%s (each reply should %s); they are left out of the summary", counted, expected)
             return
         raise UserError(
             f"{counted}, a share of {len(bad_replies) / total:.2f}, more than judge_max_unparsable="
-            f"{max_unparsable:g}: each reply should end "
-            f"with {expected}; the first unparsable reply begins {_sample(bad_replies[0])}. Use a stronger "
+            f"{max_unparsable:g}: each reply should "
+            f"{expected}; the first unparsable reply begins {_sample(bad_replies[0])}. Use a stronger "
             "judge model (judge_model), or raise judge_max_unparsable (1: never stop) to summarize the "
             f"verdicts that parse; every verdict judged is cached in {self.cache.path}"
         )
@@ -254,19 +269,45 @@ class Judge:
                 raise UserError(
                     f"the judge endpoint {self.url} answered {status}: {_error_message(response)}"
                 )
-            reply = _reply_text(response)
+            reply = self._reply(response)
             if reply is not None:  # a chat completion: final, whether its verdict parses or not
                 return parse(reply), reply
             failure = (
                 f"the judge at {self.url} answered {status} with a body that is not a chat completion "
-                f"(no choices[0].message.content); it begins: {_sample(response.text)}"
+                f"(no choices[0].message{'' if self.mode == 'logprobs' else '.content'}); it begins: "
+                f"{_sample(response.text)}"
             )
         raise UserError(
             f"{failure} (after {self.max_retries + 1} attempts; verdicts already judged are cached)"
         )
 
     def _body(self, messages: list[dict]) -> dict:
+        if self.mode == "logprobs":  # one token, and the likeliest ones at its position
+            return {
+                "model": self.model,
+                "messages": messages,
+                "temperature": 0,
+                "max_tokens": 1,
+                "logprobs": True,
+                "top_logprobs": lp.TOP_LOGPROBS,
+            }
         return {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
+
+    def _reply(self, response: httpx.Response) -> str | None:
+        """The reply to cache and parse: the message's text, or in logprobs mode the raw JSON of its
+        log-probs; None when the body is not a chat completion (retried)."""
+        if self.mode != "logprobs":
+            return _reply_text(response)
+        try:
+            return lp.reply_logprobs(response.json())
+        except ValueError:
+            return None
+        except lp.NoLogprobs:
+            raise UserError(
+                f"judge_mode: logprobs, but the judge endpoint {self.url} does not return log-probabilities "
+                f"(choices[0].logprobs is null in its reply for {self.model!r}): use judge_mode: verdict, or "
+                "an endpoint that does (alignkit serve, vLLM)"
+            ) from None
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -275,6 +316,13 @@ class Judge:
         if self.api_key_env:
             return f"check the key in ${self.api_key_env}"
         return "no key was sent: name the environment variable that holds it with judge_api_key_env"
+
+
+def _verdict_item(label_first: str | None, label_swapped: str | None) -> dict:
+    """One pair's verdict from the labels of its two orders (verdict mode): a tie when they disagree."""
+    first, swapped = _FIRST.get(label_first or ""), _SWAPPED.get(label_swapped or "")
+    verdict = None if first is None or swapped is None else first if first == swapped else "tie"
+    return {"verdict": verdict, "first_order": first, "swapped_order": swapped}
 
 
 def _sample(text: str) -> str:

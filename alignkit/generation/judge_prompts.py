@@ -2,6 +2,9 @@
 
 Pairwise: the judge compares two assistants and ends with [[A]], [[B]] or [[C]] (a tie).
 Single answer: the judge rates one assistant from 1 to 10 and ends with "Rating: [[n]]".
+In `logprobs` mode the same material ends with a request for a one-token answer instead (a letter, A or B,
+or a digit from 1 to 9), and the judge's first token's log-probabilities are the verdict
+(`alignkit.generation.judge_logprobs`).
 A multi-turn conversation is shown whole and the judge rates the last assistant turn in its context,
 as MT-Bench does for its second turn.
 """
@@ -10,11 +13,14 @@ from __future__ import annotations
 
 import re
 
-PAIRWISE_SYSTEM = (
+_PAIRWISE_TASK = (
     "You are an impartial judge. Compare the responses of two AI assistants, A and B, to the user and "
     "decide which one serves the user better. Weigh helpfulness, relevance, correctness, depth and "
     "clarity. Do not let the order in which the responses are shown, their length, or the assistants' "
-    "names sway you. Explain your comparison briefly, then give your verdict in exactly this format on "
+    "names sway you."
+)
+PAIRWISE_SYSTEM = (
+    f"{_PAIRWISE_TASK} Explain your comparison briefly, then give your verdict in exactly this format on "
     'the last line: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, "[[C]]" for a tie.'
 )
 
@@ -23,11 +29,18 @@ PAIRWISE_MULTI_TURN_NOTE = (
     "message, reading the earlier turns as their context."
 )
 
-GRADE_SYSTEM = (
+_GRADE_TASK = (
     "You are an impartial judge. Rate the quality of an AI assistant's response to the user. Weigh "
-    "helpfulness, relevance, correctness, depth and clarity. Explain your rating briefly, then rate the "
+    "helpfulness, relevance, correctness, depth and clarity."
+)
+GRADE_SYSTEM = (
+    f"{_GRADE_TASK} Explain your rating briefly, then rate the "
     'response from 1 to 10 in exactly this format on the last line: "Rating: [[5]]".'
 )
+
+# logprobs mode: no explanation, one token, and the same material to judge
+PAIRWISE_ASK = "Answer with one letter: A if assistant A's answer is better, B if assistant B's."
+GRADE_ASK = "Answer with one digit from 1 (worst) to 9 (best)."
 
 GRADE_MULTI_TURN_NOTE = (
     "Rate the assistant's answer to the LAST user message, reading the earlier turns as its context."
@@ -66,8 +79,11 @@ def _system_block(conversation: list[dict]) -> str:
     return f"[System Prompt]\n{system[0]}\n\n" if system else ""
 
 
-def pairwise_messages(conversation_first: list[dict], conversation_second: list[dict]) -> list[dict]:
-    """The judge request that shows `conversation_first` as assistant A and the other as assistant B."""
+def pairwise_messages(
+    conversation_first: list[dict], conversation_second: list[dict], mode: str = "verdict"
+) -> list[dict]:
+    """The judge request that shows `conversation_first` as assistant A and the other as assistant B; in
+    `logprobs` mode it ends by asking for one letter."""
     _check(conversation_first)
     _check(conversation_second)
     if _context(conversation_first) != _context(conversation_second):
@@ -91,11 +107,17 @@ def pairwise_messages(conversation_first: list[dict], conversation_second: list[
             f"{_transcript(conversation_second, 'Assistant B')}\n\n"
             "<|The End of Assistant B's Conversation with User|>"
         )
+    if mode == "logprobs":
+        return [
+            {"role": "system", "content": _PAIRWISE_TASK},
+            {"role": "user", "content": f"{body}\n\n{PAIRWISE_ASK}"},
+        ]
     return [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": body}]
 
 
-def grade_messages(conversation: list[dict]) -> list[dict]:
-    """The judge request that rates the last assistant turn of `conversation` from 1 to 10."""
+def grade_messages(conversation: list[dict], mode: str = "verdict") -> list[dict]:
+    """The judge request that rates the last assistant turn of `conversation` from 1 to 10; in `logprobs`
+    mode it ends by asking for one digit from 1 to 9."""
     _check(conversation)
     if _is_single_turn(conversation):
         question = next(m for m in conversation if m.get("role") == "user")["content"]
@@ -109,6 +131,11 @@ def grade_messages(conversation: list[dict]) -> list[dict]:
             f"{GRADE_MULTI_TURN_NOTE}\n\n<|The Start of Assistant's Conversation with User|>\n\n"
             f"{_transcript(conversation, 'Assistant')}\n\n<|The End of Assistant's Conversation with User|>"
         )
+    if mode == "logprobs":
+        return [
+            {"role": "system", "content": _GRADE_TASK},
+            {"role": "user", "content": f"{body}\n\n{GRADE_ASK}"},
+        ]
     return [{"role": "system", "content": GRADE_SYSTEM}, {"role": "user", "content": body}]
 
 
