@@ -14,6 +14,7 @@ from alignkit.losses.rl import GRPO_LOSS_TYPES, SAMPLER_CORRECTIONS
 from alignkit.losses.unpaired import KTO_LOSSES
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+JUDGE_REWARDS = ("grade", "pairwise")  # alignkit.generation.judge_reward
 
 
 @dataclass
@@ -186,6 +187,13 @@ class OnlineConfig(SamplingConfig):
     ref_model_name_or_path: str | None = None
     # with eval_dataset / val_size: held-out scorers beside the training rewards (e.g. exact_match under a
     # reward model), the held-out metric the best model is chosen by, and what a reward-hacking flag does
+    # the LLM judge as a reward (an OpenAI-compatible endpoint; alignkit serve of another model works)
+    judge_reward: str | None = None  # grade (1-10 -> [0, 1]) | pairwise (win share within the group)
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str | None = "OPENAI_API_KEY"
+    judge_mode: str = "verdict"  # verdict | logprobs (a one-token answer's log-probs: any local model)
+    judge_max_concurrency: int = 8
     # multi-turn, tool-using rollouts (grpo): tools as module:function, or an environment module:factory
     tools: list[str] | None = field(default=None, metadata={"one_or_more": True})
     environment: str | None = (
@@ -208,10 +216,18 @@ class OnlineConfig(SamplingConfig):
         super().check(source)
         check_choice(source, "reward_model_type", self.reward_model_type, ("auto", "full", "lora"))
         check_choice(source, "hacking_action", self.hacking_action, ("warn", "stop"))
-        if not self.reward_funcs and not self.reward_model and not self.environment:
+        if self.judge_reward is not None:
+            check_choice(source, "judge_reward", self.judge_reward, JUDGE_REWARDS)
+            check_choice(source, "judge_mode", self.judge_mode, ("verdict", "logprobs"))
+            if not (self.judge_base_url and self.judge_model):
+                raise UserError(
+                    f"{source}: `judge_reward: {self.judge_reward}` needs `judge_base_url` (an OpenAI-compatible "
+                    "endpoint, e.g. http://127.0.0.1:8000/v1) and `judge_model`"
+                )
+        if not self.reward_funcs and not self.reward_model and not self.environment and not self.judge_reward:
             raise UserError(
                 f"{source}: give `reward_funcs` (e.g. [math_accuracy]) and/or a `reward_model` "
-                "(e.g. one trained with `stage: rm`), or an `environment` that rewards"
+                "(e.g. one trained with `stage: rm`), a `judge_reward`, or an `environment` that rewards"
             )
         if self.tools and self.environment:
             raise UserError(
@@ -225,7 +241,7 @@ class OnlineConfig(SamplingConfig):
         if self.reward_weights is not None and len(self.reward_weights) != n_rewards:
             raise UserError(
                 f"{source}: `reward_weights` has {len(self.reward_weights)} values for {n_rewards} rewards "
-                "(one per reward function, then one for the reward model, then one for the environment)"
+                "(one per reward function, then one each for the reward model, the judge and the environment)"
             )
 
 

@@ -24,7 +24,8 @@ from alignkit.evaluation.context import EvalContext, Side, device
 from alignkit.evaluation.plan import plan_metrics
 from alignkit.evaluation.report import write_report
 from alignkit.evaluation.spec import Phase
-from alignkit.generation.judge import Judge, api_key_from_env
+from alignkit.generation.judge import Judge
+from alignkit.generation.judge_reward import judge_api_key
 from alignkit.generation.rewards import RewardModelScorer
 from alignkit.modeling.load import load_causal_lm
 
@@ -115,13 +116,8 @@ def make_judge(cfg: EvalConfig, cache: bool = True) -> Any:
 
 
 def judge_key(cfg: EvalConfig) -> str | None:
-    """The judge's API key from the environment variable `judge_api_key_env` names. The default variable may
-    be unset (a local endpoint without a key); one the user named must be set."""
-
-    name = cfg.judge_api_key_env
-    if name == EvalConfig.judge_api_key_env and not os.environ.get(name or ""):
-        return None
-    return api_key_from_env(name)
+    """The judge's API key from the environment variable `judge_api_key_env` names (see `judge_api_key`)."""
+    return judge_api_key(cfg.judge_api_key_env)
 
 
 def load_rows(cfg: EvalConfig) -> list[Example]:

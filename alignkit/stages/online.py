@@ -19,6 +19,7 @@ from alignkit.config import BaseConfig
 from alignkit.data.batches import pad, tokenize_chat, tokenize_text
 from alignkit.data.formats import Example
 from alignkit.errors import UserError
+from alignkit.generation.judge_reward import build_judge_reward
 from alignkit.generation.rewards import (
     RewardFn,
     RewardModelScorer,
@@ -64,6 +65,7 @@ class OnlineStage(Stage):
         self.given_reward_funcs = dict(reward_funcs or {})
         self.buffer: list[dict] | None = None  # the current rollout's samples
         self.episodes: tuple | None = None  # (environment factory, tool schemas) of multi-turn rollouts
+        self.judge: Any = None  # the LLM judge as a reward (build_rewards)
         self.engine: VLLMEngine | None = None
         # this process's prompts are a filler (a short last batch left it none), trained at weight 0; a
         # rollout's own cross-process statistics leave it out
@@ -163,7 +165,8 @@ class OnlineStage(Stage):
         )
         if self.eval_rows and self.eval_funcs:
             check_columns(self.eval_funcs, set(self.eval_rows[0]["columns"]), "the held-out prompts")
-        n = len(self.reward_funcs) + (1 if self.reward_scorer else 0) + (1 if cfg.environment else 0)
+        self.judge = build_judge_reward(cfg)
+        n = len(self.reward_funcs) + sum(1 for x in (self.reward_scorer, self.judge, cfg.environment) if x)
         self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * n, dtype=torch.float32)
         self.engine = None
         if cfg.rollout_backend == "vllm":
@@ -276,6 +279,8 @@ class OnlineStage(Stage):
             parts["reward_model"] = self.reward_scorer(
                 [r["prompt"] for r in per_row], samples.texts, device
             ).cpu()
+        if self.judge is not None:  # NaN where the verdict did not parse: no judge reward for that sample
+            parts["judge"] = self.judge([r["prompt"] for r in per_row], samples.texts, num_generations)
         if cfg.environment and isinstance(samples, EpisodeSamples):  # the environment's own reward, or none
             parts["environment"] = torch.tensor(
                 [float("nan") if r is None else r for r in samples.env_rewards]
@@ -337,8 +342,11 @@ class OnlineStage(Stage):
         n = float(batch["input_ids"].shape[0])
         out: Metrics = {"reward/mean": (reward.sum(), n), "_reward_sq": ((reward**2).sum(), n)}
         for key in batch:
-            if key.startswith("r/"):
-                out[f"rewards/{key[2:]}/mean"] = (batch[key].sum(), n)
+            if key.startswith("r/"):  # a component a sample lacks (an unparsable verdict: NaN) is left out
+                missing = torch.isnan(batch[key])
+                out[f"rewards/{key[2:]}/mean"] = (batch[key].nan_to_num().sum(), (~missing).sum().float())
+                if key == "r/judge":
+                    out["rewards/judge/unparsable"] = (missing.float().sum(), n)
         return out
 
     def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
