@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from alignkit.modeling.load import default_device
+
 if TYPE_CHECKING:
     from alignkit.data.formats import Example
     from alignkit.evaluation.settings import EvalConfig
@@ -43,6 +45,4 @@ class EvalContext:
 
 
 def device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()

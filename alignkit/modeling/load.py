@@ -73,6 +73,11 @@ def checkpoint_dtype(path: str) -> str | None:
     return str(value).removeprefix("torch.") if value else None
 
 
+def default_device() -> str:
+    """Where a model runs when nothing says otherwise: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def torch_dtype(cfg: BaseConfig) -> torch.dtype:
     """The dtype every model of the run is loaded in. `auto`: bfloat16 under `bf16: true`, float64 for a
     float64 checkpoint (the policy's), else float32 (half-precision checkpoints train in float32)."""

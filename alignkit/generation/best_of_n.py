@@ -21,12 +21,14 @@ import torch
 from alignkit.data.files import write_jsonl_atomic
 from alignkit.data.formats import Example, load_examples
 from alignkit.errors import UserError
-from alignkit.evaluation.context import device
 from alignkit.generation.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
 from alignkit.generation.rollout import Samples, encode_prompts, sample_hf
+from alignkit.modeling.load import default_device as device
 from alignkit.modeling.load import load_causal_lm
 
 log = logging.getLogger("alignkit")
+
+
 KEEP = ("best", "above", "pairs")
 
 

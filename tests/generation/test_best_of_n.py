@@ -12,7 +12,7 @@ import pytest
 from alignkit import api
 from alignkit.data.formats import Example
 from alignkit.errors import UserError
-from alignkit.evaluation.best_of_n import SampleSettings, _rows
+from alignkit.generation.best_of_n import SampleSettings, _rows
 from tests.conftest import run_stage, write_jsonl
 from tests.generation.test_online import PROMPTS
 
