@@ -28,10 +28,10 @@ from alignkit.config.coerce import flatten
 from alignkit.data.files import rows_file
 from alignkit.data.report import inspect_data
 from alignkit.errors import UserError, did_you_mean
-from alignkit.evaluation.best_of_n import SampleSettings, sample_best_of_n
 from alignkit.evaluation.config import build_eval_config
 from alignkit.evaluation.run import run_eval
 from alignkit.evaluation.sxs import sxs_page, votes_to_data
+from alignkit.generation.best_of_n import SampleSettings, sample_best_of_n
 from alignkit.generation.rewards import BUILTIN_REWARDS, RewardFn, reward_name
 from alignkit.modeling.tiny import build_tiny
 from alignkit.ship.chat import answer_once, chat_settings
@@ -42,6 +42,7 @@ from alignkit.stages import get_stage
 from alignkit.training.checkpoint import list_checkpoints
 from alignkit.training.events import Callback, StopSignal, TrainEvent
 from alignkit.training.loop import train as run_loop
+from alignkit.training.rounds import train_rounds
 
 log = logging.getLogger("alignkit")
 
@@ -163,6 +164,8 @@ def train(
         overrides["reward_funcs"], given = _reward_keys(reward_funcs)
     raw, source = config_keys(config, overrides)
     cfg = build_config(raw, source)
+    if getattr(cfg, "rounds", 0):  # iterative DPO: rounds of offline DPO on sampled pairs
+        return _train_rounds(cfg, callbacks, stop)
     # `reward_funcs` is a key of the online stages only (checked with the config)
     runner = get_stage(cfg.stage)
     stage = runner(cfg, reward_funcs=given) if runner.online else runner(cfg)
@@ -184,6 +187,30 @@ def train(
         for callback in callbacks or []:
             callback(TrainEvent("end", end.step, end.total_steps, {**end.data, "result": result}))
     return result
+
+
+def _train_rounds(
+    cfg: BaseConfig, callbacks: Sequence[Callback] | None, stop: StopSignal | None
+) -> TrainResult:
+    """`rounds: N`: each round's DPO through the loop (alignkit.training.rounds); the result is the last round's."""
+    seen: dict[str, TrainEvent] = {}
+
+    def one(round_cfg: BaseConfig) -> tuple[dict, bool]:
+        seen.clear()
+        record = run_loop(round_cfg, get_stage("dpo")(round_cfg), [_relay(seen, callbacks)], stop)
+        return record, "stopped" not in seen
+
+    out = train_rounds(cfg, one)
+    return TrainResult(
+        output_dir=out["model"],
+        stage=cfg.stage,
+        metrics={k: v for k, v in out.items() if k != "model"},
+        steps=seen["end"].step if "end" in seen else 0,
+        total_steps=seen["start"].total_steps if "start" in seen else 0,
+        stopped="stopped_in_round" in out,
+        checkpoint=None,
+        config=config_to_dict(cfg),
+    )
 
 
 def _relay(seen: dict[str, TrainEvent], callbacks: Sequence[Callback] | None) -> Callback:
@@ -332,7 +359,7 @@ def sample(model: str, dataset: str, output: str, /, **settings: Any) -> dict[st
     `model`, scored by `reward_funcs` / `reward_model`, kept by `keep` (best | above | pairs) and `threshold`,
     written to `output` as SFT rows or DPO pairs; returns the report (rows written, prompts without an
     acceptable sample, mean score of all samples and of the kept ones). Settings: the fields of
-    `alignkit.evaluation.best_of_n.SampleSettings`."""
+    `alignkit.generation.best_of_n.SampleSettings`."""
     known = {f.name for f in dataclasses.fields(SampleSettings)} - {"model", "dataset", "output"}
     unknown = sorted(set(settings) - known)
     if unknown:

@@ -382,12 +382,24 @@ class OnlineDPOConfig(OnlineConfig, DPOConfig):
     stage: str = "online_dpo"
     learning_rate: float = 5e-7  # TRL's OnlineDPOConfig default
     num_generations: int = 2  # completions per prompt; the best and the worst make the pair
+    rounds: int = (
+        0  # 0: online (pairs sampled every step); N: iterative DPO, N rounds of sample -> label -> DPO
+    )
 
     def check(self, source: str = "config") -> None:
         super().check(source)
         if self.num_generations < 2:
             raise UserError(
                 f"{source}: `num_generations` must be >= 2 to make a pair, got {self.num_generations}"
+            )
+        if self.rounds < 0:
+            raise UserError(f"{source}: `rounds` must be >= 0 (0: online DPO), got {self.rounds}")
+        for key in ("judge_reward", "tools", "environment") if self.rounds else ():
+            if getattr(self, key):
+                raise UserError(f"{source}: `{key}` is not supported with `rounds` (iterative DPO) yet")
+        if self.rounds and self.rollout_backend != "hf":
+            raise UserError(
+                f"{source}: iterative DPO (`rounds`) samples with rollout_backend: hf only, for now"
             )
         for key in ("precompute_ref_log_probs", "prefix_sharing", "padding_free"):
             if getattr(self, key):

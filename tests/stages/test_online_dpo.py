@@ -137,3 +137,58 @@ def test_online_dpo_step_on_fixed_completions_matches_trl(
     assert record["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
     for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert record[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+
+
+def test_iterative_dpo_rounds_refresh_the_reference_and_resume_by_round(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """`rounds: 2`: each round samples pairs from the last round's policy, trains DPO from it with it as the
+    reference; a rerun skips the finished round and trains the one that did not finish, on its saved pairs."""
+    import yaml
+
+    from alignkit import api
+
+    (tmp_path / "short_reward_rounds.py").write_text(
+        "def short(prompts, completions, **kw):\n    return [-len(c) / 10 for c in completions]\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+        keys = _keys(
+            tiny_model,
+            data,
+            reward_funcs=["short_reward_rounds:short"],
+            reward_weights=None,
+            rounds=2,
+            num_generations=4,
+            output_dir=str(tmp_path / "it"),
+            disable_tqdm=True,
+            plot_loss=False,
+        )
+        result = api.train(keys)
+        root = tmp_path / "it"
+        summary = json.loads((root / "rounds.json").read_text())
+        assert [r["round"] for r in summary["rounds"]] == [1, 2] and summary["model"] == str(
+            root / "round-2" / "model"
+        )
+        assert result.output_dir == str(root / "round-2" / "model")
+        assert summary["rounds"][1]["policy"] == str(root / "round-1" / "model")
+        round2 = yaml.safe_load((root / "round-2" / "model" / "config.yaml").read_text())
+        assert round2["stage"] == "dpo" and round2["ref_model_name_or_path"] == str(
+            root / "round-1" / "model"
+        )
+        assert round2["model_name_or_path"] == str(root / "round-1" / "model")
+        for r in summary["rounds"]:
+            pairs = [json.loads(line) for line in open(root / f"round-{r['round']}" / "pairs.jsonl")]
+            assert len(pairs) == r["rows"] == 8 - r["prompts_without_acceptable_sample"] > 0
+        # round 2 cut short: its marker and model gone, its pairs kept
+        first_model = (root / "round-1" / "model" / "model.safetensors").stat().st_mtime_ns
+        pairs2 = (root / "round-2" / "pairs.jsonl").read_text()
+        (root / "round-2" / "round.json").unlink()
+        (root / "rounds.json").unlink()
+        api.train({**keys, "overwrite_output_dir": True})
+        assert (root / "round-1" / "model" / "model.safetensors").stat().st_mtime_ns == first_model
+        assert (root / "round-2" / "pairs.jsonl").read_text() == pairs2
+        assert (root / "round-2" / "round.json").exists() and (root / "rounds.json").exists()
+    finally:
+        sys.path.remove(str(tmp_path))
