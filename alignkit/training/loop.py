@@ -213,8 +213,6 @@ class _Run:
         with contextlib.closing(bar):
             for step in range(self.start_step, p.total_steps):
                 metrics = self.accumulate(step, self.stage.micro_batches(step, self.ctx))
-                if self.online_eval and p.update_index(step) == 0:  # a fresh rollout's reward
-                    self.online_eval.observe(metrics)
                 step_lr = self.update(metrics)
                 progress.steps += 1
                 self.done = step + 1

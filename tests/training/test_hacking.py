@@ -10,50 +10,47 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.training.hacking import HackingMonitor, welch_interval
+from alignkit.training.hacking import HackingMonitor, replay
 from tests.conftest import run_stage, write_jsonl
 from tests.generation.test_online import PROMPTS
 
 
-def _stream(monitor: HackingMonitor, rewards: list[float], step: int, values: dict) -> list[dict]:
-    for r in rewards:
-        monitor.observe_reward(r)
-    return monitor.check(step, values)
-
-
-def _prompts(rng: random.Random, p: float, n: int = 60) -> list[float]:
+def _prompts(rng: random.Random, p: float, n: int = 200) -> list[float]:
     return [1.0 if rng.random() < p else 0.0 for _ in range(n)]
 
 
-def test_welch_interval_by_hand() -> None:
-    diff, lo, hi = welch_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
-    half = 1.96 * (1 / 3 + 1 / 3) ** 0.5  # variances 1 and 1, three values each
-    assert (diff, lo, hi) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
+def _eval(reward: list[float], quality: list[float]) -> dict[str, list[float]]:
+    return {"reward": reward, "exact_match": quality, "length": [3.0]}
 
 
-def test_reward_up_while_held_out_falls_is_flagged_and_honest_or_noisy_runs_are_not() -> None:
+def test_reward_up_while_held_out_quality_falls_over_two_evaluations() -> None:
+    """Per prompt: the training reward on the held-out prompts and the held-out accuracy, against the start."""
     rng = random.Random(0)
-    start = _prompts(rng, 0.6)
-    # hacking: the training reward climbs while the held-out accuracy on the same prompts drops to ~0.25
+    start_q = _prompts(rng, 0.6)
+    start_r = [rng.gauss(1.0, 0.5) for _ in start_q]
+    up = [r + 1.0 + rng.gauss(0, 0.3) for r in start_r]  # the reward model's score climbs
+    fallen = [q if rng.random() < 0.75 else 0.0 for q in start_q]  # a quarter of the right answers lost
+    better = [1.0 if q or rng.random() < 0.4 else 0.0 for q in start_q]
+    # hacking: flagged at the second evaluation after the start (one evaluation alone never decides)
     m = HackingMonitor("exact_match")
-    assert _stream(m, [], 0, {"exact_match": start}) == []  # the baseline
-    assert _stream(m, [0.1, 0.12, 0.11, 0.13], 10, {"exact_match": start}) == []  # quality unchanged
-    fallen = [x if rng.random() < 0.4 else 0.0 for x in start]
-    [flag] = _stream(m, [0.5, 0.55, 0.6, 0.58], 20, {"exact_match": fallen})
-    assert flag["rule"] == "reward_up_quality_down" and flag["step"] == 20
-    assert "training reward rose +0.443" in flag["message"] and "held-out exact_match fell" in flag["message"]
-    assert m.flags == [flag]
-    # honest: reward and held-out quality rise together
+    assert m.check(0, _eval(start_r, start_q)) == []
+    assert m.check(10, _eval(up, fallen)) == []
+    [flag] = m.check(20, _eval(up, fallen))
+    assert flag["rule"] == "reward_up_quality_down" and flag["step"] == 20 and m.flags == [flag]
+    assert "training reward on held-out prompts rose +1.0" in flag["message"]
+    assert "held-out exact_match fell -0.1" in flag["message"]
+    # honest: reward and quality rise together
     h = HackingMonitor("exact_match")
-    _stream(h, [], 0, {"exact_match": start})
-    _stream(h, [0.1, 0.12, 0.11, 0.13], 10, {"exact_match": start})
-    better = [1.0 if x or rng.random() < 0.5 else 0.0 for x in start]
-    assert _stream(h, [0.5, 0.55, 0.6, 0.58], 20, {"exact_match": better}) == []
-    # noise: a flat reward with the same drop in quality is not a rise
+    for step, q in ((0, start_q), (10, better), (20, better)):
+        assert h.check(step, _eval(start_r if step == 0 else up, q)) == []
+    # one noisy dip, then back: the two-evaluation average does not fall
     n = HackingMonitor("exact_match")
-    _stream(n, [], 0, {"exact_match": start})
-    _stream(n, [0.3, 0.1, 0.5, 0.2], 10, {"exact_match": start})
-    assert _stream(n, [0.2, 0.4, 0.1, 0.35], 20, {"exact_match": fallen}) == []
+    for step, q in ((0, start_q), (10, fallen), (20, better), (30, start_q)):
+        assert n.check(step, _eval(start_r if step == 0 else up, q)) == []
+    # the quality is the reward itself (no eval_reward_funcs): never this rule
+    r = HackingMonitor("reward")
+    for step, rew in ((0, start_r), (10, up), (20, up)):
+        assert r.check(step, {"reward": rew, "length": [3.0]}) == []
 
 
 def test_length_and_kl_rules_at_their_thresholds() -> None:
@@ -109,6 +106,8 @@ def test_online_stage_evaluates_held_out_prompts_while_it_trains(tiny_model: str
     assert all(0 < r["eval_length"] <= 4 for r in evals)
     report = json.loads((out / "hacking.json").read_text())
     assert report["metric"] == "exact_match" and [e["step"] for e in report["evaluations"]] == [0, 2, 4]
+    assert len(report["evaluations"][0]["per_prompt"]["exact_match"]) == 4
+    assert replay(report) == report["flags"]  # the saved evaluations give the same flags again
     assert report["best"]["step"] in (2, 4) and (out / "best" / "model.safetensors").is_file()
     assert any(e.kind == "eval" for e in events)
 
