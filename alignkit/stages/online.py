@@ -58,6 +58,7 @@ class OnlineStage(Stage):
     batch_unit = "prompts"
     online = True
     kinds = ("prompt", "sft", "pair", "unpaired")  # only the prompt (and the extra columns) is used
+    multi_turn = False  # whether the stage trains on multi-turn episodes (masks over observations)
 
     def __init__(self, cfg: BaseConfig, reward_funcs: dict[str, RewardFn] | None = None) -> None:
         """`reward_funcs`: functions handed over in Python, by the names `cfg.reward_funcs` lists them under."""
@@ -178,8 +179,6 @@ class OnlineStage(Stage):
                     f"for now, not {cfg.stage}"
                 )
             self.episodes = build_environment(cfg.tools, cfg.environment, cfg.tool_timeout)
-
-    multi_turn = False  # whether the stage trains on multi-turn episodes (masks over observations)
 
     def language_model(self, model: nn.Module) -> nn.Module:
         """The causal LM that samples (unwrapped from DDP); PPO's is its actor."""
