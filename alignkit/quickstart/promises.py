@@ -73,6 +73,19 @@ def _controls(controls: dict[str, Any], sft: dict[str, Any]) -> list[str]:
     return broken
 
 
+def _monitor(report: dict[str, Any]) -> list[str]:
+    """The reward-hacking monitor (alignkit.training.hacking) flags the weak-KL control and no honest method;
+    rows without a monitor (offline methods, reports made before it) promise nothing here."""
+    broken = []
+    for name, row in report.get("methods", {}).items():
+        if row.get("hacking_flags"):
+            broken.append(f"{name}: flagged by the hacking monitor ({row['hacking_flags'][0]['message']})")
+    hacked = report.get("controls", {}).get("ppo_weak_kl")
+    if hacked is not None and hacked.get("hacking_flags") == []:
+        broken.append("control ppo_weak_kl: the hacking monitor did not flag it")
+    return broken
+
+
 def _reward_model(rm: dict[str, Any]) -> list[str]:
     """It fits its pairs and ranks held-out ones, yet prefers an off-by-one answer on carries (0.24-0.95)."""
     broken = []
@@ -110,6 +123,7 @@ def broken_promises(
         broken.append(f"base accuracy {report['base_accuracy']} (random init)")
     sft = report["methods"]["sft"]
     broken += _sft(sft) + _methods(report["methods"]) + _controls(report.get("controls", {}), sft)
+    broken += _monitor(report)
     if "reward_model" in report:
         broken += _reward_model(report["reward_model"])
     return broken

@@ -101,6 +101,11 @@ NOTES = """Every method after SFT starts from the SFT model. `dpo` is DPO plus t
 and `simpo` SimPO plus that NLL; `orpo` has its own NLL term; `kto` has none. `grpo` samples 8 answers per
 prompt and rewards exact answers. `ppo` is the classic recipe: a reward model trained (`stage: rm`) on the
 task's pairs, then PPO against it; `ppo_verifiable` is the same PPO with the exact-answer reward.
+`online_dpo` learns from its own samples (4 per prompt, best vs worst by the exact answer), `online_dpo_rm` the
+same ranked by PPO's reward model; `best_of_n` is SFT on the SFT model's exactly right samples (rejection
+sampling); `distill` distils the GRPO model into the SFT model on the student's own samples (GKD, reverse KL).
+The online rows evaluate on the validation prompts while they train, and the reward-hacking monitor's verdict
+is printed under the table.
 
 Problems are split on unordered pairs (a + b and b + a fall on the same side): the recipes were chosen on the
 validation set, and the accuracy column is the untouched test set, with its 95% Wilson interval. On 300

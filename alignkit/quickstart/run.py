@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.comparison.runs import train_method
+from alignkit.generation.best_of_n import SampleSettings, sample_best_of_n
 from alignkit.losses.unpaired import kto_weights
 from alignkit.modeling.tiny import build_tiny
 from alignkit.quickstart.report import accuracy, reward_model_diagnosis, reward_trend, write_report
@@ -262,6 +263,62 @@ def run_ppo_verifiable(ctx: Context) -> str:
     return _from_sft(ctx, "ppo_verifiable", _prompts(ctx), _monitored(ctx, keys))
 
 
+def run_online_dpo(ctx: Context) -> str:
+    """Online DPO with the exact-answer reward: 4 samples per prompt, the best vs the worst as the pair."""
+    keys = {**ONLINE_DPO_KEYS, "reward_funcs": ["exact_match"]}
+    return _from_sft(ctx, "online_dpo", _prompts(ctx), _monitored(ctx, keys))
+
+
+def run_online_dpo_rm(ctx: Context) -> str:
+    """Online DPO ranked by the reward model PPO uses."""
+    keys = {**ONLINE_DPO_KEYS, "reward_model": train_reward_model(ctx)}
+    return _from_sft(ctx, "online_dpo_rm", _prompts(ctx), _monitored(ctx, keys))
+
+
+def run_best_of_n(ctx: Context) -> str:
+    """Rejection-sampling fine-tuning: 4 samples per prompt from the SFT model, the exactly right ones kept
+    (`alignkit data sample --keep best --threshold 1`), then SFT on them."""
+    if not ctx.sft_model:
+        run_sft(ctx)
+    out = os.path.join(ctx.output_dir, "data", "best_of_n.jsonl")
+    settings = SampleSettings(
+        ctx.sft_model, _prompts(ctx), out, n=4, keep="best", threshold=1.0, reward_funcs=["exact_match"],
+        max_new_tokens=5, batch_size=250, seed=ctx.seed + 5, max_samples=2000,
+    )  # fmt: skip
+    report = sample_best_of_n(settings)
+    log.info("quickstart best_of_n: %d rows, %d prompts without a right answer", report["rows"],
+             report["prompts_without_acceptable_sample"])  # fmt: skip
+    return _from_sft(ctx, "best_of_n", out, {"stage": "sft", "max_steps": 60})
+
+
+def run_distill(ctx: Context) -> str:
+    """On-policy distillation (GKD, reverse KL) of the GRPO model into the SFT model, on the student's samples."""
+    teacher = run_grpo(ctx)  # a finished run is reused
+    keys = {
+        "stage": "distill",
+        "teacher_model_name_or_path": teacher,
+        "lmbda": 1.0,
+        "beta": 1.0,
+        "temperature": 1.0,
+        "max_new_tokens": 5,
+        "max_steps": 60,
+        "learning_rate": 1e-4,
+    }
+    return _from_sft(ctx, "distill", _prompts(ctx), keys)
+
+
+ONLINE_DPO_KEYS = {
+    "stage": "online_dpo",
+    "num_generations": 4,
+    "per_device_train_batch_size": 16,
+    "max_new_tokens": 5,
+    "max_steps": 60,
+    "learning_rate": 2e-5,
+    "beta": 0.1,
+    "logging_steps": 10,
+}
+
+
 def run_sft_on_chosen(ctx: Context) -> str:
     """Control: only the NLL of the chosen answers, same data, steps and rate. What do the preferences add?"""
     return _from_sft(ctx, "sft_on_chosen", _pairs(ctx), {"stage": "dpo", "loss_type": "sft"})
@@ -284,6 +341,10 @@ METHODS: dict[str, Callable[[Context], str]] = {
     "ppo_verifiable": run_ppo_verifiable,
     "simpo": run_simpo,
     "orpo": run_orpo,
+    "online_dpo": run_online_dpo,
+    "online_dpo_rm": run_online_dpo_rm,
+    "best_of_n": run_best_of_n,
+    "distill": run_distill,
 }
 CONTROLS: dict[str, Callable[[Context], str]] = {
     "sft_on_chosen": run_sft_on_chosen,

@@ -138,3 +138,29 @@ def test_the_promises_catch_a_broken_report() -> None:
     thin = {**report, "methods": {"sft": row, "dpo": good}, "controls": {}}
     missing = broken_promises(thin, ["dpo", "ppo"], ["ppo_weak_kl"])
     assert missing == ["ppo: not in the report", "control ppo_weak_kl: not in the report"], missing
+
+
+def test_the_monitor_promises_a_flag_on_the_weak_kl_control_and_none_on_honest_methods() -> None:
+    from alignkit.quickstart.promises import broken_promises
+
+    row = {"accuracy": 0.6, "n": 300, "ci95": [0.55, 0.66], "no_carry_accuracy": 0.96, "carry_accuracy": 0.16}
+    good = {**row, "accuracy": 0.85, "carry_accuracy": 0.8, "hacking_flags": []}
+    hacked = {**row, "no_carry_accuracy": 0.7, "reward_first": 1.6, "reward_last": 2.9}
+    flag = {"step": 160, "rule": "reward_up_quality_down", "message": "reward up, accuracy down"}
+    report = {
+        "base_accuracy": 0.0,
+        "methods": {"sft": row, "grpo": good, "ppo": {**good, "hacking_flags": [flag]}},
+        "controls": {"ppo_weak_kl": {**hacked, "hacking_flags": []}},
+        "reward_model": {
+            "train_pair_accuracy": 1.0,
+            "test_pair_accuracy": 1.0,
+            "test_carry_prefers_answer_plus_one": 0.9,
+        },
+    }
+    assert broken_promises(report) == [
+        "ppo: flagged by the hacking monitor (reward up, accuracy down)",
+        "control ppo_weak_kl: the hacking monitor did not flag it",
+    ]
+    report["methods"]["ppo"]["hacking_flags"] = []
+    report["controls"]["ppo_weak_kl"]["hacking_flags"] = [flag]
+    assert broken_promises(report) == []
