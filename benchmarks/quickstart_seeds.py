@@ -72,6 +72,10 @@ def summarise(reports: dict[int, dict]) -> dict[str, dict]:
             for r in reports.values()
         ]
         out[name] = {"test": test, "validation": val, "test_lift": lift, "validation_lift": val_lift}
+        if all("hacking_flags" in rows(r)[name] for r in reports.values()):  # the monitor's verdict per seed
+            out[name]["hacking"] = [
+                [f"{f['rule']}@{f['step']}" for f in rows(r)[name]["hacking_flags"]] for r in reports.values()
+            ]
     for key in ("train_pair_accuracy", "test_pair_accuracy", "test_carry_prefers_answer_plus_one"):
         values = [r["reward_model"][key] for r in reports.values() if "reward_model" in r]
         if values:
@@ -96,6 +100,10 @@ def render(summary: dict[str, dict], seeds: list[int]) -> str:
         lift = " / ".join(f"{x:+.3f}" for x in s["test_lift"])
         val = " / ".join(f"{x:+.3f}" for x in s["validation_lift"])
         lines.append(f"| {name} | {_mean_sd(s['test'])} | {lift} | {min(s['test_lift']):+.3f} | {val} |")
+    for name, s in summary.items():
+        if "hacking" in s:
+            verdicts = " / ".join(",".join(f) or "-" for f in s["hacking"])
+            lines.append(f"\nhacking monitor, {name}, flags per seed: {verdicts}")
     for key, values in summary.get("reward_model", {}).items():
         lines.append(f"\nreward model {key} per seed: " + " / ".join(f"{v:.3f}" for v in values))
     return "\n".join(lines)
@@ -120,7 +128,7 @@ def main() -> None:
     if args.check:
         # the whole table unless the run was asked for less (`-- --methods ...`, `-- --no-controls`)
         methods = None if "--methods" in args.extra else list(METHODS)
-        controls = None if "--no-controls" in args.extra else list(CONTROLS)
+        controls = None if {"--no-controls", "--controls"} & set(args.extra) else list(CONTROLS)
         broken = [f"seed {s}: {b}" for s, r in reports.items() for b in broken_promises(r, methods, controls)]
         print("\n".join(broken) or f"every promise kept on seeds {', '.join(map(str, args.seeds))}")
         sys.exit(1 if broken else 0)
