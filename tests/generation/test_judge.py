@@ -19,7 +19,7 @@ from alignkit.evaluation.context import EvalContext, Side
 from alignkit.evaluation.measures import judge_score, judge_win_rate
 from alignkit.evaluation.report import render_table, sample_rows
 from alignkit.evaluation.settings import EvalConfig
-from alignkit.generation.judge import Judge, api_key_from_env, summarize_grades, summarize_pairwise
+from alignkit.generation.judge import Judge, summarize_grades, summarize_pairwise
 from alignkit.generation.judge_prompts import parse_pairwise, parse_rating
 from alignkit.stats import bootstrap_mean_ci
 
@@ -433,15 +433,6 @@ def test_verdict_parsers() -> None:
     assert parse_pairwise("[[ C ]]") == "C" and parse_pairwise("A is better") is None
     assert parse_rating("Rating: [[7]]") == 7.0 and parse_rating("Rating: [[7.5]]") == 7.5
     assert parse_rating("Rating: [[11]]") is None and parse_rating("Rating: 7") is None
-
-
-def test_api_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert api_key_from_env(None) is None
-    monkeypatch.setenv("ALIGNKIT_TEST_JUDGE_KEY", "sk-123")
-    assert api_key_from_env("ALIGNKIT_TEST_JUDGE_KEY") == "sk-123"
-    monkeypatch.delenv("ALIGNKIT_TEST_JUDGE_KEY")
-    with pytest.raises(UserError, match="ALIGNKIT_TEST_JUDGE_KEY.*not set"):
-        api_key_from_env("ALIGNKIT_TEST_JUDGE_KEY")
 
 
 def test_bad_judge_settings_are_user_errors(tmp_path) -> None:

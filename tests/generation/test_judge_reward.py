@@ -96,3 +96,20 @@ def test_judge_reward_config_errors(tiny_model: str, tmp_path: Path) -> None:
         build_config({**base, "judge_reward": "grade"})
     with pytest.raises(UserError, match="judge_reward"):
         build_config({**base, "judge_reward": "rank", "judge_base_url": "http://x/v1", "judge_model": "m"})
+
+
+def test_api_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from alignkit.errors import UserError
+    from alignkit.generation.judge import api_key_from_env
+    from alignkit.generation.judge_reward import judge_api_key
+
+    assert api_key_from_env(None) is None
+    monkeypatch.setenv("ALIGNKIT_TEST_JUDGE_KEY", "sk-123")
+    assert api_key_from_env("ALIGNKIT_TEST_JUDGE_KEY") == "sk-123"
+    monkeypatch.delenv("ALIGNKIT_TEST_JUDGE_KEY")
+    with pytest.raises(UserError, match="ALIGNKIT_TEST_JUDGE_KEY.*not set"):
+        api_key_from_env("ALIGNKIT_TEST_JUDGE_KEY")
+    with pytest.raises(UserError, match="ALIGNKIT_TEST_JUDGE_KEY.*not set"):
+        judge_api_key("ALIGNKIT_TEST_JUDGE_KEY")  # a variable the user named must be set
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert judge_api_key("OPENAI_API_KEY") is None  # the default may be unset: a local judge without a key
