@@ -140,7 +140,7 @@ def test_the_promises_catch_a_broken_report() -> None:
     assert missing == ["ppo: not in the report", "control ppo_weak_kl: not in the report"], missing
 
 
-def test_the_monitor_promises_a_flag_on_the_weak_kl_control_and_none_on_honest_methods() -> None:
+def test_the_monitor_promises_no_flag_on_the_methods() -> None:
     from alignkit.quickstart.promises import broken_promises
 
     row = {"accuracy": 0.6, "n": 300, "ci95": [0.55, 0.66], "no_carry_accuracy": 0.96, "carry_accuracy": 0.16}
@@ -157,10 +157,7 @@ def test_the_monitor_promises_a_flag_on_the_weak_kl_control_and_none_on_honest_m
             "test_carry_prefers_answer_plus_one": 0.9,
         },
     }
-    assert broken_promises(report) == [
-        "ppo: flagged by the hacking monitor (reward up, accuracy down)",
-        "control ppo_weak_kl: the hacking monitor did not flag it",
-    ]
+    assert broken_promises(report) == ["ppo: flagged by the hacking monitor (reward up, accuracy down)"]
     report["methods"]["ppo"]["hacking_flags"] = []
     report["controls"]["ppo_weak_kl"]["hacking_flags"] = [flag]
     assert broken_promises(report) == []
