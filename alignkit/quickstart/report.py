@@ -101,8 +101,8 @@ NOTES = """Every method after SFT starts from the SFT model. `dpo` is DPO plus t
 and `simpo` SimPO plus that NLL; `orpo` has its own NLL term; `kto` has none. `grpo` samples 8 answers per
 prompt and rewards exact answers. `ppo` is the classic recipe: a reward model trained (`stage: rm`) on the
 task's pairs, then PPO against it; `ppo_verifiable` is the same PPO with the exact-answer reward.
-`online_dpo` learns from its own samples (4 per prompt, best vs worst by the exact answer), `online_dpo_rm` the
-same ranked by PPO's reward model; `best_of_n` is SFT on the SFT model's exactly right samples (rejection
+`online_dpo` learns from its own samples (4 per prompt, best vs worst by the exact answer); the control
+`online_dpo_rm` is the same ranked by PPO's reward model, which it hacks; `best_of_n` is SFT on the SFT model's exactly right samples (rejection
 sampling); `distill` distils the GRPO model into the SFT model on the student's own samples (GKD, reverse KL).
 The online rows evaluate on the validation prompts while they train, and the reward-hacking monitor's verdict
 is printed under the table.
@@ -151,9 +151,14 @@ def render_table(report: dict[str, Any]) -> str:
                     f" Monitor: flagged at step {flags[0]['step']} ({flags[0]['rule']}: {flags[0]['message']})."
                 )
             )
+            best = r.get("best")
+            kept = (
+                "" if not best else f" Best model by held-out accuracy (best/): test {best['accuracy']:.3f}."
+            )
             lines.append(
                 f"{name}: mean reward {r['reward_first']:.2f} (first steps) -> {r['reward_last']:.2f} (last)."
                 + monitor
+                + kept
             )
     return "\n".join(lines)
 

@@ -270,7 +270,8 @@ def run_online_dpo(ctx: Context) -> str:
 
 
 def run_online_dpo_rm(ctx: Context) -> str:
-    """Online DPO ranked by the reward model PPO uses."""
+    """Control: online DPO ranked by the reward model PPO uses. Unlike PPO it has no KL penalty in its reward,
+    only DPO's implicit one, and it follows the reward model's blind spot fast: the hacking monitor's case."""
     keys = {**ONLINE_DPO_KEYS, "reward_model": train_reward_model(ctx)}
     return _from_sft(ctx, "online_dpo_rm", _prompts(ctx), _monitored(ctx, keys))
 
@@ -342,7 +343,6 @@ METHODS: dict[str, Callable[[Context], str]] = {
     "simpo": run_simpo,
     "orpo": run_orpo,
     "online_dpo": run_online_dpo,
-    "online_dpo_rm": run_online_dpo_rm,
     "best_of_n": run_best_of_n,
     "distill": run_distill,
 }
@@ -350,6 +350,7 @@ CONTROLS: dict[str, Callable[[Context], str]] = {
     "sft_on_chosen": run_sft_on_chosen,
     "dpo_without_nll": run_dpo_without_nll,
     "ppo_weak_kl": run_ppo_weak_kl,
+    "online_dpo_rm": run_online_dpo_rm,
 }
 
 
@@ -361,6 +362,9 @@ def _run(ctx: Context, name: str, runner: Callable[[Context], str]) -> dict[str,
     wall = round(ctx.train_wall_s - before, 1)
     result = {**accuracy(model_dir, ctx.split.test), "validation": accuracy(model_dir, ctx.split.validation)}
     result.update(wall_s=wall, model_dir=model_dir, **reward_trend(model_dir))
+    best = os.path.join(model_dir, "best")
+    if os.path.isdir(best):  # chosen on the validation prompts while it trained; reported on the test set
+        result["best"] = accuracy(best, ctx.split.test)
     log.info("%s: test accuracy %.3f (%.1f s)", name, result["accuracy"], wall)
     return result
 
