@@ -81,14 +81,18 @@ def reward_model_diagnosis(rm_dir: str, pairs_file: str, test: list[Problem]) ->
 def reward_trend(run_dir: str, window: int = 3) -> dict[str, float]:
     """Mean `reward/mean` of the first and last `window` logged steps of an online run ({} for an offline one,
     which logs no reward)."""
+    key = "reward/mean"
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-        rows = [r for r in map(json.loads, fh) if "reward/mean" in r]
+        records = list(map(json.loads, fh))
+    if not any(key in r for r in records):  # online DPO logs its samples' mean reward as objective/scores
+        key = "objective/scores"
+    rows = [r for r in records if key in r]
     if not rows:
         return {}
     first, last = rows[:window], rows[-window:]
     out: dict[str, Any] = {
-        "reward_first": round(sum(r["reward/mean"] for r in first) / len(first), 4),
-        "reward_last": round(sum(r["reward/mean"] for r in last) / len(last), 4),
+        "reward_first": round(sum(r[key] for r in first) / len(first), 4),
+        "reward_last": round(sum(r[key] for r in last) / len(last), 4),
     }
     hacking = os.path.join(run_dir, "hacking.json")
     if os.path.exists(hacking):  # the monitor's flags while it trained (see alignkit.training.hacking)

@@ -322,12 +322,13 @@ class _Run:
         every = eval_every(cfg, p.steps_per_epoch)
         evaluating = every and self.stage.eval_rows
         if evaluating and (done % every == 0 or done == p.total_steps):
-            if self.online_eval:
-                logged.update(self.evaluate_online(done))
-            else:
-                logged.update(
-                    evaluate(self.accelerator, self.stage, self.model, cfg)
-                )  # every process takes part
+            # every process takes part
+            online = self.online_eval is not None
+            logged.update(
+                self.evaluate_online(done)
+                if online
+                else evaluate(self.accelerator, self.stage, self.model, cfg)
+            )
         if not logged:
             return None
         return self.write({"step": done, "epoch": round(done / p.steps_per_epoch, 4), **logged})

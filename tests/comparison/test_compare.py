@@ -300,6 +300,25 @@ def test_budget_counts_steps_times_global_batch_and_online_rollouts() -> None:
     ):
         check_budgets({"grpo": grpo, "kto": kto}, "c.yaml", allow_unequal=False)
     check_budgets({"grpo": grpo, "kto": kto}, "c.yaml", allow_unequal=True)
+    # the stages of issue 21 fall under the same rule: prompts per step, samples per prompt from the stage
+    online_dpo = budget(
+        build_config(
+            {**keys, "stage": "online_dpo", "per_device_train_batch_size": 4, "num_generations": 3,
+             "reward_funcs": ["f:g"]}
+        )
+    )  # fmt: skip
+    assert (online_dpo["unit"], online_dpo["prompts_sampled"], online_dpo["completions_sampled"]) == (
+        "prompts",
+        40,
+        120,
+    )
+    distill = budget(
+        build_config(
+            {**keys, "stage": "distill", "per_device_train_batch_size": 4, "teacher_model_name_or_path": "t"}
+        )
+    )
+    assert (distill["steps_x_batch"], distill["completions_sampled"]) == (40, 40)
+    check_budgets({"grpo": grpo, "online_dpo": online_dpo, "distill": distill}, "c.yaml", allow_unequal=False)
 
 
 def test_fingerprint_follows_data_content_and_ignores_run_artefacts(tmp_path: Path) -> None:
