@@ -58,7 +58,8 @@ class Groups:
     def concat(pieces: list[Groups]) -> Groups:
         return Groups(
             [r for p in pieces for r in p.rows],
-            Samples.concat([p.samples for p in pieces]),
+            # the samples' own class joins them (episodes keep their completion masks)
+            type(pieces[0].samples).concat([p.samples for p in pieces]),
             torch.cat([p.total for p in pieces]),
             {k: torch.cat([p.parts[k] for p in pieces]) for k in pieces[0].parts},
         )

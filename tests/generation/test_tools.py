@@ -255,3 +255,31 @@ def test_grpo_trains_on_episodes_with_the_observations_masked(
     out = stage.step(stage.model, batch)
     assert out.metrics["episode/turns"][0].item() == 4.0 and out.loss_sum.requires_grad
     del sys.modules["quick_tools"]
+
+
+def test_grpo_groups_of_episodes_keep_their_masks_through_dynamic_sampling() -> None:
+    """DAPO's refill selects and joins groups: episodes must stay episodes, or their observations get trained."""
+    from alignkit.generation.tools import EpisodeSamples
+    from alignkit.stages.grpo import Groups
+
+    def piece(k: int) -> Groups:
+        samples = EpisodeSamples(
+            [[1]] * 2,
+            [[k, 9], [k, 8]],
+            [False] * 2,
+            ["a", "b"],
+            None,
+            [[1, 0], [1, 1]],
+            [None] * 2,
+            [2, 1],
+            [0, 0],
+        )
+        return Groups([{"p": k}], samples, torch.tensor([1.0, 0.0]), {})
+
+    joined = Groups.concat([piece(5), piece(6)]).select([1], 2)
+    assert isinstance(joined.samples, EpisodeSamples)
+    assert joined.samples.completion_ids == [[6, 9], [6, 8]] and joined.samples.completion_masks == [
+        [1, 0],
+        [1, 1],
+    ]
+    assert joined.samples.turns == [2, 1]
