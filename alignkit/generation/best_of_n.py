@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from alignkit.config import OnlineConfig
 from alignkit.data.files import write_jsonl_atomic
 from alignkit.data.formats import Example, load_examples
 from alignkit.errors import UserError
@@ -99,7 +100,8 @@ def _rows(ex: Example, texts: list[str], scores: list[float], s: SampleSettings)
 
 
 def _scorer(s: SampleSettings, columns: set[str]) -> Any:
-    funcs = build_reward_funcs(s.reward_funcs, r"<think>.*</think>.*", 512, {})
+    # the built-in `format` and `length` rewards take the online stages' defaults
+    funcs = build_reward_funcs(s.reward_funcs, OnlineConfig.format_pattern, OnlineConfig.length_target, {})
     check_columns(funcs, columns, f"dataset {s.dataset}")
     rm = RewardModelScorer(s.reward_model) if s.reward_model else None
     weights = torch.tensor(s.reward_weights or [1.0] * (len(funcs) + (1 if rm else 0)))

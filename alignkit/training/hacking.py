@@ -128,6 +128,7 @@ class OnlineEvaluation:
         self.stage, self.cfg, self.writes = stage, cfg, writes
         self.monitor = HackingMonitor(cfg.held_out_metric)
         self.best: float | None = None
+        self.best_step: int | None = None
         self.history: list[dict[str, float]] = []
 
     def needs_baseline(self) -> bool:
@@ -167,7 +168,7 @@ class OnlineEvaluation:
             "metric": self.monitor.metric,
             "action": self.cfg.hacking_action,
             "flags": self.monitor.flags,
-            "best": {"step": getattr(self, "best_step", None), "value": self.best, "folder": "best"},
+            "best": {"step": self.best_step, "value": self.best, "folder": "best"},
             "evaluations": self.history,
         }
         write_json_atomic(os.path.join(self.cfg.output_dir, "hacking.json"), report)
@@ -176,7 +177,7 @@ class OnlineEvaluation:
         return {
             "monitor": self.monitor.state_dict(),
             "best": self.best,
-            "best_step": getattr(self, "best_step", None),
+            "best_step": self.best_step,
             "history": self.history,
         }
 

@@ -60,6 +60,7 @@ def _sample_round(cfg: Any, policy: str, pairs: str, r: int) -> dict[str, Any]:
 
 def _round_config(cfg: Any, policy: str, pairs: str, out: str) -> Any:
     keys = {k: v for k, v in config_to_dict(cfg).items() if k not in _SAMPLING_KEYS}
+    resumable = bool(list_checkpoints(out))
     keys.update(
         stage="dpo",
         model_name_or_path=policy,
@@ -67,10 +68,8 @@ def _round_config(cfg: Any, policy: str, pairs: str, out: str) -> Any:
         dataset=pairs,
         output_dir=out,
         max_samples=None,
-        resume_from_checkpoint="auto" if list_checkpoints(out) else None,
-        overwrite_output_dir=not list_checkpoints(
-            out
-        ),  # a round cut short before its first checkpoint restarts
+        resume_from_checkpoint="auto" if resumable else None,
+        overwrite_output_dir=not resumable,  # a round cut short before its first checkpoint restarts
     )
     return build_config(keys, f"round of {cfg.output_dir}")
 
