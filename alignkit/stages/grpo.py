@@ -17,14 +17,13 @@ from torch import nn
 
 from alignkit.config import GRPOConfig
 from alignkit.generation.rollout import Samples
-from alignkit.generation.tools import EpisodeSamples
 from alignkit.losses.rl import GRPO_LOSSES, GRPOLossSpec, grpo_policy_loss, sampler_correction
 from alignkit.losses.tokens import per_row_sum
 from alignkit.modeling.load import load_policy
 from alignkit.modeling.logprobs import TokenStats
 from alignkit.modeling.reference import Reference
 from alignkit.stages.base import Metrics, StepOutput
-from alignkit.stages.online import OnlineStage, gather_counts
+from alignkit.stages.online import OnlineStage, episode_entries, gather_counts
 
 log = logging.getLogger("alignkit")
 
@@ -90,17 +89,6 @@ def sampler_metrics(old: torch.Tensor, sampler: torch.Tensor, weights: torch.Ten
             "sampler/ratio_mean": (weights.sum(), float(max(weights.numel(), 1))),
             "sampler/ratio_max": (weights.max() if weights.numel() else torch.tensor(0.0), 1.0),
         }
-
-
-def episode_entries(samples: Samples, i: int) -> dict[str, Any]:
-    """Sample i's multi-turn entries (its completion mask, turns, error observations); {} for one turn."""
-    if not isinstance(samples, EpisodeSamples):
-        return {}
-    return {
-        "completion_mask": samples.completion_masks[i],
-        "turns": samples.turns[i],
-        "tool_errors": samples.tool_errors[i],
-    }
 
 
 def _rank() -> int:
@@ -275,9 +263,6 @@ class GRPOStage(OnlineStage):
         batch["zero_std"] = torch.tensor([float(s["zero_std"]) for s in samples])
         if "kl" in samples[0]:
             batch["kl"] = torch.tensor([s["kl"] for s in samples])
-        for key in ("turns", "tool_errors"):
-            if key in samples[0]:
-                batch[key] = torch.tensor([float(s[key]) for s in samples])
         self.collate_rewards(samples, batch)
         return batch
 
@@ -345,9 +330,6 @@ class GRPOStage(OnlineStage):
             "completion_length": (lengths.detach().sum(), n),
             "truncated_fraction": (batch["truncated"].sum(), n),
         }
-        for key in ("turns", "tool_errors"):  # multi-turn episodes: model turns and error observations each
-            if key in batch:
-                out[f"episode/{key}"] = (batch[key].sum(), n)
         if kl is not None:
             out["kl"] = (kl.detach().sum(), float(kl.numel()))
         elif "kl" in batch:  # KL in the reward (RLOO): the sequence KL the reward was penalised with

@@ -48,6 +48,17 @@ def gather_counts(values: list[int], device: torch.device) -> list[list[int]]:
     return [t.tolist() for t in out]
 
 
+def episode_entries(samples: Samples, i: int) -> dict[str, Any]:
+    """Sample i's multi-turn entries (its completion mask, turns, error observations); {} for one turn."""
+    if not isinstance(samples, EpisodeSamples):
+        return {}
+    return {
+        "completion_mask": samples.completion_masks[i],
+        "turns": samples.turns[i],
+        "tool_errors": samples.tool_errors[i],
+    }
+
+
 def encode_prompt(ex: Example, tokenizer: Any) -> list[int]:
     if isinstance(ex.prompt, list):
         return tokenize_chat(tokenizer, ex.prompt, add_generation_prompt=True, tools=ex.tools)
@@ -175,8 +186,8 @@ class OnlineStage(Stage):
         if cfg.tools or cfg.environment:
             if not self.multi_turn:
                 raise UserError(
-                    f"`{'tools' if cfg.tools else 'environment'}`: multi-turn rollouts are supported by stage grpo "
-                    f"for now, not {cfg.stage}"
+                    f"`{'tools' if cfg.tools else 'environment'}`: multi-turn rollouts are supported by stages grpo "
+                    f"and ppo for now, not {cfg.stage}"
                 )
             self.episodes = build_environment(cfg.tools, cfg.environment, cfg.tool_timeout)
 
@@ -330,10 +341,11 @@ class OnlineStage(Stage):
 
     @staticmethod
     def collate_rewards(samples: list[dict], batch: dict[str, torch.Tensor]) -> None:
-        """The samples' reward components into `batch`, one (B,) tensor each."""
+        """The samples' reward components (and an episode's turns and error observations) into `batch`, one (B,)
+        tensor each."""
         for key in samples[0]:
-            if key.startswith("r/"):
-                batch[key] = torch.tensor([s[key] for s in samples])
+            if key.startswith("r/") or key in ("turns", "tool_errors"):
+                batch[key] = torch.tensor([float(s[key]) for s in samples])
 
     @staticmethod
     def reward_metrics(reward: torch.Tensor, batch: dict[str, torch.Tensor]) -> Metrics:
@@ -346,6 +358,11 @@ class OnlineStage(Stage):
                 out[f"rewards/{key[2:]}/mean"] = (batch[key].nan_to_num().sum(), (~missing).sum().float())
                 if key == "r/judge":
                     out["rewards/judge/unparsable"] = (missing.float().sum(), n)
+            elif key in (
+                "turns",
+                "tool_errors",
+            ):  # multi-turn episodes: model turns and error observations each
+                out[f"episode/{key}"] = (batch[key].sum(), n)
         return out
 
     def finalize_metrics(self, metrics: dict[str, float]) -> dict[str, float]:

@@ -16,7 +16,6 @@ from torch import nn
 from alignkit.config import PPOConfig
 from alignkit.errors import UserError
 from alignkit.generation.rewards import RewardModelScorer
-from alignkit.generation.rollout import sequences
 from alignkit.losses.rl import (
     clipped_surrogate,
     clipped_value_loss,
@@ -36,7 +35,7 @@ from alignkit.modeling.reference import Reference
 from alignkit.modeling.resolve import resolve_model
 from alignkit.modeling.save import load_weights, save_model
 from alignkit.stages.base import Metrics, StepOutput
-from alignkit.stages.online import OnlineStage
+from alignkit.stages.online import OnlineStage, episode_entries
 
 log = logging.getLogger("alignkit")
 
@@ -128,6 +127,7 @@ def _split(flat: torch.Tensor, lengths: list[int]) -> list[list[float]]:
 class PPOStage(OnlineStage):
     name = "ppo"
     config_class = PPOConfig
+    multi_turn = True  # tools / an environment: GAE over the model's own tokens, observations masked
 
     def load_model(self) -> nn.Module:
         return PolicyAndValue(load_policy(self.cfg), load_value_model(self.cfg, self.tokenizer))
@@ -159,15 +159,21 @@ class PPOStage(OnlineStage):
         if cfg.whiten_rewards:
             scores = (scores - scores.mean()) / (scores.std() + 1e-8) if len(scores) > 1 else scores
         keep = [i for i, c in enumerate(samples.completion_ids) if c]
-        lengths = [len(samples.completion_ids[i]) for i in keep]
-        batch = {
-            k: v.to(device)
-            for k, v in sequences(
-                [samples.prompt_ids[i] for i in keep],
-                [samples.completion_ids[i] for i in keep],
-                self.tokenizer.pad_token_id,
-            ).items()
-        }
+        # with tools, an episode's completion holds observations: only the model's own tokens are actions, so
+        # the per-token tensors (log-probs, values, KL, GAE's steps) run over those; a tool result between two
+        # of them is the environment's transition, not a step of the policy
+        entries = [
+            {
+                "prompt_ids": samples.prompt_ids[i],
+                "completion_ids": samples.completion_ids[i],
+                **episode_entries(samples, i),
+            }
+            for i in keep
+        ]
+        lengths = [
+            sum(e["completion_mask"]) if "completion_mask" in e else len(e["completion_ids"]) for e in entries
+        ]
+        batch = self.sequence_batch(entries, device)
         old = self.token_stats(model, batch).logps
         with self.reference.active(unwrapped.policy, device) as ref:
             ref_logps = self.token_stats(ref, batch).logps
@@ -191,8 +197,7 @@ class PPOStage(OnlineStage):
             n = lengths[j]
             buffer.append(
                 {
-                    "prompt_ids": samples.prompt_ids[i],
-                    "completion_ids": samples.completion_ids[i],
+                    **entries[j],
                     "old_logps": old_l[j],
                     "ref_logps": ref_l[j],
                     "values": val_l[j],
@@ -243,7 +248,8 @@ class PPOStage(OnlineStage):
             batch[key] = torch.tensor([v for s in samples for v in s[key]], dtype=torch.float32)
         batch["score"] = torch.tensor([s["score"] for s in samples])
         batch["truncated"] = torch.tensor([float(s["truncated"]) for s in samples])
-        batch["response_length"] = torch.tensor([float(len(s["completion_ids"])) for s in samples])
+        # the model's own tokens (an episode's observations are not its response)
+        batch["response_length"] = torch.tensor([float(len(s["values"])) for s in samples])
         self.collate_rewards(samples, batch)
         return batch
 

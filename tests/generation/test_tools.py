@@ -198,12 +198,9 @@ def test_the_mask_covers_the_models_tokens_only(tiny_model: str) -> None:
     assert len(cut) == len(cut_mask) == 5
 
 
-def test_grpo_trains_on_episodes_with_the_observations_masked(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """GRPO with `tools`: the model's turns are scripted (a call, then an answer that is right or wrong); the
-    reward scores the final answer; the batch's completion mask leaves the tool result out, the stored
-    log-probs are one per trained token, and the step logs two turns per episode."""
+def _tool_stage(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: str, **keys: object):  # noqa: ANN202
+    """Stage `name` with the `add` tool, its model's turns scripted: a call on odd sampling passes, then an
+    answer on even ones ("19" and "20" alternating); the reward scores the final answer."""
     from alignkit.config import build_config
     from alignkit.generation.rollout import Samples
     from alignkit.stages import get_stage
@@ -215,46 +212,107 @@ def test_grpo_trains_on_episodes_with_the_observations_masked(
         "    return a + b\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "quick_tools", raising=False)
     calls = {"n": 0}
 
     def scripted(self, model, rows, g, temperature=None):  # noqa: ANN001, ANN202
         calls["n"] += 1
-        texts = [CALL] * len(rows) if calls["n"] % 2 else ["19", "20"] * (len(rows) // 2)
+        texts = (
+            [CALL] * len(rows)
+            if calls["n"] % 2
+            else ["19", "20"] * (len(rows) // 2) + ["19"] * (len(rows) % 2)
+        )
         ids = [self.tokenizer(t + "<|im_end|>", add_special_tokens=False)["input_ids"] for t in texts]
         return Samples([r["prompt_ids"] for r in rows], ids, [False] * len(rows), texts)
 
     monkeypatch.setattr(OnlineStage, "_sample_once", scripted)
     data = write_jsonl(
-        tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": "What is 12 + 7?"}], "answer": "19"}]
+        tmp_path / "p.jsonl",
+        [{"prompt": [{"role": "user", "content": "What is 12 + 7?"}], "answer": "19"}] * 2,
     )
     cfg = build_config(
         {
-            "stage": "grpo",
+            "stage": name,
             "model_name_or_path": tiny_model,
             "dataset": data,
             "output_dir": str(tmp_path / "out"),
             "reward_funcs": ["exact_match"],
             "tools": ["quick_tools:add"],
             "max_turns": 3,
-            "num_generations": 2,
-            "per_device_train_batch_size": 1,
-            "num_iterations": 2,
             "max_new_tokens": 32,
             "torch_dtype": "float32",
+            **keys,
         }
     )
-    stage = get_stage("grpo")(cfg)
+    stage = get_stage(name)(cfg)
     stage.build()
+    return stage
+
+
+def _trained_text(stage, batch: dict) -> list[str]:  # noqa: ANN001
+    return [
+        stage.tokenizer.decode([t for t, m in zip(ids.tolist(), row.tolist()) if m])
+        for ids, row in zip(batch["input_ids"], batch["completion_mask"])
+    ]
+
+
+def test_grpo_trains_on_episodes_with_the_observations_masked(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GRPO with `tools`: the batch's completion mask leaves the tool result out, the stored log-probs are one
+    per trained token, the right answer gets the positive advantage, and the step logs two turns per episode."""
+    stage = _tool_stage(
+        "grpo",
+        tmp_path,
+        monkeypatch,
+        tiny_model,
+        num_generations=2,
+        per_device_train_batch_size=1,
+        num_iterations=2,
+    )
     buffer = stage.rollout(stage.model, stage.train_rows[:1], torch.device("cpu"))
     assert [s["turns"] for s in buffer] == [2, 2] and [s["advantage"] > 0 for s in buffer] == [True, False]
     batch = stage.collate(buffer)
-    for s, row_mask, ids in zip(buffer, batch["completion_mask"], batch["input_ids"]):
-        trained = stage.tokenizer.decode([t for t, m in zip(ids.tolist(), row_mask.tolist()) if m])
+    for s, trained in zip(buffer, _trained_text(stage, batch)):
         assert "<|im_start|>tool" not in trained and trained.startswith("<tool_call>")
         assert len(s["old_logps"]) == sum(s["completion_mask"])  # one per trained token
     out = stage.step(stage.model, batch)
     assert out.metrics["episode/turns"][0].item() == 4.0 and out.loss_sum.requires_grad
-    del sys.modules["quick_tools"]
+
+
+def test_ppo_runs_gae_over_the_models_own_tokens(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PPO with `tools`: log-probs, values, advantages and returns are one per model token (the tool result is an
+    observation, not an action); with no KL penalty, gamma = lambda = 1 and no whitening every model token's
+    return is the episode's score and its advantage that score minus the token's value."""
+    stage = _tool_stage(
+        "ppo",
+        tmp_path,
+        monkeypatch,
+        tiny_model,
+        per_device_train_batch_size=2,
+        init_kl_coef=0.0,
+        gamma=1.0,
+        lam=1.0,
+        whiten_advantages=False,
+        ppo_epochs=1,
+    )
+    buffer = stage.rollout(stage.model, stage.train_rows, torch.device("cpu"))
+    assert [s["turns"] for s in buffer] == [2, 2] and [s["score"] for s in buffer] == [1.0, 0.0]
+    for s in buffer:
+        n = sum(s["completion_mask"])
+        assert n < len(s["completion_ids"])  # the observation is in the completion, not among the actions
+        assert len(s["old_logps"]) == len(s["values"]) == len(s["advantages"]) == len(s["returns"]) == n
+        assert s["returns"] == pytest.approx([s["score"]] * n, abs=1e-6)
+        assert s["advantages"] == pytest.approx([s["score"] - v for v in s["values"]], abs=1e-5)
+    batch = stage.collate(buffer)
+    assert all(
+        "<|im_start|>tool" not in t and t.startswith("<tool_call>") for t in _trained_text(stage, batch)
+    )
+    out = stage.step(stage.model, batch)
+    assert out.metrics["episode/turns"][0].item() == 4.0 and out.loss_sum.requires_grad
+    assert out.metrics["response_length"][0].item() == sum(len(s["values"]) for s in buffer)
 
 
 def test_grpo_groups_of_episodes_keep_their_masks_through_dynamic_sampling() -> None:
@@ -283,3 +341,10 @@ def test_grpo_groups_of_episodes_keep_their_masks_through_dynamic_sampling() -> 
         [1, 1],
     ]
     assert joined.samples.turns == [2, 1]
+
+
+def test_stages_without_multi_turn_rollouts_refuse_tools(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(UserError, match="supported by stages grpo and ppo for now, not online_dpo"):
+        _tool_stage("online_dpo", tmp_path, monkeypatch, tiny_model, per_device_train_batch_size=2)
