@@ -48,14 +48,14 @@ def test_task_data_is_systematically_wrong_on_carries() -> None:
 
 
 def test_quickstart_rewrites_its_data_when_rerun_with_another_seed(tmp_path: Path) -> None:
-    from alignkit.quickstart.run import Context, _pairs
+    from alignkit.quickstart.recipes import Context, pairs_file
 
     split = split_problems(0)
     first = Context(str(tmp_path), 0, split, base_model="unused")
-    path = _pairs(first)
+    path = pairs_file(first)
     text = Path(path).read_text()
-    assert _pairs(first) == path and Path(path).read_text() == text  # written once per run
-    _pairs(Context(str(tmp_path), 1, split, base_model="unused"))
+    assert pairs_file(first) == path and Path(path).read_text() == text  # written once per run
+    pairs_file(Context(str(tmp_path), 1, split, base_model="unused"))
     assert Path(path).read_text() != text  # a new run with another seed does not reuse it
 
 
