@@ -356,7 +356,7 @@ def from_feedback(db: str, output: str, /, *, model: str | None = None) -> dict[
 
 def sample(model: str, dataset: str, output: str, /, **settings: Any) -> dict[str, Any]:
     """`alignkit data sample`: best-of-n / rejection sampling. `n` completions per prompt of `dataset` from
-    `model`, scored by `reward_funcs` / `reward_model`, kept by `keep` (best | above | pairs) and `threshold`,
+    `model`, scored by `reward_funcs` / `reward_model` / `judge_reward`, kept by `keep` (best | above | pairs) and `threshold`,
     written to `output` as SFT rows or DPO pairs; returns the report (rows written, prompts without an
     acceptable sample, mean score of all samples and of the kept ones). Settings: the fields of
     `alignkit.generation.best_of_n.SampleSettings`."""

@@ -89,8 +89,20 @@ def _register_sample(sub: Any) -> None:
     s.add_argument(
         "--reward-funcs", default="", help="comma-separated: exact_match, math_accuracy, module:fn"
     )
-    s.add_argument("--reward-weights", help="comma-separated, one per scorer (the reward model last)")
+    s.add_argument(
+        "--reward-weights", help="comma-separated, one per scorer (then the reward model, then the judge)"
+    )
     s.add_argument("--reward-model", help="a reward model (e.g. from `stage: rm`)")
+    s.add_argument(
+        "--judge-reward",
+        help="the LLM judge as a scorer: grade (1-10 -> [0, 1]) | pairwise (win share among a prompt's samples)",
+    )
+    s.add_argument("--judge-base-url", help="an OpenAI-compatible endpoint (an `alignkit serve` works)")
+    s.add_argument("--judge-model", help="the judge's model id at that endpoint")
+    s.add_argument("--judge-mode", default="verdict", help="verdict (default) | logprobs (any local model)")
+    s.add_argument(
+        "--judge-api-key-env", default="OPENAI_API_KEY", help="the variable holding the endpoint's key"
+    )
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-p", type=float, default=1.0)
@@ -125,6 +137,11 @@ def sample(args: argparse.Namespace) -> int:
         reward_funcs=[f for f in args.reward_funcs.split(",") if f],
         reward_weights=_floats(args.reward_weights, "--reward-weights"),
         reward_model=args.reward_model,
+        judge_reward=args.judge_reward,
+        judge_base_url=args.judge_base_url,
+        judge_model=args.judge_model,
+        judge_mode=args.judge_mode,
+        judge_api_key_env=args.judge_api_key_env,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -139,7 +156,9 @@ def sample(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {report['rows']} {report['format']} rows to {report['output']} from {report['prompts']} prompts x "
-        f"{args.n} samples; {report['prompts_without_acceptable_sample']} prompts had no acceptable sample{lift}; "
+        f"{args.n} samples; {report['prompts_without_acceptable_sample']} prompts had no acceptable sample{lift}"
+        + (f"; {report['unscored']} samples no scorer could score (left out)" if report["unscored"] else "")
+        + "; "
         f"train on it: stage: {'dpo' if report['format'] == 'pair' else 'sft'}, dataset: {report['output']}"
     )
     return 0

@@ -1,27 +1,32 @@
 """Best-of-n and rejection sampling (`alignkit data sample`): n completions per prompt through the rollout
-engine, scored by the online stages' scorers (reward functions, a reward model, weighted), kept as training
-rows that `stage: sft` or `stage: dpo` read unchanged:
+engine, scored by the online stages' scorers (reward functions, a reward model, the LLM judge; weighted), kept
+as training rows that `stage: sft` or `stage: dpo` read unchanged:
 
 - `keep: best`  the highest-scoring completion per prompt as an SFT row (with `threshold`: only if it reaches it);
 - `keep: above` every completion scoring at least `threshold` as an SFT row (rejection sampling);
 - `keep: pairs` best vs worst per prompt as a DPO pair (prompts whose samples all score the same give none).
 
 The report says how many prompts had no acceptable sample, and the mean score of the kept rows against the mean
-of all samples (the lift best-of-n buys before any training).
+of all samples (the lift best-of-n buys before any training). A sample no scorer could score (the judge's
+verdict did not parse and nothing else scores it) is never kept; the report counts them (`unscored`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from alignkit.config import OnlineConfig
+from alignkit.config.stages import JUDGE_REWARDS
 from alignkit.data.files import write_jsonl_atomic
 from alignkit.data.formats import Example, load_examples
 from alignkit.errors import UserError
+from alignkit.generation.judge_reward import build_judge_reward
 from alignkit.generation.rewards import RewardModelScorer, build_reward_funcs, check_columns, score
 from alignkit.generation.rollout import Samples, encode_prompts, sample_hf
 from alignkit.modeling.load import default_device as device
@@ -46,6 +51,13 @@ class SampleSettings:
     reward_funcs: list[str] = field(default_factory=list)
     reward_weights: list[float] | None = None
     reward_model: str | None = None
+    # the LLM judge as a scorer, as the online stages' `judge_reward` (grade | pairwise within a prompt's samples)
+    judge_reward: str | None = None
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str | None = "OPENAI_API_KEY"
+    judge_mode: str = "verdict"  # verdict | logprobs
+    judge_max_concurrency: int = 8
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -65,15 +77,34 @@ class SampleSettings:
             )
         if self.n < (2 if self.keep == "pairs" else 1):
             raise UserError(f"--n {self.n}: sample at least {2 if self.keep == 'pairs' else 1} per prompt")
-        if not self.reward_funcs and not self.reward_model:
+        if not self.reward_funcs and not self.reward_model and not self.judge_reward:
             raise UserError(
-                "give --reward-funcs (e.g. exact_match) and/or --reward-model to score the samples"
+                "give --reward-funcs (e.g. exact_match), --reward-model and/or --judge-reward to score the samples"
             )
-        n_scores = len(self.reward_funcs) + (1 if self.reward_model else 0)
+        self._check_judge()
+        n_scores = len(self.reward_funcs) + (1 if self.reward_model else 0) + (1 if self.judge_reward else 0)
         if self.reward_weights is not None and len(self.reward_weights) != n_scores:
             raise UserError(f"--reward-weights has {len(self.reward_weights)} values for {n_scores} scorers")
         if self.temperature <= 0 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise UserError("--temperature must be > 0, --batch-size and --max-new-tokens >= 1")
+
+    def _check_judge(self) -> None:
+        if self.judge_reward is None:
+            return
+        if self.judge_reward not in JUDGE_REWARDS:
+            raise UserError(f"--judge-reward {self.judge_reward}: choose one of {', '.join(JUDGE_REWARDS)}")
+        if self.judge_mode not in ("verdict", "logprobs"):
+            raise UserError(f"--judge-mode {self.judge_mode}: choose verdict or logprobs")
+        if not (self.judge_base_url and self.judge_model):
+            raise UserError(
+                "--judge-reward needs --judge-base-url (an OpenAI-compatible endpoint, e.g. an `alignkit serve` at "
+                "http://127.0.0.1:8000/v1) and --judge-model"
+            )
+
+    @property
+    def output_dir(self) -> str:
+        """Where the judge's verdict cache goes (judge_cache.sqlite): beside the output."""
+        return os.path.dirname(os.path.abspath(self.output))
 
 
 def _completion(ex: Example, text: str) -> Any:
@@ -82,7 +113,10 @@ def _completion(ex: Example, text: str) -> Any:
 
 def _rows(ex: Example, texts: list[str], scores: list[float], s: SampleSettings) -> list[dict]:
     """The rows one prompt's samples give under `s.keep` (none when no sample is acceptable)."""
-    order = sorted(range(len(texts)), key=lambda i: -scores[i])  # stable: the earliest of equal scores first
+    scored = [i for i in range(len(texts)) if not math.isnan(scores[i])]  # unscored samples are never kept
+    if not scored:
+        return []
+    order = sorted(scored, key=lambda i: -scores[i])  # stable: the earliest of equal scores first
     best, worst = order[0], order[-1]
     extra = dict(ex.extra)
     if s.keep == "pairs":
@@ -104,7 +138,8 @@ def _scorer(s: SampleSettings, columns: set[str]) -> Any:
     funcs = build_reward_funcs(s.reward_funcs, OnlineConfig.format_pattern, OnlineConfig.length_target, {})
     check_columns(funcs, columns, f"dataset {s.dataset}")
     rm = RewardModelScorer(s.reward_model) if s.reward_model else None
-    weights = torch.tensor(s.reward_weights or [1.0] * (len(funcs) + (1 if rm else 0)))
+    judge = build_judge_reward(s)
+    weights = torch.tensor(s.reward_weights or [1.0] * (len(funcs) + (1 if rm else 0) + (1 if judge else 0)))
 
     def total(examples: list[Example], samples: Samples, prompt_texts: list[str]) -> list[float]:
         per = [ex for ex in examples for _ in range(s.n)]
@@ -112,7 +147,12 @@ def _scorer(s: SampleSettings, columns: set[str]) -> Any:
         parts = score(funcs, prompt_texts, samples.texts, cols, [ex.where for ex in per])
         if rm is not None:
             parts["reward_model"] = rm([ex.prompt for ex in per], samples.texts, torch.device(device())).cpu()
-        return torch.nansum(torch.stack(list(parts.values()), dim=1) * weights, dim=1).tolist()
+        if judge is not None:  # NaN where the verdict did not parse: the other scorers decide, or none
+            parts["judge"] = judge([ex.prompt for ex in per], samples.texts, s.n)
+        weighted = torch.stack(list(parts.values()), dim=1) * weights
+        total = torch.nansum(weighted, dim=1)
+        total[torch.isnan(weighted).all(dim=1)] = math.nan  # nothing scored it
+        return total.tolist()
 
     return total
 
@@ -140,6 +180,8 @@ def sample_best_of_n(s: SampleSettings) -> dict[str, Any]:
             rows += got
             kept_scores += [r["score"] for r in got if "score" in r]
         log.info("sampled %d of %d prompts", min(start + s.batch_size, len(examples)), len(examples))
+    unscored = sum(math.isnan(x) for x in all_scores)
+    all_scores = [x for x in all_scores if not math.isnan(x)]
     if not rows:
         raise UserError(
             f"no prompt of {len(examples)} had an acceptable sample (keep: {s.keep}, threshold: {s.threshold}); "
@@ -152,6 +194,7 @@ def sample_best_of_n(s: SampleSettings) -> dict[str, Any]:
         "samples": len(all_scores),
         "rows": len(rows),
         "prompts_without_acceptable_sample": empty,
+        "unscored": unscored,
         "mean_score": sum(all_scores) / len(all_scores),
         "mean_kept_score": sum(kept_scores) / len(kept_scores) if kept_scores else None,
         "keep": s.keep,

@@ -14,6 +14,7 @@ from alignkit.data.formats import Example
 from alignkit.errors import UserError
 from alignkit.generation.best_of_n import SampleSettings, _rows
 from tests.conftest import run_stage, write_jsonl
+from tests.generation.test_judge import stub as stub  # noqa: F401 - the stub judge server fixture
 from tests.generation.test_online import PROMPTS
 
 CHAT = Example(prompt=[{"role": "user", "content": "2+2?"}], extra={"answer": "4"})
@@ -125,3 +126,55 @@ def test_sample_errors(
     ):
         with pytest.raises(UserError, match=message):
             api.sample(tiny_model, prompts, str(out), **{"reward_funcs": ["exact_match"], **settings})
+
+
+def test_sample_scored_by_a_stub_judge_on_localhost(
+    stub,  # noqa: ANN001, F811 - the stub judge server (tests/generation/test_judge.py)
+    tiny_model: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """`alignkit data sample --judge-reward grade` against a judge on 127.0.0.1 that rates an answer by its
+    length and cannot rate an answer of odd length: each kept row is its prompt's best-rated sample, scored
+    (rating - 1) / 9; unrated samples are never kept, and the report counts them."""
+    from alignkit.cli.main import main
+    from tests.generation.test_judge import chat
+    from tests.generation.test_judge_reward import _answer
+
+    seen: dict[tuple[str, str], int | None] = {}
+
+    def rate(body: dict, n: int) -> tuple[int, dict]:
+        text = body["messages"][-1]["content"]
+        question = text.split("[Question]\n", 1)[1].split("\n", 1)[0]
+        answer = _answer(text, "Assistant")
+        seen[(question, answer)] = None if len(answer) % 2 else min(len(answer), 10)
+        return chat("I cannot rate this." if len(answer) % 2 else f"Rating: [[{min(len(answer), 10)}]]")
+
+    stub.respond = rate
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "judged.jsonl"
+    argv = ["data", "sample", prompts, "--model", tiny_model, "--output", str(out), "--n", "4"]
+    argv += [
+        "--judge-reward",
+        "grade",
+        "--judge-base-url",
+        stub.url,
+        "--judge-model",
+        "stub",
+        "--max-new-tokens",
+        "6",
+    ]
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert rows and len(seen) > 0
+    for row in rows:
+        question, answer = row["prompt"][0]["content"], row["completion"][0]["content"]
+        rated = [r for (q, _), r in seen.items() if q == question and r is not None]
+        assert seen[(question, answer)] == max(rated)  # the best-rated sample of its prompt
+        assert row["score"] == pytest.approx((max(rated) - 1) / 9)
+    printed = capsys.readouterr().out
+    unrated = sum(r is None for r in seen.values())
+    assert unrated > 0 and "samples no scorer could score (left out)" in printed
+    assert (tmp_path / "judge_cache.sqlite").is_file()  # verdicts cached beside the output
