@@ -150,9 +150,21 @@ class SamplingConfig(BaseConfig):
     stop_strings: list[str] | None = None
     rollout_backend: str = "hf"  # hf | vllm
     per_device_eval_batch_size: int = 64
+    # with eval_dataset / val_size: held-out scorers beside the training rewards (e.g. exact_match under a
+    # reward model), the held-out metric the best model is chosen by, and what a reward-hacking flag does
+    eval_reward_funcs: list[str] | None = field(default=None, metadata={"one_or_more": True})
+    metric_for_best_model: str | None = None  # default: the first eval_reward_funcs, else `reward`
+    hacking_action: str = "warn"  # warn | stop
+
+    @property
+    def held_out_metric(self) -> str:
+        """The held-out metric the monitor and the best model read (an `eval_` prefix, as HF's, is dropped)."""
+        name = self.metric_for_best_model or (self.eval_reward_funcs or ["reward"])[0]
+        return name.removeprefix("eval_")
 
     def check(self, source: str = "config") -> None:
         super().check(source)
+        check_choice(source, "hacking_action", self.hacking_action, ("warn", "stop"))
         if self.rollout_backend not in ("hf", "vllm"):
             raise UserError(
                 f"{source}: `rollout_backend: {self.rollout_backend}` is not valid"
@@ -185,8 +197,6 @@ class OnlineConfig(SamplingConfig):
     length_target: int = 512  # `length` reward: penalty for characters past this
     missing_eos_penalty: float | None = None  # subtracted from the reward of truncated completions
     ref_model_name_or_path: str | None = None
-    # with eval_dataset / val_size: held-out scorers beside the training rewards (e.g. exact_match under a
-    # reward model), the held-out metric the best model is chosen by, and what a reward-hacking flag does
     # the LLM judge as a reward (an OpenAI-compatible endpoint; alignkit serve of another model works)
     judge_reward: str | None = None  # grade (1-10 -> [0, 1]) | pairwise (win share within the group)
     judge_base_url: str | None = None
@@ -201,21 +211,11 @@ class OnlineConfig(SamplingConfig):
     )
     max_turns: int = 1  # model turns per episode (with tools or an environment)
     tool_timeout: float = 10.0  # seconds a tool may run before its call becomes an error observation
-    eval_reward_funcs: list[str] | None = field(default=None, metadata={"one_or_more": True})
-    metric_for_best_model: str | None = None  # default: the first eval_reward_funcs, else `reward`
-    hacking_action: str = "warn"  # warn | stop
-
-    @property
-    def held_out_metric(self) -> str:
-        """The held-out metric the monitor and the best model read (an `eval_` prefix, as HF's, is dropped)."""
-        name = self.metric_for_best_model or (self.eval_reward_funcs or ["reward"])[0]
-        return name.removeprefix("eval_")
 
     def check(self, source: str = "config") -> None:
         """What GRPO, PPO and online DPO share: rewards (the sampling keys are checked by SamplingConfig)."""
         super().check(source)
         check_choice(source, "reward_model_type", self.reward_model_type, ("auto", "full", "lora"))
-        check_choice(source, "hacking_action", self.hacking_action, ("warn", "stop"))
         if self.judge_reward is not None:
             check_choice(source, "judge_reward", self.judge_reward, JUDGE_REWARDS)
             check_choice(source, "judge_mode", self.judge_mode, ("verdict", "logprobs"))

@@ -39,18 +39,24 @@ class DistillStage(OnlineStage):
     name = "distill"
     config_class = DistillConfig
     kinds = ("prompt", "sft")
+    rewarded = False  # it learns the teacher's distributions; held out, `eval_reward_funcs` score it
+
+    def held_out_anchor(self) -> Reference:
+        return self.teacher
 
     def load_model(self) -> nn.Module:
         return load_policy(self.cfg)
 
     def build(self) -> None:
         cfg = self.cfg
-        if cfg.eval_dataset or cfg.val_size:
+        if (cfg.eval_dataset or cfg.val_size) and cfg.held_out_metric == "reward":
             raise UserError(
-                f"`{'eval_dataset' if cfg.eval_dataset else 'val_size'}`: stage distill does not evaluate on "
-                "held-out data yet; evaluate the saved student with `alignkit eval`, or remove the key"
+                f"`{'eval_dataset' if cfg.eval_dataset else 'val_size'}`: stage distill has no training reward to "
+                "evaluate by; give `eval_reward_funcs` (e.g. [exact_match]): the held-out score its best model is "
+                "chosen by, beside the student's KL to the teacher (`eval_kl`)"
             )
         super().build()
+        self.build_eval_funcs()
         self.teacher = Reference(
             cfg, self.model, cfg.teacher_model_name_or_path, "teacher_model_name_or_path"
         )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.config import BaseConfig
+from alignkit.config import BaseConfig, OnlineConfig
 from alignkit.data.batches import pad, tokenize_chat, tokenize_text
 from alignkit.data.formats import Example
 from alignkit.errors import UserError
@@ -70,6 +70,7 @@ class OnlineStage(Stage):
     online = True
     kinds = ("prompt", "sft", "pair", "unpaired")  # only the prompt (and the extra columns) is used
     multi_turn = False  # whether the stage trains on multi-turn episodes (masks over observations)
+    rewarded = True  # whether it learns from rewards (distillation learns from a teacher's distributions)
 
     def __init__(self, cfg: BaseConfig, reward_funcs: dict[str, RewardFn] | None = None) -> None:
         """`reward_funcs`: functions handed over in Python, by the names `cfg.reward_funcs` lists them under."""
@@ -172,11 +173,7 @@ class OnlineStage(Stage):
             if cfg.reward_model
             else None
         )
-        self.eval_funcs = build_reward_funcs(
-            cfg.eval_reward_funcs or [], cfg.format_pattern, cfg.length_target, self.given_reward_funcs
-        )
-        if self.eval_rows and self.eval_funcs:
-            check_columns(self.eval_funcs, set(self.eval_rows[0]["columns"]), "the held-out prompts")
+        self.build_eval_funcs()
         self.judge = build_judge_reward(cfg)
         n = len(self.reward_funcs) + sum(1 for x in (self.reward_scorer, self.judge, cfg.environment) if x)
         self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * n, dtype=torch.float32)
@@ -191,6 +188,23 @@ class OnlineStage(Stage):
                 )
             self.episodes = build_environment(cfg.tools, cfg.environment, cfg.tool_timeout)
 
+    def build_eval_funcs(self) -> None:
+        """The held-out scorers (`eval_reward_funcs`), checked against the held-out prompts' columns."""
+        cfg = self.cfg
+        pattern, target = (
+            getattr(cfg, k, getattr(OnlineConfig, k)) for k in ("format_pattern", "length_target")
+        )
+        self.eval_funcs = build_reward_funcs(
+            cfg.eval_reward_funcs or [], pattern, target, self.given_reward_funcs
+        )
+        if self.eval_rows and self.eval_funcs:
+            check_columns(self.eval_funcs, set(self.eval_rows[0]["columns"]), "the held-out prompts")
+
+    def held_out_anchor(self) -> Any:
+        """The frozen model the held-out `kl` is measured against (a `Reference`), or None for no KL: the
+        reference policy here; distillation's teacher."""
+        return getattr(self, "reference", None)
+
     def language_model(self, model: nn.Module) -> nn.Module:
         """The causal LM that samples (unwrapped from DDP); PPO's is its actor."""
         return getattr(model, "module", model)
@@ -198,19 +212,22 @@ class OnlineStage(Stage):
     @torch.no_grad()
     def held_out(self, model: nn.Module, device: torch.device) -> dict[str, list[float]]:
         """The policy on the held-out prompts, one greedy completion each, per prompt: the total training reward
-        (`reward`), each reward (`reward/<name>`), each `eval_reward_funcs` function (by its name), the completion's
-        length in tokens (`length`) and, with a reference, its log-ratio to it (`kl`, nats per completion)."""
+        (`reward`; none for a stage without rewards), each reward (`reward/<name>`), each `eval_reward_funcs`
+        function (by its name), the completion's length in tokens (`length`) and, with a reference (or teacher),
+        its log-ratio to it (`kl`, nats per completion)."""
         policy, rows, out = self.language_model(model), self.eval_rows or [], {}
-        bs = self.cfg.per_device_eval_batch_size
+        bs, anchor = self.cfg.per_device_eval_batch_size, self.held_out_anchor()
         for i in range(0, len(rows), bs):
             chunk = rows[i : i + bs]
             samples = self.sample(policy, chunk, 1, temperature=0.0)
-            total, parts = self.rewards(chunk, samples, 1, device)
-            values = {"reward": total, **{f"reward/{k}": v for k, v in parts.items()}}
+            values = {}
+            if self.rewarded:
+                total, parts = self.rewards(chunk, samples, 1, device)
+                values = {"reward": total, **{f"reward/{k}": v for k, v in parts.items()}}
             values.update(self._eval_scores(chunk, samples))
             values["length"] = torch.tensor([float(len(c)) for c in samples.completion_ids])
-            if getattr(self, "reference", None) is not None:
-                values["kl"] = self._log_ratio(policy, samples, device)
+            if anchor is not None:
+                values["kl"] = self._log_ratio(policy, samples, device, anchor)
             for key, v in values.items():
                 out.setdefault(key, []).extend(float(x) for x in v)
         return out
@@ -222,7 +239,9 @@ class OnlineStage(Stage):
         columns = {k: [r["columns"].get(k) for r in rows] for k in rows[0]["columns"]}
         return score(self.eval_funcs, prompts, samples.texts, columns, [r["where"] for r in rows])
 
-    def _log_ratio(self, model: nn.Module, samples: Samples, device: torch.device) -> torch.Tensor:
+    def _log_ratio(
+        self, model: nn.Module, samples: Samples, device: torch.device, anchor: Any
+    ) -> torch.Tensor:
         """sum_t log pi(y_t) - log pi_ref(y_t) over each completion's tokens (N,), at temperature 1."""
         batch = self.sequence_batch(
             [
@@ -235,7 +254,7 @@ class OnlineStage(Stage):
         ours = completion_token_stats(
             model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
         )
-        with self.reference.active(model, device) as ref:
+        with anchor.active(model, device) as ref:
             theirs = completion_token_stats(
                 ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
             )

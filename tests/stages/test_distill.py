@@ -126,9 +126,19 @@ def test_on_policy_distillation_moves_the_student_to_the_teacher(
     is nearer the teacher on held-out answers it never trained on."""
     data = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:6])
     held_out = write_jsonl(tmp_path / "held_out.jsonl", SFT_ROWS[6:])
-    _, out = run_stage(tmp_path, _keys(tiny_model, tiny_ref, data, lmbda=1.0, beta=0.5, max_steps=20))
+    held_out_prompts = write_jsonl(tmp_path / "held_out_prompts.jsonl", PROMPTS[6:])
+    evaluating = {"eval_dataset": held_out_prompts, "eval_steps": 10, "eval_reward_funcs": ["exact_match"]}
+    keys = _keys(tiny_model, tiny_ref, data, lmbda=1.0, beta=0.5, max_steps=20, **evaluating)
+    _, out = run_stage(tmp_path, keys)
     records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
-    assert all(r["on_policy"] == 1.0 for r in records) and len(records) == 20
+    trained = [r for r in records if "on_policy" in r]  # the step-0 record is the baseline evaluation
+    assert all(r["on_policy"] == 1.0 for r in trained) and len(trained) == 20
+    # evaluated while it trained: the student's KL to the teacher on its greedy held-out answers falls, and the
+    # held-out score (exact_match) the best model would be chosen by is there; there is no training reward
+    evaluations = json.loads((Path(out) / "hacking.json").read_text())["evaluations"]
+    assert [e["step"] for e in evaluations] == [0, 10, 20]
+    assert evaluations[-1]["eval_kl"] < evaluations[0]["eval_kl"], evaluations
+    assert all("eval_exact_match" in e and "eval_reward" not in e for e in evaluations)
     before, after = (
         _divergence(tiny_model, tiny_ref, held_out, 0.5),
         _divergence(out, tiny_ref, held_out, 0.5),
@@ -163,6 +173,11 @@ def test_distill_errors(tiny_model: str, tmp_path: Path) -> None:
         build_config({**_keys(tiny_model, tiny_model, prompts, lmbda=1.5), "output_dir": str(tmp_path / "o")})
     with pytest.raises(UserError, match=r"p.jsonl line 1: this row has no completion, but `lmbda: 0.5`"):
         run_stage(tmp_path / "a", _keys(tiny_model, tiny_model, prompts, lmbda=0.5))
+    with pytest.raises(
+        UserError, match="stage distill has no training reward to evaluate by; give `eval_reward_funcs`"
+    ):
+        run_stage(tmp_path / "c", _keys(tiny_model, tiny_model, prompts, lmbda=1.0, val_size=2, eval_steps=1))
+    assert not (tmp_path / "c" / "out").exists()  # refused before anything is loaded or written
     other = build_tiny(str(tmp_path / "other"), vocab_size=300)
     with pytest.raises(UserError, match="has another tokenizer than the student"):
         run_stage(tmp_path / "b", _keys(tiny_model, other, prompts, lmbda=1.0))

@@ -99,19 +99,6 @@ def test_ppo_evaluates_its_actor_on_held_out_prompts(tiny_model: str, tiny_rm: s
     assert evals[0]["eval_kl"] == pytest.approx(0.0, abs=1e-5)
     for key in ("eval_reward/reward_model", "eval_exact_match", "eval_length"):
         assert key in record, key
-    with pytest.raises(UserError, match=r"`val_size`: stage distill does not evaluate on held-out data yet"):
-        run_stage(
-            tmp_path / "d",
-            {
-                "stage": "distill",
-                "model_name_or_path": tiny_model,
-                "teacher_model_name_or_path": tiny_model,
-                "dataset": data,
-                "val_size": 2,
-                "lmbda": 1.0,
-            },
-        )
-    assert not (tmp_path / "d" / "out").exists()
 
 
 def test_ppo_needs_a_reward(tiny_model: str, tmp_path: Path) -> None:
