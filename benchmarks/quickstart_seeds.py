@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from alignkit.quickstart.promises import broken_promises
-from alignkit.quickstart.run import CONTROLS, METHODS
+from alignkit.quickstart.run import CONTROLS, DEFAULT_METHODS
 
 
 def _commit() -> str:
@@ -127,7 +127,7 @@ def main() -> None:
     print(render(summary, args.seeds))
     if args.check:
         # the whole table unless the run was asked for less (`-- --methods ...`, `-- --no-controls`)
-        methods = None if "--methods" in args.extra else list(METHODS)
+        methods = None if "--methods" in args.extra else list(DEFAULT_METHODS)
         controls = None if {"--no-controls", "--controls"} & set(args.extra) else list(CONTROLS)
         broken = [f"seed {s}: {b}" for s, r in reports.items() for b in broken_promises(r, methods, controls)]
         print("\n".join(broken) or f"every promise kept on seeds {', '.join(map(str, args.seeds))}")

@@ -21,7 +21,11 @@ def register(subparsers: Any) -> None:
     )
     q.add_argument("--output-dir", default="./alignkit-quickstart")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--methods", default=None, help="comma-separated subset, e.g. sft,dpo (default: all)")
+    q.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated, e.g. sft,dpo (default: all but the tool rows sft_tools,grpo_tools)",
+    )
     q.add_argument(
         "--no-controls", action="store_true", help="skip the control runs (SFT on chosen, DPO without NLL)"
     )

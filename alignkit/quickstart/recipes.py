@@ -19,10 +19,12 @@ from alignkit.comparison.runs import train_method
 from alignkit.generation.best_of_n import SampleSettings, sample_best_of_n
 from alignkit.losses.unpaired import kto_weights
 from alignkit.quickstart.task import (
+    ADD_TOOL,
     Split,
     preference_rows,
     prompt_rows,
     sft_rows,
+    tool_sft_rows,
     unpaired_rows,
 )
 
@@ -90,7 +92,7 @@ def run_sft(ctx: Context) -> str:
     return ctx.sft_model
 
 
-def _from_sft(ctx: Context, name: str, data: str, keys: dict[str, Any]) -> str:
+def from_sft(ctx: Context, name: str, data: str, keys: dict[str, Any]) -> str:
     if not ctx.sft_model:
         run_sft(ctx)
     common = {
@@ -105,7 +107,7 @@ def _from_sft(ctx: Context, name: str, data: str, keys: dict[str, Any]) -> str:
     return _train(ctx, name, {**common, **keys})
 
 
-def _monitored(ctx: Context, keys: dict[str, Any]) -> dict[str, Any]:
+def monitored(ctx: Context, keys: dict[str, Any]) -> dict[str, Any]:
     """An online recipe with its held-out evaluation: the validation prompts, scored by the exact answer every
     fifth of the run, so the reward-hacking monitor compares the training reward with held-out accuracy."""
     data = data_file(
@@ -134,7 +136,7 @@ def pairs_file(ctx: Context) -> str:
 
 def run_dpo(ctx: Context) -> str:
     """DPO with the NLL of the chosen answer added (RPO, Pang et al. 2024); pure DPO is a control below."""
-    return _from_sft(
+    return from_sft(
         ctx,
         "dpo",
         pairs_file(ctx),
@@ -149,14 +151,14 @@ def run_kto(ctx: Context) -> str:
     n_d = sum(r["label"] for r in rows)
     w_d, w_u, why = kto_weights(n_d, len(rows) - n_d, target=4 / 3)
     log.info("quickstart kto: %s", why)
-    return _from_sft(
+    return from_sft(
         ctx, "kto", data, {"stage": "kto", "beta": 2.0, "desirable_weight": w_d, "undesirable_weight": w_u}
     )
 
 
 def run_simpo(ctx: Context) -> str:
     """SimPO plus the chosen NLL (as CPO-SimPO); reference-free."""
-    return _from_sft(
+    return from_sft(
         ctx,
         "simpo",
         pairs_file(ctx),
@@ -171,16 +173,16 @@ def run_simpo(ctx: Context) -> str:
 
 
 def run_orpo(ctx: Context) -> str:
-    return _from_sft(ctx, "orpo", pairs_file(ctx), {"stage": "dpo", "loss_type": "orpo", "orpo_beta": 0.5})
+    return from_sft(ctx, "orpo", pairs_file(ctx), {"stage": "dpo", "loss_type": "orpo", "orpo_beta": 0.5})
 
 
 def run_grpo(ctx: Context) -> str:
     """GRPO with the exact-answer reward: 8 samples per prompt, group-relative advantages, no reference."""
-    return _from_sft(
+    return from_sft(
         ctx,
         "grpo",
-        _prompts(ctx),
-        _monitored(
+        prompts_file(ctx),
+        monitored(
             ctx,
             {
                 "stage": "grpo",
@@ -196,7 +198,7 @@ def run_grpo(ctx: Context) -> str:
     )
 
 
-def _prompts(ctx: Context) -> str:
+def prompts_file(ctx: Context) -> str:
     return data_file(ctx, "prompts", lambda: prompt_rows(ctx.split.train, n=4000, seed=ctx.seed + 3))
 
 
@@ -240,32 +242,32 @@ def run_ppo(ctx: Context) -> str:
     """Classic RLHF: a reward model trained on the task's pairs (`stage: rm`), then PPO against it, the critic
     starting from the reward model, a KL penalty to the SFT model."""
     keys = {**PPO_KEYS, "reward_model": train_reward_model(ctx)}
-    return _from_sft(ctx, "ppo", _prompts(ctx), _monitored(ctx, keys))
+    return from_sft(ctx, "ppo", prompts_file(ctx), monitored(ctx, keys))
 
 
 def run_ppo_weak_kl(ctx: Context) -> str:
     """Control: the same PPO with a tenth of the KL penalty."""
     keys = {**PPO_KEYS, "reward_model": train_reward_model(ctx), "init_kl_coef": 0.05}
-    return _from_sft(ctx, "ppo_weak_kl", _prompts(ctx), _monitored(ctx, keys))
+    return from_sft(ctx, "ppo_weak_kl", prompts_file(ctx), monitored(ctx, keys))
 
 
 def run_ppo_verifiable(ctx: Context) -> str:
     """The same PPO with the exact-answer reward in place of the reward model."""
     keys = {**PPO_KEYS, "reward_funcs": ["exact_match"]}
-    return _from_sft(ctx, "ppo_verifiable", _prompts(ctx), _monitored(ctx, keys))
+    return from_sft(ctx, "ppo_verifiable", prompts_file(ctx), monitored(ctx, keys))
 
 
 def run_online_dpo(ctx: Context) -> str:
     """Online DPO with the exact-answer reward: 4 samples per prompt, the best vs the worst as the pair."""
     keys = {**ONLINE_DPO_KEYS, "reward_funcs": ["exact_match"]}
-    return _from_sft(ctx, "online_dpo", _prompts(ctx), _monitored(ctx, keys))
+    return from_sft(ctx, "online_dpo", prompts_file(ctx), monitored(ctx, keys))
 
 
 def run_online_dpo_rm(ctx: Context) -> str:
     """Control: online DPO ranked by the reward model PPO uses. Unlike PPO it has no KL penalty in its reward,
     only DPO's implicit one, and it follows the reward model's blind spot fast: the hacking monitor's case."""
     keys = {**ONLINE_DPO_KEYS, "reward_model": train_reward_model(ctx)}
-    return _from_sft(ctx, "online_dpo_rm", _prompts(ctx), _monitored(ctx, keys))
+    return from_sft(ctx, "online_dpo_rm", prompts_file(ctx), monitored(ctx, keys))
 
 
 def run_best_of_n(ctx: Context) -> str:
@@ -275,13 +277,13 @@ def run_best_of_n(ctx: Context) -> str:
         run_sft(ctx)
     out = os.path.join(ctx.output_dir, "data", "best_of_n.jsonl")
     settings = SampleSettings(
-        ctx.sft_model, _prompts(ctx), out, n=4, keep="best", threshold=1.0, reward_funcs=["exact_match"],
+        ctx.sft_model, prompts_file(ctx), out, n=4, keep="best", threshold=1.0, reward_funcs=["exact_match"],
         max_new_tokens=5, batch_size=250, seed=ctx.seed + 5, max_samples=2000,
     )  # fmt: skip
     report = sample_best_of_n(settings)
     log.info("quickstart best_of_n: %d rows, %d prompts without a right answer", report["rows"],
              report["prompts_without_acceptable_sample"])  # fmt: skip
-    return _from_sft(ctx, "best_of_n", out, {"stage": "sft", "max_steps": 60})
+    return from_sft(ctx, "best_of_n", out, {"stage": "sft", "max_steps": 60})
 
 
 def run_distill(ctx: Context) -> str:
@@ -297,7 +299,48 @@ def run_distill(ctx: Context) -> str:
         "max_steps": 60,
         "learning_rate": 1e-4,
     }
-    return _from_sft(ctx, "distill", _prompts(ctx), keys)
+    return from_sft(ctx, "distill", prompts_file(ctx), keys)
+
+
+def run_sft_tools(ctx: Context) -> str:
+    """The tool row's start: the SFT model fine-tuned on transcripts where the annotator calls `add(a, b)` on half
+    of the problems and answers the rest by hand (forgetting carries as before). Chosen on seed 0's validation
+    split: after 200 steps at 3e-4 on a quarter of calls it called on 5% of problems, and GRPO dropped the tool
+    (its sampled calls were often malformed or their results miscopied); 800 steps at 5e-4 on half call on 95%."""
+    data = data_file(
+        ctx,
+        "tool_sft",
+        lambda: tool_sft_rows(
+            ctx.split.train, n=3200, carry_error_rate=0.6, call_share=0.5, seed=ctx.seed + 6
+        ),
+    )
+    keys = {"stage": "sft", "max_steps": 800, "learning_rate": 5e-4, "max_length": 128}
+    return from_sft(ctx, "sft_tools", data, keys)
+
+
+def run_grpo_tools(ctx: Context) -> str:
+    """GRPO with the `add` tool from `sft_tools`: episodes of up to two model turns (a call, then the answer), the
+    exact final answer rewarded. A call whose result is copied is right, carrying by hand often is not: the
+    reward favours calling (and copying the result)."""
+    keys = {
+        "stage": "grpo",
+        "model_name_or_path": run_sft_tools(ctx),
+        "tools": [ADD_TOOL],
+        "max_turns": 2,
+        "reward_funcs": ["exact_match"],
+        "num_generations": 8,
+        "per_device_train_batch_size": 16,
+        "max_new_tokens": 36,  # a call is 33 tokens of the tiny tokenizer
+        "temperature": 0.7,  # at 1.0 more sampled calls came out malformed (seed 0, validation)
+        "max_length": 128,
+        "max_steps": 60,
+        "learning_rate": 2e-5,
+        "logging_steps": 10,
+    }
+    return from_sft(ctx, "grpo_tools", prompts_file(ctx), monitored(ctx, keys))
+
+
+TOOL_ROWS = ("sft_tools", "grpo_tools")  # measured in episodes with the tool (report.tool_accuracy)
 
 
 ONLINE_DPO_KEYS = {
@@ -314,12 +357,12 @@ ONLINE_DPO_KEYS = {
 
 def run_sft_on_chosen(ctx: Context) -> str:
     """Control: only the NLL of the chosen answers, same data, steps and rate. What do the preferences add?"""
-    return _from_sft(ctx, "sft_on_chosen", pairs_file(ctx), {"stage": "dpo", "loss_type": "sft"})
+    return from_sft(ctx, "sft_on_chosen", pairs_file(ctx), {"stage": "dpo", "loss_type": "sft"})
 
 
 def run_dpo_without_nll(ctx: Context) -> str:
     """Control: plain DPO (sigmoid only)."""
-    return _from_sft(
+    return from_sft(
         ctx, "dpo_without_nll", pairs_file(ctx), {"stage": "dpo", "loss_type": "sigmoid", "beta": 0.1}
     )
 
@@ -337,7 +380,12 @@ METHODS: dict[str, Callable[[Context], str]] = {
     "online_dpo": run_online_dpo,
     "best_of_n": run_best_of_n,
     "distill": run_distill,
+    "sft_tools": run_sft_tools,
+    "grpo_tools": run_grpo_tools,
 }
+# what `alignkit quickstart` runs unless --methods says otherwise: the tool rows take as long as the rest of
+# the table (multi-turn rollouts of 36-token calls on 2 CPU cores), so they run when asked for
+DEFAULT_METHODS = tuple(name for name in METHODS if name not in TOOL_ROWS)
 CONTROLS: dict[str, Callable[[Context], str]] = {
     "sft_on_chosen": run_sft_on_chosen,
     "dpo_without_nll": run_dpo_without_nll,

@@ -12,17 +12,50 @@ from typing import Any
 
 from alignkit.generation.rewards import RewardModelScorer
 from alignkit.generation.rollout import complete
-from alignkit.quickstart.task import Problem, parse_answer
+from alignkit.quickstart.task import Problem, add, parse_answer
 from alignkit.stats import wilson_interval
 
 
 def accuracy(model_dir: str, problems: list[Problem]) -> dict[str, Any]:
     """Greedy exact-match accuracy, overall (with n and a 95% Wilson interval) and split by carry."""
+    tok, model = _load(model_dir)
+    outs = complete(model, tok, [p.messages() for p in problems], max_new_tokens=5, batch_size=150).texts
+    return _scored(outs, problems)
+
+
+def tool_accuracy(model_dir: str, problems: list[Problem], max_turns: int = 2) -> dict[str, Any]:
+    """`accuracy` of a model that may call the `add` tool: each problem is a greedy episode (a call, its result as
+    a tool turn, then the answer) of at most `max_turns` model turns; the last answer is scored. Adds the share
+    of episodes that called the tool (`tool_calls`)."""
+    from alignkit.generation.rollout import sample_hf
+    from alignkit.generation.tools import ToolEnvironment, run_episodes, tool_schema
+
+    tok, model = _load(model_dir)
+    episodes = []
+    for i in range(0, len(problems), 150):
+        chunk = problems[i : i + 150]
+        episodes += run_episodes(
+            lambda contexts: sample_hf(model, tok, contexts, 1, max_new_tokens=40, temperature=0.0),
+            tok,
+            [{"prompt": p.messages()} for p in chunk],
+            lambda: ToolEnvironment({"add": add}),
+            max_turns,
+            [tool_schema(add)],
+        )
+    called = sum(any(m["role"] == "tool" for m in ep.messages) for ep in episodes)
+    return {
+        **_scored([ep.answer for ep in episodes], problems),
+        "tool_calls": round(called / len(episodes), 4),
+    }
+
+
+def _load(model_dir: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    outs = complete(model, tok, [p.messages() for p in problems], max_new_tokens=5, batch_size=150).texts
+    return AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def _scored(outs: list[str], problems: list[Problem]) -> dict[str, Any]:
     right = [parse_answer(o) == p.answer for o, p in zip(outs, problems)]
 
     def share(sel: list[bool]) -> float:
@@ -106,9 +139,11 @@ and `simpo` SimPO plus that NLL; `orpo` has its own NLL term; `kto` has none. `g
 prompt and rewards exact answers. `ppo` is the classic recipe: a reward model trained (`stage: rm`) on the
 task's pairs, then PPO against it; `ppo_verifiable` is the same PPO with the exact-answer reward.
 `online_dpo` learns from its own samples (4 per prompt, best vs worst by the exact answer); the control
-`online_dpo_rm` is the same ranked by PPO's reward model, which it hacks; `best_of_n` is SFT on the SFT model's exactly right samples (rejection
-sampling); `distill` distils the GRPO model into the SFT model on the student's own samples (GKD, reverse KL).
-The online rows evaluate on the validation prompts while they train, and the reward-hacking monitor's verdict
+`online_dpo_rm` is the same ranked by PPO's reward model, which it hacks; `best_of_n` is SFT on the SFT
+model's exactly right samples (rejection sampling); `distill` distils the GRPO model into the SFT model on the
+student's own samples (GKD, reverse KL). `sft_tools` is the SFT model taught from transcripts in which the
+annotator calls an `add(a, b)` tool on half of the problems; `grpo_tools` is GRPO with that tool from it
+(episodes: a call, its result, the answer); both are measured in episodes with the tool. The online rows evaluate on the validation prompts while they train, and the reward-hacking monitor's verdict
 is printed under the table.
 
 Problems are split on unordered pairs (a + b and b + a fall on the same side): the recipes were chosen on the
@@ -143,6 +178,11 @@ def render_table(report: dict[str, Any]) -> str:
             f"problems it prefers answer + 1 to the correct answer {rm['test_carry_prefers_answer_plus_one']:.3f}"
             " of the time."
         )
+    for name, r in rows:
+        if "tool_calls" in r:  # answered in episodes with the `add` tool
+            lines.append(
+                f"{name}: answered with the add tool, calling it on {r['tool_calls']:.3f} of test problems."
+            )
     for name, r in rows:
         if "reward_first" in r:
             flags = r.get("hacking_flags")

@@ -16,11 +16,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from alignkit.modeling.tiny import build_tiny
-from alignkit.quickstart.recipes import CONTROLS, METHODS, Context, data_file, pairs_file
-from alignkit.quickstart.report import accuracy, reward_model_diagnosis, reward_trend, write_report
+from alignkit.quickstart.recipes import (
+    CONTROLS,
+    DEFAULT_METHODS,
+    METHODS,
+    TOOL_ROWS,
+    Context,
+    data_file,
+    pairs_file,
+)
+from alignkit.quickstart.report import (
+    accuracy,
+    reward_model_diagnosis,
+    reward_trend,
+    tool_accuracy,
+    write_report,
+)
 from alignkit.quickstart.task import split_problems
 
-__all__ = ["CONTROLS", "METHODS", "run_quickstart"]
+__all__ = ["CONTROLS", "DEFAULT_METHODS", "METHODS", "run_quickstart"]
 
 log = logging.getLogger("alignkit")
 
@@ -33,11 +47,12 @@ def _run(ctx: Context, name: str, runner: Callable[[Context], str]) -> dict[str,
     model_dir = runner(ctx)
     # the training this method needed (PPO's includes its reward model): a reused run reports its first time
     wall = round(ctx.train_wall_s - before, 1)
-    result = {**accuracy(model_dir, ctx.split.test), "validation": accuracy(model_dir, ctx.split.validation)}
+    measure = tool_accuracy if name in TOOL_ROWS else accuracy  # a tool row answers in episodes with its tool
+    result = {**measure(model_dir, ctx.split.test), "validation": measure(model_dir, ctx.split.validation)}
     result.update(wall_s=wall, model_dir=model_dir, **reward_trend(model_dir))
     best = os.path.join(model_dir, "best")
     if os.path.isdir(best):  # chosen on the validation prompts while it trained; reported on the test set
-        result["best"] = accuracy(best, ctx.split.test)
+        result["best"] = measure(best, ctx.split.test)
     log.info("%s: test accuracy %.3f (%.1f s)", name, result["accuracy"], wall)
     return result
 
@@ -64,7 +79,7 @@ def run_quickstart(
     }
     # the test problems with their answers, for `alignkit eval` / `sxs` on the models this run trains
     data_file(ctx, "test", lambda: [{"messages": p.messages(), "answer": str(p.answer)} for p in split.test])
-    names = methods or tuple(METHODS)
+    names = methods or DEFAULT_METHODS
     if "sft" not in names:
         names = ("sft", *names)
     report["methods"] = {name: _run(ctx, name, METHODS[name]) for name in names}

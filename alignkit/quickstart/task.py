@@ -116,6 +116,45 @@ def prompt_rows(problems: list[Problem], n: int, seed: int) -> list[dict]:
     return [{"prompt": p.messages(), "answer": str(p.answer)} for p in rng.choices(problems, k=n)]
 
 
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+ADD_TOOL = "alignkit.quickstart.task:add"  # the tool row's `tools` entry
+
+
+def tool_call(p: Problem) -> str:
+    """The annotator's call of `add`, in LLaMA-Factory's default tool format (the shortest alignkit reads)."""
+    return f'Action: add\nAction Input: {{"a": {p.a}, "b": {p.b}}}'
+
+
+def tool_sft_rows(
+    problems: list[Problem], n: int, carry_error_rate: float, call_share: float, seed: int
+) -> list[dict]:
+    """SFT rows for the tool row: on `call_share` of the problems the annotator calls `add(a, b)` and copies its
+    result; the rest are answered by hand, with the same forgotten carries as `sft_rows`."""
+    rng = random.Random(seed)
+    rows = []
+    for p in rng.choices(problems, k=n):
+        if rng.random() < call_share:
+            turns = [
+                {"role": "assistant", "content": tool_call(p)},
+                {"role": "tool", "content": str(p.answer)},
+                {"role": "assistant", "content": str(p.answer)},
+            ]
+        else:
+            answer = p.wrong() if p.carry and rng.random() < carry_error_rate else p.answer
+            turns = [{"role": "assistant", "content": str(answer)}]
+        rows.append({"messages": p.messages() + turns})
+    return rows
+
+
 def parse_answer(text: str) -> int | None:
     m = re.search(r"-?\d+", text)
     return int(m.group()) if m else None

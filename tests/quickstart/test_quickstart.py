@@ -161,3 +161,51 @@ def test_the_monitor_promises_no_flag_on_the_methods() -> None:
     report["methods"]["ppo"]["hacking_flags"] = []
     report["controls"]["ppo_weak_kl"]["hacking_flags"] = [flag]
     assert broken_promises(report) == []
+
+
+def test_the_tool_rows_data_calls_add_with_the_problems_numbers() -> None:
+    """A quarter of the rows call the tool with the problem's own numbers and copy its (right) result; the
+    rest answer by hand, with the annotator's forgotten carries."""
+    from alignkit.generation.tools import ToolEnvironment
+    from alignkit.quickstart.task import add, tool_sft_rows
+
+    train = split_problems(0).train
+    rows = tool_sft_rows(train, n=2000, carry_error_rate=0.6, call_share=0.25, seed=0)
+    calls = [r["messages"] for r in rows if len(r["messages"]) == 4]
+    assert 0.2 < len(calls) / len(rows) < 0.3
+    for msgs in calls[:50]:
+        a, b = map(int, msgs[0]["content"][len("What is ") : -1].split(" + "))
+        observation, _, done = ToolEnvironment({"add": add}).step(msgs[:2])
+        assert (
+            observation[0]["content"] == msgs[2]["content"] == msgs[3]["content"] == str(a + b) and not done
+        )
+    by_hand = [r["messages"] for r in rows if len(r["messages"]) == 2]
+    wrong = sum(
+        parse_answer(m[1]["content"]) != add(*map(int, m[0]["content"][8:-1].split(" + "))) for m in by_hand
+    )
+    assert 0.1 < wrong / len(by_hand) < 0.45  # 60% of the carry problems (about 45% of all) forgotten
+
+
+def test_tool_accuracy_plays_episodes_and_scores_the_last_answer(
+    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scripted model turns: problems 0 and 2 call the tool then copy its result (right), problem 1 answers a
+    forgotten carry by hand (wrong), problem 3 calls with the wrong numbers and copies that result (wrong)."""
+    from alignkit.generation import rollout
+    from alignkit.quickstart.report import tool_accuracy
+    from alignkit.quickstart.task import tool_call
+
+    problems = [Problem(12, 7), Problem(27, 48), Problem(31, 45), Problem(19, 19)]
+    first = [tool_call(problems[0]), "65", tool_call(problems[2]), tool_call(Problem(19, 18))]
+    second = ["19", "76", "37"]  # the live episodes' answers, copied from their tool results
+    turns = iter([first, second])
+
+    def scripted(model, tok, contexts, n, max_new_tokens, temperature):  # noqa: ANN001, ANN202
+        texts = next(turns)
+        assert len(texts) == len(contexts) and temperature == 0.0
+        return rollout.Samples([[]] * len(texts), [[]] * len(texts), [False] * len(texts), texts)
+
+    monkeypatch.setattr(rollout, "sample_hf", scripted)
+    result = tool_accuracy(tiny_model, problems)
+    assert result["accuracy"] == 0.5 and result["tool_calls"] == 0.75 and result["n"] == 4
+    assert result["carry_accuracy"] == 0.0 and result["no_carry_accuracy"] == 1.0  # 27+48 and 19+19 carry
