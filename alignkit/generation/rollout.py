@@ -17,6 +17,7 @@ from transformers import StoppingCriteriaList, StopStringCriteria
 
 from alignkit.data.batches import pad, tokenize_chat, tokenize_text
 from alignkit.errors import UserError
+from alignkit.modeling.gguf import local_model
 from alignkit.modeling.resolve import is_peft
 
 
@@ -322,7 +323,7 @@ class VLLMEngine:
         _check_vllm_version(getattr(vllm, "__version__", MIN_VLLM))
         self.tokenizer = tokenizer
         self.llm = vllm.LLM(
-            model=model_path,
+            model=local_model(model_path),  # a GGUF file: the folder alignkit converted it into
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=True,
             # each sampled token's log-prob under the distribution it was drawn from (after temperature, top-k,

@@ -10,6 +10,7 @@ from torch import nn
 
 from alignkit.config import BaseConfig
 from alignkit.errors import UserError
+from alignkit.modeling.gguf import local_model
 from alignkit.modeling.resolve import (
     ModelSpec,
     check_model_path,
@@ -31,6 +32,7 @@ DTYPES = {
 def from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
     """Call a transformers `from_pretrained`; a missing hub id or no network becomes a UserError."""
     check_model_path(path, adapter_ok=False)  # an adapter folder is resolved first (`resolve_model`)
+    path = local_model(path)  # a GGUF file: the folder it is converted into
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -130,6 +132,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
     if is_adapter(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         path = existing_base(path)
+    path = local_model(path)  # a GGUF file carries its tokenizer and chat template
     if os.path.isdir(path):
         tok = _local_tokenizer(AutoTokenizer, path, trust_remote_code)
     else:

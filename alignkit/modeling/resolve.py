@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from alignkit.config import BaseConfig
 from alignkit.config.coerce import split_sources
 from alignkit.errors import UserError
+from alignkit.modeling.gguf import gguf_file, local_model
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -25,6 +26,8 @@ def check_model_path(path: str, adapter_ok: bool = True) -> None:
     retries, and the error says both were tried."""
     if not path:
         raise UserError("`model_name_or_path` is empty")
+    if gguf_file(path):  # a GGUF file (or a folder holding one): converted where it is loaded
+        return
     if adapter_ok and is_adapter(path):
         return check_model_path(existing_base(path), adapter_ok=False)
     if os.path.exists(path):
@@ -167,8 +170,9 @@ def existing_base(path: str) -> str:
 
 
 def weights_path(path: str) -> str:
-    """Where a model's config.json is: the base of an adapter folder, else the path itself."""
-    return (adapter_base(path) or path) if os.path.isdir(path) else path
+    """Where a model's config.json is: the base of an adapter folder, a GGUF file's converted folder, else the
+    path itself."""
+    return local_model((adapter_base(path) or path) if os.path.isdir(path) else path)
 
 
 def _merged_before(adapter: str) -> list[str]:
@@ -213,7 +217,7 @@ def resolve_model(
             item = os.path.abspath(item) if os.path.exists(item) else item
             if item not in chain:
                 chain.append(item)
-    base = existing_base(path) if is_adapter(path) else path
+    base = local_model(existing_base(path) if is_adapter(path) else path)  # a GGUF file: its converted folder
     resume = chain[-1] if continue_last and chain else None
     return ModelSpec(base, tuple(chain[:-1] if resume else chain), resume)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from alignkit.errors import UserError
 from alignkit.generation.rollout import RowsDone, VLLMEngine, sample_hf
+from alignkit.modeling.gguf import local_model
 from alignkit.modeling.load import load_causal_lm, load_tokenizer
 from alignkit.modeling.resolve import is_peft
 from alignkit.ship.serve.batcher import Job, on_step_for
@@ -111,6 +112,7 @@ def _config_only(path: str, trust_remote_code: bool) -> tuple[Any, Any]:
 
     from transformers import AutoConfig, GenerationConfig
 
+    path = local_model(path)  # a GGUF file: the folder it is converted into
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     try:
         generation = GenerationConfig.from_pretrained(path)
