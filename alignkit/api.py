@@ -35,6 +35,7 @@ from alignkit.generation.best_of_n import SampleSettings, sample_best_of_n
 from alignkit.generation.rewards import BUILTIN_REWARDS, RewardFn, reward_name
 from alignkit.modeling.tiny import build_tiny
 from alignkit.ship.chat import answer_once, chat_settings
+from alignkit.ship.export.gguf_out import export_gguf
 from alignkit.ship.export.merge import export_model
 from alignkit.ship.export.settings import export_settings
 from alignkit.ship.serve.feedback import export_kto
@@ -287,10 +288,12 @@ def compare(config: Any, /, **keys: Any) -> CompareResult:
 # ------------------------------------------------------------------------------------------------ export
 def export(config: str | os.PathLike | None = None, /, **settings: Any) -> Any:
     """`alignkit export`: merge a LoRA adapter into its base, write and check a Hugging Face folder (and a
-    quantized copy). `config`: LLaMA-Factory's merge YAML; settings: model, adapter, output, dtype, quantize,
-    shard_size_gb, device. Returns `ExportResult` (folder, weight files, the largest logit difference, ...)."""
+    quantized copy), or with `format="gguf"` one GGUF file and an Ollama Modelfile. `config`: LLaMA-Factory's
+    merge YAML; settings: model, adapter, output, dtype, quantize, shard_size_gb, device, format. Returns
+    `ExportResult` (folder, weight files, the largest logit difference, ...), or `GGUFExport` for a GGUF."""
 
-    return export_model(export_settings(os.fspath(config) if config else None, **settings))
+    chosen = export_settings(os.fspath(config) if config else None, **settings)
+    return export_gguf(chosen) if chosen.format == "gguf" else export_model(chosen)
 
 
 # ------------------------------------------------------------------------------------------ chat and data

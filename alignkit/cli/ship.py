@@ -24,6 +24,7 @@ EPILOG_EXPORT = """examples:
   alignkit export --model models/base --adapter out/dpo-lora --output out/dpo-merged
   alignkit export --model models/base --adapter out/dpo-lora --output out/dpo-int8 --quantize int8
   alignkit export examples/merge_lora/llama3_lora_sft.yaml   # LLaMA-Factory's merge config keys
+  alignkit export --adapter out/dpo-lora --output out/dpo-gguf --format gguf --quantize q8_0   # + Modelfile
 """
 
 
@@ -52,7 +53,13 @@ def register(subparsers: Any) -> None:
     x.add_argument(
         "--shard-size", type=float, dest="shard_size_gb", help="GB per safetensors shard (default 5)"
     )
-    x.add_argument("--quantize", choices=["int8", "int4"], help="also quantize (bitsandbytes, CPU or GPU)")
+    x.add_argument(
+        "--quantize",
+        help="hf: int8 | int4 (bitsandbytes, CPU or GPU); gguf: f32 | f16 (default) | q8_0",
+    )
+    x.add_argument(
+        "--format", help="hf (a Hugging Face folder, default) | gguf (a GGUF file + Ollama Modelfile)"
+    )
     x.add_argument("--device", help="where to merge: cpu or cuda (default cpu)")
     x.set_defaults(run=export)
 
@@ -108,8 +115,10 @@ def export(args: argparse.Namespace) -> int:
 
     from alignkit import api
     from alignkit.ship.export.card import render_summary
+    from alignkit.ship.export.gguf_out import GGUFExport
     from alignkit.ship.export.merge import LOGIT_PROBES
 
-    settings = none_given(args, "model", "adapter", "output", "dtype", "quantize", "shard_size_gb", "device")
-    print(render_summary(api.export(args.config, **settings), LOGIT_PROBES))
+    given = ("model", "adapter", "output", "dtype", "quantize", "shard_size_gb", "device", "format")
+    result = api.export(args.config, **none_given(args, *given))
+    print(result.summary() if isinstance(result, GGUFExport) else render_summary(result, LOGIT_PROBES))
     return 0

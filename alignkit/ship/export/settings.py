@@ -15,7 +15,9 @@ log = logging.getLogger("alignkit")
 
 DEFAULT_SHARD_GB = 5.0
 DEFAULT_DEVICE = "cpu"
-FLAGS = {s: f"--{s}" for s in ("model", "adapter", "output", "dtype", "quantize", "device")}
+FLAGS = {s: f"--{s}" for s in ("model", "adapter", "output", "dtype", "quantize", "device", "format")}
+FORMATS = ("hf", "gguf")
+HF_QUANTIZE = ("int8", "int4")  # bitsandbytes; GGUF's types are alignkit.ship.export.gguf_out.GGUF_TYPES
 FLAGS["shard_size_gb"] = "--shard-size"
 
 
@@ -29,7 +31,8 @@ class ExportSettings:
     model: str | None = None  # None: the base named in the adapter's adapter_config.json
     dtype: str | None = None  # fp32 | bf16 | fp16; None: the base checkpoint's
     shard_size_gb: float = DEFAULT_SHARD_GB
-    quantize: str | None = None  # int8 | int4
+    quantize: str | None = None  # int8 | int4 (hf); f32 | f16 | q8_0 (gguf)
+    format: str = "hf"  # hf: a Hugging Face folder | gguf: one GGUF file and an Ollama Modelfile
     device: str = DEFAULT_DEVICE
     legacy_format: bool = False  # pytorch .bin shards instead of safetensors
     trust_remote_code: bool = False
@@ -143,4 +146,12 @@ def export_settings(config: str | None = None, **given: Any) -> ExportSettings:
     if not values.get("output"):
         where = f"`export_dir` in {config} or " if config else ""
         raise UserError(f"no output folder: give {where}--output OUT")
-    return ExportSettings(**values, names=names)
+    settings = ExportSettings(**values, names=names)
+    if settings.format not in FORMATS:
+        raise UserError(f"--format {settings.format}: choose hf or gguf")
+    if settings.format == "hf" and settings.quantize not in (None, *HF_QUANTIZE):
+        raise UserError(
+            f"{settings.name('quantize')} {settings.quantize}: a Hugging Face export quantizes to int8 or int4 "
+            "(bitsandbytes); for a GGUF file add --format gguf"
+        )
+    return settings

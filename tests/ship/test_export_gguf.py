@@ -1,0 +1,103 @@
+"""`alignkit export --format gguf`: one GGUF file and an Ollama Modelfile. The file, read back by transformers'
+GGUF reader, gives the merged model's logits (f32: to float rounding; f16: within half precision), its
+tokenizer and chat template; q8_0 reports greedy agreement; the rope rows are permuted to llama.cpp's layout and
+back (GQA on the real model); bad combinations of flags exit 2 and write nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.ship.test_export import _export, _fails, _figure
+from tests.ship.test_export import adapter as adapter  # noqa: F401 - the module's LoRA adapter fixture
+from tests.ship.test_export import base as base  # noqa: F401 - its tiny base
+
+
+def _read_back(folder: str, name: str) -> tuple[torch.nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def _logits(model: torch.nn.Module, tok: object, text: str) -> torch.Tensor:
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
+    )
+    with torch.no_grad():
+        return model(torch.tensor([ids["input_ids"]])).logits[0]
+
+
+def test_gguf_types_read_back_as_the_merged_model(adapter: str, tmp_path: Path) -> None:  # noqa: F811
+    from alignkit.modeling.load import load_causal_lm
+
+    merged = str(tmp_path / "hf")
+    _export(["--adapter", adapter, "--output", merged, "--dtype", "fp32"])
+    reference, ref_tok = load_causal_lm(merged, "float32")
+    sizes = {}
+    for kind in ("f32", "f16", "q8_0"):
+        out = tmp_path / kind
+        printed = _export(
+            ["--adapter", adapter, "--output", str(out), "--format", "gguf", "--quantize", kind]
+        )
+        name = f"{kind}.{kind}.gguf"
+        assert sorted(os.listdir(out)) == ["Modelfile", name]  # the Hugging Face folder it came from is gone
+        sizes[kind] = (out / name).stat().st_size
+        model, tok = _read_back(str(out), name)
+        ours, theirs = _logits(reference, ref_tok, "Name a colour."), _logits(model, tok, "Name a colour.")
+        scale = max(1.0, ours.abs().max().item())
+        if kind == "f32":
+            assert (ours - theirs).abs().max().item() <= 1e-5 * scale
+            assert _figure(r"largest logit difference ([\d.e-]+)", printed) <= 1e-4 * scale
+        elif kind == "f16":
+            assert (ours - theirs).abs().max().item() <= 0.02 * scale
+        else:
+            assert 0.0 <= _figure(r"read back: ([\d.]+) of 8 greedy answers", printed) <= 1.0
+        assert tok.chat_template == ref_tok.chat_template
+        assert tok("What is 12 + 7?")["input_ids"] == ref_tok("What is 12 + 7?")["input_ids"]
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"]
+    modelfile = (tmp_path / "f16" / "Modelfile").read_text()
+    assert modelfile.startswith(
+        'FROM ./f16.f16.gguf\nTEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}'
+    )
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_gguf_flag_mistakes_exit_2_and_write_nothing(
+    adapter: str,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    out = tmp_path / "x"
+    err = _fails(capsys, ["--adapter", adapter, "--output", str(out), "--quantize", "q8_0"])
+    assert "a Hugging Face export quantizes to int8 or int4" in err and "--format gguf" in err
+    err = _fails(
+        capsys, ["--adapter", adapter, "--output", str(out), "--format", "gguf", "--quantize", "int8"]
+    )
+    assert "with --format gguf choose one of f32, f16, q8_0" in err and "llama-quantize" in err
+    err = _fails(capsys, ["--adapter", adapter, "--output", str(out), "--format", "onnx"])
+    assert "--format onnx: choose hf or gguf" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_real_model_round_trips_through_gguf(smollm2: str, tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct (grouped-query attention: 9 heads, 3 key/value heads) to f16 GGUF and back: logits
+    within half precision of the folder's, and the same answer."""
+    from alignkit.modeling.load import load_causal_lm
+
+    out = tmp_path / "smol"
+    printed = _export(["--model", smollm2, "--output", str(out), "--format", "gguf", "--quantize", "f16"])
+    diff, tol = _figure(r"difference ([\d.e-]+)", printed), _figure(r"tolerance ([\d.e-]+)", printed)
+    assert diff <= tol
+    reference, ref_tok = load_causal_lm(smollm2, "float32")
+    model, tok = _read_back(str(out), "smol.f16.gguf")
+    ours, theirs = (
+        _logits(reference, ref_tok, "What is the capital of France?"),
+        _logits(model, tok, "What is the capital of France?"),
+    )
+    assert (ours - theirs).abs().max().item() <= 0.02 * ours.abs().max().item()
+    assert ours[-1].argmax() == theirs[-1].argmax()
