@@ -101,3 +101,29 @@ def test_the_real_model_round_trips_through_gguf(smollm2: str, tmp_path: Path) -
     )
     assert (ours - theirs).abs().max().item() <= 0.02 * ours.abs().max().item()
     assert ours[-1].argmax() == theirs[-1].argmax()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_families_round_trip(family: str, tmp_path: Path) -> None:
+    """Tiny random Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral (grouped-query attention, permuted rope
+    rows) models with the tiny tokenizer: the f32 GGUF read back gives their logits."""
+    import transformers
+
+    from alignkit.modeling.tiny import build_tokenizer
+    from alignkit.ship.export.gguf_out import write_gguf
+
+    tok = build_tokenizer()
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_gguf(str(folder), str(tmp_path / "m.gguf"), "f32")
+    back, back_tok = _read_back(str(tmp_path), "m.gguf")
+    ours, theirs = _logits(model, tok, "What is 12 + 7?"), _logits(back, back_tok, "What is 12 + 7?")
+    assert (ours - theirs).abs().max().item() <= 1e-5 * max(1.0, ours.abs().max().item())
