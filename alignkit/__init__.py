@@ -24,6 +24,7 @@ _LAZY = {
     "evaluate": "alignkit.api",
     "compare": "alignkit.api",
     "export": "alignkit.api",
+    "merge": "alignkit.api",
     "serve": "alignkit.api",
     "chat": "alignkit.api",
     "inspect": "alignkit.api",
@@ -38,6 +39,8 @@ _LAZY = {
     "ChatReply": "alignkit.api",
     "TrainEvent": "alignkit.training.events",
     "ExportResult": "alignkit.ship.export.card",
+    "GGUFExport": "alignkit.ship.export.gguf_out",
+    "MergeResult": "alignkit.ship.merging",
 }
 
 __all__ = ["UserError", "__version__", *_LAZY]

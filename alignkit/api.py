@@ -38,6 +38,7 @@ from alignkit.ship.chat import answer_once, chat_settings
 from alignkit.ship.export.gguf_out import export_gguf
 from alignkit.ship.export.merge import export_model
 from alignkit.ship.export.settings import export_settings
+from alignkit.ship.merging import merge_models
 from alignkit.ship.serve.feedback import export_kto
 from alignkit.stages import get_stage
 from alignkit.training.checkpoint import list_checkpoints
@@ -294,6 +295,17 @@ def export(config: str | os.PathLike | None = None, /, **settings: Any) -> Any:
 
     chosen = export_settings(os.fspath(config) if config else None, **settings)
     return export_gguf(chosen) if chosen.format == "gguf" else export_model(chosen)
+
+
+def merge(
+    config: str | os.PathLike | Mapping[str, Any], /, *, output: str | None = None, seed: int = 0
+) -> Any:
+    """`alignkit merge`: several fine-tunes of one base (model folders, LoRA adapters, GGUF files) merged by
+    mergekit (`merge_method`: linear, slerp, ties, dare_ties, dare_linear, task_arithmetic, ...) into `output`.
+    `config`: mergekit's YAML (a path) or the same as a mapping. Returns `MergeResult`."""
+
+    given = dict(config) if isinstance(config, Mapping) else os.fspath(config)
+    return merge_models(given, output, seed)
 
 
 # ------------------------------------------------------------------------------------------ chat and data

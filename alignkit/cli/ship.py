@@ -27,9 +27,16 @@ EPILOG_EXPORT = """examples:
   alignkit export --adapter out/dpo-lora --output out/dpo-gguf --format gguf --quantize q8_0   # + Modelfile
 """
 
+EPILOG_MERGE = """examples (mergekit's YAML; model paths may be LoRA adapter folders or GGUF files):
+  alignkit merge merge.yaml --output out/merged
+    merge_method: linear
+    models: [{model: out/dpo-lora, parameters: {weight: 0.5}}, {model: out/grpo, parameters: {weight: 0.5}}]
+"""
+
 
 def register(subparsers: Any) -> None:
     _register_serve(subparsers)
+    _register_merge(subparsers)
     c = add_command(subparsers, "chat", "chat with a model in the terminal", EPILOG_CHAT)
     c.add_argument("config", nargs="?", help="LLaMA-Factory inference YAML (model_name_or_path, ...)")
     c.add_argument("--model", help="model folder, LoRA adapter folder or hub id")
@@ -62,6 +69,26 @@ def register(subparsers: Any) -> None:
     )
     x.add_argument("--device", help="where to merge: cpu or cuda (default cpu)")
     x.set_defaults(run=export)
+
+
+def _register_merge(subparsers: Any) -> None:
+    m = add_command(
+        subparsers,
+        "merge",
+        "merge fine-tunes of one base (linear, slerp, ties, dare) through mergekit",
+        EPILOG_MERGE,
+    )
+    m.add_argument("config", help="mergekit's merge YAML (merge_method, models, base_model, ...)")
+    m.add_argument("--output", help="folder to write (default: the config's `output`)")
+    m.add_argument("--seed", type=int, default=0, help="for DARE's random drops")
+    m.set_defaults(run=merge)
+
+
+def merge(args: argparse.Namespace) -> int:
+    from alignkit import api
+
+    print(api.merge(args.config, output=args.output, seed=args.seed).summary())
+    return 0
 
 
 def _register_serve(subparsers: Any) -> None:
