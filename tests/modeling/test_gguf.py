@@ -1,10 +1,12 @@
 """GGUF in: a `.gguf` file wherever a model is asked for, on the real model (SmolLM2-135M-Instruct's Q4_1 GGUF
 from PyPI). The converted folder holds exactly what transformers' GGUF reader gives (same logits), keeps the chat
-template and answers as the real model does; training from the file's path works; bad paths are clear errors."""
+template and answers as the real model does; SFT LoRA from the file's path, then DPO from that adapter (ln 2 at
+the start), and `serve` from the file through the openai client; bad paths are clear errors."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,42 @@ def test_sft_lora_from_a_gguf_path(
     assert sum(losses[-2:]) / 2 < losses[0], losses
     base = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(base, "config.json").is_file() and result.output_dir == str(tmp_path / "out")
+    # DPO from that adapter (policy and reference both the SFT model): the first loss is ln 2, margins 0
+    api.train(
+        {
+            "stage": "dpo",
+            "model_name_or_path": str(tmp_path / "out"),
+            "dataset": str(shared_data / "llamafactory" / "dpo_en_demo.json"),
+            "finetuning_type": "lora",
+            "max_samples": 2,
+            "max_length": 128,
+            "per_device_train_batch_size": 2,
+            "max_steps": 1,
+            "logging_steps": 1,
+            "output_dir": str(tmp_path / "dpo"),
+            "disable_tqdm": True,
+            "plot_loss": False,
+        }
+    )
+    first = json.loads(open(tmp_path / "dpo" / "metrics.jsonl").readline())
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4) and abs(first["rewards/margins"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_serve_answers_from_a_gguf_file_through_the_openai_client(smollm2_gguf: str, gguf_cache: str) -> None:
+    from openai import OpenAI
+
+    import alignkit
+
+    with alignkit.serve(smollm2_gguf, port=0, served_model_name="smol") as server:
+        client = OpenAI(base_url=server.url, api_key="none")
+        reply = client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0,
+        )
+    assert "Paris" in reply.choices[0].message.content
 
 
 def test_gguf_paths_that_are_not_one_file(tmp_path: Path) -> None:
