@@ -213,8 +213,8 @@ class OnlineStage(Stage):
     def held_out(self, model: nn.Module, device: torch.device) -> dict[str, list[float]]:
         """The policy on the held-out prompts, one greedy completion each, per prompt: the total training reward
         (`reward`; none for a stage without rewards), each reward (`reward/<name>`), each `eval_reward_funcs`
-        function (by its name), the completion's length in tokens (`length`) and, with a reference (or teacher),
-        its log-ratio to it (`kl`, nats per completion)."""
+        function (by its name), the answer's length in tokens (`length`; an episode's last answer) and, with a
+        reference (or teacher), its log-ratio to it (`kl`, nats per completion)."""
         policy, rows, out = self.language_model(model), self.eval_rows or [], {}
         bs, anchor = self.cfg.per_device_eval_batch_size, self.held_out_anchor()
         for i in range(0, len(rows), bs):
@@ -225,12 +225,22 @@ class OnlineStage(Stage):
                 total, parts = self.rewards(chunk, samples, 1, device)
                 values = {"reward": total, **{f"reward/{k}": v for k, v in parts.items()}}
             values.update(self._eval_scores(chunk, samples))
-            values["length"] = torch.tensor([float(len(c)) for c in samples.completion_ids])
+            values["length"] = self._answer_lengths(samples)
             if anchor is not None:
                 values["kl"] = self._log_ratio(policy, samples, device, anchor)
             for key, v in values.items():
                 out.setdefault(key, []).extend(float(x) for x in v)
         return out
+
+    def _answer_lengths(self, samples: Samples) -> torch.Tensor:
+        """Tokens of each answer the rewards score: the completion; for an episode, its last answer only (a
+        policy that learns to call a tool writes longer episodes by design, not longer answers)."""
+        if isinstance(samples, EpisodeSamples):
+            encode = self.tokenizer
+            return torch.tensor(
+                [float(len(encode(t, add_special_tokens=False)["input_ids"])) for t in samples.texts]
+            )
+        return torch.tensor([float(len(c)) for c in samples.completion_ids])
 
     def _eval_scores(self, rows: list[dict], samples: Samples) -> dict[str, torch.Tensor]:
         if not self.eval_funcs:

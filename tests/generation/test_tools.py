@@ -348,3 +348,17 @@ def test_stages_without_multi_turn_rollouts_refuse_tools(
 ) -> None:
     with pytest.raises(UserError, match="supported by stages grpo and ppo for now, not online_dpo"):
         _tool_stage("online_dpo", tmp_path, monkeypatch, tiny_model, per_device_train_batch_size=2)
+
+
+def test_held_out_length_of_an_episode_is_its_last_answer(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy that learns to call a tool writes longer episodes by design: the monitor's `length` is the
+    answer the reward scores ("19": two digit tokens), not the call, the tool turn and the answer (seed 3 of the
+    quickstart's tool row was flagged for 1.56x longer episodes before this)."""
+    stage = _tool_stage(
+        "grpo", tmp_path, monkeypatch, tiny_model, num_generations=2, per_device_train_batch_size=1
+    )
+    stage.eval_rows = stage.train_rows[:1]
+    values = stage.held_out(stage.model, torch.device("cpu"))
+    assert values["length"] == [2.0] and values["reward"] == [1.0]
