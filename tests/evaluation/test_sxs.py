@@ -194,6 +194,11 @@ def test_empty_answers_are_left_out_of_the_data(tmp_path: Path, capsys: pytest.C
     assert [(r.completion, r.label) for r in rows] == [("yes", True)]
 
 
+STORED_VOTES = """n => Object.keys(localStorage).some(k => {
+  try { return Object.keys(JSON.parse(localStorage.getItem(k)).votes || {}).length === n; } catch (e) { return false; }
+})"""
+
+
 def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path, chromium: str) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -201,7 +206,7 @@ def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path, chromium: 
     path, key = _page(tmp_path)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(Path(path).as_uri())
@@ -212,6 +217,11 @@ def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path, chromium: 
         page.keyboard.press("2")  # item 2: B
         page.keyboard.press("x")  # item 3: both bad
         page.click("[data-vote=tie]")  # item 4: tie
+        # the browser's storage holds the 4 votes (read from another tab: past this page's own cache), then reload
+        probe = page.context.new_page()
+        probe.goto(Path(path).as_uri())
+        probe.wait_for_function(STORED_VOTES, arg=4)
+        probe.close()
         page.reload()
         assert page.inner_text("#progress") == "4 / 6 voted" and page.inner_text("#position") == "Item 5 of 6"
         page.keyboard.press("k")  # back to item 4 and change its vote

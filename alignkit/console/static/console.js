@@ -219,9 +219,9 @@ function markError(form, key, message, box) {
 }
 
 async function loadStage(stage, keys) {
-  state.stage = stage;
-  $("#t-stage").value = stage;
   const r = await call(`/api/form/${stage}`);
+  state.stage = stage;  // set with the form it names: the stage shown is always the form's
+  $("#t-stage").value = stage;
   state.fields = r.fields;
   renderForm($("#t-form"), r.fields, [stage, "general", "data", "optimisation"]);
   for (const [key, sel] of Object.entries(SHARED)) if ($(sel).value && $("#t-form").elements[key]) $("#t-form").elements[key].value = $(sel).value;
