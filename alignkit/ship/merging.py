@@ -88,7 +88,7 @@ def merge_models(config: str | dict[str, Any], output: str | None = None, seed: 
 
     source = config if isinstance(config, str) else "merge config"
     raw = load_yaml_mapping(config) if isinstance(config, str) else dict(config)
-    output = output or raw.pop("output", None)
+    output = output or raw.pop("output", None)  # alignkit's key, not mergekit's: never passed on
     raw.pop("output", None)
     if not output:
         raise UserError(f"{source}: no output folder: give `output:` or --output OUT")

@@ -36,6 +36,8 @@ from alignkit.ship.export.merge import (
     QUANT_MAX_NEW_TOKENS,
     RTOL,
     export_model,
+    logit_scale,
+    max_diff,
     probe_logits,
     probe_prompts,
 )
@@ -132,7 +134,7 @@ def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
-def _tensor(name: str, tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
+def _tensor(tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
     """(data, raw dtype or None) of one tensor in the file's type: 1-D tensors (norms, biases) stay f32."""
     import gguf
 
@@ -178,7 +180,7 @@ def write_gguf(folder: str, path: str, kind: str) -> str:
             raise UserError(f"--format gguf: no GGUF name for tensor {hf_name} of {hf_arch}")
         if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             tensor = _permute(tensor, heads if "q_proj" in hf_name else kv_heads)
-        data, raw = _tensor(name, tensor, kind)
+        data, raw = _tensor(tensor, kind)
         writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -289,8 +291,8 @@ def _check(result: GGUFExport, hf_dir: str) -> None:
     if result.gguf_type in TOLERANCE:
         ids = encode_prompts(tokenizer, probe_prompts(tokenizer, LOGIT_PROBES))
         ours, theirs = probe_logits(hf, ids), probe_logits(back, ids)
-        scale = max(1.0, max(r.abs().max().item() for r in ours))
-        result.max_logit_diff = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
+        scale = logit_scale(ours)
+        result.max_logit_diff = max_diff(ours, theirs)
         result.tolerance = TOLERANCE[result.gguf_type] * scale
         if not result.max_logit_diff <= result.tolerance:
             raise UserError(

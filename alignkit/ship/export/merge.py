@@ -188,8 +188,14 @@ def _reload(folder: str, device: str, trust_remote_code: bool, **kwargs: Any) ->
     return model.eval().requires_grad_(False)
 
 
-def _max_diff(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> float:
+def max_diff(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> float:
+    """The largest |logit difference| over the probes."""
     return max((a - b).abs().max().item() for a, b in zip(reference, logits))
+
+
+def logit_scale(reference: list[torch.Tensor]) -> float:
+    """What tolerances are relative to: the probes' largest |logit|, at least 1."""
+    return max(1.0, max(r.abs().max().item() for r in reference))
 
 
 def _quantize(
@@ -270,10 +276,10 @@ def export_model(settings: ExportSettings) -> ExportResult:
     del model
     full = _reload(full_dir, device, settings.trust_remote_code)
     reloaded = probe_logits(full, ids)
-    scale = max(1.0, max(r.abs().max().item() for r in reference))
+    scale = logit_scale(reference)
     result = ExportResult(out, base, settings.adapter, dtype, weight_files(full_dir))
-    result.max_logit_diff, result.tolerance = _max_diff(reference, reloaded), RTOL[dtype] * scale
-    result.merge_diff, result.reload_diff = _max_diff(reference, merged), _max_diff(written, reloaded)
+    result.max_logit_diff, result.tolerance = max_diff(reference, reloaded), RTOL[dtype] * scale
+    result.merge_diff, result.reload_diff = max_diff(reference, merged), max_diff(written, reloaded)
     _verify(result, scale, full_dir)
     if settings.quantize:
         try:
