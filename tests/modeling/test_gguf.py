@@ -134,3 +134,40 @@ def test_gguf_paths_that_are_not_one_file(tmp_path: Path) -> None:
         check_model_path(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     assert gguf_file(str(tmp_path)) is None  # a Hugging Face folder stays one
+
+
+@pytest.mark.slow
+def test_the_real_chat_template_renders_as_llamafactorys_chatml(smollm2: str) -> None:
+    """SmolLM2's own template (from its GGUF) and LLaMA-Factory's `chatml` (`template: chatml`) give the same text
+    and the same ids for a multi-turn conversation with a system prompt, and both mask the same assistant tokens;
+    `<|im_end|>` is the tokenizer's end-of-turn special token, not text split into pieces."""
+    from transformers import AutoTokenizer
+
+    from alignkit.modeling.chat_templates import set_chat_template
+
+    own = AutoTokenizer.from_pretrained(smollm2)
+    factory = AutoTokenizer.from_pretrained(smollm2)
+    set_chat_template(factory, "chatml")
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "8"},
+    ]
+    text = own.apply_chat_template(messages, tokenize=False)
+    assert factory.apply_chat_template(messages, tokenize=False) == text
+    assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?")
+    prompt = messages[:4]
+    assert factory.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == (
+        own.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    )
+    ids = own.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert factory.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"] == ids
+    end = own.convert_tokens_to_ids("<|im_end|>")
+    assert end == own.eos_token_id and ids.count(end) == 5  # one special token per turn
+    mask = factory.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )["assistant_masks"]
+    trained = own.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "5<|im_end|>8<|im_end|>"

@@ -194,3 +194,36 @@ def test_merge_config_errors(family: dict[str, str], tmp_path: Path) -> None:
             {"merge_method": "averagez", "models": [{"model": family["a"]}]}, output=str(tmp_path / "o")
         )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_two_real_lora_adapters_merge_load_and_answer(smollm2: str, tmp_path: Path) -> None:
+    """The real model (SmolLM2-135M-Instruct): two different LoRA adapters on it, averaged by `alignkit merge`.
+    Each merged tensor is the mean of the two peft merges; the merged folder loads through alignkit with the
+    base's tokenizer and chat template and still answers as the model does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.modeling.load import load_causal_lm
+
+    name, expected = "model.layers.3.self_attn.q_proj.weight", []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32), lora)
+        with torch.no_grad():  # a small update, as a short fine-tune makes
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(0.01)
+        model.save_pretrained(tmp_path / f"lora{seed}")
+        expected.append(model.merge_and_unload().state_dict()[name])
+    assert not torch.allclose(expected[0], expected[1], atol=1e-4)  # the two fine-tunes differ
+    models = [{"model": str(tmp_path / f"lora{s}"), "parameters": {"weight": 0.5}} for s in (1, 2)]
+    merged = _merge(tmp_path, {"merge_method": "linear", "models": models})
+    assert torch.allclose(merged[name], (expected[0] + expected[1]) / 2, atol=1e-5)
+    model, tok = load_causal_lm(str(tmp_path / "merged"))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert tok.decode(ids["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
