@@ -171,3 +171,38 @@ def test_the_real_chat_template_renders_as_llamafactorys_chatml(smollm2: str) ->
     )["assistant_masks"]
     trained = own.decode([i for i, m in zip(ids, mask) if m])
     assert trained == "5<|im_end|>8<|im_end|>"
+
+
+@pytest.mark.slow
+def test_the_console_reads_and_chats_with_a_gguf_file(
+    smollm2_gguf: str, gguf_cache: str, tmp_path: Path
+) -> None:
+    """The console, given a `.gguf` file in its workspace: the model card reads the real architecture and size
+    from the converted folder, and its chat answers through the file."""
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from alignkit.console.app import ConsoleSettings, build_app
+
+    models = tmp_path / "ws" / "models"
+    models.mkdir(parents=True)
+    try:  # the file, in the workspace (a symbolic link out of it would be refused)
+        os.link(smollm2_gguf, models / "smol.gguf")
+    except OSError:
+        import shutil
+
+        shutil.copy(smollm2_gguf, models / "smol.gguf")
+    client = TestClient(
+        build_app(ConsoleSettings(workspace=str(tmp_path / "ws"))), base_url="http://127.0.0.1"
+    )
+    info = client.post("/api/model", json={"path": "models/smol.gguf"}).json()
+    assert info["architecture"] == "LlamaForCausalLM" and info["chat_template"] is True
+    assert 134e6 < info["parameters"] < 136e6 and info["layers"] == 30 and info["vocab_size"] == 49152
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = {"model": "models/smol.gguf", "messages": question, "temperature": 0, "max_new_tokens": 12}
+    lines = [json.loads(line) for line in client.post("/api/chat", json=chat).text.splitlines()]
+    assert lines[-1].get("done") is True, lines[-1]
+    assert (
+        "Paris" in lines[-1]["text"] and "".join(line.get("delta", "") for line in lines) == lines[-1]["text"]
+    )

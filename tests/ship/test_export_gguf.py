@@ -93,6 +93,21 @@ def test_gguf_flag_mistakes_exit_2_and_write_nothing(
     assert not out.exists()
 
 
+def test_llamafactorys_merge_yaml_exports_gguf(base: str, adapter: str, tmp_path: Path) -> None:  # noqa: F811
+    """LLaMA-Factory's merge YAML with `--format gguf`: model, adapter, export_dir and template are read, and
+    `export_quantization_bit: 8` means q8_0 for a GGUF file."""
+    import yaml
+    from gguf import GGUFReader
+
+    keys = {"model_name_or_path": base, "adapter_name_or_path": adapter, "template": "chatml"}
+    keys |= {"finetuning_type": "lora", "export_dir": str(tmp_path / "ollama"), "export_quantization_bit": 8}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(keys))
+    printed = _export([str(tmp_path / "merge.yaml"), "--format", "gguf"])
+    path = tmp_path / "ollama" / "ollama.q8_0.gguf"
+    assert str(path) in printed and (tmp_path / "ollama" / "Modelfile").is_file()
+    assert GGUFReader(str(path)).fields["general.file_type"].contents() == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+
+
 @pytest.mark.slow
 def test_the_real_model_round_trips_through_gguf(smollm2: str, tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct (grouped-query attention: 9 heads, 3 key/value heads) to f16 GGUF and back: logits

@@ -19,6 +19,7 @@ FLAGS = {s: f"--{s}" for s in ("model", "adapter", "output", "dtype", "quantize"
 FORMATS = ("hf", "gguf")
 HF_QUANTIZE = ("int8", "int4")  # bitsandbytes; GGUF's types are alignkit.ship.export.gguf_out.GGUF_TYPES
 FLAGS["shard_size_gb"] = "--shard-size"
+GGUF_FOR_BITS = {"int8": "q8_0", "int4": "q4_k_m"}  # export_quantization_bit: 8 / 4 with --format gguf
 
 
 @dataclass
@@ -149,6 +150,10 @@ def export_settings(config: str | None = None, **given: Any) -> ExportSettings:
     settings = ExportSettings(**values, names=names)
     if settings.format not in FORMATS:
         raise UserError(f"--format {settings.format}: choose hf or gguf")
+    if settings.format == "gguf" and settings.quantize in GGUF_FOR_BITS and "quantize" in names:
+        if names["quantize"] != FLAGS["quantize"]:  # LLaMA-Factory's export_quantization_bit, for a GGUF file
+            log.info("%s: %s for a GGUF file", names["quantize"], GGUF_FOR_BITS[settings.quantize])
+            settings.quantize = GGUF_FOR_BITS[settings.quantize]
     if settings.format == "hf" and settings.quantize not in (None, *HF_QUANTIZE):
         raise UserError(
             f"{settings.name('quantize')} {settings.quantize}: a Hugging Face export quantizes to int8 or int4 "
