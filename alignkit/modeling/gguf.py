@@ -3,7 +3,7 @@
 transformers reads GGUF files (with the `gguf` package) and dequantizes their weights; the model it returns is
 marked quantized, which training, saving and adapters refuse. So a GGUF file is converted once into a plain
 Hugging Face folder (config, weights, tokenizer with its chat template, generation config) in alignkit's cache,
-keyed by the file's path, size and modification time, and that folder is what every loader reads: `train`,
+keyed by the file (device and inode), its size and modification time, and that folder is what every loader reads: `train`,
 `eval`, `serve`, `chat`, `export`, `compare` and the console take a GGUF the way they take a folder.
 """
 
@@ -48,7 +48,10 @@ def local_model(path: str) -> str:
     if source is None:
         return path
     stat = os.stat(source)
-    key = hashlib.sha256(f"{os.path.abspath(source)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    # the file itself (device and inode: a move or a hard link is the same file), its size and modification time
+    key = hashlib.sha256(
+        f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()
     name = os.path.basename(source)[: -len(".gguf")]
     folder = os.path.join(user_cache_dir(), "gguf", f"{name}-{key[:16]}")
     if not os.path.isfile(os.path.join(folder, "config.json")):

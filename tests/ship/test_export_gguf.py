@@ -141,27 +141,26 @@ def test_the_real_model_round_trips_through_gguf(smollm2: str, tmp_path: Path) -
         llm.close()
 
 
-@pytest.mark.slow
-def test_the_real_model_to_q4_k_m_with_llama_cpps_quantizer(smollm2: str, tmp_path: Path) -> None:
-    """`--quantize q4_k_m` on SmolLM2: llama.cpp's quantizer makes the file from the f32 one (Q4_K_M as its file
-    type, k-quant tensors in it; SmolLM2's 576-wide rows are not a multiple of 256, so most tensors fall back
-    and the output says how many); transformers reads it back and llama.cpp loads it, both reported; llama.cpp
-    tokenizes the probe prompts as the Hugging Face tokenizer does (`tokenizer.ggml.pre` = gpt-2)."""
+def test_q4_k_m_by_llama_cpps_quantizer(tmp_path: Path) -> None:
+    """`--quantize q4_k_m`: llama.cpp's quantizer makes the file from the f32 one: Q4_K_M as its file type, Q4_K
+    and Q6_K tensors in it (a tiny model 256 wide, so no row falls back); transformers reads it back and
+    llama.cpp loads it, both reported; llama.cpp tokenizes the probes as the Hugging Face tokenizer does."""
     pytest.importorskip(
         "llama_cpp", reason="the k-quants need llama.cpp's quantizer (pip install llama-cpp-python)"
     )
     from gguf import GGUFReader
 
-    out = tmp_path / "smol"
-    printed = _export(["--model", smollm2, "--output", str(out), "--format", "gguf", "--quantize", "q4_k_m"])
-    path = out / "smol.q4_k_m.gguf"
+    from alignkit.modeling.tiny import build_tiny
+
+    model = build_tiny(str(tmp_path / "wide"), hidden_size=256, layers=2, seed=0)
+    out = tmp_path / "k"
+    printed = _export(["--model", model, "--output", str(out), "--format", "gguf", "--quantize", "q4_k_m"])
+    path = out / "k.q4_k_m.gguf"
     assert sorted(os.listdir(out)) == ["Modelfile", path.name]
     reader = GGUFReader(str(path))
     assert reader.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
-    types = {t.tensor_type.name for t in reader.tensors}
-    assert {"Q4_K", "Q6_K"} <= types and path.stat().st_size < 0.25 * 540e6
-    assert "llama.cpp's quantizer gave 180 of 272 tensors another type than q4_k_m" in printed
+    assert {"Q4_K", "Q6_K"} <= {t.tensor_type.name for t in reader.tensors}
+    assert "another type than" not in printed  # every row is a multiple of 256 wide
     assert 0.0 <= _figure(r"read back: ([\d.]+) of 8 greedy answers", printed) <= 1.0
+    assert 0.0 <= _figure(r"llama.cpp loads it: .*; ([\d.]+) of greedy answers identical", printed) <= 1.0
     assert _figure(r"([\d.]+) of probe prompts tokenized as the Hugging Face tokenizer does", printed) == 1.0
-    assert 0.0 < _figure(r"llama.cpp loads it: largest logit difference ([\d.]+)", printed) < 38.7 / 2

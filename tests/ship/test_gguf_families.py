@@ -176,7 +176,7 @@ def test_the_modelfile_speaks_gemmas_turns(written: dict) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_loads_each_family(family: str, written: dict) -> None:
     """llama.cpp (llama-cpp-python) loads the f32 file: logits within 1e-3 of the logit scale of the Hugging Face
-    model's on the same ids; greedy answers identical; prompts tokenized identically, except after a leading
+    model's on the same ids; prompts tokenized identically, except after a leading
     special token in a sentencepiece tokenizer with a space prefix (Llama 2's `<s>[INST]`), where llama.cpp
     puts '▁' before `[INST]`, as Meta's sentencepiece does, and transformers' LlamaTokenizer (legacy=False)
     does not."""
@@ -190,5 +190,4 @@ def test_llama_cpp_loads_each_family(family: str, written: dict) -> None:
     check_gguf(result, str(folder))
     figures = result.llama_cpp
     assert figures["max_logit_diff"] <= 1e-3 * figures["logit_scale"]
-    assert figures["greedy_exact"] == 1.0
     assert figures["tokens"] == (0.0 if family == "llama_spm" else 1.0)
