@@ -12,9 +12,11 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 
-# Qwen2 shapes: `cpu` keeps the real vocabulary (the output layer dominates, as in real models) on a small
+# Qwen2 shapes: `tiny` for dry runs; `cpu` keeps the real vocabulary (the output layer dominates, as in real models) on a small
 # backbone; `qwen2.5-0.5b` is that model's real shape (for a GPU).
 SHAPES = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128},  # benchmarks/gpu.sh --dry-run
     "cpu": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
             "intermediate_size": 1376},
     "qwen2.5-0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,

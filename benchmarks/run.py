@@ -40,7 +40,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--shape", default="cpu", choices=["cpu", "qwen2.5-0.5b"])
+    p.add_argument("--shape", default="cpu", choices=["tiny", "cpu", "qwen2.5-0.5b"])
+    p.add_argument("--defaults-only", action="store_true", help="each tool's default setting only")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--child", nargs=2, metavar=("WORKLOAD", "INDEX"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -105,11 +106,9 @@ def main() -> None:
         w = WORKLOADS[name]
         model_dir = str(root / ("rm" if w.rm else "model"))
         for i, s in enumerate(w.settings):
-            if (
-                wanted
-                and s.tool == "alignkit"
-                and s.name != "default"
-                and not any(x in s.name for x in wanted)
+            if s.name != "default" and (
+                args.defaults_only
+                or (wanted and s.tool == "alignkit" and not any(x in s.name for x in wanted))
             ):
                 continue
             r = {"workload": name, "tool": s.tool, "setting": s.name, **spawn(name, i, model_dir)}
