@@ -17,7 +17,10 @@ EPILOG = """examples:
 
 def register(subparsers: Any) -> None:
     q = add_command(
-        subparsers, "quickstart", "show the methods at work on a task built in place (CPU)", EPILOG
+        subparsers,
+        "quickstart",
+        "show the methods at work on a task built in place (about 5 minutes on 2 CPU cores)",
+        EPILOG,
     )
     q.add_argument("--output-dir", default="./alignkit-quickstart")
     q.add_argument("--seed", type=int, default=0)
@@ -30,6 +33,12 @@ def register(subparsers: Any) -> None:
         "--no-controls", action="store_true", help="skip the control runs (SFT on chosen, DPO without NLL)"
     )
     q.add_argument("--controls", default=None, help="comma-separated subset of the controls (default: all)")
+    q.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="rows trained side by side after SFT (default: one per core, up to 4)",
+    )
     q.set_defaults(run=run)
 
 
@@ -47,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
         wrong = [c for c in controls if c not in CONTROLS]
         if wrong:
             raise UserError(f"--controls: unknown control `{wrong[0]}`; choose from {', '.join(CONTROLS)}")
-    report = run_quickstart(args.output_dir, seed=args.seed, methods=methods, controls=controls)
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: give 1 or more")
+    report = run_quickstart(
+        args.output_dir, seed=args.seed, methods=methods, controls=controls, jobs=args.jobs
+    )
     print(report["table"])
     return 0
