@@ -118,13 +118,13 @@ def model_params(shape: str) -> int:
     """Parameters a token meets in the benchmark's Qwen2 of `shape` (tied output layer counted once, as the
     output matmul; the embedding lookup costs no FLOPs)."""
     sys.path.insert(0, str(HERE))
-    from harness import SHAPES, VOCAB
+    from harness import SHAPE_VOCAB, SHAPES, VOCAB
 
     s = SHAPES[shape]
     h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
     kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter  # q, o; k, v; gate, up, down
-    return layers * per_layer + VOCAB * h
+    return layers * per_layer + SHAPE_VOCAB.get(shape, VOCAB) * h
 
 
 def markdown(results: dict, dry: bool) -> str:

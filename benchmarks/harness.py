@@ -23,9 +23,10 @@ SHAPES = {
                      "num_key_value_heads": 2, "intermediate_size": 4864},
 }  # fmt: skip
 VOCAB = 151_936  # Qwen2's
+SHAPE_VOCAB = {"tiny": 1024}  # a dry run's checks need no real vocabulary
 
 
-def build_qwen2(model_dir: str, shape: str = "cpu", vocab: int = VOCAB, seed: int = 0) -> None:
+def build_qwen2(model_dir: str, shape: str = "cpu", vocab: int | None = None, seed: int = 0) -> None:
     """A randomly initialised Qwen2ForCausalLM of `shape` with `vocab` entries and alignkit's tiny BPE tokenizer
     (its 512 ids are the first rows of the vocabulary; the softmax still runs over all `vocab` of them)."""
     import torch
@@ -35,7 +36,7 @@ def build_qwen2(model_dir: str, shape: str = "cpu", vocab: int = VOCAB, seed: in
 
     tok = build_tokenizer()
     config = Qwen2Config(
-        vocab_size=vocab,
+        vocab_size=vocab or SHAPE_VOCAB.get(shape, VOCAB),
         max_position_embeddings=4096,
         tie_word_embeddings=True,  # as Qwen2.5-0.5B
         bos_token_id=None,

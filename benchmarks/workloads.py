@@ -7,9 +7,11 @@ and only the tools differ. Batches are taken in file order by both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from harness import SHARED, peak_mb, train_alignkit
@@ -56,7 +58,7 @@ WORKLOADS: dict[str, Workload] = {
         Setting("trl", "no checkpointing + precompute_ref_log_probs",
                 {**NO_GC, "precompute_ref_log_probs": True}),
     ]),
-    "kto": Workload("kto", str(LF / "kto_en_demo.json"), "kto_en_demo, KL from mismatched completions", [
+    "kto": Workload("kto", str(LF / "kto_en_demo.json"), "kto_en_demo rows that fit max_length, KL from mismatched completions", [
         Setting("alignkit", "default"),
         Setting("alignkit", "prefix_sharing", {"prefix_sharing": True}),
         Setting("trl", "default"),
@@ -74,9 +76,28 @@ WORKLOADS: dict[str, Workload] = {
 def run(workload: str, setting: Setting, model_dir: str, args: Any, out: str) -> dict:
     """One side of one workload, in this (child) process: tokens, loop seconds, peak memory, first loss."""
     w = WORKLOADS[workload]
+    if w.stage == "kto":  # both tools read the rows that fit, so neither drops any and both labels stay
+        w = dataclasses.replace(w, data=rows_that_fit(w.data, model_dir, args.max_length, out))
     if workload == "grpo":
         return (grpo_alignkit if setting.tool == "alignkit" else grpo_trl)(model_dir, setting, args, out)
     return (offline_alignkit if setting.tool == "alignkit" else offline_trl)(w, model_dir, setting, args, out)
+
+
+def rows_that_fit(path: str, model_dir: str, max_length: int, out: str) -> str:
+    """The rows of a messages-format file whose whole conversation (chat template applied) fits `max_length`
+    tokens, in file order, written beside the run: a workload both tools train on without truncation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    kept = [
+        r
+        for r in rows
+        if len(tok.apply_chat_template(r["messages"], return_dict=True)["input_ids"]) <= max_length
+    ]
+    target = Path(out) / f"fit-{max_length}-{Path(path).name}"
+    target.write_text(json.dumps(kept), encoding="utf-8")
+    return str(target)
 
 
 def _common(args: Any) -> dict:

@@ -74,7 +74,9 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     from alignkit.quickstart.run import run_quickstart
 
     out = tmp_path_factory.mktemp("quickstart") / "qs"
-    report = run_quickstart(str(out), seed=0, methods=SUITE_METHODS, controls=SUITE_CONTROLS)
+    # one row at a time: the suite's other xdist worker already has the second core (tests/quickstart/test_lanes.py
+    # covers the side-by-side rows)
+    report = run_quickstart(str(out), seed=0, methods=SUITE_METHODS, controls=SUITE_CONTROLS, jobs=1)
     return out, report
 
 
