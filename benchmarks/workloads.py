@@ -148,7 +148,8 @@ TRL_CLASSES = {
 
 def _count_tokens(inputs: dict) -> int:
     """Real tokens in one of TRL's batches: its attention masks' sum (the input ids where it packs rows)."""
-    masks = [v for k, v in inputs.items() if k.endswith("attention_mask")]
+    # KTO's KL batch (mismatched completions, `KL_*` keys) is not counted: alignkit counts the policy's batch
+    masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and not k.startswith("KL_")]
     if masks:
         return int(sum(int(m.sum()) for m in masks))
     return int(inputs["input_ids"].numel())
