@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,6 @@ UNREAD = {
     "gemma2": ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "layer_types"),
     "gemma3": ("query_pre_attn_scalar", "layer_types", "rope_parameters", "final_logit_softcapping"),
 }
-log = logging.getLogger("alignkit")
 
 
 @dataclass
@@ -51,9 +49,8 @@ class GGUFExport:
     gguf_type: str
     architecture: str
     source: ExportResult  # the Hugging Face export it was made from (checked against the unmerged model)
-    max_logit_diff: float | None = (
-        None  # f32 / f16: against the Hugging Face export, read back by transformers
-    )
+    # f32 / f16: against the Hugging Face export, read back by transformers
+    max_logit_diff: float | None = None
     tolerance: float | None = None
     greedy_exact: float | None = None  # quantized: share of probes whose greedy answers match the HF export's
     greedy_tokens: float | None = None  # share of greedy tokens that agree
@@ -98,8 +95,10 @@ def check_gguf(result: GGUFExport, hf_dir: str) -> None:
     hf, tokenizer = load_causal_lm(hf_dir, "float32")
     back = read_back(result.file, result.architecture, hf.config)
     prompts = probe_prompts(tokenizer, len(PROBES))
+    with_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
     ids = encode_prompts(tokenizer, probe_prompts(tokenizer, LOGIT_PROBES))
-    ours = probe_logits(hf, ids)
+    # the export's logits on the probes: for the f32 / f16 check and for llama.cpp's, only when one runs
+    ours = probe_logits(hf, ids) if result.gguf_type in TOLERANCE or with_llama_cpp else []
     args = {"max_new_tokens": QUANT_MAX_NEW_TOKENS, "temperature": 0.0}
     expected = None  # greedy answers: compared for the quantized types only (f32 / f16 compare logits)
     if result.gguf_type in TOLERANCE:
@@ -115,7 +114,7 @@ def check_gguf(result: GGUFExport, hf_dir: str) -> None:
         theirs = complete(back, tokenizer, prompts, **args).completion_ids
         result.greedy_exact, result.greedy_tokens = agreement(expected, theirs)
         result.probes = len(prompts)
-    if importlib.util.find_spec("llama_cpp") is not None:
+    if with_llama_cpp:
         result.llama_cpp = llama_cpp_check(result.file, tokenizer, prompts, expected, (ids, ours))
         result.llama_cpp["logit_scale"] = logit_scale(ours)
 
