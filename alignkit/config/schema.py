@@ -50,6 +50,7 @@ DATASET_FORMATS = (
 )
 
 
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")  # alignkit.training.optim builds them
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 # keys every stage has, and the values they may take
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -58,6 +59,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler_type": SCHEDULERS,
     "dataset_format": DATASET_FORMATS,
     "torch_dtype": TORCH_DTYPES,
+    "optim": OPTIMIZERS,
     "eval_strategy": ("no", "steps", "epoch"),
 }
 POSITIVE = (
@@ -136,6 +138,7 @@ class BaseConfig:
     save_merged: bool = False  # lora: also write the merged full model
     freeze_trainable_layers: int = 2  # freeze: train the last N decoder layers
     # optimisation
+    optim: str = "adamw_torch_fused"  # or adamw_torch (a loop per tensor: more memory at the step)
     learning_rate: float = 5e-5
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0

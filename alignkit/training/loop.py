@@ -36,6 +36,7 @@ from alignkit.training.checkpoint import (
 from alignkit.training.events import Callback, Reporter, StopSignal
 from alignkit.training.hacking import OnlineEvaluation
 from alignkit.training.launch import make_accelerator
+from alignkit.training.optim import build_optimizer
 from alignkit.training.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
 
 log = logging.getLogger("alignkit")
@@ -43,18 +44,6 @@ log = logging.getLogger("alignkit")
 
 class TrainingDiverged(UserError):
     """Loss became NaN or inf."""
-
-
-def _optimizer(stage: Stage, cfg: BaseConfig) -> torch.optim.Optimizer:
-    params = stage.trainable_parameters()
-    if not params:
-        raise UserError("no trainable parameters (check `finetuning_type` and `freeze_trainable_layers`)")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon
-    )
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -142,7 +131,7 @@ class _Run:
 
         self.cfg, self.stage, self.accelerator = cfg, stage, accelerator
         self.plan = p = _plan(cfg, stage, accelerator)
-        optimizer = _optimizer(stage, cfg)
+        optimizer = build_optimizer(stage.trainable_parameters(), cfg)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * p.total_steps)
         self.scheduler = get_scheduler(
             cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=p.total_steps
