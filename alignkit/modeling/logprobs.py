@@ -196,7 +196,7 @@ def fused_head_applies(model: nn.Module) -> bool:
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factor: float) -> torch.Tensor:
     z = F.linear(h, weight, bias)
     z = z if z.dtype == torch.float64 else z.float()  # half -> fp32; float64 kept
-    return z if factor == 1.0 else z * factor
+    return z if factor == 1.0 else z.mul_(factor)  # z is the linear's own output: scaled in place
 
 
 class _FusedHead(torch.autograd.Function):
@@ -214,13 +214,14 @@ class _FusedHead(torch.autograd.Function):
             z = _logits(h[start : start + chunk_size], weight, bias, factor)
             y = labels[start : start + chunk_size, None]
             lse = torch.logsumexp(z, dim=-1)
-            ez = torch.linalg.vecdot(torch.exp(z - lse[:, None]), z)  # E[z] under softmax(z)
+            ez = (z - lse[:, None]).exp_().mul_(z).sum(-1)  # E[z] under softmax(z): one block beside z
             out[0].append(z.gather(-1, y).squeeze(-1) - lse)
             out[1].append(lse - ez)
             out[2].append(z.mean(-1))
             out[3].append(z.argmax(-1) == y.squeeze(-1))
             lse_all.append(lse)
             ez_all.append(ez)
+            del z  # freed before the next chunk's block is made
         ctx.save_for_backward(h, weight, bias, labels, torch.cat(lse_all), torch.cat(ez_all))
         ctx.factor, ctx.chunk_size = factor, chunk_size
         dev = h.device.type  # under autocast the forward's linear ran in its dtype: so does the backward's
@@ -242,21 +243,41 @@ class _FusedHead(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             end = min(start + chunk, h.shape[0])
             hc = h[start:end].to(dtype)
-            z = _logits(hc, w, b, factor)
-            p = torch.exp(z - lse[start:end, None])  # softmax
-            g = g_logps[start:end, None].to(z.dtype) if g_logps is not None else None
-            if g_entropy is not None:  # dH/dz = -p (z - E[z]), plus dlogp/dz = onehot - p below
-                z.sub_(ez[start:end, None]).mul_(-g_entropy[start:end, None].to(z.dtype))
-                gz = p.mul_(z if g is None else z.sub_(g))
-            else:
-                gz = p.mul_(-g)
-            if g is not None:
-                gz.scatter_add_(-1, labels[start:end, None], g)
-            gz = (gz * factor if factor != 1.0 else gz).to(dtype)
+            gz = _logit_grad(
+                _logits(hc, w, b, factor),
+                lse[start:end],
+                ez[start:end],
+                labels[start:end],
+                g_logps,
+                g_entropy,
+                start,
+                end,
+            )
+            gz = (gz.mul_(factor) if factor != 1.0 else gz).to(dtype)
             if grad_h is not None:
                 grad_h[start:end] = gz @ w
             if grad_w is not None:
-                grad_w.add_(gz.t() @ hc)
+                if gz.dtype == grad_w.dtype:
+                    grad_w.addmm_(gz.t(), hc)  # no weight-sized temporary
+                else:
+                    grad_w.add_(gz.t() @ hc)
             if grad_b is not None:
                 grad_b.add_(gz.sum(0))
+            del gz  # freed before the next chunk's block is made
         return grad_h, grad_w, grad_b, None, None, None
+
+
+def _logit_grad(z, lse, ez, labels, g_logps, g_entropy, start, end):  # noqa: ANN001, ANN202
+    """The gradient on one chunk's logits z (overwritten): g_logp (onehot - p) - g_H p (z - E[z]). With no
+    entropy gradient p is made in z's own storage; with one, p is the only other (chunk, V) block."""
+    g = g_logps[start:end, None].to(z.dtype) if g_logps is not None else None
+    if g_entropy is None:
+        gz = z.sub_(lse[:, None]).exp_().mul_(-g)  # p, in place
+    else:
+        p = (z - lse[:, None]).exp_()  # softmax
+        z.sub_(ez[:, None]).mul_(-g_entropy[start:end, None].to(z.dtype))
+        gz = p.mul_(z if g is None else z.sub_(g))
+        del z
+    if g is not None:
+        gz.scatter_add_(-1, labels[:, None], g)
+    return gz
