@@ -72,9 +72,8 @@ class SampledLogprobs:
         return torch.stack(self.steps, dim=1).tolist() if self.steps else []
 
 
-def _processors(temperature: float, top_p: float, top_k: int, recorder: SampledLogprobs) -> Any:
-    """The warpers in transformers' own order, then the recorder (generate's built-in ones are switched off).
-    Temperature 0 is greedy decoding (evaluation): the recorded log-probs are then the model's own."""
+def warpers(temperature: float, top_p: float, top_k: int) -> Any:
+    """transformers' warpers for these settings, in its own order (none at temperature 0: greedy)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     greedy = temperature == 0
@@ -85,6 +84,13 @@ def _processors(temperature: float, top_p: float, top_k: int, recorder: SampledL
         processors.append(TopKLogitsWarper(top_k))
     if top_p < 1.0 and not greedy:
         processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+def _processors(temperature: float, top_p: float, top_k: int, recorder: SampledLogprobs) -> Any:
+    """The warpers, then the recorder (generate's built-in ones are switched off). Temperature 0 is greedy
+    decoding (evaluation): the recorded log-probs are then the model's own."""
+    processors = warpers(temperature, top_p, top_k)
     processors.append(recorder)
     return processors
 
@@ -164,43 +170,6 @@ def sample_hf(
     prompts = [p for p in prompt_ids for _ in range(num_generations)]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Samples(prompts, completions, truncated, texts, logprobs)
-
-
-class StepStreamer:
-    """A transformers streamer that hands `on_step` the token drawn for every row at each decoding step (a list,
-    one id per row; a finished row gets the pad token). `generate` first puts the prompt, which is skipped."""
-
-    def __init__(self, on_step: Callable[[list[int]], None]) -> None:
-        self.on_step = on_step
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.on_step(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
-class TextStream:
-    """Incremental detokenization of one sequence: `push(ids)` returns the text the new ids add. The whole
-    sequence is decoded each time (a token's text can depend on its neighbours), and a trailing U+FFFD (a
-    multi-byte character cut between tokens) is held back until the next token completes it."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = 0  # characters already returned
-
-    def push(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.sent = text[self.sent :], len(text)
-        return new
 
 
 class StoppedRows:

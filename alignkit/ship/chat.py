@@ -18,7 +18,8 @@ from typing import Any
 
 from alignkit.config import build_dataclass, load_yaml_mapping
 from alignkit.errors import UserError, did_you_mean
-from alignkit.generation.rollout import StepStreamer, TextStream, VLLMEngine, complete
+from alignkit.generation.rollout import VLLMEngine, complete
+from alignkit.generation.streaming import StepStreamer, TextStream
 from alignkit.modeling.load import load_causal_lm, load_tokenizer
 from alignkit.modeling.resolve import adapter_base
 

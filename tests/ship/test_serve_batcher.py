@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from alignkit.generation.rollout import TextStream
+from alignkit.generation.streaming import TextStream
 from alignkit.ship.serve.batcher import Batcher, Job, Row, on_step_for
 
 
