@@ -106,7 +106,14 @@ def _register_serve(subparsers: Any) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="sampling engine (vllm: GPU)")
     v.add_argument("--api-key", help="bearer token clients must send (default: $ALIGNKIT_API_KEY, else none)")
-    v.add_argument("--max-batch-size", type=int, default=32, help="sequences generated together in one pass")
+    v.add_argument(
+        "--batching",
+        choices=["continuous", "pass"],
+        default="continuous",
+        help="hf backend: continuous (requests join the running batch at the next token) or pass (waiting "
+        "requests start together and the batch ends with its longest answer)",
+    )
+    v.add_argument("--max-batch-size", type=int, default=32, help="sequences generated together")
     v.add_argument(
         "--max-queue", type=int, default=256, help="waiting requests beyond which the answer is 503"
     )

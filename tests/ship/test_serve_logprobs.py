@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from alignkit.generation.rollout import encode_prompts, sample_hf
 from alignkit.ship.serve.app import Server, build_app
 from alignkit.ship.serve.batcher import Batcher, Job
+from alignkit.ship.serve.continuous import ContinuousBatcher, Stepper
 from alignkit.ship.serve.engine import HFGenerate, ModelPool
 from alignkit.ship.serve.logprobs import StepLogprobs, _unicode_to_byte
 from alignkit.ship.serve.metrics import Metrics
@@ -28,10 +29,14 @@ BYTE = _unicode_to_byte()
 TO_CHAR = {b: ch for ch, b in BYTE.items()}
 
 
-@pytest.fixture(scope="module")
-def served(tiny_model: str) -> Iterator[tuple[TestClient, ModelPool]]:
+@pytest.fixture(scope="module", params=["continuous", "pass"])
+def served(tiny_model: str, request: pytest.FixtureRequest) -> Iterator[tuple[TestClient, ModelPool]]:
+    """The server in process, batching continuously (the default) and pass by pass."""
     pool = ModelPool(tiny_model, {}, "tiny", device="cpu")
-    batcher = Batcher(HFGenerate(pool), 8, 8, None, pool.context)
+    if request.param == "continuous":
+        batcher = ContinuousBatcher(Stepper(pool), 8, 8)
+    else:
+        batcher = Batcher(HFGenerate(pool), 8, 8, None, pool.context)
     with TestClient(build_app(Server(pool, batcher, Metrics()))) as client:
         yield client, pool
 

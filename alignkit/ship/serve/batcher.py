@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.generation.rollout import TextStream
+from alignkit.generation.streaming import TextStream
 from alignkit.ship.serve.logprobs import Step, StepLogprobs
 from alignkit.ship.serve.protocol import APIError
 
@@ -259,25 +259,41 @@ class Batcher:
             self.metrics.queue_depth.set(len(self.waiting))
 
 
+def deliver(
+    rows: list[tuple[Job, Row]], tokens: list[int], eos: set[int], scored: list | None = None
+) -> list[bool]:
+    """Each row takes its token (or stops: its client gone) and sends its new text, with the log-probs of its
+    tokens since the last send when its request asked (`StepLogprobs.take`'s, in row order); which rows are
+    finished."""
+    flags, events = [], []
+    for (job, row), token, lp in zip(rows, tokens, scored or [None] * len(tokens)):
+        if row.finish is None and job.cancelled:
+            row.finish = "cancelled"
+        if row.finish is None:
+            text = row.push(token, eos, job.stop, lp)
+            steps = row.unsent_steps() if text or row.finish else []
+            if text or steps:
+                events.append((job.events, ("text", row.index, text, steps)))
+        flags.append(row.finish is not None)
+    if events:  # one wake-up of the event loop for the whole step, not one per row
+        rows[0][0].loop.call_soon_threadsafe(_put_all, events)
+    return flags
+
+
+def _put_all(events: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, item in events:
+        queue.put_nowait(item)
+
+
 def on_step_for(
     batch: list[Job], eos: set[int], scores: StepLogprobs | None = None
 ) -> Callable[[list[int]], list[bool]]:
-    """The per-step hook of one pass: each row takes its token (or stops) and sends its new text, with the
-    log-probs of its tokens since the last send when its request asked (read from `scores`)."""
+    """The per-step hook of one pass: `deliver` for every row of the pass; a job whose rows are all finished is
+    answered at once (one with cancelled rows is counted and ended by the pass)."""
     rows = [(job, row) for job in batch for row in job.rows]
 
     def on_step(tokens: list[int]) -> list[bool]:
-        scored = scores.take(tokens) if scores is not None else [None] * len(tokens)
-        flags = []
-        for (job, row), token, lp in zip(rows, tokens, scored):
-            if row.finish is None and job.cancelled:
-                row.finish = "cancelled"
-            if row.finish is None:
-                text = row.push(token, eos, job.stop, lp)
-                steps = row.unsent_steps() if text or row.finish else []
-                if text or steps:
-                    job.emit(("text", row.index, text, steps))
-            flags.append(row.finish is not None)
+        flags = deliver(rows, tokens, eos, scores.take(tokens) if scores is not None else None)
         for job in batch:
             if not job.ended and all(r.finish is not None for r in job.rows):
                 if job.cancelled or any(r.finish == "cancelled" for r in job.rows):

@@ -23,9 +23,11 @@ import torch
 import uvicorn
 
 from alignkit.errors import UserError
+from alignkit.generation.continuous import supports
 from alignkit.ship.serve.app import Server, build_app
 from alignkit.ship.serve.batcher import Batcher
 from alignkit.ship.serve.body import MAX_REQUEST_BYTES
+from alignkit.ship.serve.continuous import ContinuousBatcher, Stepper
 from alignkit.ship.serve.engine import HFGenerate, ModelPool, VLLMGenerate, parse_adapters, vllm_available
 from alignkit.ship.serve.feedback import FeedbackStore
 from alignkit.ship.serve.metrics import Metrics
@@ -44,6 +46,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port
     backend: str = "hf"  # hf | vllm
+    batching: str = "continuous"  # hf: continuous | pass
     api_key: str | None = None  # default: $ALIGNKIT_API_KEY, else none
     max_batch_size: int = 32
     max_queue: int = 256
@@ -208,16 +211,26 @@ def build_server(args: ServeSettings, adapters: dict[str, str], store: Any) -> t
     pool = ModelPool(
         args.model, adapters, args.served_model_name, args.dtype, device, args.trust_remote_code, weights
     )
-    if args.backend == "vllm":
-        generate = VLLMGenerate(args.model, pool.tokenizer, pool.eos)
-    else:
-        generate = HFGenerate(pool)
     metrics = Metrics()
-    batcher = Batcher(generate, args.max_batch_size, args.max_queue, metrics, pool.context)
+    batcher = _batcher(args, pool, metrics)
     max_bytes = args.max_request_bytes or MAX_REQUEST_BYTES
     server = Server(pool, batcher, metrics, store, args.max_input_tokens, args.max_n, max_bytes)
     api_key = args.api_key or os.environ.get("ALIGNKIT_API_KEY") or None
     return build_app(server, api_key), list(pool.ids)
+
+
+def _batcher(args: ServeSettings, pool: ModelPool, metrics: Metrics) -> Batcher:
+    """vLLM's engine, transformers' generate pass by pass, or (the default for hf) continuous batching where
+    the model's cache allows it."""
+    if args.backend == "vllm":
+        generate = VLLMGenerate(args.model, pool.tokenizer, pool.eos)
+        return Batcher(generate, args.max_batch_size, args.max_queue, metrics, pool.context)
+    why = supports(pool.model) if args.batching == "continuous" else None
+    if args.batching == "continuous" and why is None:
+        return ContinuousBatcher(Stepper(pool, metrics), args.max_batch_size, args.max_queue, metrics)
+    if why:
+        log.warning("continuous batching is off for this model (%s): requests batch pass by pass", why)
+    return Batcher(HFGenerate(pool), args.max_batch_size, args.max_queue, metrics, pool.context)
 
 
 def _check_limits(args: ServeSettings) -> None:
