@@ -36,6 +36,7 @@ from alignkit.training.checkpoint import (
 from alignkit.training.events import Callback, Reporter, StopSignal
 from alignkit.training.hacking import OnlineEvaluation
 from alignkit.training.launch import make_accelerator
+from alignkit.training.micro_batch import sized_plan
 from alignkit.training.optim import build_optimizer
 from alignkit.training.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
 
@@ -137,6 +138,8 @@ class _Run:
             cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=p.total_steps
         )
         self.model, self.optimizer = accelerator.prepare(stage.model, optimizer)
+        if cfg.auto_find_batch_size:
+            self.plan = p = sized_plan(p, stage, self.model, self._probe_step, self._fewest)
         self.start_step = 0
         held_out = stage.online and stage.eval_rows and eval_every(cfg, p.steps_per_epoch)
         self.online_eval = OnlineEvaluation(stage, cfg, accelerator.is_main_process) if held_out else None
@@ -236,6 +239,18 @@ class _Run:
     def close(self, failed: bool = False) -> None:
         if self.writer:
             self.writer.close(failed=failed)
+
+    def _fewest(self, rows: int) -> int:
+        """The smallest of every process's `rows` (they must split their batches alike)."""
+        return int(self.accelerator.gather(torch.tensor([rows], device=self.accelerator.device)).min())
+
+    def _probe_step(self, rows: list[dict]) -> None:
+        """Forward and backward on `rows` with no gradient left behind (`auto_find_batch_size`'s probe)."""
+        batch = {key: v.to(self.accelerator.device) for key, v in self.stage.collate(rows).items()}
+        with self.accelerator.autocast():
+            loss = self.stage.step(self.model, batch).loss_sum
+        self.accelerator.backward(loss)
+        self.model.zero_grad(set_to_none=True)
 
     def accumulate(self, step: int, micro: list[MicroBatch]) -> dict[str, float]:
         """Forward and backward over the micro-batches; the summed loss is divided by the global item count
