@@ -97,3 +97,42 @@ def train_alignkit(keys: dict, steps: int, out: str) -> list[dict]:
     train(cfg, get_stage(cfg.stage)(cfg))
     with open(Path(out) / "metrics.jsonl", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
+
+
+class PhaseTimer:
+    """Seconds spent inside chosen methods, patched in place for one run: `generate` (transformers' own
+    `GenerationMixin.generate`, which both tools call for GRPO's completions) and a rollout method (sampling,
+    rewards and scoring). The update's seconds are the loop's minus the rollout's."""
+
+    def __init__(self, rollout_owner: type, rollout_name: str) -> None:
+        from transformers.generation.utils import GenerationMixin
+
+        self.seconds = {"generate": 0.0, "rollout": 0.0}
+        self._wrap(GenerationMixin, "generate", "generate")
+        self._wrap(rollout_owner, rollout_name, "rollout")
+
+    def _wrap(self, owner: type, name: str, key: str) -> None:
+        import functools
+        import time
+
+        inner = getattr(owner, name)
+
+        @functools.wraps(inner)
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def split(self, loop_s: float, generated_tokens: float) -> dict:
+        """The phases of a GRPO run: generation alone (and its tokens/s), the rest of the rollout, the update."""
+        gen, rollout = self.seconds["generate"], self.seconds["rollout"]
+        return {
+            "generate_s": round(gen, 2),
+            "generate_tokens_per_s": round(generated_tokens / gen, 1) if gen else None,
+            "rollout_s": round(rollout, 2),
+            "update_s": round(loop_s - rollout, 2),
+        }

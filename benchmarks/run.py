@@ -84,6 +84,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def phase_table(rows: list[dict]) -> str:
+    """GRPO's steps split: transformers' generate alone (its tokens/s), the rest of the rollout (rewards,
+    scoring), and the update on the fixed rollout (loop seconds minus rollout seconds)."""
+    timed = [r for r in rows if "update_s" in r]
+    if not timed:
+        return ""
+    base = next((r for r in timed if r["tool"] == "trl" and r["setting"] == "default"), None)
+    lines = [
+        "| tool | setting | generate s | generated tokens/s | rest of rollout s | update s | update x TRL |",
+        "|" + "---|" * 7,
+    ]
+    for r in timed:
+        speed = base["update_s"] / r["update_s"] if base and r["update_s"] else None
+        lines.append(
+            f"| {r['tool']} | {r['setting']} | {r['generate_s']:.1f} | {r['generate_tokens_per_s']:.0f} | "
+            f"{r['rollout_s'] - r['generate_s']:.1f} | {r['update_s']:.1f} | {_x(speed)} |"
+        )
+    return "\n\nGRPO, phase by phase (update x TRL: TRL's default update seconds / these)\n" + "\n".join(
+        lines
+    )
+
+
 def _x(v: float | None) -> str:
     return "" if v is None else f"{v:.2f}x"
 
@@ -117,7 +139,7 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
     _ratios(rows)
-    print(json.dumps(rows, indent=1) if args.json else table(rows))
+    print(json.dumps(rows, indent=1) if args.json else table(rows) + phase_table(rows))
 
 
 def _ratios(rows: list[dict]) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import SHARED, peak_mb, train_alignkit
+from harness import SHARED, PhaseTimer, peak_mb, train_alignkit
 
 LF = SHARED / "llamafactory"
 GSM8K = SHARED / "gsm8k" / "train.jsonl"
@@ -215,13 +215,19 @@ def grpo_alignkit(model_dir: str, s: Setting, args: Any, out: str) -> dict:
         **dtype,
         **s.keys,
     }
+    from alignkit.stages.grpo import GRPOStage
+
+    timer = PhaseTimer(GRPOStage, "rollout")
     records = train_alignkit(keys, args.steps, out)
+    length = sum(r["completion_length"] for r in records) / len(records)
+    loop_s = records[-1]["train_runtime"]
     return {
         "tokens": records[-1]["num_tokens"],
-        "loop_s": records[-1]["train_runtime"],
+        "loop_s": loop_s,
         "peak_mb": peak_mb(),
         "first_loss": records[0]["loss"],
-        "completion_length": sum(r["completion_length"] for r in records) / len(records),
+        "completion_length": length,
+        **timer.split(loop_s, length * args.batch * args.generations * args.steps),
     }
 
 
@@ -262,13 +268,17 @@ def grpo_trl(model_dir: str, s: Setting, args: Any, out: str) -> dict:
     trainer = GRPOTrainer(
         model=model_dir, reward_funcs=reward, args=cfg, processing_class=tok, train_dataset=data
     )
+    timer = PhaseTimer(GRPOTrainer, "_generate_and_score_completions")
     t = time.perf_counter()
     result = trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    length = sum(h.get("completions/mean_length", 0.0) for h in logs) / len(logs)
+    loop_s = result.metrics.get("train_runtime", time.perf_counter() - t)
     return {
         "tokens": sum(int(h.get("num_tokens", 0)) for h in logs[-1:]),
-        "loop_s": result.metrics.get("train_runtime", time.perf_counter() - t),
+        "loop_s": loop_s,
         "peak_mb": peak_mb(),
         "first_loss": logs[0]["loss"],
-        "completion_length": sum(h.get("completions/mean_length", 0.0) for h in logs) / len(logs),
+        "completion_length": length,
+        **timer.split(loop_s, length * args.batch * args.generations * args.steps),
     }
