@@ -31,6 +31,9 @@ def test_the_gpu_script_dry_run_passes_every_step(tmp_path: Path) -> None:
         rows = results[f"benchmark_{workload}"]["rows"]
         assert {(r["tool"], r["setting"]) for r in rows} == {("alignkit", "default"), ("trl", "default")}
         assert all(r["tokens"] > 0 and r["first_loss"] == r["first_loss"] for r in rows), rows
+    for r in results["benchmark_grpo"]["rows"]:  # GRPO's phases, timed apart, for both tools
+        assert r["generate_tokens_per_s"] > 0 and 0 < r["generate_s"] <= r["rollout_s"] < r["loop_s"], r
+        assert r["update_s"] == pytest.approx(r["loop_s"] - r["rollout_s"], abs=0.01)
     assert results["qlora"]["finetuning_type"] == "lora" and results["qlora"]["peak_mb"] > 0
     assert results["rollouts"]["hf"]["tokens_per_s"] > 0 and "skipped" in results["rollouts"]["vllm"]
     assert results["fsdp2"]["processes"] == 2 and len(results["fsdp2"]["losses"]) == 2
