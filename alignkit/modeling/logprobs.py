@@ -47,10 +47,11 @@ def _head_logits(
 ) -> torch.Tensor:
     """The output layer on hidden states (N, H) -> logits (N, V) in float32 (float64 kept), scaled and soft-capped
     as the model's own forward does."""
-    # a LoRA-wrapped head applies its adapter through its forward; a plain one is read as weight and bias (the
-    # module call segfaulted under FSDP2 on CPU, torch 2.13)
-    lora = hasattr(head, "base_layer")
-    logits = head(hidden) if lora else F.linear(hidden, head.weight, getattr(head, "bias", None))
+    # a LoRA-wrapped head applies its adapter through its forward, and ZeRO-3 gathers a head's weight only for
+    # its module's call; a plain one is read as weight and bias (the module call segfaulted under FSDP2 on CPU,
+    # torch 2.13)
+    call = hasattr(head, "base_layer") or _partitioned(head)
+    logits = head(hidden) if call else F.linear(hidden, head.weight, getattr(head, "bias", None))
     logits = logits if logits.dtype == torch.float64 else logits.float()  # half -> fp32; float64 kept
     if scale is not None:
         logits = logits * scale
@@ -189,8 +190,15 @@ def fused_head_applies(model: nn.Module) -> bool:
     """Whether `head_stats` runs the fused head: a plain linear output layer (no LoRA on it, no softcap) of
     at least `FUSED_MIN_VOCAB` entries."""
     head, softcap, _ = _head_transform(getattr(model, "module", model))
-    plain = head is not None and softcap is None and not hasattr(head, "base_layer")
+    plain = (
+        head is not None and softcap is None and not hasattr(head, "base_layer") and not _partitioned(head)
+    )
     return plain and head.weight.shape[0] >= FUSED_MIN_VOCAB
+
+
+def _partitioned(head: nn.Module) -> bool:
+    """DeepSpeed ZeRO-3 keeps the weight partitioned outside its module's call (`ds_id` marks such a tensor)."""
+    return hasattr(getattr(head, "weight", None), "ds_id")
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factor: float) -> torch.Tensor:

@@ -73,7 +73,7 @@ class Reference:
             dtype=torch_dtype(self.cfg),
             trust_remote_code=self.cfg.trust_remote_code,
         )
-        return model.eval().requires_grad_(False)
+        return _gathered_by_zero3(model.eval().requires_grad_(False))
 
     @contextlib.contextmanager
     def active(self, policy: nn.Module, device: torch.device) -> Iterator[nn.Module]:
@@ -88,6 +88,25 @@ class Reference:
         if next(self.model.parameters()).device != device:
             self.model.to(device)
         yield self.model
+
+
+def _gathered_by_zero3(model: nn.Module) -> nn.Module:
+    """Under DeepSpeed ZeRO-3, transformers' from_pretrained partitions a model loaded beside the policy, which
+    nothing would gather for its forward: it runs in an inference engine of its own (no optimizer), which
+    gathers each layer for its call, as TRL prepares its reference model."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return model
+    import copy
+
+    import deepspeed
+    from accelerate.state import AcceleratorState
+
+    config = copy.deepcopy(AcceleratorState().deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # the engine's eval() returns nothing
+    return engine
 
 
 _HASH_CHUNK = 8 << 20  # bytes read at a time: a 15 GB file is streamed, never held in memory

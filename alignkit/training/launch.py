@@ -53,9 +53,12 @@ def make_accelerator(cfg: BaseConfig) -> Any:
     _forget_fsdp(cpu)
     # Without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join a gloo group
     # only when accelerate is told it runs on CPU.
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, deepspeed_plugin=_deepspeed(cfg, cpu))
+    plugin = _deepspeed(cfg, cpu)
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, deepspeed_plugin=plugin)
     if cpu and _env_flag("ACCELERATE_USE_FSDP"):
         _fsdp_on_cpu(accelerator, precision)
+    if cpu and (cfg.deepspeed or _env_flag("ACCELERATE_USE_DEEPSPEED")):
+        _deepspeed_on_cpu(accelerator, plugin, precision)
     _fit_deepspeed(accelerator, cfg)
     return accelerator
 
@@ -70,7 +73,10 @@ def _forget_fsdp(cpu: bool) -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
-    if PartialState._shared_state.get("distributed_type") == DistributedType.FSDP:
+    if PartialState._shared_state.get("distributed_type") in (
+        DistributedType.FSDP,
+        DistributedType.DEEPSPEED,
+    ):
         kind = DistributedType.MULTI_CPU if cpu else DistributedType.MULTI_GPU
         PartialState._shared_state["distributed_type"] = kind
 
@@ -123,11 +129,6 @@ def _deepspeed(cfg: BaseConfig, cpu: bool | None = None) -> Any:
             "with a CUDA toolkit); or leave the key out: alignkit runs on one device, or on several with "
             "`accelerate launch` (DDP / FSDP: configs/accelerate/fsdp2.yaml)"
         )
-    if cpu if cpu is not None else not torch.cuda.is_available():
-        raise UserError(
-            f"{asked} needs a GPU (accelerate runs DeepSpeed on GPUs only; on CPU it would silently train "
-            "without ZeRO); on CPU leave it out, or shard with configs/accelerate/fsdp2.yaml"
-        )
     if not cfg.deepspeed:
         return None  # accelerate builds the plugin from the launcher's variables
     from accelerate import DeepSpeedPlugin
@@ -135,8 +136,30 @@ def _deepspeed(cfg: BaseConfig, cpu: bool | None = None) -> Any:
     return DeepSpeedPlugin(hf_ds_config=cfg.deepspeed)
 
 
+def _deepspeed_on_cpu(accelerator: Any, plugin: Any, precision: str) -> None:
+    """ZeRO over a CPU (gloo) process group, as `accelerate launch` with a DeepSpeed config asked.
+
+    accelerate 1.15 turns ACCELERATE_USE_DEEPSPEED into `DistributedType.DEEPSPEED` only for GPU-like process
+    groups, so without a GPU the run would silently be plain DDP; DeepSpeed itself has a CPU accelerator
+    (gloo). The state is switched here, before anything is prepared, as for FSDP2 (`_fsdp_on_cpu`)."""
+    from accelerate import DeepSpeedPlugin
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        log.warning("DeepSpeed asked on one CPU process: nothing to shard over; training without it")
+        return
+    plugin = plugin or DeepSpeedPlugin()  # read from the launcher's ACCELERATE_DEEPSPEED_* variables
+    plugin.set_mixed_precision(precision)
+    plugin.select(_from_accelerator_state=True)
+    accelerator.state.deepspeed_plugins = plugin
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    log.info("DeepSpeed ZeRO-%s over %d CPU processes (gloo)", plugin.zero_stage, accelerator.num_processes)
+
+
 def _fit_deepspeed(accelerator: Any, cfg: BaseConfig) -> None:
-    """Give DeepSpeed the loop's batch and clipping (not run here: DeepSpeed needs GPUs).
+    """Give DeepSpeed the loop's batch and clipping.
 
     accelerate reads `train_micro_batch_size_per_gpu: auto` from a prepared dataloader, which the loop does
     not use (it batches itself), so prepare() would stop; it is the per-device batch. The engine steps

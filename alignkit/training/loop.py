@@ -133,11 +133,12 @@ class _Run:
         self.cfg, self.stage, self.accelerator = cfg, stage, accelerator
         self.plan = p = _plan(cfg, stage, accelerator)
         optimizer = build_optimizer(stage.trainable_parameters(), cfg)
+        self.model, self.optimizer = accelerator.prepare(stage.model, optimizer)
+        # on the prepared optimizer: under ZeRO-3 DeepSpeed's own optimizer holds the parameter groups
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * p.total_steps)
         self.scheduler = get_scheduler(
-            cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=p.total_steps
+            cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup, num_training_steps=p.total_steps
         )
-        self.model, self.optimizer = accelerator.prepare(stage.model, optimizer)
         if cfg.auto_find_batch_size:
             self.plan = p = sized_plan(p, stage, self.model, self._probe_step, self._fewest)
         self.start_step = 0
