@@ -80,7 +80,7 @@ def run_step(name: str, cmd: list[str], dry: bool) -> dict:
         return {"ok": False, "s": limit, "error": f"over its {limit} s limit"}
     out: dict = {"ok": proc.returncode == 0, "s": round(time.perf_counter() - t, 1)}
     if name.startswith("benchmark") and proc.returncode == 0:
-        out["rows"] = json.loads(proc.stdout)
+        out["rows"] = json.loads(_json_array(proc.stdout))
         failed = [f"{r['tool']} {r['setting']}: {r['error']}" for r in out["rows"] if "error" in r]
         if failed:
             return {**out, "ok": False, "error": "; ".join(failed)}
@@ -96,6 +96,13 @@ def run_step(name: str, cmd: list[str], dry: bool) -> dict:
             proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"]
         )[-1]
     return out
+
+
+def _json_array(stdout: str) -> str:
+    """run.py's `--json` table: from its first line `[` on (a library may print a line before it, e.g.
+    DeepSpeed's accelerator warning on import)."""
+    lines = stdout.splitlines()
+    return "\n".join(lines[lines.index("[") :]) if "[" in lines else stdout
 
 
 def dpo_mfu(results: dict, model_params: int) -> dict:

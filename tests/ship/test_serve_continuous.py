@@ -106,3 +106,24 @@ def test_more_rows_than_room_wait_for_a_row_to_end(pool: ModelPool) -> None:
     jobs = asyncio.run(scenario())
     for job in jobs:
         assert job.rows[0].tokens == _alone(pool, SHORT, job.max_tokens)
+
+
+def test_the_server_batches_continuously_unless_the_cache_cannot_be_stacked(
+    pool: ModelPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from alignkit.ship.serve.batcher import Batcher
+    from alignkit.ship.serve.command import ServeSettings, _batcher
+
+    args = ServeSettings(model="m")
+    assert isinstance(_batcher(args, pool, Metrics()), ContinuousBatcher)
+    assert type(_batcher(ServeSettings(model="m", batching="pass"), pool, Metrics())) is Batcher
+    window = torch.nn.Linear(1, 1)
+    window.config = AutoConfig.for_model("mistral", sliding_window=64, num_hidden_layers=2)
+    with caplog.at_level("WARNING", logger="alignkit"):
+        fallback = _batcher(args, SimpleNamespace(model=window, context=64), Metrics())
+    assert type(fallback) is Batcher
+    assert "continuous batching is off for this model (its attention has a sliding window)" in caplog.text
