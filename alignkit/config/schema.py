@@ -151,8 +151,7 @@ class BaseConfig:
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    # split each device's batch into the largest micro-batches that fit memory, the update unchanged
-    auto_find_batch_size: bool = False
+    auto_find_batch_size: bool = False  # micro-batches sized to the free memory, the update unchanged
     num_train_epochs: float = 1.0
     max_steps: int = -1
     seed: int = 42

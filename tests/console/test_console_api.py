@@ -406,3 +406,12 @@ def test_every_word_of_the_page_exists_in_english_and_chinese() -> None:
     )
     used |= set(re.findall(r'\bt\("([a-z_]+)"\)', (static / "console.js").read_text("utf-8")))
     assert used - keys["en"] == set()
+
+
+def test_the_shared_keys_fall_in_their_sections() -> None:
+    """A comment on a line of its own in BaseConfig starts a form section: the shared keys stay in the
+    class's five (a stray comment once hid `max_steps` in a collapsed section of its own)."""
+    shared = {f["group"] for f in stage_form("sft") if f["group"] != "sft"}
+    assert shared == {"general", "model", "data", "optimisation", "logging and checkpoints"}
+    groups = {f["name"]: f["group"] for f in stage_form("sft")}
+    assert groups["max_steps"] == groups["optim"] == groups["auto_find_batch_size"] == "optimisation"
