@@ -65,7 +65,7 @@ def sized_plan(
     peaks = []
     for n in (1, 2):
         base = _reset_peak(device)
-        with _rng_kept(device):
+        with _RngKept(device):
             step(longest[:n])
         peaks.append(_peak(device) - base)
     per_row = max(peaks[1] - peaks[0], 1.0)
@@ -92,7 +92,7 @@ def _row_length(row: dict) -> int:
     return sum(len(v) for v in row.values() if isinstance(v, list | tuple))
 
 
-class _rng_kept:
+class _RngKept:
     """The probe draws no random number the run would otherwise draw (dropout, sampling)."""
 
     def __init__(self, device: torch.device) -> None:

@@ -13,6 +13,7 @@ from alignkit.ship.serve.batcher import Job
 from alignkit.ship.serve.continuous import ContinuousBatcher, Stepper
 from alignkit.ship.serve.engine import ModelPool
 from alignkit.ship.serve.metrics import Metrics
+from tests.generation.test_continuous import _alone as alone
 from tests.ship.serve_helpers import make_endless
 
 LONG, SHORT = [5, 17, 33, 2, 9, 41, 8], [40, 12]
@@ -25,11 +26,7 @@ def pool(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> ModelPool
 
 
 def _alone(pool: ModelPool, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = pool.model.generate(
-            input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n
-        )
-    return out[0, len(prompt) :].tolist()
+    return alone(pool.model, pool.tokenizer, prompt, n)
 
 
 def _job(pool: ModelPool, prompt: list[int], max_tokens: int, loop: asyncio.AbstractEventLoop) -> Job:

@@ -44,8 +44,8 @@ class Stepper:
                 self._take(self.rows, tokens, logits)
         except Exception as exc:  # an engine failure is the server's, never a hang for the clients
             log.exception("generation failed")
-            failed = list({id(j): j for j, _ in self.rows}.values()) + admitted
-            for job in failed:
+            failed = {id(j): j for j in [*(j for j, _ in self.rows), *admitted]}  # each job once
+            for job in failed.values():
                 job.emit(("error", f"generation failed: {type(exc).__name__}: {exc}"))
             self.rows = []
             self.batch = ContinuousBatch(self.pool.model, self.batch.pad_id)
