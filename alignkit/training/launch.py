@@ -53,7 +53,7 @@ def make_accelerator(cfg: BaseConfig) -> Any:
     _forget_fsdp(cpu)
     # Without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join a gloo group
     # only when accelerate is told it runs on CPU.
-    plugin = _deepspeed(cfg, cpu)
+    plugin = _deepspeed(cfg)
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu, deepspeed_plugin=plugin)
     if cpu and _env_flag("ACCELERATE_USE_FSDP"):
         _fsdp_on_cpu(accelerator, precision)
@@ -114,7 +114,7 @@ def _fsdp_on_cpu(accelerator: Any, precision: str) -> None:
     log.info("FSDP2 over %d CPU processes (gloo)", accelerator.num_processes)
 
 
-def _deepspeed(cfg: BaseConfig, cpu: bool | None = None) -> Any:
+def _deepspeed(cfg: BaseConfig) -> Any:
     """`deepspeed: CONFIG.json` (LLaMA-Factory's key) handed to accelerate's DeepSpeed plugin; a launch with
     a DeepSpeed accelerate config (configs/accelerate/zero*.yaml) is checked the same way."""
     launched = _env_flag("ACCELERATE_USE_DEEPSPEED")
@@ -125,8 +125,8 @@ def _deepspeed(cfg: BaseConfig, cpu: bool | None = None) -> Any:
     asked = f"`deepspeed: {cfg.deepspeed}`" if cfg.deepspeed else "an accelerate DeepSpeed config (zero2/3)"
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError(
-            f"{asked} needs DeepSpeed, which is not installed (`pip install deepspeed`, "
-            "with a CUDA toolkit); or leave the key out: alignkit runs on one device, or on several with "
+            f"{asked} needs DeepSpeed, which is not installed (`pip install deepspeed`); "
+            "or leave the key out: alignkit runs on one device, or on several with "
             "`accelerate launch` (DDP / FSDP: configs/accelerate/fsdp2.yaml)"
         )
     if not cfg.deepspeed:

@@ -60,6 +60,8 @@ def sized_plan(
             f"auto_find_batch_size: stage {stage.name} samples its own batches; give "
             "per_device_train_batch_size and gradient_accumulation_steps instead"
         )
+    if plan.bs == 1:
+        return plan  # one row per micro-batch already: nothing to measure
     device = next(model.parameters()).device
     longest = sorted(stage.train_rows, key=_row_length, reverse=True)[:2]
     peaks = []
