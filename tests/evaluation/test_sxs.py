@@ -200,7 +200,7 @@ STORED_VOTES = """n => Object.keys(localStorage).some(k => {
 
 
 def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path, chromium: str) -> None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     executable = chromium
     path, key = _page(tmp_path)
@@ -221,6 +221,7 @@ def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path, chromium: 
         probe = page.context.new_page()
         probe.goto(Path(path).as_uri())
         probe.wait_for_function(STORED_VOTES, arg=4)
+        expect(probe.locator("#progress")).to_have_text("4 / 6 voted")  # its load wrote nothing stale
         probe.close()
         page.reload()
         assert page.inner_text("#progress") == "4 / 6 voted" and page.inner_text("#position") == "Item 5 of 6"
@@ -244,6 +245,12 @@ def test_page_in_chromium_votes_reload_save_and_tally(tmp_path: Path, chromium: 
         saved = tmp_path / "sxs" / "votes.json"
         download.value.save_as(saved)
         assert page.is_hidden("#unsaved")
+        other = page.context.new_page()  # a second tab shows the votes the first casts (the storage event)
+        other.goto(Path(path).as_uri())
+        expect(other.locator("#progress")).to_have_text("5 / 6 voted")
+        assert page.inner_text("#position") == "Item 5 of 6"
+        page.keyboard.press("t")  # item 5: tie
+        expect(other.locator("#progress")).to_have_text("6 / 6 voted")
         browser.close()
     assert not errors
     cast = {"0": "A", "1": "B", "2": "both_bad", "3": "A", "5": "B"}
