@@ -9,6 +9,7 @@ and media in `files.py`). Downstream code sees `Example` alone. A field holding 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -357,6 +358,15 @@ def to_example(row: dict, fmt: str, where: str) -> Example:
     for name in ("completion", "chosen", "rejected"):
         _check_completion(getattr(ex, name), where, name)
     return ex
+
+
+def last_answer(ex: Example) -> Example:
+    """A whole conversation (messages, ShareGPT: no prompt, every turn in `completion`) as the turns before
+    its last assistant answer (the prompt) and that answer (the completion); any other row as it is."""
+    turns = ex.completion
+    if ex.prompt or not isinstance(turns, list) or len(turns) < 2 or turns[-1]["role"] != "assistant":
+        return ex
+    return dataclasses.replace(ex, prompt=turns[:-1], completion=turns[-1:])
 
 
 def _strip_media(ex: Example) -> None:

@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Any
 
 from alignkit.data.files import decode_utf8
-from alignkit.data.formats import load_examples
+from alignkit.data.formats import last_answer, load_examples
 from alignkit.errors import UserError
 from alignkit.generation.rollout import complete
 from alignkit.modeling.load import load_causal_lm
@@ -321,11 +321,9 @@ def votes_to_data(votes_path: str, key_path: str | None, output_dir: str) -> dic
 def _prompt_of(example: Any) -> Any:
     """What to ask both models: the row's prompt, or for a whole conversation (messages, ShareGPT) every turn
     before the last assistant answer."""
-    if example.prompt:
-        return example.prompt
-    turns = example.completion
-    if isinstance(turns, list) and len(turns) > 1 and turns[-1]["role"] == "assistant":
-        return turns[:-1]
+    prompt = last_answer(example).prompt
+    if prompt:
+        return prompt
     raise UserError(
         f"{example.where}: no prompt to ask the models (the row has no prompt, question or turns)"
     )

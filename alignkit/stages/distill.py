@@ -25,13 +25,13 @@ from torch import nn
 
 from alignkit.config import DistillConfig
 from alignkit.data.batches import encode_unpaired
-from alignkit.data.formats import Example
+from alignkit.data.formats import Example, last_answer
 from alignkit.errors import UserError
 from alignkit.losses.distill import generalized_jsd
 from alignkit.modeling.load import load_policy, load_tokenizer
 from alignkit.modeling.logprobs import completion_logits
 from alignkit.modeling.reference import Reference
-from alignkit.stages.base import Metrics, StepOutput
+from alignkit.stages.base import Examples, Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
 
 
@@ -88,6 +88,10 @@ class DistillStage(OnlineStage):
                 "distillation compares the two models token by token and needs one tokenizer: pick a teacher "
                 "of the student's family"
             )
+
+    def load_examples(self, sources: Any) -> Examples:
+        """A whole conversation is distilled on its last answer, sampled from the turns before it (TRL's GKD)."""
+        return Examples(last_answer(ex) for ex in super().load_examples(sources))
 
     def prompt_row(self, ex: Example, prompt_ids: list[int]) -> dict:
         """The prompt, and the data set's completion (for the steps that distil on it) when the row has one."""

@@ -118,7 +118,7 @@ class OnlineStage(Stage):
     def rows(self, sources: str | list[str]) -> list[dict]:
         rows, too_long = [], 0
         for ex in self.load_examples(sources):
-            ids = encode_prompt(ex, self.tokenizer)
+            ids = encode_prompt(ex, self.tokenizer) if ex.prompt else []
             if not ids:  # nothing to condition on, and no position to predict the first token from
                 raise UserError(f"{ex.where}: the prompt is empty; give every row a prompt")
             if len(ids) + self.cfg.max_new_tokens > self.cfg.max_length:

@@ -96,6 +96,26 @@ def test_first_step_on_the_data_completions_matches_trl(
     assert record["on_policy"] == 0.0 and record["jsd"] == pytest.approx(record["loss"], rel=1e-6)
 
 
+def test_a_conversation_is_distilled_on_its_last_answer(
+    tiny_model: str, tiny_ref: str, tmp_path: Path
+) -> None:
+    """A `messages` file (an SFT data set) reads as the turns before the last answer and that answer, as TRL's
+    GKD: the first step equals the prompt / completion file's; a conversation of one answer has no prompt."""
+    rows = [{"messages": r["prompt"] + r["completion"]} for r in SFT_ROWS[:4]]
+    assert isinstance(SFT_ROWS[0]["prompt"], list)
+    paired = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS[:4])
+    whole = write_jsonl(tmp_path / "messages.jsonl", rows)
+    expected, _ = run_stage(tmp_path / "a", _keys(tiny_model, tiny_ref, paired, lmbda=0.0))
+    record, _ = run_stage(tmp_path / "b", _keys(tiny_model, tiny_ref, whole, lmbda=0.0))
+    assert (
+        record["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        and record["num_tokens"] == expected["num_tokens"]
+    )
+    lone = write_jsonl(tmp_path / "lone.jsonl", [{"messages": SFT_ROWS[0]["completion"]}])
+    with pytest.raises(UserError, match=r"lone.jsonl line 1: the prompt is empty"):
+        run_stage(tmp_path / "c", _keys(tiny_model, tiny_ref, lone, lmbda=0.0))
+
+
 def _divergence(student: str, teacher: str, data: str, beta: float) -> float:
     """Mean per-token generalized JSD of two saved models on a data set's prompt + completion tokens."""
     from transformers import AutoModelForCausalLM
