@@ -101,13 +101,15 @@ def train_alignkit(keys: dict, steps: int, out: str) -> list[dict]:
 
 class PhaseTimer:
     """Seconds spent inside chosen methods, patched in place for one run: `generate` (transformers' own
-    `GenerationMixin.generate`, which both tools call for GRPO's completions) and a rollout method (sampling,
-    rewards and scoring). The update's seconds are the loop's minus the rollout's."""
+    `GenerationMixin.generate`, which both tools call for the online stages' completions; the new tokens it
+    returns are counted: those after the prompt that are not padding) and a rollout method (sampling, and
+    for some tools rewards and scoring). The update's seconds are the loop's minus the rollout's."""
 
     def __init__(self, rollout_owner: type, rollout_name: str) -> None:
         from transformers.generation.utils import GenerationMixin
 
         self.seconds = {"generate": 0.0, "rollout": 0.0}
+        self.generated = 0
         self._wrap(GenerationMixin, "generate", "generate")
         self._wrap(rollout_owner, rollout_name, "rollout")
 
@@ -115,24 +117,38 @@ class PhaseTimer:
         import functools
         import time
 
+        static = isinstance(owner.__dict__.get(name), staticmethod)
         inner = getattr(owner, name)
 
         @functools.wraps(inner)
         def timed(*args: object, **kwargs: object) -> object:
             start = time.perf_counter()
             try:
-                return inner(*args, **kwargs)
+                out = inner(*args, **kwargs)
             finally:
                 self.seconds[key] += time.perf_counter() - start
+            if key == "generate":
+                ids = kwargs["input_ids"] if "input_ids" in kwargs else args[1]
+                self.generated += _new_tokens(args[0], ids, out)
+            return out
 
-        setattr(owner, name, timed)
+        setattr(owner, name, staticmethod(timed) if static else timed)
 
-    def split(self, loop_s: float, generated_tokens: float) -> dict:
-        """The phases of a GRPO run: generation alone (and its tokens/s), the rest of the rollout, the update."""
+    def split(self, loop_s: float) -> dict:
+        """The phases of an online run: generation alone (and its tokens/s), the rest of the rollout, the update."""
         gen, rollout = self.seconds["generate"], self.seconds["rollout"]
         return {
             "generate_s": round(gen, 2),
-            "generate_tokens_per_s": round(generated_tokens / gen, 1) if gen else None,
+            "generated_tokens": self.generated,
+            "generate_tokens_per_s": round(self.generated / gen, 1) if gen else None,
             "rollout_s": round(rollout, 2),
             "update_s": round(loop_s - rollout, 2),
         }
+
+
+def _new_tokens(model: object, input_ids: object, out: object) -> int:
+    """Tokens `generate` added after the prompt, padding left out."""
+    sequences = getattr(out, "sequences", out)
+    pad = model.generation_config.pad_token_id  # type: ignore[attr-defined]
+    new = sequences[:, input_ids.shape[1] :]  # type: ignore[index,union-attr]
+    return int((new != pad).sum()) if pad is not None else int(new.numel())

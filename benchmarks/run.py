@@ -1,12 +1,14 @@
 """Every stage, alignkit vs TRL 1.16, on a Qwen2-architecture model with the real 151,936-entry vocabulary.
 
-    python benchmarks/run.py [--workloads sft,rm,dpo,kto,grpo] [--steps 8] [--shape cpu] [--json]
+    python benchmarks/run.py [--workloads sft,rm,dpo,kto,grpo,online_dpo,distill,distill_kd] [--steps 8]
+                             [--shape cpu] [--json]
 
 Each (workload, tool, setting) runs in its own process, so peak memory (RSS on CPU, CUDA's max allocated on a
 GPU) is its own. The model is built in place (random weights, nothing downloaded): hidden 256, 4 layers on
 CPU (`--shape cpu`), Qwen2.5-0.5B's shape with `--shape qwen2.5-0.5b` (for a GPU, bf16 there). Data:
-LLaMA-Factory's demo files in ../shared/data (alpaca for SFT, dpo pairs for RM and DPO, kto for KTO) and
-GSM8K questions for GRPO; batch 4 rows (pairs for RM/DPO, prompts for GRPO), max_length 512, fp32 on CPU.
+LLaMA-Factory's demo files in ../shared/data (alpaca for SFT and distillation, dpo pairs for RM and DPO, kto
+for KTO) and GSM8K questions for GRPO and online DPO; batch 4 rows (pairs for RM/DPO, prompts for the online
+stages), max_length 512, fp32 on CPU. Distillation's teacher is a second model of the same shape (seed 1).
 
 Columns: real (non-padding) tokens the training loop fed the policy, as each tool counts its own batches
 (the sum of its attention masks); the loop's seconds (each tool's own `train_runtime`: model loading,
@@ -85,25 +87,28 @@ def table(rows: list[dict]) -> str:
 
 
 def phase_table(rows: list[dict]) -> str:
-    """GRPO's steps split: transformers' generate alone (its tokens/s), the rest of the rollout (rewards,
-    scoring), and the update on the fixed rollout (loop seconds minus rollout seconds)."""
-    timed = [r for r in rows if "update_s" in r]
+    """The online stages' steps split: transformers' generate alone (its tokens/s), the rest of the rollout
+    method (what each tool does there differs: rewards, scoring, the reference), and the update (loop seconds
+    minus rollout seconds)."""
+    timed = [r for r in rows if "update_s" in r and "error" not in r]
     if not timed:
         return ""
-    base = next((r for r in timed if r["tool"] == "trl" and r["setting"] == "default"), None)
+    base = {r["workload"]: r for r in timed if r["tool"] == "trl" and r["setting"] == "default"}
     lines = [
-        "| tool | setting | generate s | generated tokens/s | rest of rollout s | update s | update x TRL |",
-        "|" + "---|" * 7,
+        "| workload | tool | setting | generate s | generated tokens/s | rest of rollout s | update s | update x TRL |",
+        "|" + "---|" * 8,
     ]
     for r in timed:
-        speed = base["update_s"] / r["update_s"] if base and r["update_s"] else None
+        b = base.get(r["workload"])
+        speed = b["update_s"] / r["update_s"] if b and r["update_s"] else None
+        per_s = r["generate_tokens_per_s"]
         lines.append(
-            f"| {r['tool']} | {r['setting']} | {r['generate_s']:.1f} | {r['generate_tokens_per_s']:.0f} | "
-            f"{r['rollout_s'] - r['generate_s']:.1f} | {r['update_s']:.1f} | {_x(speed)} |"
+            f"| {r['workload']} | {r['tool']} | {r['setting']} | {r['generate_s']:.1f} | "
+            f"{'' if per_s is None else f'{per_s:.0f}'} | {r['rollout_s'] - r['generate_s']:.1f} | "
+            f"{r['update_s']:.1f} | {_x(speed)} |"
         )
-    return "\n\nGRPO, phase by phase (update x TRL: TRL's default update seconds / these)\n" + "\n".join(
-        lines
-    )
+    caption = "Online stages, phase by phase (update x TRL: TRL's default update seconds / these)"
+    return f"\n\n{caption}\n" + "\n".join(lines)
 
 
 def _x(v: float | None) -> str:
@@ -123,6 +128,8 @@ def main() -> None:
     build_qwen2(str(root / "model"), args.shape)
     if "rm" in names:
         build_reward_model(str(root / "model"), str(root / "rm"))
+    if any(WORKLOADS[n].teacher for n in names):
+        build_qwen2(str(root / "teacher"), args.shape, seed=1)
     rows = []
     for name in names:
         w = WORKLOADS[name]

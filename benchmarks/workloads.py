@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import SHARED, PhaseTimer, peak_mb, train_alignkit
+import online
+from harness import SHARED, peak_mb, train_alignkit
 
 LF = SHARED / "llamafactory"
-GSM8K = SHARED / "gsm8k" / "train.jsonl"
 
 
 @dataclass
@@ -34,6 +33,7 @@ class Workload:
     what: str  # one line for the table's caption
     settings: list[Setting]
     rm: bool = False  # starts from the seeded scalar-head model
+    teacher: bool = False  # learns from a second model (another seed of the same shape)
 
 
 NO_GC = {"gradient_checkpointing": False}
@@ -65,12 +65,31 @@ WORKLOADS: dict[str, Workload] = {
         Setting("trl", "no checkpointing + precompute_ref_log_probs",
                 {**NO_GC, "precompute_ref_log_probs": True}),
     ]),
-    "grpo": Workload("grpo", str(GSM8K), "GSM8K prompts, 4 completions each, 64 new tokens, math reward", [
+    "grpo": Workload("grpo", str(online.GSM8K), "GSM8K prompts, 4 completions each, 64 new tokens, math reward", [
         Setting("alignkit", "default"),
         Setting("trl", "default"),
         Setting("trl", "no checkpointing", NO_GC),
     ]),
+    "online_dpo": Workload("online_dpo", str(online.GSM8K), "GSM8K prompts, 2 completions each (best vs worst), 64 new tokens, math reward", [
+        Setting("alignkit", "default"),
+        Setting("trl", "default"),
+        Setting("trl", "no checkpointing", NO_GC),
+    ]),
+    "distill": Workload("distill", str(LF / "alpaca_en_demo.json"), "GKD on the student's own samples (lmbda 1), 64 new tokens, JSD beta 0.5", [
+        Setting("alignkit", "default", {"lmbda": 1.0}),
+        Setting("trl", "default", {"lmbda": 1.0}),
+        Setting("trl", "no checkpointing", {**NO_GC, "lmbda": 1.0}),
+    ], teacher=True),
+    "distill_kd": Workload("distill", str(LF / "alpaca_en_demo.json"), "GKD on the data's completions (lmbda 0): supervised KD, JSD beta 0.5", [
+        Setting("alignkit", "default", {"lmbda": 0.0}),
+        Setting("trl", "default", {"lmbda": 0.0}),
+        Setting("trl", "no checkpointing", {**NO_GC, "lmbda": 0.0}),
+    ], teacher=True),
 }  # fmt: skip
+ONLINE = {
+    "grpo": (online.grpo_alignkit, online.grpo_trl),
+    "online_dpo": (online.online_dpo_alignkit, online.online_dpo_trl),
+}
 
 
 def run(workload: str, setting: Setting, model_dir: str, args: Any, out: str) -> dict:
@@ -78,8 +97,16 @@ def run(workload: str, setting: Setting, model_dir: str, args: Any, out: str) ->
     w = WORKLOADS[workload]
     if w.stage == "kto":  # both tools read the rows that fit, so neither drops any and both labels stay
         w = dataclasses.replace(w, data=rows_that_fit(w.data, model_dir, args.max_length, out))
-    if workload == "grpo":
-        return (grpo_alignkit if setting.tool == "alignkit" else grpo_trl)(model_dir, setting, args, out)
+    if workload in ONLINE:
+        return ONLINE[workload][setting.tool == "trl"](model_dir, setting, args, out)
+    if w.stage == "distill":  # both read the same conversations, those that fit max_length
+        w = dataclasses.replace(
+            w, data=rows_that_fit(as_messages(w.data, out), model_dir, args.max_length, out)
+        )
+        teacher = str(Path(model_dir).parent / "teacher")
+        if setting.tool == "alignkit":
+            return online.distill_alignkit(model_dir, setting, args, out, w.data, teacher)
+        return online.distill_trl(model_dir, setting, args, out, trl_rows(w, _rows_used(args)), teacher)
     return (offline_alignkit if setting.tool == "alignkit" else offline_trl)(w, model_dir, setting, args, out)
 
 
@@ -97,6 +124,16 @@ def rows_that_fit(path: str, model_dir: str, max_length: int, out: str) -> str:
     ]
     target = Path(out) / f"fit-{max_length}-{Path(path).name}"
     target.write_text(json.dumps(kept), encoding="utf-8")
+    return str(target)
+
+
+def as_messages(path: str, out: str) -> str:
+    """An SFT file alignkit reads (alpaca here) as conversations (`messages`), written beside the run."""
+    from alignkit.data.formats import load_examples
+
+    rows = [{"messages": ex.prompt + ex.completion} for ex in load_examples(path)]
+    target = Path(out) / f"messages-{Path(path).name}"
+    target.write_text(json.dumps(rows), encoding="utf-8")
     return str(target)
 
 
@@ -196,89 +233,4 @@ def offline_trl(w: Workload, model_dir: str, s: Setting, args: Any, out: str) ->
         "loop_s": result.metrics["train_runtime"],
         "peak_mb": peak_mb(),
         "first_loss": trainer.state.log_history[0]["loss"],
-    }
-
-
-def grpo_alignkit(model_dir: str, s: Setting, args: Any, out: str) -> dict:
-    dtype = {"bf16": True} if args.gpu else {"torch_dtype": "float32"}
-    keys = {
-        "stage": "grpo",
-        "model_name_or_path": model_dir,
-        "dataset": str(GSM8K),
-        "reward_funcs": ["math_accuracy"],
-        "num_generations": args.generations,
-        "per_device_train_batch_size": args.batch,
-        "max_new_tokens": args.max_new_tokens,
-        "max_length": 1024,  # no GSM8K prompt is dropped (TRL does not truncate prompts)
-        "loss_type": "grpo",
-        "learning_rate": 1e-6,
-        **dtype,
-        **s.keys,
-    }
-    from alignkit.stages.grpo import GRPOStage
-
-    timer = PhaseTimer(GRPOStage, "rollout")
-    records = train_alignkit(keys, args.steps, out)
-    length = sum(r["completion_length"] for r in records) / len(records)
-    loop_s = records[-1]["train_runtime"]
-    return {
-        "tokens": records[-1]["num_tokens"],
-        "loop_s": loop_s,
-        "peak_mb": peak_mb(),
-        "first_loss": records[0]["loss"],
-        "completion_length": length,
-        **timer.split(loop_s, length * args.batch * args.generations * args.steps),
-    }
-
-
-def grpo_trl(model_dir: str, s: Setting, args: Any, out: str) -> dict:
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
-
-    from alignkit.generation.rewards import math_accuracy
-
-    def reward(prompts: list, completions: list, answer: list, **_: object) -> list[float]:
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return math_accuracy(prompts, texts, answer)
-
-    rows = [json.loads(line) for line in GSM8K.open()][: args.batch * args.steps]
-    data = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in rows]
-    )
-    cfg = GRPOConfig(
-        output_dir=out,
-        max_steps=args.steps,
-        logging_steps=1,
-        report_to="none",
-        per_device_train_batch_size=args.batch * args.generations,  # TRL's batch counts completions
-        num_generations=args.generations,
-        max_completion_length=args.max_new_tokens,
-        loss_type="grpo",
-        beta=0.0,
-        learning_rate=1e-6,
-        bf16=args.gpu,
-        use_cpu=not args.gpu,
-        shuffle_dataset=False,
-        save_strategy="no",
-        disable_tqdm=True,
-        **s.keys,
-    )
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    trainer = GRPOTrainer(
-        model=model_dir, reward_funcs=reward, args=cfg, processing_class=tok, train_dataset=data
-    )
-    timer = PhaseTimer(GRPOTrainer, "_generate_and_score_completions")
-    t = time.perf_counter()
-    result = trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    length = sum(h.get("completions/mean_length", 0.0) for h in logs) / len(logs)
-    loop_s = result.metrics.get("train_runtime", time.perf_counter() - t)
-    return {
-        "tokens": sum(int(h.get("num_tokens", 0)) for h in logs[-1:]),
-        "loop_s": loop_s,
-        "peak_mb": peak_mb(),
-        "first_loss": logs[0]["loss"],
-        "completion_length": length,
-        **timer.split(loop_s, length * args.batch * args.generations * args.steps),
     }
