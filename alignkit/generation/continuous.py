@@ -145,8 +145,9 @@ def sample(
     logits: torch.Tensor, settings: list[Sampling], generators: list[torch.Generator | None]
 ) -> torch.Tensor:
     """(B,) tokens: greedy rows take the argmax; the others go through transformers' warpers in groups of
-    equal settings and draw by the exponential race (argmax of p / E, E ~ Exp(1): a draw from p, as vLLM's
-    sampler does, without `multinomial`'s cost), from their own generator where they have one."""
+    equal settings and draw by the inverse CDF: one uniform number per row (from the row's own generator
+    where it has one) against the cumulative probabilities. On a CPU this is ~40x cheaper than `multinomial`
+    or an exponential race at a 152k vocabulary, which draw a random number per vocabulary entry."""
     tokens = logits.argmax(-1)
     groups: dict[tuple[float, float], list[int]] = {}
     for i, s in enumerate(settings):
@@ -154,15 +155,13 @@ def sample(
             groups.setdefault((s.temperature, s.top_p), []).append(i)
     for (temperature, top_p), rows in groups.items():
         index = torch.tensor(rows, device=logits.device)
-        probs = torch.softmax(warpers(temperature, top_p, 0)(None, logits[index]), dim=-1)
-        race = torch.empty_like(probs)
+        cdf = torch.softmax(warpers(temperature, top_p, 0)(None, logits[index]), dim=-1).cumsum_(-1)
+        u = torch.rand(len(rows), 1, device=logits.device)
         for j, row in enumerate(rows):
             if generators[row] is not None:
-                race[j].exponential_(generator=generators[row])
-        shared = [j for j, row in enumerate(rows) if generators[row] is None]
-        if shared:
-            race[shared] = race[shared].exponential_()
-        tokens[index] = (probs / race).argmax(-1)
+                u[j] = torch.rand(1, generator=generators[row], device=logits.device)
+        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+        tokens[index] = torch.where(drawn < cdf.shape[-1], drawn, tokens[index])  # u * total rounded up
     return tokens
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 
 class StepStreamer:
@@ -28,17 +29,25 @@ class StepStreamer:
 
 
 class TextStream:
-    """Incremental detokenization of one sequence: `push(ids)` returns the text the new ids add. The whole
-    sequence is decoded each time (a token's text can depend on its neighbours), and a trailing U+FFFD (a
-    multi-byte character cut between tokens) is held back until the next token completes it."""
+    """Incremental detokenization of one sequence: `push(ids)` returns the text the new ids add, and a character
+    cut between tokens (a trailing U+FFFD) is held back until the next token completes it. A fast tokenizer
+    without `clean_up_tokenization_spaces` is read through its own `tokenizers.decoders.DecodeStream` (a few
+    tokens of context per step); any other is decoded whole each time (a token's text can depend on its
+    neighbours), which costs a decode of the whole answer per token."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.sent = 0  # characters already returned
+        self.sent = 0  # characters already returned (whole decodes)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        exact = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._backend = backend if exact else None
+        self._stream = DecodeStream(skip_special_tokens=True) if exact else None
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
+        if self._stream is not None:
+            return "".join(t for i in ids if (t := self._stream.step(self._backend, i)) is not None)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
