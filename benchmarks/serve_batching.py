@@ -1,6 +1,6 @@
 """What batching buys `alignkit serve`, continuous (the default) and pass by pass (`--batching pass`).
 
-    python benchmarks/serve_batching.py [--batching continuous,pass] [--clients 16] [--requests 64]
+    python benchmarks/serve_batching.py [--batching continuous,pass] [--clients 16] [--requests 128]
                                         [--max-tokens 64] [--long-tokens 128] [--hidden 64] [--json]
 
 A tiny model is built in place (no download) whose answers never end before their token limit (its EOS is out
@@ -57,7 +57,7 @@ def _quantiles(latencies: list[float]) -> dict:
 
 def _side(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     client = _client(url)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: _ask(client, i, max_tokens), range(requests)))
     wall = time.perf_counter() - start
@@ -68,6 +68,7 @@ def _side(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         "tokens": tokens,
         "wall_s": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 1),
+        "client_cpu_share": round((time.process_time() - cpu) / wall, 2),  # cores the clients kept busy
         **_quantiles([s for _, s in results]),
     }
 
@@ -115,7 +116,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batching", default="continuous,pass", help="comma list: continuous, pass")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests", type=int, default=64, help="requests per throughput side")
+    p.add_argument("--requests", type=int, default=128, help="requests per throughput side")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--long-tokens", type=int, default=128, help="answers running beside the short requests")
     p.add_argument(
@@ -139,15 +140,16 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         return
     print(
-        f"| batching | 1 client tokens/s | {args.clients} clients tokens/s | x | short p50 / p95 alone s "
-        "| short p50 / p95 beside long answers s | p95 x |"
+        f"| batching | 1 client tokens/s | {args.clients} clients tokens/s | x | client CPU (cores) 1 / "
+        f"{args.clients} | short p50 / p95 alone s | short p50 / p95 beside long answers s | p95 x |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         a, b = r["short_alone"], r["short_under_load"]
         print(
             f"| {r['batching']} | {r['one_client']['tokens_per_s']} | {r['concurrent']['tokens_per_s']} | "
-            f"{r['speedup']}x | {a['p50_latency_s']} / {a['p95_latency_s']} | "
+            f"{r['speedup']}x | {r['one_client']['client_cpu_share']} / {r['concurrent']['client_cpu_share']} | "
+            f"{a['p50_latency_s']} / {a['p95_latency_s']} | "
             f"{b['p50_latency_s']} / {b['p95_latency_s']} | {r['short_p95_ratio']}x |"
         )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from alignkit.generation.streaming import TextStream
-from alignkit.ship.serve.batcher import Batcher, Job, Row, on_step_for
+from alignkit.ship.serve.batcher import Batcher, Job, Row, deliver, on_step_for
 
 
 class CharTokenizer:
@@ -82,3 +82,17 @@ def test_rows_hold_back_a_possible_stop_string_and_cut_at_it() -> None:
     eos = Row(0, 20, TextStream(CharTokenizer()))
     assert [eos.push(t, {0}, []) for t in (ord("h"), ord("i"), 0)] == ["h", "i", ""]
     assert (eos.text, eos.finish, eos.tokens) == ("hi", "stop", [ord("h"), ord("i")])
+
+
+def test_a_request_that_does_not_stream_gets_its_text_once_not_a_wake_up_per_token() -> None:
+    async def scenario() -> tuple[int, int, str]:
+        loop = asyncio.get_running_loop()
+        streamed, whole = _job(loop, 3), _job(loop, 3)
+        whole.streaming = False
+        rows = [(job, job.rows[0]) for job in (streamed, whole)]
+        for ch in "abc":
+            deliver(rows, [ord(ch)] * 2, {0})
+        await asyncio.sleep(0)  # the events handed over from the "worker" arrive
+        return streamed.events.qsize(), whole.events.qsize(), whole.rows[0].text
+
+    assert asyncio.run(scenario()) == (3, 0, "abc")

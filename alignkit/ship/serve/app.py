@@ -122,9 +122,11 @@ class Server:
                 "context_length_exceeded",
             )
         tok, top = self.pool.tokenizer, req.top_logprobs_asked()
-        return Job(
+        job = Job(
             req.model, ids, req.n, max_tokens, req.temperature, req.top_p, req.stop, req.seed, tok, loop, top
         )
+        job.streaming = bool(req.stream)
+        return job
 
     async def log(self, job: Job, cid: str, prompts: list[Any], req: Sampling) -> None:
         """Each answered prompt into the feedback store (committed before the answer's last byte is sent)."""

@@ -100,6 +100,7 @@ class Job:
     tokenizer: Any
     loop: asyncio.AbstractEventLoop
     top_logprobs: int | None = None  # log-probs asked for: how many alternatives per token (None: not asked)
+    streaming: bool = True  # False: the text is read from the rows at the end, no event per token
     rows: list[Row] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -271,8 +272,8 @@ def deliver(
             row.finish = "cancelled"
         if row.finish is None:
             text = row.push(token, eos, job.stop, lp)
-            steps = row.unsent_steps() if text or row.finish else []
-            if text or steps:
+            steps = row.unsent_steps() if job.streaming and (text or row.finish) else []
+            if job.streaming and (text or steps):
                 events.append((job.events, ("text", row.index, text, steps)))
         flags.append(row.finish is not None)
     if events:  # one wake-up of the event loop for the whole step, not one per row

@@ -98,7 +98,17 @@ class ContinuousBatcher(Batcher):
             self.wake.clear()
             while self.waiting or len(self.stepper):
                 admitted = self._admit()
-                await loop.run_in_executor(self.executor, self.stepper.advance, admitted)
+                await loop.run_in_executor(self.executor, self._steps, admitted)
+
+    def _steps(self, admitted: list[Job], most: int = 64) -> None:
+        """In the worker thread: `advance` with `admitted`, then on (up to `most` steps) while no request
+        waits, so the event loop is only handed back the batch when it has requests to admit (a thread hop
+        per token cost ~5% of a 16-row step on the tiny model)."""
+        self.stepper.advance(admitted)
+        for _ in range(most - 1):
+            if self.waiting or not len(self.stepper):
+                return
+            self.stepper.advance([])
 
     def _admit(self) -> list[Job]:
         """The waiting jobs, oldest first, while their rows fit beside the rows in flight (a job that does not
