@@ -101,10 +101,18 @@ def completion_logits(
 ) -> torch.Tensor:
     """The whole next-token distribution's logits (N, V) at every token t >= 1 with completion_mask[t] == 1
     (predicted from position t - 1), in row order: what a distillation loss compares token by token."""
-    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
-    target = completion_mask[:, 1:].bool()  # (B, T-1)
     head, softcap, scale = _head_transform(model)
-    return _head_logits(hidden[:, :-1][target], head, softcap, scale)
+    return _head_logits(
+        completion_hidden(model, input_ids, attention_mask, completion_mask), head, softcap, scale
+    )
+
+
+def completion_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """The hidden states (N, H) that predict each token t >= 1 with completion_mask[t] == 1, in row order."""
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    return hidden[:, :-1][completion_mask[:, 1:].bool()]
 
 
 def completion_token_stats(

@@ -28,8 +28,9 @@ from alignkit.data.batches import encode_unpaired
 from alignkit.data.formats import Example, last_answer
 from alignkit.errors import UserError
 from alignkit.losses.distill import generalized_jsd
+from alignkit.modeling.fused_jsd import chunked_jsd, fused_jsd_applies
 from alignkit.modeling.load import load_policy, load_tokenizer
-from alignkit.modeling.logprobs import completion_logits
+from alignkit.modeling.logprobs import completion_hidden, completion_logits
 from alignkit.modeling.reference import Reference
 from alignkit.stages.base import Examples, Metrics, StepOutput
 from alignkit.stages.online import OnlineStage
@@ -133,26 +134,38 @@ class DistillStage(OnlineStage):
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        student = completion_logits(model, *args)  # (N, V)
-        with torch.no_grad(), self.teacher.active(model, batch["input_ids"].device) as teacher:
-            teacher_logits = completion_logits(teacher, *args)  # (N, V')
+        labels = batch["input_ids"][:, 1:][batch["completion_mask"][:, 1:].bool()]  # (N,)
+        with self.teacher.active(model, batch["input_ids"].device) as teacher:
+            if fused_jsd_applies(model, teacher):  # neither model's (N, V) logits are made
+                with torch.no_grad():
+                    h_teacher = completion_hidden(teacher, *args)
+                h = completion_hidden(model, *args)
+                jsd, lp_s, lp_t = chunked_jsd(model, h, teacher, h_teacher, labels, self.cfg.beta)
+                return StepOutput(loss_sum=jsd.sum(), metrics=self._metrics(batch, jsd, lp_s, lp_t))
+            student = completion_logits(model, *args)  # (N, V)
+            with torch.no_grad():
+                teacher_logits = completion_logits(teacher, *args)  # (N, V')
         width = min(student.shape[-1], teacher_logits.shape[-1])
         student, teacher_logits = student[:, :width], teacher_logits[:, :width]
         jsd = generalized_jsd(student, teacher_logits, self.cfg.beta)  # (N,)
-        return StepOutput(loss_sum=jsd.sum(), metrics=self._metrics(batch, student, teacher_logits, jsd))
+        with torch.no_grad():
+            lp_s, lp_t = (
+                torch.log_softmax(z, -1).gather(-1, labels[:, None])[:, 0] for z in (student, teacher_logits)
+            )
+        return StepOutput(loss_sum=jsd.sum(), metrics=self._metrics(batch, jsd, lp_s, lp_t))
 
     @staticmethod
     def _metrics(
-        batch: dict[str, torch.Tensor], student: torch.Tensor, teacher: torch.Tensor, jsd: torch.Tensor
+        batch: dict[str, torch.Tensor], jsd: torch.Tensor, lp_student: torch.Tensor, lp_teacher: torch.Tensor
     ) -> Metrics:
+        """The JSD and both models' log-probs of the completion's own tokens, per token; per row the rest."""
         with torch.no_grad():
             target = batch["completion_mask"][:, 1:].bool()
-            tokens = batch["input_ids"][:, 1:][target][:, None]  # (N, 1): the completion's own tokens
-            n_tok, n = float(tokens.shape[0]), float(batch["input_ids"].shape[0])
+            n_tok, n = float(jsd.shape[0]), float(batch["input_ids"].shape[0])
             return {
                 "jsd": (jsd.detach().sum(), n_tok),
-                "logps/student": (torch.log_softmax(student, -1).gather(-1, tokens).sum(), n_tok),
-                "logps/teacher": (torch.log_softmax(teacher, -1).gather(-1, tokens).sum(), n_tok),
+                "logps/student": (lp_student.sum(), n_tok),
+                "logps/teacher": (lp_teacher.sum(), n_tok),
                 "on_policy": (batch["on_policy"].sum(), n),
                 "completion_length": (target.sum().float(), n),
             }
