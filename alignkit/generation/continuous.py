@@ -155,11 +155,13 @@ def sample(
             groups.setdefault((s.temperature, s.top_p), []).append(i)
     for (temperature, top_p), rows in groups.items():
         index = torch.tensor(rows, device=logits.device)
-        cdf = torch.softmax(warpers(temperature, top_p, 0)(None, logits[index]), dim=-1).cumsum_(-1)
-        u = torch.rand(len(rows), 1, device=logits.device)
+        probs = torch.softmax(warpers(temperature, top_p, 0)(None, logits[index]), dim=-1)
+        # a GPU's float32 scan can give a filtered-out token a sliver: it sums in float64 (a CPU's sums in double)
+        cdf = probs.cumsum(-1, dtype=torch.float64) if probs.is_cuda else probs.cumsum_(-1)
+        u = torch.rand(len(rows), 1, device=logits.device, dtype=cdf.dtype)
         for j, row in enumerate(rows):
             if generators[row] is not None:
-                u[j] = torch.rand(1, generator=generators[row], device=logits.device)
+                u[j] = torch.rand(1, generator=generators[row], device=logits.device, dtype=cdf.dtype)
         drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
         tokens[index] = torch.where(drawn < cdf.shape[-1], drawn, tokens[index])  # u * total rounded up
     return tokens

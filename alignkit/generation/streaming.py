@@ -38,18 +38,39 @@ class TextStream:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.sent = 0  # characters already returned (whole decodes)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        exact = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
-        self._backend = backend if exact else None
+        self.sent = 0  # characters already returned
+        exact = _decodes_in_backend(tokenizer)
+        self._backend = tokenizer.backend_tokenizer if exact else None
         self._stream = DecodeStream(skip_special_tokens=True) if exact else None
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
         if self._stream is not None:
-            return "".join(t for i in ids if (t := self._stream.step(self._backend, i)) is not None)
+            try:
+                new = "".join(t for i in ids if (t := self._stream.step(self._backend, i)) is not None)
+                self.sent += len(new)
+                return new
+            except (
+                Exception
+            ):  # a decoder that rewrites earlier text ("Invalid prefix"): decode whole from now
+                self._stream = None
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
         new, self.sent = text[self.sent :], len(text)
         return new
+
+
+def _decodes_in_backend(tokenizer: Any) -> bool:
+    """Whether `decode` is the Rust backend's decode alone: a fast tokenizer that neither cleans up spaces
+    after it nor overrides the decoding in Python (its incremental decoder then gives the same text)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if getattr(tokenizer, "backend_tokenizer", None) is None or not isinstance(
+        tokenizer, PreTrainedTokenizerFast
+    ):
+        return False
+    own = all(
+        getattr(type(tokenizer), m) is getattr(PreTrainedTokenizerFast, m) for m in ("decode", "_decode")
+    )
+    return own and not getattr(tokenizer, "clean_up_tokenization_spaces", False)

@@ -38,6 +38,9 @@ def chunked_jsd(
     both heads are cut to the narrower vocabulary (padded vocabularies of one tokenizer)."""
     (ws, bs, fs), (wt, bt, ft) = (_linear(m) for m in (student, teacher))
     width = min(ws.shape[0], wt.shape[0])
+    if h_student.shape[0] == 0:  # no completion token: nothing to compare
+        empty = h_student.new_zeros(0, dtype=torch.promote_types(h_student.dtype, torch.float32))
+        return empty + 0 * h_student.sum(), empty, empty
     return _FusedJSD.apply(
         h_student, ws, bs, h_teacher.detach(), wt, bt, labels, beta, fs, ft, width, chunk_size
     )
@@ -66,6 +69,8 @@ class _FusedJSD(torch.autograd.Function):
             del zs, zt  # freed before the next chunk's blocks are made
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt)
         ctx.beta, ctx.factors, ctx.width, ctx.chunk = beta, (fs, ft), width, chunk
+        dev = hs.device.type  # under autocast the forward's linears ran in its dtype: so do the backward's
+        ctx.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else ws.dtype
         lp_s, lp_t = torch.cat(lp_s), torch.cat(lp_t)
         ctx.mark_non_differentiable(lp_s, lp_t)
         return torch.cat(jsd), lp_s, lp_t
@@ -73,22 +78,28 @@ class _FusedJSD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_jsd, _g_s, _g_t):  # noqa: ANN001, ANN205
         hs, ws, bs, ht, wt, bt = ctx.saved_tensors
-        (fs, ft), width, chunk = ctx.factors, ctx.width, ctx.chunk
+        (fs, ft), width, chunk, dtype = ctx.factors, ctx.width, ctx.chunk, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w, wt = ws[:width].to(dtype), wt[:width].to(dtype)  # one cast for every chunk
+        b, bt = (None if x is None else x[:width].to(dtype) for x in (bs, bt))
         grad_h = torch.zeros_like(hs) if need_h else None
         grad_w = torch.zeros_like(ws) if need_w else None
         grad_b = torch.zeros_like(bs) if need_b and bs is not None else None
         for start in range(0, hs.shape[0], chunk):
             end = min(start + chunk, hs.shape[0])
-            zs = _block(hs[start:end], ws, bs, fs, width)
-            zt = _block(ht[start:end], wt, bt, ft, width)
+            hc = hs[start:end].to(dtype)
+            zs = _block(hc, w, b, fs, width)
+            zt = _block(ht[start:end].to(dtype), wt, bt, ft, width)
             gz = generalized_jsd_grad(zs, zt, ctx.beta).mul_(g_jsd[start:end, None].to(zs.dtype) * fs)
             del zs, zt
-            gz = gz.to(ws.dtype)
+            gz = gz.to(dtype)
             if grad_h is not None:
-                grad_h[start:end] = gz @ ws[:width]
+                grad_h[start:end] = gz @ w
             if grad_w is not None:
-                grad_w[:width].addmm_(gz.t(), hs[start:end].to(ws.dtype))
+                if gz.dtype == grad_w.dtype:
+                    grad_w[:width].addmm_(gz.t(), hc)  # no weight-sized temporary
+                else:
+                    grad_w[:width].add_(gz.t() @ hc)
             if grad_b is not None:
                 grad_b[:width].add_(gz.sum(0))
             del gz

@@ -1,5 +1,5 @@
 """`TextStream`: the text streamed token by token is the answer's plain decode (`decode(ids,
-skip_special_tokens=True)`) for a byte-level BPE tokenizer (alignkit's tiny one, as Qwen's and Llama 3's), a
+skip_special_tokens=True)`) for a byte-level BPE tokenizer (alignkit's tiny one, as Qwen's), a
 SentencePiece-style one with byte fallback (Llama 2's and Mistral's decoder, built in place) and, through the
 whole-decode path, one that asks for tokenization spaces cleaned up: the streamed text is never ahead of a
 decode of the tokens so far, and what is held back at the end is only cut characters (U+FFFD), which the
@@ -68,3 +68,20 @@ def test_a_character_cut_between_tokens_waits_for_the_rest() -> None:
     assert len(ids) > 1  # one emoji, several byte tokens
     stream = TextStream(tok)
     assert [stream.push([i]) for i in ids] == [""] * (len(ids) - 1) + ["🙂"]
+
+
+def test_a_decoder_that_rewrites_earlier_text_falls_back_to_whole_decodes() -> None:
+    """The incremental decoder refuses a token that changes the text before it ("Invalid prefix"); the stream
+    then decodes whole from that token on, instead of failing every row of the server's batch."""
+    tok = _tokenizer("byte_level")
+    stream = TextStream(tok)
+    ids = tok("Hello world")["input_ids"]
+    sent = stream.push(ids[:1])
+
+    class Refusing:
+        def step(self, *_: object) -> str:
+            raise Exception("Invalid prefix encountered")
+
+    stream._stream = Refusing()
+    sent += stream.push(ids[1:])
+    assert sent == "Hello world" and stream._stream is None

@@ -58,6 +58,27 @@ def test_chunked_jsd_equals_the_full_logits(beta: float) -> None:
     assert student.lm.weight.grad[37:].abs().max() == 0  # past the teacher's width: no gradient
 
 
+def test_no_tokens_and_autocast() -> None:
+    """No completion token gives empty outputs a loss can still sum; under bf16 autocast the backward
+    recomputes the logits in bf16 as the forward made them, and lands near the float32 gradient."""
+    student, teacher = Head(8, 40, False, None, seed=0), Head(8, 40, False, None, seed=1)
+    student.float()
+    teacher.float()
+    h = torch.randn(0, 8, requires_grad=True)
+    jsd, lp_s, _ = chunked_jsd(student, h, teacher, torch.randn(0, 8), torch.zeros(0, dtype=torch.long), 0.5)
+    jsd.sum().backward()
+    assert jsd.shape == lp_s.shape == (0,) and h.grad.shape == (0, 8)
+    torch.manual_seed(4)
+    h = torch.randn(9, 8, requires_grad=True)
+    h_t, labels = torch.randn(9, 8), torch.randint(0, 40, (9,))
+    chunked_jsd(student, h, teacher, h_t, labels, 0.5, chunk_size=4)[0].sum().backward()
+    exact, h.grad = h.grad.clone(), None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        jsd = chunked_jsd(student, h, teacher, h_t, labels, 0.5, chunk_size=4)[0]
+    jsd.sum().backward()
+    assert h.grad.dtype == torch.float32 and torch.allclose(h.grad, exact, rtol=0.1, atol=0.02)
+
+
 def test_the_closed_form_gradient_is_autograds() -> None:
     torch.manual_seed(3)
     for beta in (0.0, 0.5, 1.0):

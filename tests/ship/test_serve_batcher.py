@@ -96,3 +96,26 @@ def test_a_request_that_does_not_stream_gets_its_text_once_not_a_wake_up_per_tok
         return streamed.events.qsize(), whole.events.qsize(), whole.rows[0].text
 
     assert asyncio.run(scenario()) == (3, 0, "abc")
+
+
+def test_the_worker_steps_on_until_a_request_waits_the_rows_end_or_the_server_stops() -> None:
+    from alignkit.ship.serve.continuous import ContinuousBatcher
+
+    class Counting:
+        def __init__(self, rows: int = 1, arrival: int = 0) -> None:
+            self.calls, self.rows, self.arrival = 0, rows, arrival
+
+        def __len__(self) -> int:
+            return self.rows
+
+        def advance(self, admitted: list) -> None:
+            self.calls += 1
+            if self.calls == self.arrival:
+                batcher.waiting.append(object())  # a request arrives during this step
+
+    for stepper, stopping, want in ((Counting(arrival=5), False, 5), (Counting(), False, 64),
+                                    (Counting(), True, 1), (Counting(rows=0), False, 1)):  # fmt: skip
+        batcher = ContinuousBatcher(stepper, max_batch_size=8, max_queue=8)
+        batcher.stopping = stopping
+        batcher._steps([])
+        assert stepper.calls == want, (stepper.arrival, stopping, stepper.rows)

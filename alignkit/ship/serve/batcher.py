@@ -185,6 +185,7 @@ class Batcher:
         self.wake = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignkit-generate")
         self.task: asyncio.Task | None = None
+        self.stopping = False
 
     def submit(self, job: Job) -> None:
         if len(self.waiting) >= self.max_queue:
@@ -204,6 +205,7 @@ class Batcher:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        self.stopping = True  # a worker looping over steps ends at the next one
         if self.task is not None:
             self.task.cancel()
         self.executor.shutdown(wait=True)

@@ -106,7 +106,7 @@ class ContinuousBatcher(Batcher):
         per token cost ~5% of a 16-row step on the tiny model)."""
         self.stepper.advance(admitted)
         for _ in range(most - 1):
-            if self.waiting or not len(self.stepper):
+            if self.waiting or not len(self.stepper) or self.stopping:
                 return
             self.stepper.advance([])
 
