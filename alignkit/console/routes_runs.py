@@ -181,7 +181,7 @@ def review_routes(app: FastAPI, console: Console) -> None:
         return Response(html, media_type="text/html", headers={"Cache-Control": "no-store"})
 
     @app.post("/api/runs/{run_id}/votes")
-    async def votes(run_id: str, request: Request) -> dict[str, int]:
+    async def votes(run_id: str, request: Request) -> dict[str, Any]:
         where = folder(run_id)
         data = await body(request)
         key = json.loads((where / "sxs_key.json").read_text("utf-8"))
@@ -192,8 +192,12 @@ def review_routes(app: FastAPI, console: Console) -> None:
         if not isinstance(given, dict) or not all(k in items and v in SXS_VOTES for k, v in given.items()):
             raise UserError(f"votes: a mapping of this page's item ids to one of {', '.join(SXS_VOTES)}")
         page_id = key["page_id"]
-        write_json_atomic(where / "votes.json", {"page_id": page_id, "votes": given, "saved_at": time.time()})
-        return {"votes": len(given)}
+        stored = where / "votes.json"
+        # merged into the stored votes: another tab (or reviewer) of this page keeps its own
+        kept = json.loads(stored.read_text("utf-8"))["votes"] if stored.exists() else {}
+        merged = {**kept, **given}
+        write_json_atomic(stored, {"page_id": page_id, "votes": merged, "saved_at": time.time()})
+        return {"votes": len(merged), "all": merged}
 
     @app.post("/api/runs/{run_id}/tally")
     async def tally(run_id: str) -> dict[str, Any]:

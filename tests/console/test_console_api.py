@@ -385,9 +385,13 @@ def test_live_review_votes_are_checked_and_the_key_stays_on_the_server(
     hostile = {"</script><script>alert(1)</script>": "A"}  # only the page's item ids are stored
     assert client.post(votes_url, json={"page_id": key["page_id"], "votes": hostile}).status_code == 400
     assert client.post(votes_url, json={"page_id": key["page_id"], "votes": {"0": "A"}}).json() == {
-        "votes": 1
+        "votes": 1,
+        "all": {"0": "A"},
     }
-    assert '"votes": {"0": "A"}' in client.get(f"/api/runs/{run['id']}/review").text  # back with the page
+    # a second tab that never saw item 0's vote sends item 1's: both are kept, and it gets them back
+    other_tab = client.post(votes_url, json={"page_id": key["page_id"], "votes": {"1": "tie"}}).json()
+    assert other_tab == {"votes": 2, "all": {"0": "A", "1": "tie"}}
+    assert '"votes": {"0": "A", "1": "tie"}' in client.get(f"/api/runs/{run['id']}/review").text
     tallied = client.post(f"/api/runs/{run['id']}/tally").json()
     assert tallied["kto"] == f"data/review-{run['id']}/kto.jsonl" and tallied["prefill"]["stage"] == "dpo"
     assert client.get("/api/runs/train-20260101-000000-abcd/review").status_code == 400
