@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -97,6 +99,20 @@ def train_alignkit(keys: dict, steps: int, out: str) -> list[dict]:
     train(cfg, get_stage(cfg.stage)(cfg))
     with open(Path(out) / "metrics.jsonl", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
+
+
+def count_through(obj: Any, name: str, count: Callable[..., int]) -> list[int]:
+    """Wrap the method `name` of `obj` (an instance) so that each call adds `count(*args)` to the one-element
+    list returned: how the benchmark counts the tokens a TRL trainer feeds its policy."""
+    total = [0]
+    inner = getattr(obj, name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        total[0] += count(*args, **kwargs)
+        return inner(*args, **kwargs)
+
+    setattr(obj, name, counting)
+    return total
 
 
 class PhaseTimer:

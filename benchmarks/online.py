@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from harness import SHARED, PhaseTimer, peak_mb, train_alignkit
+from harness import SHARED, PhaseTimer, count_through, peak_mb, train_alignkit
 
 GSM8K = SHARED / "gsm8k" / "train.jsonl"
 
@@ -170,19 +170,16 @@ def online_dpo_trl(model_dir: str, s: Any, args: Any, out: str) -> dict:
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         train_dataset=Dataset.from_list(gsm8k(args.batch * args.steps)),
     )
-    tokens = [0]
-    forward = trainer._forward
 
-    def counting(
-        model: Any, prompt_ids: Any, prompt_mask: Any, completion_ids: Any, mask: Any, *a: Any
-    ) -> Any:
+    def policy_tokens(
+        model: Any, prompt_ids: Any, prompt_mask: Any, completion_ids: Any, mask: Any, *_: Any
+    ) -> int:
         import torch
 
-        if torch.is_grad_enabled():  # the policy's pass; the reference's runs under no_grad
-            tokens[0] += int(prompt_mask.sum()) + int(mask.sum())
-        return forward(model, prompt_ids, prompt_mask, completion_ids, mask, *a)
+        # the policy's pass; the reference's runs under no_grad
+        return int(prompt_mask.sum()) + int(mask.sum()) if torch.is_grad_enabled() else 0
 
-    trainer._forward = counting
+    tokens = count_through(trainer, "_forward", policy_tokens)
     return _trl(trainer, PhaseTimer(OnlineDPOTrainer, "_generate"), tokens)
 
 
@@ -230,12 +227,7 @@ def distill_trl(model_dir: str, s: Any, args: Any, out: str, rows: list[dict], t
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         train_dataset=Dataset.from_list([{"messages": r["prompt"] + r["completion"]} for r in rows]),
     )
-    tokens = [0]
-    compute_loss = trainer.compute_loss
-
-    def counting(model: Any, inputs: dict, *a: Any, **kw: Any) -> Any:
-        tokens[0] += int(inputs["attention_mask"].sum())
-        return compute_loss(model, inputs, *a, **kw)
-
-    trainer.compute_loss = counting
+    tokens = count_through(
+        trainer, "compute_loss", lambda model, inputs, *_, **__: int(inputs["attention_mask"].sum())
+    )
     return _trl(trainer, PhaseTimer(GKDTrainer, "generate_on_policy_outputs"), tokens)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import online
-from harness import SHARED, peak_mb, train_alignkit
+from harness import SHARED, count_through, peak_mb, train_alignkit
 
 LF = SHARED / "llamafactory"
 
@@ -219,14 +219,7 @@ def offline_trl(w: Workload, model_dir: str, s: Setting, args: Any, out: str) ->
         processing_class=tok,
         train_dataset=Dataset.from_list(trl_rows(w, _rows_used(args))),
     )
-    tokens = [0]
-    compute_loss = trainer.compute_loss
-
-    def counting(model: Any, inputs: dict, *a: Any, **kw: Any) -> Any:
-        tokens[0] += _count_tokens(inputs)
-        return compute_loss(model, inputs, *a, **kw)
-
-    trainer.compute_loss = counting
+    tokens = count_through(trainer, "compute_loss", lambda model, inputs, *_, **__: _count_tokens(inputs))
     result = trainer.train()
     return {
         "tokens": tokens[0],
