@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from alignkit.losses.distill import generalized_jsd, generalized_jsd_grad
-from alignkit.modeling.logprobs import _head_transform, _logits, fused_head_applies
+from alignkit.modeling.logprobs import HeadGrads, _head_transform, _logits, fused_head_applies
 
 
 def fused_jsd_applies(student: nn.Module, teacher: nn.Module) -> bool:
@@ -79,12 +79,9 @@ class _FusedJSD(torch.autograd.Function):
     def backward(ctx, g_jsd, _g_s, _g_t):  # noqa: ANN001, ANN205
         hs, ws, bs, ht, wt, bt = ctx.saved_tensors
         (fs, ft), width, chunk, dtype = ctx.factors, ctx.width, ctx.chunk, ctx.dtype
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w, wt = ws[:width].to(dtype), wt[:width].to(dtype)  # one cast for every chunk
         b, bt = (None if x is None else x[:width].to(dtype) for x in (bs, bt))
-        grad_h = torch.zeros_like(hs) if need_h else None
-        grad_w = torch.zeros_like(ws) if need_w else None
-        grad_b = torch.zeros_like(bs) if need_b and bs is not None else None
+        grads = HeadGrads(ctx.needs_input_grad[:3], hs, ws, bs)
         for start in range(0, hs.shape[0], chunk):
             end = min(start + chunk, hs.shape[0])
             hc = hs[start:end].to(dtype)
@@ -92,15 +89,6 @@ class _FusedJSD(torch.autograd.Function):
             zt = _block(ht[start:end].to(dtype), wt, bt, ft, width)
             gz = generalized_jsd_grad(zs, zt, ctx.beta).mul_(g_jsd[start:end, None].to(zs.dtype) * fs)
             del zs, zt
-            gz = gz.to(dtype)
-            if grad_h is not None:
-                grad_h[start:end] = gz @ w
-            if grad_w is not None:
-                if gz.dtype == grad_w.dtype:
-                    grad_w[:width].addmm_(gz.t(), hc)  # no weight-sized temporary
-                else:
-                    grad_w[:width].add_(gz.t() @ hc)
-            if grad_b is not None:
-                grad_b[:width].add_(gz.sum(0))
+            grads.add(gz.to(dtype), hc, w, start, end)
             del gz
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grads.h, grads.w, grads.b, None, None, None, None, None, None, None, None, None

@@ -250,12 +250,9 @@ class _FusedHead(torch.autograd.Function):
     def backward(ctx, g_logps, g_entropy, _g_mean, _g_top1):  # noqa: ANN001, ANN205
         h, weight, bias, labels, lse, ez = ctx.saved_tensors
         factor, chunk, dtype = ctx.factor, ctx.chunk_size, ctx.dtype
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
+        grads = HeadGrads(ctx.needs_input_grad[:3], h, weight, bias)
         for start in range(0, h.shape[0], chunk):
             end = min(start + chunk, h.shape[0])
             hc = h[start:end].to(dtype)
@@ -269,18 +266,35 @@ class _FusedHead(torch.autograd.Function):
                 start,
                 end,
             )
-            gz = (gz.mul_(factor) if factor != 1.0 else gz).to(dtype)
-            if grad_h is not None:
-                grad_h[start:end] = gz @ w
-            if grad_w is not None:
-                if gz.dtype == grad_w.dtype:
-                    grad_w.addmm_(gz.t(), hc)  # no weight-sized temporary
-                else:
-                    grad_w.add_(gz.t() @ hc)
-            if grad_b is not None:
-                grad_b.add_(gz.sum(0))
+            grads.add((gz.mul_(factor) if factor != 1.0 else gz).to(dtype), hc, w, start, end)
             del gz  # freed before the next chunk's block is made
-        return grad_h, grad_w, grad_b, None, None, None
+        return grads.h, grads.w, grads.b, None, None, None
+
+
+class HeadGrads:
+    """An output layer's gradients (of its input h, weight and bias, each where needed), accumulated chunk by
+    chunk from each chunk's gradient on its logits."""
+
+    def __init__(
+        self, needed: tuple[bool, ...], h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        self.h = torch.zeros_like(h) if needed[0] else None
+        self.w = torch.zeros_like(weight) if needed[1] else None
+        self.b = torch.zeros_like(bias) if needed[2] and bias is not None else None
+
+    def add(self, gz: torch.Tensor, hc: torch.Tensor, w: torch.Tensor, start: int, end: int) -> None:
+        """gz: (c, V') on rows start:end, whose inputs are hc (c, H) and whose logits came from `w`, the
+        weight's first V' rows (a narrower vocabulary leaves the rest without gradient)."""
+        width = gz.shape[1]
+        if self.h is not None:
+            self.h[start:end] = gz @ w
+        if self.w is not None:
+            if gz.dtype == self.w.dtype:
+                self.w[:width].addmm_(gz.t(), hc)  # no weight-sized temporary
+            else:
+                self.w[:width].add_(gz.t() @ hc)
+        if self.b is not None:
+            self.b[:width].add_(gz.sum(0))
 
 
 def _logit_grad(z, lse, ez, labels, g_logps, g_entropy, start, end):  # noqa: ANN001, ANN202
