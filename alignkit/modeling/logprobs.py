@@ -101,7 +101,7 @@ def completion_logits(
 ) -> torch.Tensor:
     """The whole next-token distribution's logits (N, V) at every token t >= 1 with completion_mask[t] == 1
     (predicted from position t - 1), in row order: what a distillation loss compares token by token."""
-    head, softcap, scale = _head_transform(model)
+    head, softcap, scale = _head_transform(getattr(model, "module", model))  # DDP: the wrapped model
     return _head_logits(
         completion_hidden(model, input_ids, attention_mask, completion_mask), head, softcap, scale
     )

@@ -89,3 +89,27 @@ def test_head_stats_takes_the_fused_path_from_a_real_vocabulary_size() -> None:
         (ref_grad,) = torch.autograd.grad(logp.sum(), h)
         torch.testing.assert_close(stats.logps, logp, rtol=0, atol=1e-12)
         torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+
+
+def test_completion_logits_through_a_wrapper_read_the_wrapped_models_head(tiny_model: str) -> None:
+    """A DDP-style wrapper (the model under `.module`, called through the wrapper) gives the same logits."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.modeling.logprobs import completion_logits
+
+    class Wrapper(nn.Module):
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs: object) -> object:
+            return self.module(**kwargs)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask, completion = torch.ones_like(ids), torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    with torch.no_grad():
+        plain = completion_logits(model, ids, mask, completion)
+        wrapped = completion_logits(Wrapper(model), ids, mask, completion)
+    assert plain.shape == (5, model.config.vocab_size) and torch.equal(plain, wrapped)
