@@ -54,6 +54,7 @@ def commands(dry: bool) -> dict[str, list[str]]:
     else:
         tests += ["-k", "gpu"]
         bench += ["--shape", "qwen2.5-0.5b", "--steps", "8"]
+        bench += ["--settings", "padding_free,prefix_sharing,precompute_ref_log_probs"]  # the planned rows
         workloads = WORKLOADS
     cmds = {"gpu_tests": tests, **{f"benchmark_{w}": [*bench, "--workloads", w] for w in workloads}}
     for name in ("matmul_peak", "qlora", "rollouts", "fsdp2"):
