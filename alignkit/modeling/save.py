@@ -3,8 +3,10 @@ folder's weights back into a model (checkpoints)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,12 +33,14 @@ def save_model(model: nn.Module, tokenizer: Any, output_dir: str, merged: bool =
 
 
 def merged_copy(model: nn.Module, output_dir: str) -> nn.Module:
-    """The adapter merged into a copy of its base, for `merged/`. A sharded model (FSDP: DTensor weights,
-    saved through `full_weights`) cannot be deep-copied; it is rebuilt from the adapter just
-    written to `output_dir` (resolve_model adds the adapters it was trained on top of)."""
+    """The adapter merged into a copy of its base, for `merged/`. A sharded model (FSDP, DeepSpeed: saved
+    through `full_weights`, which hands it the gathered weights as its own `state_dict`) cannot be
+    deep-copied; it is rebuilt from the adapter just written to `output_dir` (resolve_model adds the
+    adapters it was trained on top of)."""
     from torch.distributed.tensor import DTensor
 
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    gathered = "state_dict" in vars(model)  # the instance's own state_dict: full_weights' gathered copy
+    if not gathered and not any(isinstance(p, DTensor) for p in model.parameters()):
         import copy
 
         return copy.deepcopy(model).merge_and_unload()
@@ -46,9 +50,30 @@ def merged_copy(model: nn.Module, output_dir: str) -> nn.Module:
     loader = AutoModelForCausalLM
     if adapter_task_type(output_dir) == "SEQ_CLS":
         loader, kwargs["num_labels"] = AutoModelForSequenceClassification, model.config.num_labels
-    merged = load_spec(loader, resolve_model(output_dir), **kwargs)
+    with _loads_whole():
+        merged = load_spec(loader, resolve_model(output_dir), **kwargs)
     merged.config.pad_token_id = model.config.pad_token_id
     return merged
+
+
+@contextlib.contextmanager
+def _loads_whole() -> Iterator[None]:
+    """While a DeepSpeed ZeRO-3 run is set up, transformers' from_pretrained partitions every model it loads
+    over the processes (a collective); a copy the main process builds alone for saving is loaded whole."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from accelerate.state import AcceleratorState
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    active = AcceleratorState().deepspeed_plugin.dschf
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(active)
 
 
 def load_weights(model: nn.Module, path: str) -> None:

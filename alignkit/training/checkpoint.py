@@ -4,7 +4,8 @@ A checkpoint is written into `.tmp-checkpoint-N` and renamed to `checkpoint-N` o
 a crash (even `kill -9`) never leaves a half-written directory that looks valid. It holds the model (or
 the LoRA adapter) in Hugging Face format, the optimizer, the scheduler, every process's RNG states and
 `trainer_state.json` (the global step, which fixes the data position because the data order of each
-epoch is a function of the seed alone).
+epoch is a function of the seed alone). Under DeepSpeed the optimizer's state is DeepSpeed's own checkpoint
+in `deepspeed/` (each process's ZeRO partition), which a resume under the same config and processes reads.
 
 `output_dir` itself is guarded: a new run does not replace an earlier one unasked (`refuse_to_overwrite`),
 and a run that fails before its first checkpoint takes back what it wrote (`undo_on_failure`).
@@ -34,6 +35,7 @@ from alignkit.modeling.save import read_weights
 log = logging.getLogger("alignkit")
 
 STATE_FILE = "trainer_state.json"
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"  # DeepSpeed's checkpoint inside checkpoint-N
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # what marks a folder as holding a run; the first two are rewritten in place by every run
 RUN_MARKS = ("config.yaml", "metrics.jsonl", "model.safetensors", "adapter_model.safetensors")
@@ -107,8 +109,12 @@ def save_checkpoint(
         optimizer_state = _optimizer_state(accelerator, model, optimizer)
         if accelerator.is_main_process:
             save_fn(unwrapped, tmp)  # the stage's own format: HF model (or adapter) + tokenizer
-            torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+            if optimizer_state is not None:
+                torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
             torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    if _deepspeed(accelerator):  # every process writes its partition of the optimizer's state
+        folder = os.path.join(tmp, DEEPSPEED_DIR)
+        model.save_checkpoint(folder, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pth"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -126,6 +132,12 @@ def _sharded(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 @contextlib.contextmanager
@@ -165,9 +177,11 @@ def _returns(state: dict[str, torch.Tensor]) -> Any:
     return state_dict
 
 
-def _optimizer_state(accelerator: Any, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+def _optimizer_state(accelerator: Any, model: nn.Module, optimizer: Any) -> dict[str, Any] | None:
     """The optimizer's state to save; under FSDP2 gathered in full (keyed by parameter name) on the main
-    process, a collective that every process enters."""
+    process, a collective that every process enters; under DeepSpeed none (DeepSpeed's checkpoint holds it)."""
+    if _deepspeed(accelerator):
+        return None
     if not getattr(accelerator, "is_fsdp2", False):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -178,11 +192,14 @@ def _optimizer_state(accelerator: Any, model: nn.Module, optimizer: Any) -> dict
 
 def _load_sharded(accelerator: Any, model: nn.Module, optimizer: Any, path: str) -> None:
     """Resume under FSDP2: the main process reads the full weights and optimizer state of the checkpoint
-    and each process takes its shards from the broadcast."""
+    and each process takes its shards from the broadcast. Under DeepSpeed, DeepSpeed's own checkpoint."""
+    if _deepspeed(accelerator):
+        _load_deepspeed(model, path)
+        return
     if not getattr(accelerator, "is_fsdp2", False):
         raise UserError(
-            f"resuming {path} under DeepSpeed or FSDP1 is not supported; resume with FSDP2 "
-            "(configs/accelerate/fsdp2.yaml) or without sharding"
+            f"resuming {path} under FSDP1 is not supported; resume with FSDP2 "
+            "(configs/accelerate/fsdp2.yaml), DeepSpeed or without sharding"
         )
     if hasattr(accelerator.unwrap_model(model), "peft_config"):
         raise UserError(f"resuming a LoRA run under FSDP ({path}) is not supported; resume it without FSDP")
@@ -196,10 +213,37 @@ def _load_sharded(accelerator: Any, model: nn.Module, optimizer: Any, path: str)
     optim: dict[str, Any] = {}
     if accelerator.is_main_process:
         weights = read_weights(path)
-        optim = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+        optim = torch.load(_optimizer_file(path), weights_only=False)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer.optimizer, optim, options=options)
+
+
+def _load_deepspeed(engine: Any, path: str) -> None:
+    """Weights and each process's optimizer partition from the DeepSpeed checkpoint inside `path` (written
+    under the same ZeRO stage and number of processes; DeepSpeed checks)."""
+    folder = os.path.join(path, DEEPSPEED_DIR)
+    if not os.path.isdir(os.path.join(folder, DEEPSPEED_TAG)):
+        raise UserError(
+            f"{path} was not written under DeepSpeed (no {DEEPSPEED_DIR}/{DEEPSPEED_TAG}/ in it): resume it "
+            "the way it was written (without sharding, or under FSDP2)"
+        )
+    lora = hasattr(engine.module, "peft_config")  # its frozen base is not in the checkpoint: from the model
+    loaded, _ = engine.load_checkpoint(
+        folder, tag=DEEPSPEED_TAG, load_module_strict=not lora, load_lr_scheduler_states=False
+    )
+    if loaded is None:
+        raise UserError(f"DeepSpeed could not read its checkpoint in {folder}")
+
+
+def _optimizer_file(path: str) -> str:
+    found = os.path.join(path, "optimizer.pt")
+    if not os.path.isfile(found) and os.path.isdir(os.path.join(path, DEEPSPEED_DIR)):
+        raise UserError(
+            f"{path} was written under DeepSpeed (its optimizer state is DeepSpeed's, in {DEEPSPEED_DIR}/): "
+            "resume it under the same DeepSpeed config and number of processes"
+        )
+    return found
 
 
 def _prune(output_dir: str, save_total_limit: int | None) -> None:
@@ -216,8 +260,9 @@ def load_checkpoint(
     if _sharded(accelerator):
         _load_sharded(accelerator, model, optimizer, path)
     else:
+        optimizer_file = _optimizer_file(path)
         load_fn(accelerator.unwrap_model(model), path)
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+        optimizer.load_state_dict(torch.load(optimizer_file, weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     rng = os.path.join(path, f"rng_state_{accelerator.process_index}.pth")
     if os.path.isfile(rng):

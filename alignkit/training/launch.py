@@ -162,22 +162,34 @@ def _fit_deepspeed(accelerator: Any, cfg: BaseConfig) -> None:
     """Give DeepSpeed the loop's batch and clipping.
 
     accelerate reads `train_micro_batch_size_per_gpu: auto` from a prepared dataloader, which the loop does
-    not use (it batches itself), so prepare() would stop; it is the per-device batch. The engine steps
-    the optimizer inside every `backward` unless told to accumulate, and then scales the loss by 1 /
-    accumulation itself, while the loop already divides by the global item count: so one backward per step.
+    not use (it batches itself), so prepare() would stop; it is the per-device batch. The loop marks each
+    step's last micro-batch as the accumulation boundary itself (`deepspeed_backward`) and already divides the
+    loss by the global item count, so the engine's own accumulation count stays 1 (it would scale the loss
+    by 1 / count again).
     """
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
-    if cfg.gradient_accumulation_steps > 1:
+    if cfg.auto_find_batch_size:
         raise UserError(
-            f"`gradient_accumulation_steps: {cfg.gradient_accumulation_steps}` under DeepSpeed is not "
-            "supported (the engine would step at every micro-batch); raise `per_device_train_batch_size` "
-            "instead, or shard with configs/accelerate/fsdp2.yaml"
+            "`auto_find_batch_size: true` under DeepSpeed is not supported (its probe's backward would step "
+            "the engine's optimizer); set `per_device_train_batch_size` and `gradient_accumulation_steps`"
         )
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
     ds["train_batch_size"] = cfg.per_device_train_batch_size * accelerator.num_processes
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = cfg.max_grad_norm or 0.0  # the engine clips; 0 turns clipping off
+
+
+def deepspeed_backward(accelerator: Any, model: Any, loss: Any, last: bool) -> None:
+    """`accelerator.backward`, which under DeepSpeed steps the engine's optimizer at every call: a micro-batch
+    before the step's last one goes to the engine marked as no accumulation boundary instead."""
+    from accelerate.utils import DistributedType
+
+    if last or accelerator.distributed_type != DistributedType.DEEPSPEED:
+        accelerator.backward(loss)
+        return
+    model.set_gradient_accumulation_boundary(False)
+    model.backward(loss)

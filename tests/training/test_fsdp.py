@@ -103,10 +103,14 @@ def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactor
         port = free_port()
         configs = []
         lora = {**sft, "finetuning_type": "lora", "lora_target": "all", "save_merged": True, "max_steps": 2}
-        runs = [("sft", sft), ("dpo", dpo)] + ([("lora", lora)] if kind in ("ddp", "fsdp") else [])
-        if kind == "fsdp":  # and SFT again from the FSDP run's checkpoint-2: its step 3 once more
+        runs = [("sft", sft), ("dpo", dpo), ("lora", lora)]
+        if kind != "ddp":  # and SFT again from the sharded run's checkpoint-2: its step 3 once more
             runs.append(
                 ("resumed", {**sft, "resume_from_checkpoint": str(root / kind / "sft" / "checkpoint-2")})
+            )
+        if kind.startswith("zero"):  # batch 1 x accumulation 2: DDP's batch 2 (the engine told each boundary)
+            runs.append(
+                ("accum", {**sft, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2})
             )
         for name, keys in runs:
             out[f"{kind}-{name}"] = root / kind / name
@@ -131,8 +135,7 @@ def test_sharded_runs_match_ddp(runs: dict[str, Path], stage: str, kind: str) ->
     same final weights; the sharded run's model folder loads with AutoModelForCausalLM."""
     from transformers import AutoModelForCausalLM
 
-    if kind.startswith("zero") and not HAS_DEEPSPEED:
-        pytest.skip("DeepSpeed is not installed (pip install deepspeed): ZeRO on CPU not run")
+    _need(kind)
     ddp, fsdp = _metrics(runs[f"ddp-{stage}"]), _metrics(runs[f"{kind}-{stage}"])
     assert [r["step"] for r in fsdp] == [r["step"] for r in ddp] == [1, 2, 3]
     assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], abs=1e-5)
@@ -156,35 +159,65 @@ def test_sharded_runs_match_ddp(runs: dict[str, Path], stage: str, kind: str) ->
         assert ((got[key] - value).abs() > 1e-5).float().mean().item() <= 1e-3, key
 
 
-def test_fsdp2_lora_saves_the_adapter_and_the_merged_model(runs: dict[str, Path]) -> None:
-    """LoRA under FSDP2: the adapter (gathered) and `merged/` (rebuilt from the saved adapter, since a sharded
-    model cannot be deep-copied) equal the DDP run's, and the merged model loads with AutoModelForCausalLM."""
+def _need(kind: str) -> None:
+    if kind.startswith("zero") and not HAS_DEEPSPEED:
+        pytest.skip("DeepSpeed is not installed (pip install deepspeed): ZeRO on CPU not run")
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "zero2", "zero3"])
+def test_sharded_lora_saves_the_adapter_and_the_merged_model(runs: dict[str, Path], kind: str) -> None:
+    """LoRA under FSDP2 / ZeRO: the adapter (gathered) and `merged/` (rebuilt from the saved adapter, since a
+    sharded model cannot be deep-copied) equal the DDP run's, and the merged model loads."""
     from transformers import AutoModelForCausalLM
 
-    ddp, fsdp = runs["ddp-lora"], runs["fsdp-lora"]
-    assert [r["loss"] for r in _metrics(fsdp)] == pytest.approx([r["loss"] for r in _metrics(ddp)], abs=1e-5)
+    _need(kind)
+    ddp, sharded = runs["ddp-lora"], runs[f"{kind}-lora"]
+    want_losses = [r["loss"] for r in _metrics(ddp)]
+    assert [r["loss"] for r in _metrics(sharded)] == pytest.approx(want_losses, abs=1e-5)
     for name in ("adapter_model.safetensors", "merged/model.safetensors"):
-        want, got = load_file(str(ddp / name)), load_file(str(fsdp / name))
+        want, got = load_file(str(ddp / name)), load_file(str(sharded / name))
         assert set(got) == set(want) and want, name
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
     base = load_file(str(Path(runs["tiny_model"]) / "model.safetensors"))
-    merged = AutoModelForCausalLM.from_pretrained(str(fsdp / "merged"), dtype=torch.float32).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(str(sharded / "merged"), dtype=torch.float32).state_dict()
     key = "model.layers.0.self_attn.q_proj.weight"  # the adapter's delta is in the merged weights
     assert (merged[key] - base[key]).abs().max() > 1e-4
 
 
-def test_fsdp2_checkpoint_resumes_exactly(runs: dict[str, Path]) -> None:
-    """A checkpoint written under FSDP2 (weights and optimizer state gathered from the shards) resumes under
-    FSDP2 to the same step 3 and the same final weights as the run that went on."""
-    whole, resumed = _metrics(runs["fsdp-sft"]), _metrics(runs["fsdp-resumed"])
+@pytest.mark.parametrize("kind", ["fsdp", "zero2", "zero3"])
+def test_sharded_checkpoint_resumes_exactly(runs: dict[str, Path], kind: str) -> None:
+    """A checkpoint written under FSDP2 (weights and optimizer state gathered from the shards) or ZeRO
+    (DeepSpeed's own checkpoint of each process's partition, in checkpoint-2/deepspeed/) resumes to the same
+    step 3 and the same final weights as the run that went on."""
+    _need(kind)
+    whole, resumed = _metrics(runs[f"{kind}-sft"]), _metrics(runs[f"{kind}-resumed"])
     assert [r["step"] for r in resumed] == [3]
     assert resumed[0]["loss"] == pytest.approx(whole[-1]["loss"], abs=1e-6)
     assert resumed[0]["grad_norm"] == pytest.approx(whole[-1]["grad_norm"], rel=1e-6)
-    want = load_file(str(runs["fsdp-sft"] / "model.safetensors"))
-    got = load_file(str(runs["fsdp-resumed"] / "model.safetensors"))
+    want = load_file(str(runs[f"{kind}-sft"] / "model.safetensors"))
+    got = load_file(str(runs[f"{kind}-resumed"] / "model.safetensors"))
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+    if kind.startswith("zero"):  # the optimizer's state is DeepSpeed's, one partition per process
+        written = {p.name for p in (runs[f"{kind}-sft"] / "checkpoint-2" / "deepspeed" / "state").iterdir()}
+        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= written, written
+        assert not (runs[f"{kind}-sft"] / "checkpoint-2" / "optimizer.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["zero2", "zero3"])
+def test_zero_accumulation_equals_the_larger_batch(runs: dict[str, Path], kind: str) -> None:
+    """Batch 1 x accumulation 2 under ZeRO (the engine steps once per step, at the last micro-batch) gives the
+    DDP run's batch 2: the same losses, gradient norms and weights."""
+    _need(kind)
+    ddp, accum = _metrics(runs["ddp-sft"]), _metrics(runs[f"{kind}-accum"])
+    assert [r["step"] for r in accum] == [1, 2, 3]
+    assert [r["loss"] for r in accum] == pytest.approx([r["loss"] for r in ddp], abs=1e-5)
+    assert [r["grad_norm"] for r in accum] == pytest.approx([r["grad_norm"] for r in ddp], rel=1e-5)
+    want = load_file(str(runs["ddp-sft"] / "model.safetensors"))
+    got = load_file(str(runs[f"{kind}-accum"] / "model.safetensors"))
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-4, rtol=0, msg=key)
 
 
 def test_accelerate_configs() -> None:
@@ -227,7 +260,8 @@ def test_zero_launch_without_deepspeed_is_a_user_error(
 
 def test_deepspeed_takes_the_loops_batch_and_clipping(tmp_path: Path) -> None:
     """Under DeepSpeed the loop's per-device batch, one backward per step and max_grad_norm go into the
-    engine's config (accelerate would look for a dataloader's batch size and stop); accumulation is refused.
+    engine's config (accelerate would look for a dataloader's batch size and stop); the probe of
+    `auto_find_batch_size` is refused.
     A stand-in accelerator carries the config (the runs above train under DeepSpeed where it is installed)."""
     from types import SimpleNamespace
 
@@ -251,5 +285,34 @@ def test_deepspeed_takes_the_loops_batch_and_clipping(tmp_path: Path) -> None:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.5,
     }
-    with pytest.raises(UserError, match="gradient_accumulation_steps: 2.*per_device_train_batch_size"):
-        _fit_deepspeed(fake, build_config({**keys, "gradient_accumulation_steps": 2}))
+    _fit_deepspeed(fake, build_config({**keys, "gradient_accumulation_steps": 2}))
+    assert ds["gradient_accumulation_steps"] == 1  # the loop tells the engine each step's boundary
+    with pytest.raises(UserError, match="auto_find_batch_size: true.*DeepSpeed.*per_device_train_batch_size"):
+        _fit_deepspeed(fake, build_config({**keys, "auto_find_batch_size": True}))
+
+
+def test_a_checkpoint_resumes_only_where_its_optimizer_state_is(tmp_path: Path) -> None:
+    """A checkpoint written under DeepSpeed (its optimizer state is DeepSpeed's partitions) resumed without
+    DeepSpeed, and a plain one resumed under DeepSpeed, stop with an error naming the way back, before any
+    weight is touched. Stand-in accelerators: the runs above resume for real where DeepSpeed is installed."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from alignkit.errors import UserError
+    from alignkit.training.checkpoint import load_checkpoint
+
+    def touched(*args: object) -> None:
+        raise AssertionError("weights loaded before the checkpoint was checked")
+
+    written_by_ds = tmp_path / "checkpoint-2"
+    (written_by_ds / "deepspeed" / "state").mkdir(parents=True)
+    plain = SimpleNamespace(distributed_type=DistributedType.NO, process_index=0)
+    with pytest.raises(UserError, match="written under DeepSpeed.*same DeepSpeed config"):
+        load_checkpoint(plain, None, touched, None, None, str(written_by_ds))
+    written_plain = tmp_path / "checkpoint-4"
+    written_plain.mkdir()
+    (written_plain / "optimizer.pt").write_bytes(b"")
+    ds = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, process_index=0)
+    with pytest.raises(UserError, match="not written under DeepSpeed.*without sharding, or under FSDP2"):
+        load_checkpoint(ds, SimpleNamespace(load_checkpoint=touched), touched, None, None, str(written_plain))
