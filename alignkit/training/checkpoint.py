@@ -201,8 +201,6 @@ def _load_sharded(accelerator: Any, model: nn.Module, optimizer: Any, path: str)
             f"resuming {path} under FSDP1 is not supported; resume with FSDP2 "
             "(configs/accelerate/fsdp2.yaml), DeepSpeed or without sharding"
         )
-    if hasattr(accelerator.unwrap_model(model), "peft_config"):
-        raise UserError(f"resuming a LoRA run under FSDP ({path}) is not supported; resume it without FSDP")
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -212,11 +210,30 @@ def _load_sharded(accelerator: Any, model: nn.Module, optimizer: Any, path: str)
     weights: dict[str, torch.Tensor] = {}
     optim: dict[str, Any] = {}
     if accelerator.is_main_process:
-        weights = read_weights(path)
+        unwrapped = accelerator.unwrap_model(model)
+        weights = (
+            _adapter_weights(unwrapped, path) if hasattr(unwrapped, "peft_config") else read_weights(path)
+        )
         optim = torch.load(_optimizer_file(path), weights_only=False)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer.optimizer, optim, options=options)
+
+
+def _adapter_weights(peft_model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapter under the model's own parameter names (peft saves them with the adapter's
+    name taken out: `q_proj.lora_A.weight` for `q_proj.lora_A.default.weight`); the frozen base is not in it."""
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(path, "adapter_model.safetensors"))
+    name = f".{peft_model.active_adapter}"
+    found = {
+        key: saved[key.replace(name, "")] for key in peft_model.state_dict() if key.replace(name, "") in saved
+    }
+    if len(found) != len(saved):
+        missing = sorted(set(saved) - {key.replace(name, "") for key in found})[:3]
+        raise UserError(f"{path}: adapter weights {missing} match no parameter of the model being resumed")
+    return found
 
 
 def _load_deepspeed(engine: Any, path: str) -> None:

@@ -102,12 +102,12 @@ def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactor
     for kind, how in launchers.items():  # both at once: half the wait
         port = free_port()
         configs = []
-        lora = {**sft, "finetuning_type": "lora", "lora_target": "all", "save_merged": True, "max_steps": 2}
+        lora = {**sft, "finetuning_type": "lora", "lora_target": "all", "save_merged": True}
         runs = [("sft", sft), ("dpo", dpo), ("lora", lora)]
-        if kind != "ddp":  # and SFT again from the sharded run's checkpoint-2: its step 3 once more
-            runs.append(
-                ("resumed", {**sft, "resume_from_checkpoint": str(root / kind / "sft" / "checkpoint-2")})
-            )
+        if kind != "ddp":  # SFT and LoRA again from the sharded runs' checkpoint-2: their step 3 once more
+            for name, keys in (("sft", sft), ("lora", lora)):
+                resume = str(root / kind / name / "checkpoint-2")
+                runs.append((f"{name}-resumed", {**keys, "resume_from_checkpoint": resume}))
         if kind.startswith("zero"):  # batch 1 x accumulation 2: DDP's batch 2 (the engine told each boundary)
             runs.append(
                 ("accum", {**sft, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2})
@@ -186,20 +186,25 @@ def test_sharded_lora_saves_the_adapter_and_the_merged_model(runs: dict[str, Pat
 
 
 @pytest.mark.parametrize("kind", ["fsdp", "zero2", "zero3"])
-def test_sharded_checkpoint_resumes_exactly(runs: dict[str, Path], kind: str) -> None:
+@pytest.mark.parametrize("run", ["sft", "lora"])
+def test_sharded_checkpoint_resumes_exactly(runs: dict[str, Path], kind: str, run: str) -> None:
     """A checkpoint written under FSDP2 (weights and optimizer state gathered from the shards) or ZeRO
     (DeepSpeed's own checkpoint of each process's partition, in checkpoint-2/deepspeed/) resumes to the same
-    step 3 and the same final weights as the run that went on."""
+    step 3 and the same final weights (LoRA: the same adapter) as the run that went on."""
     _need(kind)
-    whole, resumed = _metrics(runs[f"{kind}-sft"]), _metrics(runs[f"{kind}-resumed"])
+    whole, resumed = _metrics(runs[f"{kind}-{run}"]), _metrics(runs[f"{kind}-{run}-resumed"])
     assert [r["step"] for r in resumed] == [3]
     assert resumed[0]["loss"] == pytest.approx(whole[-1]["loss"], abs=1e-6)
     assert resumed[0]["grad_norm"] == pytest.approx(whole[-1]["grad_norm"], rel=1e-6)
-    want = load_file(str(runs[f"{kind}-sft"] / "model.safetensors"))
-    got = load_file(str(runs[f"{kind}-resumed"] / "model.safetensors"))
+    weights = "adapter_model.safetensors" if run == "lora" else "model.safetensors"
+    want = load_file(str(runs[f"{kind}-{run}"] / weights))
+    got = load_file(str(runs[f"{kind}-{run}-resumed"] / weights))
+    assert set(got) == set(want) and want
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
-    if kind.startswith("zero"):  # the optimizer's state is DeepSpeed's, one partition per process
+    if (
+        kind.startswith("zero") and run == "sft"
+    ):  # the optimizer's state is DeepSpeed's, one partition per process
         written = {p.name for p in (runs[f"{kind}-sft"] / "checkpoint-2" / "deepspeed" / "state").iterdir()}
         assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= written, written
         assert not (runs[f"{kind}-sft"] / "checkpoint-2" / "optimizer.pt").exists()
