@@ -59,21 +59,20 @@ def merged_copy(model: nn.Module, output_dir: str) -> nn.Module:
 @contextlib.contextmanager
 def _loads_whole() -> Iterator[None]:
     """While a DeepSpeed ZeRO-3 run is set up, transformers' from_pretrained partitions every model it loads
-    over the processes (a collective); a copy the main process builds alone for saving is loaded whole."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    over the processes (a collective); a copy the main process builds alone for saving is loaded whole. The
+    config transformers holds (a weak reference) is put back as it was."""
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    if not is_deepspeed_zero3_enabled():
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    if active is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
         yield
         return
-    from accelerate.state import AcceleratorState
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    active = AcceleratorState().deepspeed_plugin.dschf
-    unset_hf_deepspeed_config()
+    hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        set_hf_deepspeed_config(active)
+        hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def load_weights(model: nn.Module, path: str) -> None:

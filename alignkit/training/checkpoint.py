@@ -209,31 +209,34 @@ def _load_sharded(accelerator: Any, model: nn.Module, optimizer: Any, path: str)
 
     weights: dict[str, torch.Tensor] = {}
     optim: dict[str, Any] = {}
+    optimizer_file = _optimizer_file(path)  # on every process: none is left waiting in a broadcast
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         weights = (
             _adapter_weights(unwrapped, path) if hasattr(unwrapped, "peft_config") else read_weights(path)
         )
-        optim = torch.load(_optimizer_file(path), weights_only=False)
+        optim = torch.load(optimizer_file, weights_only=False)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer.optimizer, optim, options=options)
 
 
 def _adapter_weights(peft_model: nn.Module, path: str) -> dict[str, torch.Tensor]:
-    """A LoRA checkpoint's adapter under the model's own parameter names (peft saves them with the adapter's
-    name taken out: `q_proj.lora_A.weight` for `q_proj.lora_A.default.weight`); the frozen base is not in it."""
+    """A LoRA checkpoint's adapter under the model's own parameter names; the frozen base is not in it. peft's
+    own renaming (`get_peft_model_state_dict`, applied to the names themselves) says which saved key is which
+    parameter: `q_proj.lora_A.weight` is `q_proj.lora_A.default.weight`, a reward model's `score.weight` is
+    `score.modules_to_save.default.weight`."""
+    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     saved = load_file(os.path.join(path, "adapter_model.safetensors"))
-    name = f".{peft_model.active_adapter}"
-    found = {
-        key: saved[key.replace(name, "")] for key in peft_model.state_dict() if key.replace(name, "") in saved
-    }
-    if len(found) != len(saved):
-        missing = sorted(set(saved) - {key.replace(name, "") for key in found})[:3]
-        raise UserError(f"{path}: adapter weights {missing} match no parameter of the model being resumed")
-    return found
+    names = get_peft_model_state_dict(peft_model, state_dict={k: k for k in peft_model.state_dict()})
+    missing = sorted(set(saved) - set(names))
+    if missing:
+        raise UserError(
+            f"{path}: adapter weights {missing[:3]} match no parameter of the model being resumed"
+        )
+    return {names[key]: value for key, value in saved.items()}
 
 
 def _load_deepspeed(engine: Any, path: str) -> None:
@@ -245,9 +248,10 @@ def _load_deepspeed(engine: Any, path: str) -> None:
             f"{path} was not written under DeepSpeed (no {DEEPSPEED_DIR}/{DEEPSPEED_TAG}/ in it): resume it "
             "the way it was written (without sharding, or under FSDP2)"
         )
-    lora = hasattr(engine.module, "peft_config")  # its frozen base is not in the checkpoint: from the model
+    # frozen weights (LoRA's base, `freeze`'s layers) are not in the checkpoint: they stay as the model has them
+    strict = all(p.requires_grad for p in engine.module.parameters())
     loaded, _ = engine.load_checkpoint(
-        folder, tag=DEEPSPEED_TAG, load_module_strict=not lora, load_lr_scheduler_states=False
+        folder, tag=DEEPSPEED_TAG, load_module_strict=strict, load_lr_scheduler_states=False
     )
     if loaded is None:
         raise UserError(f"DeepSpeed could not read its checkpoint in {folder}")

@@ -321,3 +321,51 @@ def test_a_checkpoint_resumes_only_where_its_optimizer_state_is(tmp_path: Path) 
     ds = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, process_index=0)
     with pytest.raises(UserError, match="not written under DeepSpeed.*without sharding, or under FSDP2"):
         load_checkpoint(ds, SimpleNamespace(load_checkpoint=touched), touched, None, None, str(written_plain))
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "SEQ_CLS"])
+def test_a_lora_checkpoint_goes_back_under_the_models_parameter_names(tmp_path: Path, task: str) -> None:
+    """The sharded resume of a LoRA run reads the saved adapter under the model's own names: LoRA's matrices
+    and, for a reward model, the score head peft saves as `score.weight` (`score.modules_to_save.default`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from alignkit.training.checkpoint import _adapter_weights
+
+    sizes = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 2}
+    config = LlamaConfig(**sizes, **heads, num_labels=1, pad_token_id=0)
+    cls = LlamaForCausalLM if task == "CAUSAL_LM" else LlamaForSequenceClassification
+    torch.manual_seed(0)
+    model = get_peft_model(cls(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type=task))
+    for p in model.parameters():
+        if p.requires_grad:  # away from their starting values (LoRA's B starts at 0)
+            p.data.normal_()
+    model.save_pretrained(str(tmp_path))
+    got = _adapter_weights(model, str(tmp_path))
+    want = {k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+    assert set(got) == set(want) and len(got) == (5 if task == "SEQ_CLS" else 4)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=0, rtol=0, msg=key)
+
+
+def test_a_deepspeed_resume_loads_strictly_unless_weights_are_frozen(tmp_path: Path) -> None:
+    """Frozen weights (LoRA's base, `finetuning_type: freeze`) are left out of DeepSpeed's checkpoint, so its
+    module is loaded strictly only when every weight trains. A stand-in engine records the call."""
+    from types import SimpleNamespace
+
+    from alignkit.training.checkpoint import _load_deepspeed
+
+    (tmp_path / "deepspeed" / "state").mkdir(parents=True)
+    calls: list[dict] = []
+
+    def load_checkpoint(folder: str, **kw: object) -> tuple[str, dict]:
+        calls.append(kw)
+        return folder, {}
+
+    for frozen in (False, True):
+        module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        module[0].requires_grad_(not frozen)
+        _load_deepspeed(SimpleNamespace(module=module, load_checkpoint=load_checkpoint), str(tmp_path))
+        assert calls[-1]["load_module_strict"] is (not frozen)
+        assert calls[-1]["tag"] == "state" and calls[-1]["load_lr_scheduler_states"] is False
