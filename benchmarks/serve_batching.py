@@ -1,13 +1,16 @@
 """What batching buys `alignkit serve`, continuous (the default) and pass by pass (`--batching pass`).
 
     python benchmarks/serve_batching.py [--batching continuous,pass] [--clients 16] [--requests 128]
-                                        [--max-tokens 64] [--long-tokens 128] [--hidden 64] [--json]
+                                        [--concurrent-requests 512] [--max-tokens 64] [--long-tokens 128]
+                                        [--hidden 64] [--json]
 
 A tiny model is built in place (no download) whose answers never end before their token limit (its EOS is out
 of its reach), so every answer has the length asked. The real server runs as its own process on 127.0.0.1
 and is driven through the official `openai` client, once per batching mode:
-- throughput: `--requests` chat requests (temperature 1, `--max-tokens` each) from one client, then from
-  `--clients` concurrent clients; completion tokens (the server's usage counts) over wall time;
+- throughput: `--requests` chat requests (temperature 1, `--max-tokens` each) from one client, then
+  `--concurrent-requests` from `--clients` concurrent clients (each side's connections opened by a warm-up
+  first; the concurrent side runs long enough to leave the first wave, whose rows start and end together,
+  behind); completion tokens (the server's usage counts) over wall time;
 - latency of a short request (4 tokens): alone, then while `--clients` / 2 clients keep `--long-tokens`
   answers running (a mixed workload: what a late request waits for); p50 and p95 of 20 such requests.
 Run it on an idle machine.
@@ -57,6 +60,8 @@ def _quantiles(latencies: list[float]) -> dict:
 
 def _side(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     client = _client(url)
+    with ThreadPoolExecutor(clients) as pool:  # warm-up: every client's connection open
+        list(pool.map(lambda i: _ask(client, i, 4), range(clients)))
     start, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: _ask(client, i, max_tokens), range(requests)))
@@ -96,9 +101,8 @@ def _short_latency(url: str, background: int, long_tokens: int, n: int = 20) -> 
 def measure(model: str, mode: str, args: argparse.Namespace, log: Path) -> dict:
     serve = ["--model", model, "--served-model-name", "m", "--max-batch-size", str(args.max_batch_size)]
     with running([*serve, "--batching", mode], log) as server:
-        _side(server.url, 1, 4, args.max_tokens)  # warm-up
         one = _side(server.url, 1, args.requests, args.max_tokens)
-        many = _side(server.url, args.clients, args.requests, args.max_tokens)
+        many = _side(server.url, args.clients, args.concurrent_requests, args.max_tokens)
         alone = _short_latency(server.url, 0, args.long_tokens)
         loaded = _short_latency(server.url, args.clients // 2, args.long_tokens)
     return {
@@ -116,7 +120,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batching", default="continuous,pass", help="comma list: continuous, pass")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests", type=int, default=128, help="requests per throughput side")
+    p.add_argument("--requests", type=int, default=128, help="requests from one client")
+    p.add_argument(
+        "--concurrent-requests", type=int, default=512, help="requests from the concurrent clients"
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--long-tokens", type=int, default=128, help="answers running beside the short requests")
     p.add_argument(

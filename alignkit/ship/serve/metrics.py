@@ -38,7 +38,10 @@ class Metrics:
             registry=r,
         )
         self.batch_rows = Histogram(
-            "alignkit_batch_rows", "answers generated together in one pass", buckets=BATCH_BUCKETS, registry=r
+            "alignkit_batch_rows",
+            "answers that entered generation together (one pass; continuous batching: one admission)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
 
 
