@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +58,19 @@ def user_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("ALIGNKIT_CACHE_DIR", None)
     else:
         os.environ["ALIGNKIT_CACHE_DIR"] = before
+
+
+@pytest.fixture
+def no_deepspeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed as if it were not installed (found by no import lookup, imported by nothing), so that the
+    errors for its absence are checked where it is installed too."""
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object, **kwargs: object) -> object:
+        return None if name.split(".")[0] == "deepspeed" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
 
 
 @pytest.fixture(scope="session")

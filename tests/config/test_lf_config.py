@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -208,7 +207,7 @@ def test_resume_from_checkpoint_true_means_the_newest(tmp_path: Path) -> None:
     assert resolve_resume(str(tmp_path), "true") == str(tmp_path / "checkpoint-10")
 
 
-def test_deepspeed_key(tmp_path: Path) -> None:
+def test_deepspeed_key(tmp_path: Path, no_deepspeed: None) -> None:
     from alignkit.training.launch import _deepspeed
 
     with pytest.raises(UserError, match="deepspeed: nowhere.json.*not a file"):
@@ -216,8 +215,6 @@ def test_deepspeed_key(tmp_path: Path) -> None:
     ds = tmp_path / "ds_z3_config.json"
     ds.write_text('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}')
     cfg = build_config(_lf(deepspeed=str(ds)))
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("DeepSpeed is installed here: the missing-DeepSpeed error cannot be checked")
     with pytest.raises(UserError, match="needs DeepSpeed.*pip install deepspeed"):
         _deepspeed(cfg)
 

@@ -242,7 +242,7 @@ def test_accelerate_configs() -> None:
 
 
 def test_zero_launch_without_deepspeed_is_a_user_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_deepspeed: None
 ) -> None:
     """A run started with a DeepSpeed accelerate config (the launcher sets ACCELERATE_USE_DEEPSPEED) stops
     with alignkit's error naming the fix when DeepSpeed is missing. (`deepspeed: FILE` is checked in
@@ -251,8 +251,6 @@ def test_zero_launch_without_deepspeed_is_a_user_error(
     from alignkit.errors import UserError
     from alignkit.training.launch import make_accelerator
 
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("DeepSpeed is installed here: the missing-DeepSpeed error cannot be checked")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     cfg = build_config(
         {"stage": "sft", "model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path)}
