@@ -103,15 +103,15 @@ def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactor
         port = free_port()
         configs = []
         lora = {**sft, "finetuning_type": "lora", "lora_target": "all", "save_merged": True}
-        runs = [("sft", sft), ("dpo", dpo), ("lora", lora)]
+        # under ZeRO, SFT runs batch 1 x accumulation 2, which must give DDP's batch 2 (the engine told each
+        # step's boundary by the loop), and is resumed so
+        accumulated = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2}
+        full = {**sft, **accumulated} if kind.startswith("zero") else sft
+        runs = [("sft", full), ("dpo", dpo), ("lora", lora)]
         if kind != "ddp":  # SFT and LoRA again from the sharded runs' checkpoint-2: their step 3 once more
-            for name, keys in (("sft", sft), ("lora", lora)):
+            for name, keys in (("sft", full), ("lora", lora)):
                 resume = str(root / kind / name / "checkpoint-2")
                 runs.append((f"{name}-resumed", {**keys, "resume_from_checkpoint": resume}))
-        if kind.startswith("zero"):  # batch 1 x accumulation 2: DDP's batch 2 (the engine told each boundary)
-            runs.append(
-                ("accum", {**sft, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2})
-            )
         for name, keys in runs:
             out[f"{kind}-{name}"] = root / kind / name
             configs.append(
@@ -212,17 +212,15 @@ def test_sharded_checkpoint_resumes_exactly(runs: dict[str, Path], kind: str, ru
 
 @pytest.mark.parametrize("kind", ["zero2", "zero3"])
 def test_zero_accumulation_equals_the_larger_batch(runs: dict[str, Path], kind: str) -> None:
-    """Batch 1 x accumulation 2 under ZeRO (the engine steps once per step, at the last micro-batch) gives the
-    DDP run's batch 2: the same losses, gradient norms and weights."""
+    """ZeRO's SFT run is batch 1 x accumulation 2 (the engine steps once per step, at the last micro-batch), and
+    `test_sharded_runs_match_ddp` finds DDP's batch-2 losses, gradient norms and weights in it; here, that it
+    was: two micro-batches of one row per process and step, and as many tokens per step as DDP's."""
     _need(kind)
-    ddp, accum = _metrics(runs["ddp-sft"]), _metrics(runs[f"{kind}-accum"])
-    assert [r["step"] for r in accum] == [1, 2, 3]
+    config = yaml.safe_load((runs[f"{kind}-sft"] / "config.yaml").read_text())
+    assert (config["per_device_train_batch_size"], config["gradient_accumulation_steps"]) == (1, 2)
+    ddp, accum = _metrics(runs["ddp-sft"]), _metrics(runs[f"{kind}-sft"])
+    assert [r["num_tokens"] for r in accum] == [r["num_tokens"] for r in ddp]
     assert [r["loss"] for r in accum] == pytest.approx([r["loss"] for r in ddp], abs=1e-5)
-    assert [r["grad_norm"] for r in accum] == pytest.approx([r["grad_norm"] for r in ddp], rel=1e-5)
-    want = load_file(str(runs["ddp-sft"] / "model.safetensors"))
-    got = load_file(str(runs[f"{kind}-accum"] / "model.safetensors"))
-    for key, value in want.items():
-        torch.testing.assert_close(got[key], value, atol=1e-4, rtol=0, msg=key)
 
 
 def test_accelerate_configs() -> None:
