@@ -99,8 +99,6 @@ def grpo_alignkit(model_dir: str, s: Any, args: Any, out: str) -> dict:
 
 
 def grpo_trl(model_dir: str, s: Any, args: Any, out: str) -> dict:
-    from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     cfg = _trl_config(
@@ -116,14 +114,22 @@ def grpo_trl(model_dir: str, s: Any, args: Any, out: str) -> dict:
         shuffle_dataset=False,
         **s.keys,
     )
-    trainer = GRPOTrainer(
+    trainer = _math_trainer(GRPOTrainer, model_dir, cfg, args)
+    return _trl(trainer, PhaseTimer(GRPOTrainer, "_generate_and_score_completions"))
+
+
+def _math_trainer(trainer_cls: Any, model_dir: str, cfg: Any, args: Any) -> Any:
+    """A TRL online trainer on the workload's GSM8K prompts, rewarded by the math check."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    return trainer_cls(
         model=model_dir,
         reward_funcs=math_reward,
         args=cfg,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         train_dataset=Dataset.from_list(gsm8k(args.batch * args.steps)),
     )
-    return _trl(trainer, PhaseTimer(GRPOTrainer, "_generate_and_score_completions"))
 
 
 def online_dpo_alignkit(model_dir: str, s: Any, args: Any, out: str) -> dict:
@@ -148,8 +154,6 @@ def online_dpo_alignkit(model_dir: str, s: Any, args: Any, out: str) -> dict:
 
 def online_dpo_trl(model_dir: str, s: Any, args: Any, out: str) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     cfg = _trl_config(
@@ -163,13 +167,7 @@ def online_dpo_trl(model_dir: str, s: Any, args: Any, out: str) -> dict:
         train_sampling_strategy="sequential",
         **s.keys,
     )
-    trainer = OnlineDPOTrainer(
-        model=model_dir,
-        reward_funcs=math_reward,
-        args=cfg,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        train_dataset=Dataset.from_list(gsm8k(args.batch * args.steps)),
-    )
+    trainer = _math_trainer(OnlineDPOTrainer, model_dir, cfg, args)
 
     def policy_tokens(
         model: Any, prompt_ids: Any, prompt_mask: Any, completion_ids: Any, mask: Any, *_: Any
