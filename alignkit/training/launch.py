@@ -163,7 +163,7 @@ def _fit_deepspeed(accelerator: Any, cfg: BaseConfig) -> None:
 
     accelerate reads `train_micro_batch_size_per_gpu: auto` from a prepared dataloader, which the loop does
     not use (it batches itself), so prepare() would stop; it is the per-device batch. The loop marks each
-    step's last micro-batch as the accumulation boundary itself (`deepspeed_backward`) and already divides the
+    step's last micro-batch as the accumulation boundary itself (`micro_backward`) and already divides the
     loss by the global item count, so the engine's own accumulation count stays 1 (it would scale the loss
     by 1 / count again).
     """
@@ -183,9 +183,10 @@ def _fit_deepspeed(accelerator: Any, cfg: BaseConfig) -> None:
     ds["gradient_clipping"] = cfg.max_grad_norm or 0.0  # the engine clips; 0 turns clipping off
 
 
-def deepspeed_backward(accelerator: Any, model: Any, loss: Any, last: bool) -> None:
-    """`accelerator.backward`, which under DeepSpeed steps the engine's optimizer at every call: a micro-batch
-    before the step's last one goes to the engine marked as no accumulation boundary instead."""
+def micro_backward(accelerator: Any, model: Any, loss: Any, last: bool) -> None:
+    """One micro-batch's backward (`last`: the step's last one). `accelerator.backward` but under DeepSpeed
+    before the last micro-batch, where accelerate would step the engine's optimizer: the engine is told the
+    micro-batch is no accumulation boundary and runs the backward itself."""
     from accelerate.utils import DistributedType
 
     if last or accelerator.distributed_type != DistributedType.DEEPSPEED:

@@ -35,7 +35,7 @@ from alignkit.training.checkpoint import (
 )
 from alignkit.training.events import Callback, Reporter, StopSignal
 from alignkit.training.hacking import OnlineEvaluation
-from alignkit.training.launch import deepspeed_backward, make_accelerator
+from alignkit.training.launch import make_accelerator, micro_backward
 from alignkit.training.micro_batch import sized_plan
 from alignkit.training.optim import build_optimizer
 from alignkit.training.tracking import MetricsWriter, add_metrics, plot_loss, reduce_metrics, window_means
@@ -275,7 +275,7 @@ class _Run:
             with ctx, accelerator.autocast():
                 out = stage.step(model, batch) if m.weight else stage.filler_step(model, batch)
                 loss = out.loss_sum * (m.weight * world / total_items)
-            deepspeed_backward(accelerator, model, loss, last=sync)
+            micro_backward(accelerator, model, loss, last=sync)
             count = torch.tensor(float(stage.count(batch)))
             add_metrics(acc, {"loss": (out.loss_sum.detach().float(), count), **out.metrics}, bool(m.weight))
             tokens += stage.num_tokens(batch) if m.weight else 0
