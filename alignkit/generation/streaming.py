@@ -50,9 +50,8 @@ class TextStream:
                 new = "".join(t for i in ids if (t := self._stream.step(self._backend, i)) is not None)
                 self.sent += len(new)
                 return new
-            except (
-                Exception
-            ):  # a decoder that rewrites earlier text ("Invalid prefix"): decode whole from now
+            except Exception:
+                # a decoder that rewrites earlier text ("Invalid prefix"): decode whole from now on
                 self._stream = None
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):

@@ -202,9 +202,8 @@ def test_sharded_checkpoint_resumes_exactly(runs: dict[str, Path], kind: str, ru
     assert set(got) == set(want) and want
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
-    if (
-        kind.startswith("zero") and run == "sft"
-    ):  # the optimizer's state is DeepSpeed's, one partition per process
+    # under ZeRO the optimizer's state is DeepSpeed's, one partition per process
+    if kind.startswith("zero") and run == "sft":
         written = {p.name for p in (runs[f"{kind}-sft"] / "checkpoint-2" / "deepspeed" / "state").iterdir()}
         assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= written, written
         assert not (runs[f"{kind}-sft"] / "checkpoint-2" / "optimizer.pt").exists()
