@@ -118,7 +118,10 @@ class ContinuousBatch:
         used = mask.any(0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
         self.mask = mask[:, start:]
-        self.cache = _rebuild(self.cache, lambda t: t[index, :, start:]) if len(index) else None
+        if not len(index):
+            self.cache = None
+            return
+        _set_layers(self.cache, [(k[index, :, start:], v[index, :, start:]) for k, v in _layers(self.cache)])
 
     def _stack(self, cache: object, mask: torch.Tensor) -> None:
         """The new rows' cache (and mask) under the running rows', both left-padded to the longer length."""
@@ -127,11 +130,11 @@ class ContinuousBatch:
             return
         width = max(self.mask.shape[1], mask.shape[1])
         old, new = width - self.mask.shape[1], width - mask.shape[1]
-        layers = [(_left_pad(k, old), _left_pad(v, old)) for k, v in _layers(self.cache)]
-        added = [(_left_pad(k, new), _left_pad(v, new)) for k, v in _layers(cache)]
-        self.cache = _from_layers(
-            [(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(layers, added)]
-        )
+        stacked = [
+            (_stacked(k, k2, old, new), _stacked(v, v2, old, new))
+            for (k, v), (k2, v2) in zip(_layers(self.cache), _layers(cache))
+        ]
+        _set_layers(self.cache, stacked)
         self.mask = torch.cat([_left_pad(self.mask, old, dim=1), _left_pad(mask, new, dim=1)])
 
     def _adapters(self, settings: list[Sampling]) -> dict:
@@ -171,6 +174,15 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
+def _stacked(old: torch.Tensor, new: torch.Tensor, pad_old: int, pad_new: int) -> torch.Tensor:
+    """(B_old + B_new, H, L, D): `old` over `new`, each left-padded by its count, written once into one block."""
+    b, h, length, d = old.shape
+    out = old.new_zeros(b + new.shape[0], h, length + pad_old, d)
+    out[:b, :, pad_old:] = old
+    out[b:, :, pad_new:] = new
+    return out
+
+
 def _left_pad(t: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
     if n == 0:
         return t
@@ -183,14 +195,7 @@ def _layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> object:
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache
-
-
-def _rebuild(cache: object, fn: object) -> object:
-    return _from_layers([(fn(k), fn(v)) for k, v in _layers(cache)])
+def _set_layers(cache: object, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Each layer's keys and values replaced in place (the cache object, and its layers' kinds, are kept)."""
+    for layer, (k, v) in zip(cache.layers, layers):
+        layer.keys, layer.values = k, v
