@@ -119,3 +119,17 @@ def test_the_worker_steps_on_until_a_request_waits_the_rows_end_or_the_server_st
         batcher.stopping = stopping
         batcher._steps([])
         assert stepper.calls == want, (stepper.arrival, stopping, stepper.rows)
+
+
+def test_an_answer_neither_streamed_nor_cut_at_stop_strings_is_decoded_once_when_it_ends() -> None:
+    for ending in ("length", "cancelled", "stop"):
+        row = Row(0, 3 if ending == "length" else 20, TextStream(CharTokenizer()))
+        sent = [row.push(ord(ch), {0}, [], live=False) for ch in "ab"]
+        assert (sent, row.text, row.stream.ids) == (["", ""], None, [])  # no decode per token
+        if ending == "length":
+            row.push(ord("c"), {0}, [], live=False)
+        elif ending == "stop":
+            row.push(0, {0}, [], live=False)  # EOS
+        else:
+            row.end("cancelled")  # its client left; the pass (or the stepper) ends the row
+        assert (row.finish, row.text) == (ending, "abc" if ending == "length" else "ab")

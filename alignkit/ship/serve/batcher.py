@@ -36,21 +36,33 @@ class Row:
     max_tokens: int
     stream: TextStream
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str | None = ""  # None: not decoded yet (an answer that is read only when it ends)
     sent: int = 0  # characters already handed to the client
     finish: str | None = None  # "stop", "length" or "cancelled"
     steps: list[Step] | None = None  # each token's log-probs, when the request asked for them
     steps_sent: int = 0
 
     def push(
-        self, token: int, eos: set[int], stop: list[str], scored: tuple[float, list] | None = None
+        self,
+        token: int,
+        eos: set[int],
+        stop: list[str],
+        scored: tuple[float, list] | None = None,
+        live: bool = True,
     ) -> str:
         """Take one drawn token (and its log-probs, `StepLogprobs.take`'s); return the text that may be sent
-        now."""
+        now. `live=False` (an answer neither streamed nor cut at stop strings): the text is decoded once, when
+        the row ends, instead of token by token."""
         if token in eos:
             self.finish = "stop"
             self.text = self.full_text()
             return self._release()
+        if not live and self.steps is None:
+            self.tokens.append(token)
+            self.text = None  # decoded when the row ends (`end`)
+            if len(self.tokens) >= self.max_tokens:
+                self.end("length")
+            return ""
         if (
             self.steps is not None and scored is not None
         ):  # where its text starts: after all the tokens before
@@ -67,6 +79,12 @@ class Row:
         # while the row runs, keep back what could be the start of a stop string
         hold = 0 if self.finish or not stop else max(len(s) for s in stop) - 1
         return self._release(hold)
+
+    def end(self, finish: str) -> None:
+        """The row ends for `finish` (if it has not ended yet); text not decoded as it was drawn is now."""
+        self.finish = self.finish or finish
+        if self.text is None:
+            self.text = self.full_text()
 
     def full_text(self) -> str:
         """The whole answer decoded at once: the streamed text may still hold back a character cut between
@@ -252,7 +270,7 @@ class Batcher:
             return
         for job in batch:
             for row in job.rows:
-                row.finish = row.finish or ("cancelled" if job.cancelled else "length")
+                row.end("cancelled" if job.cancelled else "length")
             if self.metrics is not None:
                 self.metrics.cancelled.inc(sum(r.finish == "cancelled" for r in job.rows))
             job.end()
@@ -271,9 +289,9 @@ def deliver(
     flags, events = [], []
     for (job, row), token, lp in zip(rows, tokens, scored or [None] * len(tokens)):
         if row.finish is None and job.cancelled:
-            row.finish = "cancelled"
+            row.end("cancelled")
         if row.finish is None:
-            text = row.push(token, eos, job.stop, lp)
+            text = row.push(token, eos, job.stop, lp, live=job.streaming or bool(job.stop))
             steps = row.unsent_steps() if job.streaming and (text or row.finish) else []
             if job.streaming and (text or steps):
                 events.append((job.events, ("text", row.index, text, steps)))
