@@ -98,27 +98,48 @@ def test_a_request_that_does_not_stream_gets_its_text_once_not_a_wake_up_per_tok
     assert asyncio.run(scenario()) == (3, 0, "abc")
 
 
-def test_the_worker_steps_on_until_a_request_waits_the_rows_end_or_the_server_stops() -> None:
+def test_the_worker_admits_arriving_requests_itself_and_steps_until_the_rows_end_or_the_server_stops() -> (
+    None
+):
+    from types import SimpleNamespace
+
     from alignkit.ship.serve.continuous import ContinuousBatcher
 
     class Counting:
+        """A stepper whose rows never end; a request arrives during step `arrival` (and one cancelled)."""
+
         def __init__(self, rows: int = 1, arrival: int = 0) -> None:
-            self.calls, self.rows, self.arrival = 0, rows, arrival
+            self.calls, self.rows, self.arrival, self.admitted = 0, rows, arrival, {}
 
         def __len__(self) -> int:
             return self.rows
 
         def advance(self, admitted: list) -> None:
             self.calls += 1
+            if admitted:
+                self.admitted[self.calls] = [job.name for job in admitted]
+                self.rows += sum(len(job.rows) for job in admitted)
             if self.calls == self.arrival:
-                batcher.waiting.append(object())  # a request arrives during this step
+                gone = SimpleNamespace(
+                    name="gone", cancelled=True, rows=[0], end=lambda: ended.append("gone")
+                )
+                batcher.submit(gone)
+                batcher.submit(SimpleNamespace(name="late", cancelled=False, rows=[0, 1]))
 
-    for stepper, stopping, want in ((Counting(arrival=5), False, 5), (Counting(), False, 64),
-                                    (Counting(), True, 1), (Counting(rows=0), False, 1)):  # fmt: skip
+    for stepper, stopping, calls, admitted in (
+        (Counting(arrival=5), False, 64, {6: ["late"]}),  # joins at the next step, in the same worker call
+        (Counting(), False, 64, {}),  # at most 64 steps before the event loop gets the batch back
+        (Counting(), True, 0, {}),  # the server stops
+        (Counting(rows=0), False, 0, {}),  # nothing in flight, nothing waiting
+    ):
+        ended: list[str] = []
         batcher = ContinuousBatcher(stepper, max_batch_size=8, max_queue=8)
+        batcher.wake.set = lambda: None  # no event loop here
         batcher.stopping = stopping
-        batcher._steps([])
-        assert stepper.calls == want, (stepper.arrival, stopping, stepper.rows)
+        batcher._steps()
+        assert (stepper.calls, stepper.admitted) == (calls, admitted)
+        assert ended == (["gone"] if admitted else [])  # a cancelled request ends without a row
+        assert not batcher.waiting
 
 
 def test_an_answer_neither_streamed_nor_cut_at_stop_strings_is_decoded_once_when_it_ends() -> None:

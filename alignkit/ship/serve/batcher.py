@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -200,24 +201,30 @@ class Batcher:
         self.max_queue = max_queue
         self.metrics = metrics
         self.waiting: deque[Job] = deque()
+        # around `waiting`: the continuous batcher's worker takes jobs from it too
+        self.lock = threading.Lock()
         self.wake = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignkit-generate")
         self.task: asyncio.Task | None = None
         self.stopping = False
 
     def submit(self, job: Job) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise APIError(503, f"the server is busy ({len(self.waiting)} requests waiting); retry shortly")
-        self.waiting.append(job)
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise APIError(
+                    503, f"the server is busy ({len(self.waiting)} requests waiting); retry shortly"
+                )
+            self.waiting.append(job)
         self._gauge()
         self.wake.set()
 
     def withdraw(self, job: Job) -> None:
         """A job whose client left: out of the queue if it waits, its rows stop if it runs."""
         job.cancelled = True
-        if job in self.waiting:
-            self.waiting.remove(job)
-            self._gauge()
+        with self.lock:
+            if job in self.waiting:
+                self.waiting.remove(job)
+        self._gauge()
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
