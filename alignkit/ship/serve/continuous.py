@@ -100,9 +100,9 @@ class ContinuousBatcher(Batcher):
                 await loop.run_in_executor(self.executor, self._steps)
 
     def _steps(self, most: int = 64) -> None:
-        """In the worker thread: up to `most` steps, each admitting the requests that arrived since the last
-        (a request joins at the next token without a hop through the event loop; before, the hop and the loop's
-        turn held an arriving request for ~2.5 steps), until no row is left or the server stops."""
+        """In the worker thread: up to `most` steps, each first admitting the requests that arrived since the
+        last (so a request joins at the next token, with no turn of the event loop to wait for), until no row
+        is left or the server stops; then the event loop gets the batch back."""
         for _ in range(most):
             if self.stopping:
                 return
