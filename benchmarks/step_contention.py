@@ -1,18 +1,20 @@
-"""What other threads of the server's process cost the continuous-batching step (no HTTP, one process).
+"""What the rest of a server costs the continuous-batching step (no HTTP): other threads, another process.
 
-    python benchmarks/step_contention.py [--rows 16] [--steps 400] [--repeats 3]
+    python benchmarks/step_contention.py [--rows 16] [--steps 400] [--repeats 3] [--threads N]
 
 The tiny model of `serve_batching.py` steps `--rows` rows (one row leaves and one joins every 60 steps, as
-in a server), alone, then beside a thread that only sleeps 0.2 ms at a time, then beside one that holds the
-GIL for 0.1 ms of every millisecond (pure Python, like an event loop answering requests). A step calls ~150
-torch operations and each releases the GIL and takes it back: every time another thread wakes, the step
-waits for the GIL and its next operation starts late. This is the cost the server's event loop and request
-threads put on its worker thread. Run it on an idle machine.
+in a server), alone, then beside a thread that only sleeps 0.2 ms at a time, beside one that holds the GIL
+for 0.1 ms of every millisecond (pure Python, like an event loop answering requests), and beside another
+process busy 30% of the time (like the HTTP side, or the clients, on the same cores). A step calls ~150 torch
+operations, each of which releases the GIL and takes it back, so another thread's wake-ups delay it; and
+with torch's intra-op threads (`--threads`, default torch's), an operation waits for all of them, so a
+busy core anywhere delays it. Run it on an idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +53,20 @@ def _python_duty(stop: threading.Event) -> None:
         time.sleep(0.0009)
 
 
+_BURN = "import time\nwhile True:\n    t = time.perf_counter()\n    while time.perf_counter() - t < 3e-4: pass\n    time.sleep(7e-4)"
+
+
+def _beside_process(measure: Callable[[], float]) -> float:
+    """`measure` while another process keeps a core busy 30% of the time."""
+    burner = subprocess.Popen([sys.executable, "-c", _BURN])
+    try:
+        time.sleep(0.3)
+        return measure()
+    finally:
+        burner.kill()
+        burner.wait()
+
+
 def _beside(target: Callable[[threading.Event], None] | None, measure: Callable[[], float]) -> float:
     stop = threading.Event()
     thread = threading.Thread(target=target, args=(stop,)) if target else None
@@ -69,7 +85,12 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's own)")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from alignkit.modeling.load import load_causal_lm
     from alignkit.modeling.tiny import build_tiny
@@ -80,10 +101,18 @@ def main() -> None:
         model, tokenizer = load_causal_lm(path)
         model.eval()
         measure = lambda: _step_ms(model, tokenizer.pad_token_id, args.rows, args.steps)  # noqa: E731
-        print(f"| {args.rows}-row step, ms | repeats | mean |\n|---|---|---|")
-        for name, target in (("alone", None), ("beside a thread waking every 0.2 ms", _sleeper),
-                             ("beside a thread holding the GIL 10% of the time", _python_duty)):  # fmt: skip
-            times = [_beside(target, measure) for _ in range(args.repeats)]
+        import torch
+
+        print(f"| {args.rows}-row step, ms ({torch.get_num_threads()} torch threads) | repeats | mean |")
+        print("|---|---|---|")
+        cases = [
+            ("alone", lambda: _beside(None, measure)),
+            ("beside a thread waking every 0.2 ms", lambda: _beside(_sleeper, measure)),
+            ("beside a thread holding the GIL 10% of the time", lambda: _beside(_python_duty, measure)),
+            ("beside another process busy 30% of the time", lambda: _beside_process(measure)),
+        ]
+        for name, run in cases:
+            times = [run() for _ in range(args.repeats)]
             shown = ", ".join(f"{t:.2f}" for t in times)
             print(f"| {name} | {shown} | {sum(times) / len(times):.2f} |")
 
