@@ -1,15 +1,16 @@
 """Continuous batching over a transformers model: rows join a running batch at the next token and leave it the
 moment they end, each keeping its KV cache.
 
-The batch is one left-padded `DynamicCache`. A joining group of prompts is prefilled together (left-padded to
+The batch is one left-padded cache (`kv_cache.GrowingCache`: each step writes into room kept at the end of its
+buffers instead of copying the whole cache). A joining group of prompts is prefilled together (left-padded to
 its longest), its cache padded on the left to the batch's length and stacked under the running rows'; a row
 that ends is dropped from the cache, and the columns no row uses any more are cut. Each step feeds every row
 its last drawn token at its own position (padding never shifts a row's positions), so a row's logits are those
 of the row run alone, to float rounding. Rows sample with their own settings (temperature, top_p, a seed of
 their own), and under peft each row runs its own LoRA adapter in the same forward (peft's `adapter_names`).
 
-This is the concatenate-and-filter scheme of TGI's first router, on transformers' own cache; vLLM (`--backend
-vllm`, GPU) pages the cache instead and copies nothing.
+This is the concatenate-and-filter scheme of TGI's first router, on transformers' cache classes; vLLM
+(`--backend vllm`, GPU) pages the cache instead and copies nothing.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class ContinuousBatch:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
+            past_key_values=growing_cache(),
             use_cache=True,
             **self._adapters(settings),
         )
@@ -121,7 +123,8 @@ class ContinuousBatch:
         if not len(index):
             self.cache = None
             return
-        _set_layers(self.cache, [(k[index, :, start:], v[index, :, start:]) for k, v in _layers(self.cache)])
+        for layer in self.cache.layers:
+            layer.select(index, start)
 
     def _stack(self, cache: object, mask: torch.Tensor) -> None:
         """The new rows' cache (and mask) under the running rows', both left-padded to the longer length."""
@@ -130,11 +133,8 @@ class ContinuousBatch:
             return
         width = max(self.mask.shape[1], mask.shape[1])
         old, new = width - self.mask.shape[1], width - mask.shape[1]
-        stacked = [
-            (_stacked(k, k2, old, new), _stacked(v, v2, old, new))
-            for (k, v), (k2, v2) in zip(_layers(self.cache), _layers(cache))
-        ]
-        _set_layers(self.cache, stacked)
+        for layer, (k, v) in zip(self.cache.layers, _layers(cache)):
+            layer.stack(k, v, old, new)
         self.mask = torch.cat([_left_pad(self.mask, old, dim=1), _left_pad(mask, new, dim=1)])
 
     def _adapters(self, settings: list[Sampling]) -> dict:
@@ -170,17 +170,15 @@ def sample(
     return tokens
 
 
+def growing_cache() -> object:
+    """An empty cache whose layers grow in place (`generation.kv_cache`; imports transformers)."""
+    from alignkit.generation.kv_cache import GrowingCache
+
+    return GrowingCache()
+
+
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
-
-
-def _stacked(old: torch.Tensor, new: torch.Tensor, pad_old: int, pad_new: int) -> torch.Tensor:
-    """(B_old + B_new, H, L, D): `old` over `new`, each left-padded by its count, written once into one block."""
-    b, h, length, d = old.shape
-    out = old.new_zeros(b + new.shape[0], h, length + pad_old, d)
-    out[:b, :, pad_old:] = old
-    out[b:, :, pad_new:] = new
-    return out
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
@@ -193,9 +191,3 @@ def _left_pad(t: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
 
 def _layers(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _set_layers(cache: object, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Each layer's keys and values replaced in place (the cache object, and its layers' kinds, are kept)."""
-    for layer, (k, v) in zip(cache.layers, layers):
-        layer.keys, layer.values = k, v

@@ -36,7 +36,11 @@ def _alone(model: torch.nn.Module, tok: object, prompt: list[int], n: int) -> li
     return out[0, len(prompt) :].tolist()
 
 
-def test_rows_joining_and_leaving_a_running_batch_get_their_answers_alone(model: tuple) -> None:
+@pytest.mark.parametrize("room", [64, 1])  # 1: the cache's buffers run out of room at every step
+def test_rows_joining_and_leaving_a_running_batch_get_their_answers_alone(
+    model: tuple, room: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("alignkit.generation.kv_cache.ROOM", room)
     lm, tok = model
     batch = ContinuousBatch(lm, tok.pad_token_id)
     got: dict[int, list[int]] = {}
