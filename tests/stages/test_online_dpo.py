@@ -135,8 +135,10 @@ def test_online_dpo_step_on_fixed_completions_matches_trl(
     keys = _keys(tiny_model, data, loss_type=loss_type, beta=0.1, ref_model_name_or_path=tiny_ref)
     record, _ = run_stage(tmp_path, {**keys, "max_steps": 1, "learning_rate": 1e-6})
     assert record["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    # an implicit reward is beta x the difference of two float32 sums of about -20: the two sides' summation
+    # orders leave about 1e-6 x beta there (2.8e-7 on an AVX-512 Xeon), nothing closer to 0 is meaningful
     for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins"):
-        assert record[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+        assert record[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
 
 
 def test_iterative_dpo_rounds_refresh_the_reference_and_resume_by_round(

@@ -194,8 +194,11 @@ def test_training_with_prefix_sharing_logs_the_plain_losses(
     shared = _records(tmp_path / "shared", stage, data, **layout, **keys)
     assert len(plain) == len(shared) == 2
     assert plain[1]["loss"] != pytest.approx(plain[0]["loss"], abs=1e-4)  # the second step moved
-    for p, s in zip(plain, shared):
-        assert s["loss"] == pytest.approx(p["loss"], abs=1e-5)
+    # the first step to float32 rounding; the second comes after an AdamW update, which moves every weight by
+    # about the learning rate whatever its gradient's size, so rounding in tiny gradients reaches the loss
+    # (1.1e-5 on an AVX-512 Xeon)
+    for p, s, tol in zip(plain, shared, (1e-5, 5e-5)):
+        assert s["loss"] == pytest.approx(p["loss"], abs=tol)
         assert s["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4)
         assert s["num_tokens"] == p["num_tokens"] > 0
 
