@@ -93,6 +93,42 @@ def test_gguf_flag_mistakes_exit_2_and_write_nothing(
     assert not out.exists()
 
 
+CRASH = "import os, signal, sys; print('CPU : AVX2 = 1 | AMX_INT8 = 1 |', file=sys.stderr, flush=True); os.kill(os.getpid(), signal.SIGSEGV)"
+FAIL = "import sys; sys.exit('llama_model_load: error loading model: unknown type')"
+
+
+@pytest.mark.parametrize(
+    ("child", "said"),
+    [
+        (CRASH, "it died of SIGSEGV; this llama.cpp was built with AMX kernels"),
+        (FAIL, "it failed (llama_model_load: error loading model: unknown type)"),
+    ],
+)
+def test_llama_cpp_dying_on_the_file_ends_its_check_not_the_export(
+    base: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    child: str,
+    said: str,
+) -> None:
+    """llama.cpp runs the file in a child process: its AMX kernels segfault on some Xeons (ggml-org/llama.cpp
+    #20824), which here would kill the export after the file is written. The export exits 0 with the file,
+    transformers' read-back figures, and what happened to llama.cpp."""
+    import sys
+
+    from alignkit.ship.export import gguf_check
+
+    monkeypatch.setattr(gguf_check, "llama_cpp_installed", lambda: True)
+    monkeypatch.setattr(gguf_check, "child_command", lambda: [sys.executable, "-c", child])
+    out = tmp_path / "q"
+    printed = _export(["--model", base, "--output", str(out), "--format", "gguf", "--quantize", "q8_0"])
+    assert (out / "q.q8_0.gguf").stat().st_size > 0 and (out / "Modelfile").is_file()
+    assert 0.0 <= _figure(r"read back: ([\d.]+) of 8 greedy answers", printed) <= 1.0
+    assert f"llama.cpp could not run the file: {said}" in printed
+    assert "the file is written and transformers' reader checked it" in printed
+    assert "llama.cpp loads it" not in printed
+
+
 def test_llamafactorys_merge_yaml_exports_gguf(base: str, adapter: str, tmp_path: Path) -> None:  # noqa: F811
     """LLaMA-Factory's merge YAML with `--format gguf`: model, adapter, export_dir and template are read, and
     `export_quantization_bit: 8` means q8_0 for a GGUF file."""

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
+import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +60,7 @@ class GGUFExport:
     probes: int = 0
     llama_cpp: dict[str, float] | None = None  # llama.cpp's tokens and greedy answers against the export's
     note: str | None = None  # what llama.cpp's quantizer said
+    llama_cpp_error: str | None = None  # why llama.cpp could not run the file, when it could not
 
     def summary(self) -> str:
         size = os.path.getsize(self.file) / 1e6
@@ -85,8 +89,14 @@ class GGUFExport:
                 f"{c['logit_scale']:.3g}); {greedy}{c['tokens']:.3f} of probe prompts tokenized as the Hugging Face "
                 "tokenizer does"
             )
+        if self.llama_cpp_error is not None:
+            lines.append(self.llama_cpp_error)
         lines.append(f"ollama create NAME -f {self.modelfile}")
         return "\n".join(lines)
+
+
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def check_gguf(result: GGUFExport, hf_dir: str) -> None:
@@ -95,7 +105,7 @@ def check_gguf(result: GGUFExport, hf_dir: str) -> None:
     hf, tokenizer = load_causal_lm(hf_dir, "float32")
     back = read_back(result.file, result.architecture, hf.config)
     prompts = probe_prompts(tokenizer, len(PROBES))
-    with_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    with_llama_cpp = llama_cpp_installed()
     ids = encode_prompts(tokenizer, probe_prompts(tokenizer, LOGIT_PROBES))
     # the export's logits on the probes: for the f32 / f16 check and for llama.cpp's, only when one runs
     ours = probe_logits(hf, ids) if result.gguf_type in TOLERANCE or with_llama_cpp else []
@@ -115,7 +125,11 @@ def check_gguf(result: GGUFExport, hf_dir: str) -> None:
         result.greedy_exact, result.greedy_tokens = agreement(expected, theirs)
         result.probes = len(prompts)
     if with_llama_cpp:
-        result.llama_cpp = llama_cpp_check(result.file, tokenizer, prompts, expected, (ids, ours))
+        try:
+            result.llama_cpp = llama_cpp_check(result.file, tokenizer, prompts, expected, (ids, ours))
+        except LlamaCppFailed as e:
+            result.llama_cpp_error = f"{e}; the file is written and transformers' reader checked it"
+            return
         result.llama_cpp["logit_scale"] = logit_scale(ours)
 
 
@@ -137,42 +151,73 @@ def read_back(path: str, arch: str, config: Any) -> torch.nn.Module:
 def llama_cpp_check(
     path: str, tokenizer: Any, prompts: list[Any], expected: list[list[int]] | None, logits: tuple[list, list]
 ) -> dict[str, float]:
-    """Load the file in llama.cpp: the share of probe prompts it tokenizes as the Hugging Face tokenizer does;
-    its largest logit difference from the export's `logits` (ids, logits) on the same ids; its greedy answers
-    (from the Hugging Face prompt ids) against the export's `expected`, when given."""
+    """Load the file in llama.cpp, in a child process (`llama_cpp_run`): the share of probe prompts it tokenizes
+    as the Hugging Face tokenizer does; its largest logit difference from the export's `logits` (ids, logits)
+    on the same ids; its greedy answers (from the Hugging Face prompt ids) against the export's `expected`, when
+    given. Raises `LlamaCppFailed` when the child dies or fails."""
     import numpy as np
-    from llama_cpp import Llama
 
-    with contextlib.redirect_stderr(io.StringIO()):  # llama.cpp's load log, handed to Python's stderr
-        llm = Llama(model_path=path, n_ctx=512, n_threads=os.cpu_count() or 1, logits_all=True, verbose=False)
-    try:
-        diff = 0.0
-        for row, ours in zip(*logits):
-            llm.reset()
-            llm.eval(row)
-            diff = max(diff, float(np.abs(np.asarray(llm.scores[: len(row)]) - ours.numpy()).max()))
-        same, answers, stops = 0, [], _stops(tokenizer)
-        for prompt in prompts:
-            text = prompt
-            if isinstance(prompt, list):
-                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            same += llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
-            if expected is None:
-                continue
-            answer: list[int] = []
-            for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-                if token in stops or len(answer) >= QUANT_MAX_NEW_TOKENS:
-                    break
-                answer.append(token)
-            answers.append(answer)
-    finally:
-        llm.close()
-    figures = {"tokens": same / len(prompts), "max_logit_diff": diff}
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        if isinstance(p, list)
+        else p
+        for p in prompts
+    ]
+    stops = _stops(tokenizer)
+    with tempfile.TemporaryDirectory(prefix="alignkit-llama-cpp-") as tmp:
+        arrays = os.path.join(tmp, "logits.npz")
+        np.savez(arrays, **{f"row{i}": row.float().numpy() for i, row in enumerate(logits[1])})
+        request = {
+            "path": path,
+            "logits": arrays,
+            "logit_ids": [list(map(int, row)) for row in logits[0]],
+            "texts": texts,
+            "ids": [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
+            "greedy": expected is not None,
+            "stops": sorted(stops),
+            "max_new_tokens": QUANT_MAX_NEW_TOKENS,
+        }
+        request_file = os.path.join(tmp, "request.json")
+        with open(request_file, "w", encoding="utf-8") as f:
+            json.dump(request, f)
+        proc = subprocess.run([*child_command(), request_file], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LlamaCppFailed(_failure(proc))
+    out = json.loads(proc.stdout)
+    figures = {"tokens": sum(out["same_tokens"]) / len(prompts), "max_logit_diff": out["max_logit_diff"]}
     if expected is not None:
-        exact, tokens = agreement([[t for t in a if t not in stops] for a in expected], answers)
+        exact, tokens = agreement([[t for t in a if t not in stops] for a in expected], out["answers"])
         figures.update(greedy_exact=exact, greedy_tokens=tokens)
     return figures
+
+
+class LlamaCppFailed(Exception):
+    """llama.cpp could not run the file: the export stands (transformers' reader checked it); the message says
+    what happened."""
+
+
+def child_command() -> list[str]:
+    return [sys.executable, "-m", "alignkit.ship.export.llama_cpp_run"]
+
+
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    if proc.returncode < 0:
+        try:
+            how = f"died of {signal.Signals(-proc.returncode).name}"
+        except ValueError:
+            how = f"died of signal {-proc.returncode}"
+    else:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        how = f"failed ({lines[-1] if lines else f'exit {proc.returncode}'})"
+    hint = ""
+    if "AMX_INT8 = 1" in proc.stderr:
+        hint = (
+            "; this llama.cpp was built with AMX kernels, which are known to crash on some Xeons "
+            "(ggml-org/llama.cpp#20824): a build without them is "
+            'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" '
+            "pip install --force-reinstall --no-cache-dir llama-cpp-python"
+        )
+    return f"llama.cpp could not run the file: it {how}{hint}"
 
 
 def _stops(tokenizer: Any) -> set[int]:
