@@ -46,6 +46,7 @@ WORKLOADS: dict[str, Workload] = {
     ]),
     "rm": Workload("rm", str(LF / "dpo_en_demo.json"), "dpo_en_demo pairs, Bradley-Terry", [
         Setting("alignkit", "default"),
+        Setting("alignkit", "one padded batch", {"length_groups": False}),  # the default before length groups
         Setting("alignkit", "padding_free", {"padding_free": True}),
         Setting("alignkit", "gradient_checkpointing", {"gradient_checkpointing": True}),  # TRL's default's
         Setting("trl", "default"),

@@ -41,6 +41,9 @@ class RMConfig(BaseConfig):
     learning_rate: float = 1e-5
     center_rewards_coefficient: float | None = None  # adds coef * mean((r_c + r_r)^2)
     padding_free: bool = False  # each micro-batch as one row, position_ids restarting per original row
+    # the micro-batch's rows run in groups of similar length, each padded to its own longest row (at most 1/8
+    # padding); false: one forward of the whole padded batch. The same scores either way
+    length_groups: bool = True
 
 
 @dataclass

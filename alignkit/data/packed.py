@@ -59,3 +59,21 @@ def collate_rm_padding_free(rows: list[dict], pad_token_id: int | None) -> dict[
     if any(r.get("margin") is not None for r in rows):
         batch["margin"] = torch.tensor([float(r.get("margin") or 0.0) for r in rows])
     return batch
+
+
+def length_groups(lengths: list[int], waste: float = 0.125) -> list[list[int]]:
+    """Row indices in groups of similar length, longest first: each group, padded to its longest row, holds at
+    most `waste` more tokens than its rows (a row alone always fits). Running each group as its own batch cut
+    to its longest row does the padded batch's work without most of its padding, and needs no block mask (the
+    alternative, `padding_free`, attends through one that SDPA computes densely)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= (1 + waste) * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups

@@ -1,4 +1,4 @@
-"""Padding-free batches (SFT, reward model) and SFT's chunked output layer equal the padded, full-logits path."""
+"""Padding-free batches (SFT, reward model), the reward model's length groups, and SFT's chunked output layer equal the padded, full-logits path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from alignkit.config import build_config
 from alignkit.data.batches import IGNORE
-from alignkit.data.packed import segment_index
+from alignkit.data.packed import length_groups, segment_index
 from alignkit.losses.tokens import per_row_sum, token_nll
 from alignkit.modeling.load import load_reward_model, load_tokenizer
 from tests.conftest import run_stage, write_jsonl
@@ -133,10 +133,14 @@ def _rm_rows(stage, rows: list[dict]) -> list[dict]:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
-def test_rm_padding_free_equals_padded(finetuning: str, tiny_rm: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["padding_free", "length_groups"])
+def test_rm_padding_free_and_length_groups_equal_one_padded_batch(
+    finetuning: str, layout: str, tiny_rm: str, tmp_path: Path
+) -> None:
+    """The reference is one forward of the whole right-padded batch (`length_groups: false`)."""
     keys = {"finetuning_type": finetuning, "center_rewards_coefficient": 0.01, "torch_dtype": "float32"}
-    padded, rows = _stage(tmp_path / "a", "rm", tiny_rm, PAIRS, **keys)
-    free, _ = _stage(tmp_path / "b", "rm", tiny_rm, PAIRS, padding_free=True, **keys)
+    padded, rows = _stage(tmp_path / "a", "rm", tiny_rm, PAIRS, length_groups=False, **keys)
+    other, _ = _stage(tmp_path / "b", "rm", tiny_rm, PAIRS, **{layout: True}, **keys)
     rows = _rm_rows(padded, rows)
     model = load_reward_model(padded.cfg)
     if finetuning == "lora":
@@ -145,16 +149,26 @@ def test_rm_padding_free_equals_padded(finetuning: str, tiny_rm: str, tmp_path: 
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.1)
-    pb, fb = padded.collate(rows), free.collate(rows)
-    assert fb["input_ids"].shape[0] == 1 and padded.count(pb) == free.count(fb) == len(rows)
-    assert padded.num_tokens(pb) == free.num_tokens(fb)
+    pb, ob = padded.collate(rows), other.collate(rows)
+    if layout == "padding_free":
+        assert ob["input_ids"].shape[0] == 1
+    else:  # several groups, which run fewer positions than the padded batch
+        lengths = ob["attention_mask"].sum(1).tolist()
+        groups = length_groups(lengths)
+        assert (
+            len(groups) == 3 and sum(len(g) * lengths[g[0]] for g in groups) < 0.8 * ob["input_ids"].numel()
+        )
+    assert padded.count(pb) == other.count(ob) == len(rows)
+    assert padded.num_tokens(pb) == other.num_tokens(ob)
     results = {}
-    for name, stage, batch in (("padded", padded, pb), ("free", free, fb)):
+    for name, stage, batch in (("padded", padded, pb), ("other", other, ob)):
         out = stage.step(model, batch)
         with torch.no_grad():
             rewards = stage.scores(model, batch)
         results[name] = (rewards, out, _grads(model, out.loss_sum))
-    (r_a, out_a, g_a), (r_b, out_b, g_b) = results["padded"], results["free"]
+    (r_a, out_a, g_a), (r_b, out_b, g_b) = results["padded"], results["other"]
+    if layout == "length_groups" and finetuning == "full":  # one lookup: one dense embedding gradient
+        assert _nodes(other.step(model, ob).loss_sum.grad_fn, "EmbeddingBackward0") == 1
     torch.testing.assert_close(r_b, r_a, rtol=1e-5, atol=1e-5)
     assert r_a.std() > 0.05  # rewards differ between sequences: a real comparison
     torch.testing.assert_close(out_b.loss_sum, out_a.loss_sum, rtol=1e-5, atol=1e-5)
@@ -163,6 +177,29 @@ def test_rm_padding_free_equals_padded(finetuning: str, tiny_rm: str, tmp_path: 
     _assert_grads(g_b, g_a)
     if finetuning == "lora":
         assert any("lora_B" in n for n in g_a) and any("score" in n for n in g_a)
+
+
+def _nodes(fn, name: str) -> int:  # noqa: ANN001
+    """How many autograd nodes called `name` the graph under `fn` holds."""
+    seen, stack = set(), [fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        stack += [g for g, _ in f.next_functions]
+    return sum(type(f).__name__ == name for f in seen)
+
+
+def test_length_groups_pad_at_most_an_eighth_and_keep_every_row_once() -> None:
+    lengths = [5, 40, 38, 12, 39, 11, 100, 6, 13, 37]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert groups == [[6], [1, 4, 2, 9], [8, 3, 5], [7, 0]]  # longest first, each sorted longest first
+    for g in groups:
+        assert len(g) * lengths[g[0]] <= 1.125 * sum(lengths[i] for i in g)
+    assert length_groups([7, 7, 7]) == [[0, 1, 2]] and length_groups([]) == []
+    assert length_groups([10, 9, 1], waste=0.0) == [[0], [1], [2]]
 
 
 def _logged(tmp_path: Path, keys: dict) -> list[dict]:
@@ -190,13 +227,14 @@ def test_training_run_padding_free_logs_the_padded_loss(
         "shuffle": False,
         "torch_dtype": "float32",
     }
-    a = _logged(tmp_path / "a", keys)
-    b = _logged(tmp_path / "b", {**keys, "padding_free": True})
-    assert len(a) == len(b) == 2 and a[0]["loss"] != a[1]["loss"]
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
-        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
-    assert b[0]["num_tokens"] == a[0]["num_tokens"]
+    a = _logged(tmp_path / "a", keys if stage == "sft" else {**keys, "length_groups": False})
+    for other in ({"padding_free": True}, {}) if stage == "rm" else ({"padding_free": True},):
+        b = _logged(tmp_path / str(other), {**keys, **other})
+        assert len(a) == len(b) == 2 and a[0]["loss"] != a[1]["loss"]
+        for x, y in zip(a, b):
+            assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+            assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+        assert b[0]["num_tokens"] == a[0]["num_tokens"]
 
 
 @pytest.mark.parametrize("target", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])

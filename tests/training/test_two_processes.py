@@ -1,5 +1,6 @@
 """2 processes (DDP over gloo) give 1 process's numbers: SFT with a short last global batch and evaluation,
-DPO's per-pair loss, KTO's fillers left out of z0, and KTO's z0 averaged over the global batch.
+DPO's per-pair loss, the reward model's several forwards a step (length groups), KTO's fillers left out of z0,
+and KTO's z0 averaged over the global batch.
 
 The four runs share one `accelerate launch --multi_gpu --num_processes 2` (on a machine without GPUs it starts
 the processes through torchrun: accelerate 1.x's `--cpu` launcher starts one process unless mpirun is given),
@@ -19,6 +20,7 @@ from tests.conftest import REPO, free_port, run_stage, write_jsonl
 from tests.stages.test_dpo import CONV as PAIRS
 from tests.stages.test_kto import CONV as KTO_ROWS
 from tests.stages.test_kto import Z0_ROWS
+from tests.stages.test_padding_free import PAIRS as RM_PAIRS
 from tests.training.test_loop import _metrics, _pref_keys, _rows, _sft
 
 pytestmark = pytest.mark.slow  # a two-process run: not in the fast tier
@@ -47,7 +49,7 @@ for config in sys.argv[1:]:
 """
 
 
-def _configs(root: Path, tiny_model: str, tiny_ref: str) -> dict[str, dict]:
+def _configs(root: Path, tiny_model: str, tiny_ref: str, tiny_rm: str) -> dict[str, dict]:
     """name -> the keys of one process's run (2 processes run them with per_device_train_batch_size 2)."""
     sft = _sft(
         tiny_model,
@@ -65,14 +67,19 @@ def _configs(root: Path, tiny_model: str, tiny_ref: str) -> dict[str, dict]:
     z0 = {**_pref_keys(tiny_model, tiny_ref, write_jsonl(root / "z.jsonl", Z0_ROWS))}
     z0.update(stage="kto", max_steps=2, per_device_train_batch_size=4)
     del z0["num_train_epochs"]
-    return {"sft": sft, "dpo": dpo, "kto_filler": kto, "kto_z0": z0}
+    rm = {**_pref_keys(tiny_rm, tiny_ref, write_jsonl(root / "r.jsonl", RM_PAIRS * 2))}
+    rm.update(stage="rm", per_device_train_batch_size=4)
+    del rm["ref_model_name_or_path"]
+    return {"sft": sft, "dpo": dpo, "rm": rm, "kto_filler": kto, "kto_z0": z0}
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model: str, tiny_ref: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(
+    tiny_model: str, tiny_ref: str, tiny_rm: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """Each config's output folder under 2 processes (`<name>/two`) and under 1 (`<name>/one`)."""
     root = tmp_path_factory.mktemp("two_processes")
-    configs = _configs(root, tiny_model, tiny_ref)
+    configs = _configs(root, tiny_model, tiny_ref, tiny_rm)
     paths = []
     for name, keys in configs.items():
         two = {**keys, "output_dir": str(root / name / "two"), "disable_tqdm": True, "plot_loss": False}
@@ -124,9 +131,24 @@ def test_dpo_two_processes_equal_one(runs: dict[str, Path]) -> None:
     the last one, dealt 2 + 1)."""
     two, single = _metrics(str(runs["dpo"] / "two")), _metrics(str(runs["dpo"] / "one" / "out"))
     assert len(two) == len(single) == 4
-    for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
-        assert [r[name] for r in two] == pytest.approx([r[name] for r in single], abs=1e-5), name
+    for name in (
+        "loss",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+    ):  # logps: float32 sums of ~50
+        assert [r[name] for r in two] == pytest.approx([r[name] for r in single], rel=1e-6, abs=1e-5), name
     assert [r["num_tokens"] for r in two] == [r["num_tokens"] for r in single]
+
+
+def test_rm_two_processes_equal_one(runs: dict[str, Path]) -> None:
+    """The reward model runs each process's rows as groups of similar length, a forward per group before one
+    backward: DDP averages the same gradients (8 pairs: 2 steps of 4, dealt 2 + 2)."""
+    two, single = _metrics(str(runs["rm"] / "two")), _metrics(str(runs["rm"] / "one" / "out"))
+    assert len(two) == len(single) == 2 and single[0]["loss"] != pytest.approx(single[1]["loss"], abs=1e-4)
+    for name in ("loss", "accuracy", "margin"):
+        assert [r[name] for r in two] == pytest.approx([r[name] for r in single], abs=1e-5), name
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in single], rel=1e-5)
 
 
 def test_kto_leaves_the_filler_out_of_z0(runs: dict[str, Path]) -> None:
@@ -142,14 +164,14 @@ def test_kto_leaves_the_filler_out_of_z0(runs: dict[str, Path]) -> None:
 
 
 def test_kto_averages_z0_as_one_process_over_the_global_batch(
-    runs: dict[str, Path], tiny_model: str, tiny_ref: str, tmp_path: Path
+    runs: dict[str, Path], tiny_model: str, tiny_ref: str, tiny_rm: str, tmp_path: Path
 ) -> None:
     """z0 (logged `kl`) and the loss of 2 processes x batch 2 equal 1 process x batch 4 on the same global
     batches, at a z0 well above the clamp at 0 (the nudged reference). A z0 from each process's own rows would
     not: 1 process x batch 2 x accumulation 2 computes exactly that (one z0 per micro-batch of 2), and its loss
     differs here (each half's rows are scored against their own half's z0), so the test tells the two apart."""
     two, one = _metrics(str(runs["kto_z0"] / "two")), _metrics(str(runs["kto_z0"] / "one" / "out"))
-    keys = _configs(tmp_path, tiny_model, tiny_ref)["kto_z0"]
+    keys = _configs(tmp_path, tiny_model, tiny_ref, tiny_rm)["kto_z0"]
     run_stage(
         tmp_path / "local", {**keys, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
     )
