@@ -176,14 +176,16 @@ def llama_cpp_check(
             "greedy": expected is not None,
             "stops": sorted(stops),
             "max_new_tokens": QUANT_MAX_NEW_TOKENS,
+            "out": os.path.join(tmp, "figures.json"),
         }
         request_file = os.path.join(tmp, "request.json")
         with open(request_file, "w", encoding="utf-8") as f:
             json.dump(request, f)
         proc = subprocess.run([*child_command(), request_file], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise LlamaCppFailed(_failure(proc))
-    out = json.loads(proc.stdout)
+        if proc.returncode != 0:
+            raise LlamaCppFailed(_failure(proc))
+        with open(request["out"], encoding="utf-8") as f:
+            out = json.load(f)
     figures = {"tokens": sum(out["same_tokens"]) / len(prompts), "max_logit_diff": out["max_logit_diff"]}
     if expected is not None:
         exact, tokens = agreement([[t for t in a if t not in stops] for a in expected], out["answers"])

@@ -3,7 +3,8 @@ REQUEST.json`) so that a crash inside llama.cpp ends the check, not the export: 
 segfault on some Xeons (ggml-org/llama.cpp#20824), and a segfault cannot be caught in the process it hits.
 
 The request names the GGUF file, the probe texts with the Hugging Face tokenizer's ids, the export's logits
-(an .npz beside it, one array per probe) and whether to answer greedily. The figures go to stdout as JSON.
+(an .npz beside it, one array per probe) and whether to answer greedily. The figures go as JSON to the
+request's `out` file (not stdout, which a library's stray print could spoil).
 Imports numpy and llama_cpp only."""
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def main(argv: list[str]) -> None:
     print(llama_cpp.llama_print_system_info().decode(errors="replace"), file=sys.stderr, flush=True)
     with open(argv[0], encoding="utf-8") as f:
         request = json.load(f)
-    json.dump(run(request), sys.stdout)
+    figures = run(request)
+    with open(request["out"], "w", encoding="utf-8") as f:
+        json.dump(figures, f)
 
 
 if __name__ == "__main__":
