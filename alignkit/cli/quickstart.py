@@ -19,7 +19,7 @@ def register(subparsers: Any) -> None:
     q = add_command(
         subparsers,
         "quickstart",
-        "show the methods at work on a task built in place (320 s measured on 2 CPU cores)",
+        "show the methods at work on a task built in place (240-307 s measured on 2 CPU cores)",
         EPILOG,
     )
     q.add_argument("--output-dir", default="./alignkit-quickstart")

@@ -1,4 +1,4 @@
-"""`alignkit quickstart`: every method at work on a task it builds itself, in 320 s on 2 CPU cores.
+"""`alignkit quickstart`: every method at work on a task it builds itself, in 240-307 s on 2 CPU cores.
 
 It writes a tiny model, generates two-digit addition data whose SFT answers carry a sloppy annotator's
 systematic error (a forgotten carry), trains each method through the same `alignkit train` path a user
