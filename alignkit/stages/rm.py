@@ -50,9 +50,8 @@ def grouped_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             order += rows
     finally:
         handle.remove()
-    place = torch.empty(len(order), dtype=torch.long, device=input_ids.device)
-    place[torch.tensor(order, device=input_ids.device)] = torch.arange(len(order), device=input_ids.device)
-    return torch.cat(parts)[place]
+    back = torch.argsort(torch.tensor(order, device=input_ids.device))  # the groups' rows back in batch order
+    return torch.cat(parts)[back]
 
 
 def _own_embedding(model: nn.Module) -> nn.Module | None:
