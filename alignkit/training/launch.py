@@ -65,24 +65,19 @@ def make_accelerator(cfg: BaseConfig) -> Any:
     return accelerator
 
 
-_DESTROY_REGISTERED = False
-
-
 def _destroy_group_at_exit() -> None:
-    """Once per process, where runs joined a process group: destroy it when Python exits, before the
-    interpreter's teardown. Left to the C++ destructors, a rank of a 2-CPU-process ZeRO-3 run was seen
-    aborting after its work was done ("terminate called without an active exception", SIGABRT), once in a
-    full test suite."""
-    global _DESTROY_REGISTERED
-    if _DESTROY_REGISTERED or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    _DESTROY_REGISTERED = True
+    """Where runs joined a process group: destroy it when Python exits, before the interpreter's teardown
+    (registered once however many runs a process makes). Left to the C++ destructors, a rank of a
+    2-CPU-process ZeRO-3 run was seen aborting after its work was done ("terminate called without an active
+    exception", SIGABRT), once in a full test suite."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(_destroy_group)
+        atexit.register(_destroy_group)
 
-    def destroy() -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
-    atexit.register(destroy)
+def _destroy_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _forget_fsdp(cpu: bool) -> None:
